@@ -1,0 +1,71 @@
+"""The one place that decides which past instances a request may see.
+
+Rows of a dataset are stored in user order, sorted by (user, ts, ins_id). For a
+row i of user u, the rows `[user_start[i], hist_end[i])` are exactly u's
+instances with a timestamp strictly earlier than ts[i]: rows with an equal
+timestamp (ties) are excluded, whatever their ins_id. Both the hand-crafted
+behaviour sequence (built once by the dataset writer) and the downstream IAT
+history (built per batch by the input pipeline) come from `earlier_rows`, so a
+leak would have to be here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def history_end(user_index: np.ndarray, ts: np.ndarray) -> np.ndarray:
+  """First row of each row's (user, ts) run.
+
+  Args:
+    user_index: int [n], non-decreasing.
+    ts: int64 [n], non-decreasing within each user.
+
+  Returns:
+    int64 [n]: hist_end, so rows [user start, hist_end[i]) have ts < ts[i].
+  """
+  n = len(ts)
+  new_run = np.ones(n, dtype=bool)
+  if n > 1:
+    new_run[1:] = (user_index[1:] != user_index[:-1]) | (ts[1:] != ts[:-1])
+  return np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+
+
+def earlier_rows(hist_end: np.ndarray, user_start: np.ndarray,
+                 length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Row indices of the newest `length` strictly-earlier instances.
+
+  Args:
+    hist_end: int64 [...], from `history_end`.
+    user_start: int64 [...], first row of each request's user.
+    length: number of history slots L.
+
+  Returns:
+    rows: int64 [..., L], newest first; 0 where masked (gather, then zero).
+    mask: bool [..., L], True for real history instances.
+  """
+  rows = hist_end[..., None] - 1 - np.arange(length)
+  mask = rows >= user_start[..., None]
+  return np.where(mask, rows, 0), mask
+
+
+def gather(column: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """column[rows] with masked slots zeroed: [N, ...] -> [*rows.shape, ...]."""
+  out = np.asarray(column[rows.reshape(-1)]).reshape(rows.shape + column.shape[1:])
+  out[~mask] = 0
+  return out
+
+
+def gap_bucket(request_ts: np.ndarray, past_ts: np.ndarray, mask: np.ndarray,
+               num_buckets: int) -> np.ndarray:
+  """Bucketized time gap, log2 of minutes: int32 [..., L] in [1, num_buckets).
+
+  Args:
+    request_ts: int64 [...].
+    past_ts: int64 [..., L].
+    mask: bool [..., L]; masked slots get bucket 0.
+    num_buckets: vocabulary size of the bucket ids (0 = padding).
+  """
+  minutes = np.maximum(request_ts[..., None] - past_ts, 0) // 60
+  b = np.floor(np.log2(1.0 + minutes)).astype(np.int32) + 1
+  return np.where(mask, np.minimum(b, num_buckets - 1), 0).astype(np.int32)

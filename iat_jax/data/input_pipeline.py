@@ -1,0 +1,307 @@
+"""Grain input pipelines over a preprocessed dataset.
+
+Three pipelines, all deterministic from a seed and checkpointable mid-epoch
+(the Grain iterator's `get_state()` / `set_state()`, which Orbax saves):
+
+  * temporal: a split's instances in time order (optionally shuffled inside a
+    window of W instances), batches [B]; the last partial batch is padded with
+    dummy instances whose `mask` is False.
+  * user-ordered: each user's train instances in time order cut into chunks of
+    T, chunks shuffled, batches [B_users, T] with a padding `mask`. Every
+    instance of the split is in exactly one chunk per epoch.
+  * downstream history: either of the above plus, per instance, its user's
+    newest L strictly-earlier instances (`history.earlier_rows`): their InsIDs,
+    labels and time-gap buckets, masked; `LookupInsEmb` then adds their InsEmbs
+    with one batched lookup call per batch.
+
+Grain elements are whole global batches of row ids (`EpochBatches`), and the
+transforms gather all columns of a batch with one vectorized memmap read:
+Grain's per-element Python chain would cap throughput well below the column
+reads. A process keeps only its contiguous slice of every global batch, so P
+processes see disjoint, complete parts of exactly the batches one process
+would see (a 2-process run trains the same model as a 1-process run).
+
+Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
+  model inputs: cat, dense, mh_<name>, seq_item, seq_category, seq_action,
+    labels, mask, and with history: hist_mask, hist_labels, hist_gap
+    (+ hist_insemb after `LookupInsEmb`);
+  host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Protocol
+
+import grain
+import numpy as np
+
+from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import history
+from iat_jax.data import schema as schema_lib
+
+HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id")
+
+
+class EpochBatches:
+  """Grain random-access source: element i = item ids of one global batch.
+
+  Element `e * batches_per_epoch + b` holds items `order(e)[b*B:(b+1)*B]`,
+  padded with -1 to B. Items are instance rows or chunk ids.
+  """
+
+  def __init__(self, num_items: int, batch_size: int, num_epochs: int,
+               order: Callable[[int], np.ndarray]):
+    self.num_items = num_items
+    self.batch_size = batch_size
+    self.batches_per_epoch = -(-num_items // batch_size)
+    self.num_epochs = num_epochs
+    self._order = order
+    self._cache: tuple[int, np.ndarray] | None = None
+
+  def __len__(self) -> int:
+    return self.batches_per_epoch * self.num_epochs
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    epoch, b = divmod(i, self.batches_per_epoch)
+    if self._cache is None or self._cache[0] != epoch:
+      self._cache = (epoch, self._order(epoch))
+    out = np.full(self.batch_size, -1, dtype=np.int64)
+    part = self._cache[1][b * self.batch_size:(b + 1) * self.batch_size]
+    out[:len(part)] = part
+    return out
+
+  def __getstate__(self):
+    return {**self.__dict__, "_cache": None}
+
+
+def window_shuffle(items: np.ndarray, window: int, seed: int, epoch: int) -> np.ndarray:
+  """Permutes `items` inside consecutive windows of `window` (0/1 = keep order)."""
+  if window <= 1:
+    return items
+  rng = np.random.default_rng([seed, epoch])
+  keys = np.arange(len(items)) // window + rng.random(len(items))
+  return items[np.argsort(keys, kind="stable")]
+
+
+@dataclasses.dataclass
+class ProcessSlice:
+  """This process's contiguous part of each global batch."""
+  index: int = 0
+  count: int = 1
+
+  def __call__(self, items: np.ndarray) -> np.ndarray:
+    if len(items) % self.count:
+      raise ValueError(f"global batch {len(items)} is not divisible by "
+                       f"process_count={self.count}")
+    b = len(items) // self.count
+    return items[self.index * b:(self.index + 1) * b]
+
+
+class ReadInstances(grain.transforms.Map):
+  """Row ids [b] (-1 = padding) -> batch dict with leading dims [b]."""
+
+  def __init__(self, ds: dataset_lib.Dataset, part: ProcessSlice):
+    self.ds = ds
+    self.part = part
+
+  def map(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    rows = self.part(rows)
+    return read_rows(self.ds, np.maximum(rows, 0), rows >= 0)
+
+
+class ReadChunks(grain.transforms.Map):
+  """Chunk ids [b_users] (-1 = padding) -> batch dict [b_users, T]."""
+
+  def __init__(self, ds: dataset_lib.Dataset, chunks: "UserChunks", part: ProcessSlice):
+    self.ds = ds
+    self.chunks = chunks
+    self.part = part
+
+  def map(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    ids = self.part(ids)
+    valid = ids >= 0
+    start = np.where(valid, self.chunks.start[np.maximum(ids, 0)], 0)
+    length = np.where(valid, self.chunks.length[np.maximum(ids, 0)], 0)
+    t = np.arange(self.chunks.chunk_len)
+    mask = t < length[:, None]
+    return read_rows(self.ds, np.where(mask, start[:, None] + t, 0), mask)
+
+
+def read_rows(ds: dataset_lib.Dataset, rows: np.ndarray, mask: np.ndarray) -> dict:
+  """Gathers model inputs and host keys at `rows` [...]; masked slots zeroed."""
+  names = ds.feature_columns() + ("labels", "ins_id", "ts")
+  out = {n: history.gather(ds[n], rows, mask) for n in names}
+  out["row"] = np.where(mask, rows, -1)
+  out["mask"] = mask
+  return out
+
+
+class AddHistory(grain.transforms.Map):
+  """Adds each instance's newest L strictly-earlier instances of its user.
+
+  Adds hist_row, hist_ins_id [..., L] (host), hist_mask [..., L],
+  hist_labels [..., L, tasks], hist_gap [..., L] int32.
+  """
+
+  def __init__(self, ds: dataset_lib.Dataset, length: int, num_gap_buckets: int):
+    self.ds = ds
+    self.length = length
+    self.num_gap_buckets = num_gap_buckets
+
+  def map(self, batch: dict) -> dict:
+    real = batch["mask"]
+    rows = np.maximum(batch["row"], 0)
+    hrows, hmask = history.earlier_rows(self.ds["hist_end"][rows],
+                                        self.ds.user_start(rows), self.length)
+    hmask &= real[..., None]
+    past_ts = history.gather(self.ds["ts"], hrows, hmask)
+    batch.update(
+        hist_row=np.where(hmask, hrows, -1),
+        hist_mask=hmask,
+        hist_ins_id=history.gather(self.ds["ins_id"], hrows, hmask),
+        hist_labels=history.gather(self.ds["labels"], hrows, hmask),
+        hist_gap=history.gap_bucket(batch["ts"], past_ts, hmask,
+                                    self.num_gap_buckets))
+    return batch
+
+
+class InsEmbLookup(Protocol):
+  """What `LookupInsEmb` needs from an InsEmb store."""
+
+  def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 keys [n] -> (float32 values [n, d], bool found [n])."""
+
+
+class LookupInsEmb(grain.transforms.Map):
+  """Adds hist_insemb [..., L, d] with ONE lookup call for the whole batch.
+
+  Missing keys give zero vectors and are dropped from hist_mask;
+  `hist_missing` counts them (a scalar per batch, for metrics).
+  """
+
+  def __init__(self, table: InsEmbLookup):
+    self.table = table
+
+  def map(self, batch: dict) -> dict:
+    keys = batch["hist_ins_id"]
+    values, found = self.table.lookup(keys.reshape(-1))
+    found = found.reshape(keys.shape) & batch["hist_mask"]
+    batch["hist_insemb"] = np.where(found[..., None],
+                                    values.reshape(keys.shape + (-1,)), 0)
+    batch["hist_missing"] = np.int64((batch["hist_mask"] & ~found).sum())
+    batch["hist_mask"] = found
+    return batch
+
+
+class SortedKeyTable:
+  """In-memory InsEmb table (sorted keys + binary search): tests, baselines."""
+
+  def __init__(self, keys: np.ndarray, values: np.ndarray):
+    order = np.argsort(keys)
+    self.keys = np.asarray(keys)[order]
+    self.values = np.asarray(values, dtype=np.float32)[order]
+
+  def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+    found = self.keys[pos] == keys
+    return np.where(found[:, None], self.values[pos], 0), found
+
+
+@dataclasses.dataclass
+class UserChunks:
+  """Each user's rows of one split cut into chunks of at most `chunk_len`.
+
+  Attributes:
+    start: int64 [C] first row of each chunk.
+    length: int64 [C] number of real rows in each chunk (1..chunk_len).
+  """
+  start: np.ndarray
+  length: np.ndarray
+  chunk_len: int
+
+  @classmethod
+  def build(cls, ds: dataset_lib.Dataset, split: str, chunk_len: int) -> UserChunks:
+    """Chunks of the split's rows; they are contiguous within each user."""
+    offsets = np.asarray(ds["user_offsets"])
+    in_split = np.asarray(ds["split"]) == schema_lib.SPLITS.index(split)
+    counts = np.add.reduceat(in_split, offsets[:-1])
+    first = np.where(in_split, np.arange(ds.num_rows), ds.num_rows)
+    first = np.minimum.reduceat(first, offsets[:-1])
+    n_chunks = -(-counts // chunk_len)
+    user = np.repeat(np.arange(len(counts)), n_chunks)
+    k = np.arange(n_chunks.sum()) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
+    start = first[user] + k * chunk_len
+    length = np.minimum(chunk_len, counts[user] - k * chunk_len)
+    return cls(start.astype(np.int64), length.astype(np.int64), chunk_len)
+
+
+def _finish(source: EpochBatches, read: grain.transforms.Map,
+            history_len: int | None, ds: dataset_lib.Dataset,
+            num_gap_buckets: int, table: InsEmbLookup | None,
+            worker_count: int) -> grain.IterDataset:
+  data = grain.MapDataset.source(source).map(read)
+  if history_len is not None:
+    data = data.map(AddHistory(ds, history_len, num_gap_buckets))
+    if table is not None:
+      data = data.map(LookupInsEmb(table))
+  it = data.to_iter_dataset()
+  if worker_count:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
+             seed: int = 0, shuffle_window: int = 0, num_epochs: int = 1,
+             process_index: int = 0, process_count: int = 1,
+             history_len: int | None = None, num_gap_buckets: int = 16,
+             table: InsEmbLookup | None = None,
+             worker_count: int = 0) -> grain.IterDataset:
+  """Time-ordered batches of one split.
+
+  Args:
+    ds: the dataset.
+    split: "train", "valid" or "test".
+    batch_size: global batch size B (divisible by process_count).
+    seed: seeds the window shuffle (a new permutation each epoch).
+    shuffle_window: W; instances are permuted inside windows of W (0 = none).
+    num_epochs: passes over the split.
+    process_index, process_count: this process's slice of each batch.
+    history_len: L; if set, adds the downstream history (`AddHistory`).
+    num_gap_buckets: vocabulary of the history time-gap buckets.
+    table: if set (with history_len), adds hist_insemb (`LookupInsEmb`).
+    worker_count: Grain worker processes (0 = in-process).
+
+  Returns:
+    A Grain IterDataset of batch dicts with leading dim [B / process_count].
+  """
+  rows = ds.split_rows(split)
+  source = EpochBatches(len(rows), batch_size, num_epochs,
+                        lambda e: window_shuffle(rows, shuffle_window, seed, e))
+  return _finish(source, ReadInstances(ds, ProcessSlice(process_index, process_count)),
+                 history_len, ds, num_gap_buckets, table, worker_count)
+
+
+def user_ordered(ds: dataset_lib.Dataset, split: str, users_per_batch: int,
+                 chunk_len: int, *, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int = 1, process_index: int = 0,
+                 process_count: int = 1, history_len: int | None = None,
+                 num_gap_buckets: int = 16, table: InsEmbLookup | None = None,
+                 worker_count: int = 0) -> grain.IterDataset:
+  """User-chunk batches [B_users / process_count, T] of one split.
+
+  Args are as in `temporal`, plus users_per_batch (global B_users), chunk_len
+  (T) and shuffle (shuffle the chunk order, anew each epoch).
+  """
+  chunks = UserChunks.build(ds, split, chunk_len)
+  n = len(chunks.start)
+
+  def order(epoch: int) -> np.ndarray:
+    if not shuffle:
+      return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+  source = EpochBatches(n, users_per_batch, num_epochs, order)
+  read = ReadChunks(ds, chunks, ProcessSlice(process_index, process_count))
+  return _finish(source, read, history_len, ds, num_gap_buckets, table,
+                 worker_count)

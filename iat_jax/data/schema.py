@@ -1,0 +1,115 @@
+"""Feature schema of a preprocessed instance dataset.
+
+The schema is the contract between a data source (MovieLens, the synthetic
+generator), the on-disk dataset (`iat_jax.data.dataset`), the Grain pipelines
+and the models. It is stored as `schema.json` next to the columns.
+
+Id conventions used by every column and every model:
+  * categorical, multi-hot and behaviour-sequence ids are int32 in
+    `[0, vocab_size)`; id 0 means "missing / padding" and is never a real value.
+  * the behaviour sequence triple (item, category, action) of a past instance
+    shares its vocabulary with the categorical fields named in
+    `Schema.seq_item_field` and `Schema.seq_category_field`; actions have their
+    own vocabulary of `Schema.num_actions` ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Categorical:
+  """One categorical field, hashed into `vocab_size` ids (0 = missing)."""
+  name: str
+  vocab_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiHot:
+  """A multi-hot field: up to `max_len` ids per row, 0-padded."""
+  name: str
+  vocab_size: int
+  max_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+  """What one row of a dataset holds, and how big the dataset is.
+
+  Fields filled by a data source: everything up to `sources`. Fields filled by
+  the dataset writer: `num_rows` and below.
+  """
+  # Name of the data source, e.g. "movielens-100k" or "synthetic".
+  dataset: str
+  categorical: tuple[Categorical, ...]
+  multi_hot: tuple[MultiHot, ...]
+  # Names of the dense (float32) fields.
+  dense: tuple[str, ...]
+  # Names of the binary tasks, in `labels` column order; the first is the main
+  # task (used for best-checkpoint selection).
+  tasks: tuple[str, ...]
+  # Length S of the hand-crafted behaviour sequence.
+  seq_len: int
+  # Categorical fields whose vocabularies the sequence item / category ids use.
+  seq_item_field: str
+  seq_category_field: str
+  # Vocabulary size of the sequence action ids (0 = padding).
+  num_actions: int
+  # Source file name -> sha256 (or generator settings for synthetic data).
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)
+  # Filled by the writer.
+  num_rows: int = 0
+  num_users: int = 0
+  # Instances per split, in SPLITS order; splits are contiguous in time order.
+  split_sizes: tuple[int, int, int] = (0, 0, 0)
+  # First (ts, ins_id) of the valid and of the test split (inclusive bounds).
+  split_boundaries: tuple[tuple[int, int], ...] = ()
+  # Hash of the inputs; a rebuild with the same fingerprint is a no-op.
+  fingerprint: str = ""
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.tasks)
+
+  def categorical_index(self, name: str) -> int:
+    """Column of field `name` in the `cat` array."""
+    for i, f in enumerate(self.categorical):
+      if f.name == name:
+        return i
+    raise KeyError(f"no categorical field {name!r} in schema {self.dataset}")
+
+  def vocab_size(self, name: str) -> int:
+    return self.categorical[self.categorical_index(name)].vocab_size
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> Schema:
+    d = dict(d)
+    d["categorical"] = tuple(Categorical(**f) for f in d["categorical"])
+    d["multi_hot"] = tuple(MultiHot(**f) for f in d["multi_hot"])
+    d["dense"] = tuple(d["dense"])
+    d["tasks"] = tuple(d["tasks"])
+    d["split_sizes"] = tuple(d["split_sizes"])
+    d["split_boundaries"] = tuple(tuple(b) for b in d["split_boundaries"])
+    return cls(**d)
+
+  def save(self, path: str) -> None:
+    with open(path, "w") as f:
+      json.dump(self.to_json(), f, indent=1, sort_keys=True)
+
+  @classmethod
+  def load(cls, path: str) -> Schema:
+    with open(path) as f:
+      return cls.from_json(json.load(f))
+
+
+def schema_path(dataset_dir: str) -> str:
+  return os.path.join(dataset_dir, "schema.json")

@@ -1,0 +1,197 @@
+"""Tests of the Grain pipelines: coverage, order, leakage, resume, sharding."""
+
+import os
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+import data_fixtures
+from iat_jax.data import input_pipeline as ip
+
+
+def _batches(it, n=None):
+  out = []
+  for b in it:
+    out.append(b)
+    if n is not None and len(out) == n:
+      break
+  return out
+
+
+def _pipeline(ds, kind, **kw):
+  if kind == "temporal":
+    return ip.temporal(ds, "train", 16, shuffle_window=32, seed=1, **kw)
+  if kind == "user":
+    return ip.user_ordered(ds, "train", 4, 8, seed=1, **kw)
+  return ip.temporal(ds, "valid", 8, seed=1, history_len=5, **kw)
+
+
+class PipelineTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.ds = data_fixtures.make_dataset(os.path.join(tempfile.mkdtemp(), "d"))
+
+  def test_temporal_order_and_padding(self):
+    ds = self.ds
+    batches = _batches(ip.temporal(ds, "valid", 16))
+    rows = np.concatenate([b["row"] for b in batches])
+    n = ds.schema.split_sizes[1]
+    np.testing.assert_array_equal(rows[:n], ds.split_rows("valid"))
+    np.testing.assert_array_equal(rows[n:], -1)
+    last = batches[-1]
+    self.assertEqual(last["mask"].sum(), n - 16 * (len(batches) - 1))
+    self.assertTrue((last["cat"][~last["mask"]] == 0).all())
+
+  def test_window_shuffle_stays_in_window(self):
+    ds = self.ds
+    rows = ds.split_rows("train")
+    for epoch in range(2):
+      got = ip.window_shuffle(rows, 32, seed=5, epoch=epoch)
+      self.assertFalse((got == rows).all())
+      for w in range(0, len(rows), 32):
+        self.assertCountEqual(got[w:w + 32], rows[w:w + 32])
+    self.assertFalse((ip.window_shuffle(rows, 32, 5, 0)
+                      == ip.window_shuffle(rows, 32, 5, 1)).all())
+
+  def test_epochs_cover_split_once_each(self):
+    ds = self.ds
+    batches = _batches(ip.temporal(ds, "train", 16, shuffle_window=64, num_epochs=2))
+    per_epoch = len(batches) // 2
+    for e in range(2):
+      rows = np.concatenate([b["row"] for b in batches[e * per_epoch:(e + 1) * per_epoch]])
+      rows = rows[rows >= 0]
+      np.testing.assert_array_equal(np.sort(rows), np.sort(ds.split_rows("train")))
+
+  @parameterized.parameters("train", "valid", "test")
+  def test_user_chunks_cover_every_instance_once(self, split):
+    ds = self.ds
+    batches = _batches(ip.user_ordered(ds, split, 4, 8, seed=3))
+    rows = np.concatenate([b["row"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(np.sort(rows), np.sort(ds.split_rows(split)))
+    for b in batches:
+      m = b["mask"]
+      # Real slots form a prefix of each chunk; dummy slots are zeroed.
+      np.testing.assert_array_equal(m, np.sort(m, axis=1)[:, ::-1])
+      self.assertTrue((b["dense"][~m] == 0).all() and (b["row"][~m] == -1).all())
+      for r, mk in zip(b["row"], m):
+        r = r[mk]
+        if len(r):
+          self.assertLen(np.unique(ds["user_index"][r]), 1)
+          np.testing.assert_array_equal(r, np.arange(r[0], r[0] + len(r)))
+          self.assertTrue((np.diff(ds["ts"][r]) >= 0).all())
+
+  def test_history_never_sees_now_or_future(self):
+    ds = self.ds
+    length = 5
+    seen_ties = 0
+    for b in _batches(ip.temporal(ds, "test", 8, history_len=length)):
+      for i in np.flatnonzero(b["mask"]):
+        row, ts = b["row"][i], b["ts"][i]
+        u = ds["user_index"][row]
+        lo, hi = ds["user_offsets"][u], ds["user_offsets"][u + 1]
+        same_user = np.arange(lo, hi)
+        earlier = same_user[ds["ts"][same_user] < ts]
+        seen_ties += int((ds["ts"][same_user] == ts).sum() > 1)
+        want = earlier[::-1][:length]
+        m = b["hist_mask"][i]
+        np.testing.assert_array_equal(b["hist_row"][i][m], want)
+        self.assertTrue((ds["ts"][b["hist_row"][i][m]] < ts).all())
+        np.testing.assert_array_equal(b["hist_ins_id"][i][m], ds["ins_id"][want])
+        np.testing.assert_array_equal(b["hist_labels"][i][m], ds["labels"][want])
+        self.assertTrue((b["hist_gap"][i][m] >= 1).all())
+        self.assertTrue((b["hist_gap"][i][~m] == 0).all())
+        self.assertTrue((b["hist_ins_id"][i][~m] == 0).all())
+    self.assertGreater(seen_ties, 0)  # the fixture really has equal timestamps
+
+  def test_history_on_user_chunks(self):
+    ds = self.ds
+    b = next(iter(ip.user_ordered(ds, "valid", 4, 8, history_len=3)))
+    m = b["hist_mask"]
+    self.assertEqual(m.shape, (4, 8, 3))
+    req_ts = np.broadcast_to(b["ts"][..., None], m.shape)
+    self.assertTrue((ds["ts"][b["hist_row"][m]] < req_ts[m]).all())
+    self.assertFalse(m[~b["mask"]].any())
+
+  @parameterized.parameters("temporal", "user", "history")
+  def test_deterministic(self, kind):
+    a = _batches(_pipeline(self.ds, kind), 5)
+    b = _batches(_pipeline(self.ds, kind), 5)
+    for x, y in zip(a, b):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+
+  def test_seed_changes_order(self):
+    a = next(iter(ip.user_ordered(self.ds, "train", 4, 8, seed=1)))
+    b = next(iter(ip.user_ordered(self.ds, "train", 4, 8, seed=2)))
+    self.assertFalse(np.array_equal(a["row"], b["row"]))
+
+  @parameterized.parameters("temporal", "user", "history")
+  def test_resume_mid_epoch(self, kind):
+    full = _batches(_pipeline(self.ds, kind, num_epochs=2))
+    it = iter(_pipeline(self.ds, kind, num_epochs=2))
+    k = len(full) // 2 + 1
+    _batches(it, k)
+    state = it.get_state()
+    resumed = iter(_pipeline(self.ds, kind, num_epochs=2))
+    resumed.set_state(state)
+    rest = _batches(resumed)
+    self.assertLen(rest, len(full) - k)
+    for x, y in zip(full[k:], rest):
+      np.testing.assert_array_equal(x["row"], y["row"])
+      np.testing.assert_array_equal(x["labels"], y["labels"])
+
+  @parameterized.parameters(("temporal", 2), ("user", 2), ("history", 4))
+  def test_process_shards_are_disjoint_and_complete(self, kind, count):
+    whole = _batches(_pipeline(self.ds, kind))
+    parts = [_batches(_pipeline(self.ds, kind, process_index=p, process_count=count))
+             for p in range(count)]
+    for i, b in enumerate(whole):
+      for k in ("row", "mask", "cat"):
+        np.testing.assert_array_equal(
+            b[k], np.concatenate([parts[p][i][k] for p in range(count)]))
+
+  def test_indivisible_batch_is_an_error(self):
+    with self.assertRaisesRegex(ValueError, "process_count=3"):
+      next(iter(ip.temporal(self.ds, "train", 16, process_count=3)))
+
+  def test_lookup_adds_insembs_in_one_call(self):
+    ds = self.ds
+    keys = np.asarray(ds["ins_id"])
+    values = np.random.default_rng(0).normal(size=(len(keys), 4)).astype(np.float32)
+    drop = keys[::3]  # a third of the instances have no InsEmb
+
+    class CountingTable(ip.SortedKeyTable):
+      calls = 0
+
+      def lookup(self, k):
+        CountingTable.calls += 1
+        return super().lookup(k)
+
+    keep = ~np.isin(keys, drop)
+    table = CountingTable(keys[keep], values[keep])
+    batches = _batches(ip.temporal(ds, "test", 8, history_len=5, table=table))
+    self.assertEqual(CountingTable.calls, len(batches))
+    missing = 0
+    for b in batches:
+      for i, j in zip(*np.nonzero(b["hist_mask"])):
+        row = b["hist_row"][i, j]
+        np.testing.assert_array_equal(b["hist_insemb"][i, j], values[row])
+      self.assertTrue((b["hist_insemb"][~b["hist_mask"]] == 0).all())
+      self.assertTrue(np.isin(b["hist_ins_id"][b["hist_mask"]], drop).sum() == 0)
+      missing += int(b["hist_missing"])
+    self.assertGreater(missing, 0)
+
+  def test_worker_processes_give_the_same_batches(self):
+    a = _batches(_pipeline(self.ds, "history"))
+    b = _batches(_pipeline(self.ds, "history", worker_count=1))
+    self.assertLen(b, len(a))
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x["hist_row"], y["hist_row"])
+
+
+if __name__ == "__main__":
+  absltest.main()
