@@ -1,0 +1,93 @@
+"""Fetches a zip archive over HTTP(S) and unpacks it atomically.
+
+Used by `python -m iat_jax.data.movielens --download=...`. The archive is
+downloaded and extracted inside a temporary sibling of the target directory;
+the folder that holds the marker file is then renamed to the target, so the
+target either does not exist or holds the complete files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+
+from absl import logging
+
+
+class DownloadError(RuntimeError):
+  """The archive could not be fetched or unpacked; the message says what to do."""
+
+
+def _by_hand(url: str, data_dir: str, marker: str) -> str:
+  zip_name = os.path.basename(url)
+  folder = os.path.splitext(zip_name)[0]
+  return (f"Fetch {url} by hand (on a machine with internet access), copy it "
+          f"here and unzip it so that {os.path.join(data_dir, marker)} exists, "
+          f"e.g. `unzip {zip_name} && mv {folder} {data_dir}`.")
+
+
+def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str:
+  """Downloads the zip at `url` and unpacks it as `data_dir`.
+
+  Args:
+    url: address of a zip archive.
+    data_dir: directory to create; it receives the contents of the archive's
+      folder that holds `marker` (e.g. ml-100k/ of ml-100k.zip).
+    marker: name of a file the archive must contain, e.g. "u.data". If
+      `data_dir` already holds it, nothing is downloaded.
+    timeout: seconds to wait for the server.
+
+  Returns:
+    data_dir.
+
+  Raises:
+    DownloadError: no network, a server error, a bad archive, or a non-empty
+      `data_dir` without `marker`. Nothing is left behind.
+  """
+  data_dir = os.path.abspath(data_dir)
+  if os.path.isfile(os.path.join(data_dir, marker)):
+    logging.info("%s already holds %s; not downloading", data_dir, marker)
+    return data_dir
+  if os.path.isdir(data_dir) and os.listdir(data_dir):
+    raise DownloadError(f"{data_dir} is not empty but holds no {marker}; give "
+                        f"an empty or new --data_dir")
+  parent = os.path.dirname(data_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(data_dir) + ".download-",
+                         dir=parent)
+  try:
+    archive = os.path.join(tmp, os.path.basename(url) or "archive.zip")
+    logging.info("downloading %s", url)
+    try:
+      with urllib.request.urlopen(url, timeout=timeout) as r, \
+          open(archive, "wb") as f:
+        shutil.copyfileobj(r, f)
+    except urllib.error.HTTPError as e:
+      raise DownloadError(f"cannot download {url}: the server answered HTTP "
+                          f"{e.code} {e.reason}. "
+                          + _by_hand(url, data_dir, marker)) from None
+    except (urllib.error.URLError, OSError) as e:
+      reason = getattr(e, "reason", e)
+      raise DownloadError(f"cannot download {url}: the network is unreachable "
+                          f"({reason}). " + _by_hand(url, data_dir, marker)) from None
+    unpacked = os.path.join(tmp, "unpacked")
+    try:
+      with zipfile.ZipFile(archive) as z:
+        z.extractall(unpacked)  # zipfile drops absolute and ".." components
+    except zipfile.BadZipFile as e:
+      raise DownloadError(f"{url} is not a valid zip archive ({e})") from None
+    src = next((root for root, _, files in sorted(os.walk(unpacked))
+                if marker in files), None)
+    if src is None:
+      raise DownloadError(f"{url} holds no {marker}")
+    if os.path.isdir(data_dir):
+      os.rmdir(data_dir)  # empty, checked above
+    os.rename(src, data_dir)
+    logging.info("unpacked %s into %s", url, data_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return data_dir
