@@ -78,6 +78,9 @@ def is_complete(path: str, fingerprint: str) -> bool:
 class Writer:
   """Writes a dataset in chunks of whole users; publishes it atomically.
 
+  Creating a Writer allocates the full-size column files in a temporary
+  directory, so data sources validate their input before constructing one.
+
   Usage:
     with Writer(path, schema, num_rows) as w:
       for chunk in chunks:   # dict column -> array [n, ...], see `row_shapes`
@@ -167,17 +170,21 @@ class Writer:
     cat = np.asarray(chunk["cat"])
     if cat.size:
       vocab = np.array([f.vocab_size for f in self.schema.categorical])
-      bad = (cat < 0) | (cat >= vocab)
-      if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise DataError(f"field {self.schema.categorical[c].name}: id {cat[r, c]} "
+      lo, hi = cat.min(axis=0), cat.max(axis=0)  # per field, no [n, F] temporaries
+      bad = np.flatnonzero((lo < 0) | (hi >= vocab))
+      if len(bad):
+        c = bad[0]
+        value = lo[c] if lo[c] < 0 else hi[c]
+        raise DataError(f"field {self.schema.categorical[c].name}: id {value} "
                         f"outside [0, {vocab[c]})")
-    for f in self.schema.multi_hot:
-      v = np.asarray(chunk[f"mh_{f.name}"])
-      if v.size and (v.min() < 0 or v.max() >= f.vocab_size):
-        raise DataError(f"multi-hot field {f.name}: ids outside [0, {f.vocab_size})")
-    if np.asarray(chunk["action"]).max() >= self.schema.num_actions:
-      raise DataError(f"action ids must be < num_actions={self.schema.num_actions}")
+    limits = [(f"mh_{f.name}", f.vocab_size) for f in self.schema.multi_hot] + [
+        ("item", self.schema.vocab_size(self.schema.seq_item_field)),
+        ("category", self.schema.vocab_size(self.schema.seq_category_field)),
+        ("action", self.schema.num_actions)]
+    for name, vocab in limits:
+      v = np.asarray(chunk[name])
+      if v.size and (v.min() < 0 or v.max() >= vocab):
+        raise DataError(f"column {name}: ids outside [0, {vocab})")
 
   def _finalize(self) -> None:
     if self.written != self.num_rows:
