@@ -1,0 +1,133 @@
+"""Masked multi-head attention and pre-LayerNorm transformer blocks.
+
+Masks are boolean, True = "query may attend to this key", broadcastable to
+[..., Q, K]. Masked keys get probability exactly 0 (their logits are replaced
+before the softmax and the probabilities are multiplied by the mask), so the
+contents of masked positions can never leak into an output, not even through
+rounding; a query row with no allowed key at all outputs zeros before the
+output projection (finite, content-independent). Callers never read such rows
+for anything real.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iat_jax.models import layers
+
+Array = jax.Array
+
+_NEG = -1e9
+
+
+def key_padding_mask(valid: Array, num_queries: int | None = None) -> Array:
+  """[..., K] bool -> [..., Q or 1, K]: every query sees the valid keys."""
+  m = valid[..., None, :]
+  if num_queries is not None:
+    m = jnp.broadcast_to(m, valid.shape[:-1] + (num_queries, valid.shape[-1]))
+  return m
+
+
+def causal_mask(length: int) -> Array:
+  """[T, T] bool, oldest first: position t sees positions s <= t."""
+  i = np.arange(length)
+  return jnp.asarray(i[None, :] <= i[:, None])
+
+
+def newest_first_causal_mask(length: int) -> Array:
+  """[T, T] bool, newest first: position i sees positions j >= i (older).
+
+  This is `causal_mask` for a sequence stored in reverse time order; position 0
+  (the newest) sees every position.
+  """
+  i = np.arange(length)
+  return jnp.asarray(i[None, :] >= i[:, None])
+
+
+class MultiHeadAttention(nn.Module):
+  """Masked multi-head dot-product attention.
+
+  Shapes: x_q [..., Q, Dq], x_kv [..., K, Dk], mask bool broadcastable to
+  [..., Q, K] -> [..., Q, out_features].
+  """
+  # Number of attention heads.
+  num_heads: int
+  # Width of queries/keys/values summed over heads (default: Dq).
+  qkv_features: int | None = None
+  # Output width (default: Dq).
+  out_features: int | None = None
+  # Dropout on attention probabilities.
+  dropout_rate: float = 0.0
+  # Compute dtype; logits and softmax are always float32.
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_q: Array, x_kv: Array, mask: Array, *,
+               train: bool = False) -> Array:
+    qkv = self.qkv_features or x_q.shape[-1]
+    out = self.out_features or x_q.shape[-1]
+    if qkv % self.num_heads:
+      raise ValueError(f"qkv_features {qkv} not divisible by num_heads "
+                       f"{self.num_heads}")
+    dh = qkv // self.num_heads
+
+    def proj(x, name):
+      y = layers.dense(qkv, dtype=self.dtype, axes=("embed", "heads"),
+                       name=name)(x)
+      return y.reshape(y.shape[:-1] + (self.num_heads, dh))
+
+    q = proj(x_q, "query")  # [..., Q, H, dh]
+    k = proj(x_kv, "key")  # [..., K, H, dh]
+    v = proj(x_kv, "value")  # [..., K, H, dh]
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k,
+                        preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) / math.sqrt(dh)
+    m = mask[..., None, :, :]  # heads axis
+    logits = jnp.where(m, logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1) * m
+    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
+    y = jnp.einsum("...hqk,...khd->...qhd", probs.astype(self.dtype), v)
+    y = y.reshape(y.shape[:-2] + (qkv,))
+    return layers.dense(out, dtype=self.dtype, axes=("heads", "embed"),
+                        name="out")(y)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LayerNorm transformer block (self- or cross-attention + FFN).
+
+  x [..., Q, W]; kv [..., K, Wk] or None for self-attention; mask broadcastable
+  to [..., Q, K] -> [..., Q, W].
+  """
+  # Number of attention heads.
+  num_heads: int
+  # Hidden width of the feed-forward network.
+  ffn_dim: int
+  # Activation inside the feed-forward network.
+  act: str = "gelu"
+  # Dropout on attention probabilities and residual branches.
+  dropout_rate: float = 0.0
+  # Compute dtype.
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, kv: Array | None = None, *,
+               train: bool = False) -> Array:
+    width = x.shape[-1]
+    h = layers.layer_norm(dtype=self.dtype, name="ln_attn")(x)
+    if kv is None:
+      kv_in = h
+    else:
+      kv_in = layers.layer_norm(dtype=self.dtype, name="ln_kv")(kv)
+    y = MultiHeadAttention(self.num_heads, out_features=width,
+                           dropout_rate=self.dropout_rate, dtype=self.dtype,
+                           name="attn")(h, kv_in, mask, train=train)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    h = layers.layer_norm(dtype=self.dtype, name="ln_ffn")(x)
+    y = layers.MLP((self.ffn_dim, width), act=self.act, dtype=self.dtype,
+                   name="ffn")(h, train=train)
+    return x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)

@@ -1,0 +1,115 @@
+"""Stage II downstream model: base ranker + IAT sequence branch (Eq. 9-11).
+
+  E^        = MLP_adapt(hist_insemb)                     [B, L, d_a]   (Eq. 9)
+  InsTokens = concat(E^, label_emb, gap_emb)             [B, L, .]     (Eq. 10)
+  query     = MLP(concat(all candidate tokens))           [B, q]       (Eq. 11)
+              (or the candidate item-id embedding, config.iat_query='id')
+  iat token = SeqEncoder(query, InsTokens, hist_mask)     [B, w_iat]
+  h         = Interaction(fields, seq token, iat token)   [B, D]
+              (or concat(Interaction(fields, seq token), iat token) when
+               config.iat_after_interaction)
+
+Side information: 'hist_labels' [B, L, num_tasks] -> a linear embedding
+(equal to summing one learned vector per positive task plus a bias; works for
+soft labels too); 'hist_gap' [B, L] -> a table of num_gap_buckets rows. The
+encoder is one of `sequence.ENCODERS`, built by `sequence.make_encoder`.
+Masked history slots never influence the output; an all-masked history
+(no real past) gives a finite output.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from iat_jax.data import schema as schema_lib
+from iat_jax.models import layers
+from iat_jax.models import ranker
+from iat_jax.models import sequence
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+QUERY_MODES = ("compress", "id")
+
+
+class IATBranch(nn.Module):
+  """Candidate tokens + history batch -> IAT output token [B, iat_width]."""
+  # Model config.
+  config: ml_collections.FrozenConfigDict
+  # Feature schema.
+  schema: schema_lib.Schema
+
+  @nn.compact
+  def __call__(self, tokens: dict[str, Array], batch: Batch, *,
+               train: bool = False) -> Array:
+    c = self.config
+    dtype = layers.compute_dtype(c.dtype)
+    hist = batch["hist_insemb"].astype(dtype)  # [B, L, d]
+    b = hist.shape[0]
+    parts = [layers.MLP((c.adapt_dim, c.adapt_dim), act="gelu", dtype=dtype,
+                        name="adapt")(hist, train=train)]
+    if c.use_label_side:
+      parts.append(layers.dense(c.side_dim, dtype=dtype, name="label_embed")(
+          batch["hist_labels"].astype(dtype)))
+    if c.use_other_side:
+      table = self.param(
+          "embedding",
+          nn.with_logical_partitioning(nn.initializers.normal(0.05),
+                                       (None, "embed")),
+          (c.num_gap_buckets, c.side_dim), jnp.float32)
+      gap = jnp.clip(batch["hist_gap"], 0, c.num_gap_buckets - 1)
+      parts.append(jnp.take(table, gap, axis=0).astype(dtype))
+    ins_tokens = jnp.concatenate(parts, axis=-1)
+    ins_tokens = layers.constrain(ins_tokens, "batch", None, None)
+
+    if c.iat_query == "compress":
+      cand = jnp.concatenate([tokens["fields"].reshape(b, -1),
+                              tokens["seq"].reshape(b, -1)], axis=-1)
+      query = layers.MLP((c.iat_query_dim, c.iat_query_dim), act="gelu",
+                         dtype=dtype, name="query")(cand, train=train)
+    elif c.iat_query == "id":
+      query = tokens["item"]
+    else:
+      raise ValueError(
+          f"unknown iat_query {c.iat_query!r}; allowed: {QUERY_MODES}")
+
+    encoder = sequence.make_encoder(
+        c.iat_encoder, width=c.iat_width, num_heads=c.iat_heads,
+        num_layers=c.iat_layers, ffn_mult=c.ffn_mult, max_len=c.hist_len,
+        din_mlp=c.din_mlp, longer_merge=c.longer_merge,
+        longer_recent_k=c.longer_recent_k, dropout_rate=c.dropout_rate,
+        dtype=dtype, module_name="encoder")
+    mask = batch["hist_mask"].astype(bool)
+    return encoder(query, ins_tokens, mask, None, train=train)
+
+
+class Downstream(nn.Module):
+  """Downstream IAT ranker: batch [B, ...] -> {'logits': float32 [B, nt]}.
+
+  Also returns 'iat_token' [B, iat_width] (float32) for inspection.
+  """
+  # Model config.
+  config: ml_collections.FrozenConfigDict
+  # Feature schema.
+  schema: schema_lib.Schema
+
+  @nn.compact
+  def __call__(self, batch: Batch, *, train: bool = False) -> dict[str, Array]:
+    c = self.config
+    dtype = layers.compute_dtype(c.dtype)
+    trunk = ranker.RankerTrunk(c, self.schema, name="trunk")
+    tokens = trunk.tokens(ranker.trunk_inputs(batch, self.schema), train=train)
+    iat_token = IATBranch(c, self.schema, name="iat")(tokens, batch,
+                                                      train=train)
+    if c.iat_after_interaction:
+      h = trunk.interact([tokens["fields"], tokens["seq"]], train=train)
+      h = jnp.concatenate([h, iat_token.astype(h.dtype)], axis=-1)
+    else:
+      h = trunk.interact(
+          [tokens["fields"], tokens["seq"], iat_token[:, None, :]],
+          train=train)
+    logits = ranker.Heads(self.schema.num_tasks, dtype, name="heads")(h)
+    return {"logits": logits, "iat_token": iat_token.astype(jnp.float32)}

@@ -1,0 +1,167 @@
+"""Tiny schema, config and random batches shared by the model tests."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from iat_jax import models
+from iat_jax.data import schema as schema_lib
+
+NUM_TASKS = 2
+SEQ_LEN = 5
+
+
+def tiny_schema() -> schema_lib.Schema:
+  """3 categorical fields, 1 multi-hot, 2 dense, 2 tasks, seq_len 5."""
+  return schema_lib.Schema(
+      dataset="tiny",
+      categorical=(schema_lib.Categorical("user", 11),
+                   schema_lib.Categorical("item", 13),
+                   schema_lib.Categorical("genre", 5)),
+      multi_hot=(schema_lib.MultiHot("tags", 7, 3),),
+      dense=("age", "price"),
+      tasks=("click", "buy"),
+      seq_len=SEQ_LEN,
+      seq_item_field="item",
+      seq_category_field="genre",
+      num_actions=3,
+  )
+
+
+def tiny_config(**overrides):
+  """A minimal config: small widths, one layer each."""
+  c = models.default_config()
+  c.embed_dim = 8
+  c.seq_width = 8
+  c.din_mlp = (8,)
+  c.longer_merge = 2
+  c.longer_recent_k = 2
+  c.mixer_tokens = 4
+  c.mixer_token_dim = 16
+  c.mlp_dims = (32,)
+  c.insemb_dim = 8
+  c.decompress_hidden = 16
+  c.sit_layers = 2
+  c.sit_width = 8
+  c.sit_ffn = 16
+  c.hist_len = 6
+  c.adapt_dim = 16
+  c.side_dim = 4
+  c.num_gap_buckets = 8
+  c.iat_query_dim = 8
+  c.iat_width = 8
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def instance_features(rng: np.random.Generator, schema: schema_lib.Schema,
+                      lead: tuple[int, ...], prefix: str = "") -> dict:
+  """Random per-instance features with leading dims `lead`."""
+  b = {}
+  b[prefix + "cat"] = np.stack(
+      [rng.integers(0, f.vocab_size, lead) for f in schema.categorical],
+      -1).astype(np.int32)
+  for f in schema.multi_hot:
+    b[prefix + f"mh_{f.name}"] = rng.integers(
+        0, f.vocab_size, lead + (f.max_len,)).astype(np.int32)
+  b[prefix + "dense"] = rng.normal(size=lead + (len(schema.dense),)).astype(
+      np.float32)
+  s = schema.seq_len
+  n_valid = rng.integers(0, s + 1, lead)
+  valid = np.arange(s) < n_valid[..., None]
+  b[prefix + "seq_item"] = np.where(
+      valid, rng.integers(1, schema.vocab_size(schema.seq_item_field),
+                          lead + (s,)), 0).astype(np.int32)
+  b[prefix + "seq_category"] = np.where(
+      valid, rng.integers(1, schema.vocab_size(schema.seq_category_field),
+                          lead + (s,)), 0).astype(np.int32)
+  b[prefix + "seq_action"] = np.where(
+      valid, rng.integers(1, schema.num_actions, lead + (s,)), 0).astype(
+          np.int32)
+  return b
+
+
+def base_batch(schema: schema_lib.Schema, b: int = 4, seed: int = 0) -> dict:
+  """Batch for 'base' / 'source_temporal': leading dims [B]."""
+  rng = np.random.default_rng(seed)
+  batch = instance_features(rng, schema, (b,))
+  batch["labels"] = rng.integers(0, 2, (b, schema.num_tasks)).astype(
+      np.float32)
+  batch["mask"] = np.ones((b,), bool)
+  return batch
+
+
+def user_batch(schema: schema_lib.Schema, bu: int = 2, t: int = 4,
+               seed: int = 0) -> dict:
+  """Batch for 'source_user': leading dims [B_users, T]; last user padded."""
+  rng = np.random.default_rng(seed)
+  batch = instance_features(rng, schema, (bu, t))
+  batch["labels"] = rng.integers(0, 2, (bu, t, schema.num_tasks)).astype(
+      np.float32)
+  mask = np.ones((bu, t), bool)
+  mask[-1, t - 1:] = False  # a dummy instance at the end of the last chunk
+  batch["mask"] = mask
+  return batch
+
+
+def stream_batch(schema: schema_lib.Schema, d: int, b: int = 4, k: int = 3,
+                 seed: int = 0) -> dict:
+  """Batch for 'source_stream': [B] + past_insemb [B, K, d] + past_* raw."""
+  rng = np.random.default_rng(seed)
+  batch = base_batch(schema, b, seed)
+  batch["past_insemb"] = rng.normal(size=(b, k, d)).astype(np.float32)
+  n_valid = np.arange(b) % (k + 1)  # 0..K valid past entries
+  batch["past_mask"] = np.arange(k)[None] < n_valid[:, None]
+  batch.update(instance_features(rng, schema, (b, k), prefix="past_"))
+  return batch
+
+
+def downstream_batch(schema: schema_lib.Schema, d: int, l: int = 6, b: int = 4,
+                     num_gap_buckets: int = 8, seed: int = 0) -> dict:
+  """Batch for 'downstream': [B] + hist_* [B, L, ...]; row 0 has no history."""
+  rng = np.random.default_rng(seed)
+  batch = base_batch(schema, b, seed)
+  n_valid = np.arange(b) * l // max(b - 1, 1)  # 0 .. L
+  mask = np.arange(l)[None] < n_valid[:, None]
+  batch["hist_insemb"] = rng.normal(size=(b, l, d)).astype(np.float32)
+  batch["hist_mask"] = mask
+  batch["hist_labels"] = rng.integers(0, 2, (b, l, schema.num_tasks)).astype(
+      np.float32)
+  batch["hist_gap"] = np.where(
+      mask, rng.integers(1, num_gap_buckets, (b, l)), 0).astype(np.int32)
+  return batch
+
+
+def jit(fn, **kwargs):
+  """`jax.jit` at XLA backend optimization level 0 (halves CPU compile time)."""
+  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0},
+                 **kwargs)
+
+
+def abstract_params(model, batch: dict):
+  """Unboxed parameter shapes of `model` for `batch` (no compilation)."""
+  return jax.eval_shape(
+      lambda: nn.meta.unbox(model.init(jax.random.key(0), batch))["params"])
+
+
+def random_params(model, batch: dict, seed: int = 0):
+  """Random numpy params of the right shapes, without compiling an init.
+
+  Weights ~ N(0, 1/fan_in), LayerNorm scales ~ 1 + N(0, 0.1^2), biases and
+  embeddings ~ N(0, 0.1^2): like a trained model, nothing is exactly 0.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    z = rng.normal(size=x.shape).astype(np.float32)
+    if name == "scale":
+      return 1.0 + 0.1 * z
+    if name in ("bias", "embedding") or x.ndim < 2:
+      return 0.1 * z
+    return z / np.sqrt(x.shape[-2])
+
+  return jax.tree_util.tree_map_with_path(fill, abstract_params(model, batch))

@@ -1,0 +1,382 @@
+"""Tests of iat_jax.models: masks, causality, stop-gradient, switches, cost.
+
+Every model is jitted once per config and re-run on perturbed batches of the
+same shapes. "Unchanged" means equal within 1e-6 absolute.
+"""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import model_fixtures as mf
+from iat_jax import models
+from iat_jax.models import cost
+from iat_jax.models import embedding
+from iat_jax.models import sequence
+from iat_jax.models import source
+
+SCHEMA = mf.tiny_schema()
+ATOL = 1e-6
+# Per-instance feature keys (the prefix 'past_' selects the past instances').
+FEATURE_KEYS = ("cat", "mh_tags", "dense", "seq_item", "seq_category",
+                "seq_action")
+
+
+def _perturbed(batch, keys, where, seed=1):
+  """Copy of `batch` with keys' entries replaced where `where` [lead] holds."""
+  rng = np.random.default_rng(seed)
+  other = dict(batch)
+  for k in keys:
+    x = np.asarray(batch[k])
+    w = np.asarray(where).reshape(where.shape + (1,) * (x.ndim - where.ndim))
+    if x.dtype == bool:
+      new = rng.integers(0, 2, x.shape).astype(bool)
+    elif np.issubdtype(x.dtype, np.integer):
+      new = rng.integers(1, 3, x.shape).astype(x.dtype)  # valid in every vocab
+    else:
+      new = (rng.normal(size=x.shape) * 5).astype(x.dtype)
+    other[k] = np.where(w, new, x)
+  return other
+
+
+def _forward(model):
+  return mf.jit(lambda p, b: model.apply({"params": p}, b))
+
+
+def _loss_grads(model):
+  """jit((params, batch) -> ((loss, outputs), grads))."""
+
+  def loss(p, b):
+    out = model.apply({"params": p}, b, train=True)
+    bce = optax.sigmoid_binary_cross_entropy(out["logits"], b["labels"])
+    return bce.mean(), out
+
+  return mf.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def _assert_finite(tree):
+  for x in jax.tree_util.tree_leaves(tree):
+    assert np.all(np.isfinite(np.asarray(x, np.float32))), "non-finite value"
+
+
+class EncoderTest(parameterized.TestCase):
+
+  @parameterized.parameters("din", "transformer", "longer")
+  def test_padding_is_ignored_and_empty_is_finite(self, name):
+    enc = sequence.make_encoder(
+        name, width=8, num_heads=2, num_layers=1, ffn_mult=2, max_len=7,
+        din_mlp=(8,), longer_merge=3, longer_recent_k=2, dropout_rate=0.0,
+        dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    query = rng.normal(size=(3, 5)).astype(np.float32)
+    seq = rng.normal(size=(3, 7, 6)).astype(np.float32)
+    profile = rng.normal(size=(3, 1, 4)).astype(np.float32)
+    mask = np.zeros((3, 7), bool)  # row 0: nothing valid
+    mask[1, :3] = True  # prefix
+    mask[2, [0, 2, 3, 6]] = True  # holes, a partly valid merge group
+    params = jax.tree_util.tree_map(
+        lambda x: rng.normal(size=x.shape).astype(np.float32) * 0.5,
+        jax.eval_shape(enc.init, jax.random.key(0), query, seq, mask, profile))
+    fn = mf.jit(enc.apply)
+    out = np.asarray(fn(params, query, seq, mask, profile))
+    _assert_finite(out)
+    noise = rng.normal(size=seq.shape).astype(np.float32) * 10
+    out2 = fn(params, query, np.where(mask[..., None], seq, noise), mask,
+              profile)
+    np.testing.assert_allclose(out, out2, atol=ATOL)
+    # A valid position does matter.
+    seq3 = seq.copy()
+    seq3[1, 0] += 3.0
+    self.assertGreater(
+        np.abs(out - fn(params, query, seq3, mask, profile))[1].max(), 1e-4)
+
+
+class BaseModelTest(parameterized.TestCase):
+
+  # The trunk with 'transformer' / 'longer' runs in DownstreamTest.
+  @parameterized.named_parameters(
+      ("din", dict(seq_encoder="din")),
+      ("mlp_noseq_bf16", dict(seq_encoder="none", interaction="mlp",
+                              dtype="bfloat16")),
+  )
+  def test_forward_backward(self, overrides):
+    model = models.make_model(mf.tiny_config(**overrides), SCHEMA, "base")
+    batch = mf.base_batch(SCHEMA)
+    params = mf.random_params(model, batch)
+    (loss, out), grads = _loss_grads(model)(params, batch)
+    self.assertEqual(out["logits"].shape, (4, SCHEMA.num_tasks))
+    self.assertEqual(out["logits"].dtype, jnp.float32)
+    _assert_finite((loss, out, grads))
+    self.assertGreater(
+        np.abs(grads["trunk"]["embed"]["embedding"]).max(), 0.0)
+    self.assertEqual(params["trunk"]["embed"]["embedding"].dtype, jnp.float32)
+
+  def test_dropout(self):
+    model = models.make_model(
+        mf.tiny_config(seq_encoder="din", dropout_rate=0.5), SCHEMA, "base")
+    batch = mf.base_batch(SCHEMA)
+    params = mf.random_params(model, batch)
+    fn = mf.jit(lambda p, b, r, train: model.apply(
+        {"params": p}, b, train=train, rngs={"dropout": r})["logits"],
+                static_argnames="train")
+    r1, r2 = jax.random.key(1), jax.random.key(2)
+    np.testing.assert_array_equal(fn(params, batch, r1, train=False),
+                                  fn(params, batch, r2, train=False))
+    self.assertGreater(np.abs(fn(params, batch, r1, train=True)
+                              - fn(params, batch, r2, train=True)).max(), 1e-4)
+
+  def test_bad_names(self):
+    with self.assertRaisesRegex(ValueError, "'bogus'.*'base'"):
+      models.make_model(mf.tiny_config(), SCHEMA, "bogus")
+    with self.assertRaisesRegex(ValueError, "seq_encoder='rnn'"):
+      models.make_model(mf.tiny_config(seq_encoder="rnn"), SCHEMA, "base")
+
+
+class UserSourceTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = models.make_model(mf.tiny_config(), SCHEMA, "source_user")
+    cls.batch = mf.user_batch(SCHEMA, bu=2, t=5)
+    cls.params = mf.random_params(cls.model, cls.batch)
+    cls.fwd = staticmethod(_forward(cls.model))
+    cls.out = jax.device_get(cls.fwd(cls.params, cls.batch))
+
+  def test_shapes_and_grads(self):
+    (_, out), grads = _loss_grads(self.model)(self.params, self.batch)
+    self.assertEqual(out["logits"].shape, (2, 5, 2))
+    self.assertEqual(out["insemb"].shape, (2, 5, 8))
+    _assert_finite(grads)
+    self.assertGreater(np.abs(grads["sit"]["block_0"]["attn"]["query"][
+        "kernel"]).max(), 0.0)
+
+  @parameterized.parameters(0, 2, 3)
+  def test_causality(self, t):
+    """Changing instances t+1.. (features, labels, mask) keeps outputs <= t."""
+    later = np.arange(5)[None, :].repeat(2, 0) > t
+    other = _perturbed(self.batch, FEATURE_KEYS + ("labels", "mask"), later)
+    out = self.fwd(self.params, other)
+    for k in ("logits", "sit_out", "insemb"):
+      np.testing.assert_allclose(out[k][:, :t + 1], self.out[k][:, :t + 1],
+                                 atol=ATOL, err_msg=k)
+    self.assertGreater(np.abs(out["sit_out"][0, t + 1:] -
+                              self.out["sit_out"][0, t + 1:]).max(), 1e-4)
+
+  def test_dummy_instances_change_nothing_real(self):
+    batch = dict(self.batch)
+    mask = np.ones((2, 5), bool)
+    mask[0, 1] = False  # a dummy in the middle
+    mask[1, 3:] = False  # dummies at the end
+    batch["mask"] = mask
+    base = self.fwd(self.params, batch)
+    out = self.fwd(self.params, _perturbed(batch, FEATURE_KEYS, ~mask))
+    for k in ("logits", "sit_out"):
+      np.testing.assert_allclose(np.asarray(out[k])[mask],
+                                 np.asarray(base[k])[mask], atol=ATOL)
+
+  def test_insemb_is_pre_sit_compression(self):
+    e = mf.jit(lambda p, b: self.model.apply(
+        {"params": p}, b, n_lead=2,
+        method=source.UserSource.embed_instances))(self.params, self.batch)
+    np.testing.assert_allclose(self.out["insemb"],
+                               np.asarray(e).reshape(2, 5, -1), atol=ATOL)
+    np.testing.assert_array_equal(self.out["insemb"], self.out["compressed"])
+    self.assertGreater(
+        np.abs(self.out["insemb"] - self.out["sit_out"]).max(), 1e-3)
+
+  def test_insemb_after_sit_switch(self):
+    model = models.make_model(mf.tiny_config(insemb_after_sit=True), SCHEMA,
+                              "source_user")
+    out = _forward(model)(self.params, self.batch)
+    np.testing.assert_array_equal(out["insemb"], out["sit_out"])
+    np.testing.assert_allclose(out["sit_out"], self.out["sit_out"],
+                               atol=ATOL)
+
+  def test_stream_form_matches_user_order(self):
+    """SIT over [cur, newest..oldest] == user-order SIT at the last position.
+
+    User 0's chunk: the current instance is instance 4, the fetched past are
+    the compressed E of instances 3, 2, 1, 0 (newest first). Same params.
+    """
+    stream = models.make_model(mf.tiny_config(), SCHEMA, "source_stream")
+    batch = {k: np.asarray(v)[0, 4:5] for k, v in self.batch.items()}
+    batch["past_insemb"] = self.out["compressed"][0:1, 3::-1]
+    batch["past_mask"] = np.ones((1, 4), bool)
+    out = _forward(stream)(self.params, batch)
+    np.testing.assert_allclose(out["logits"][0], self.out["logits"][0, 4],
+                               atol=1e-5)
+    np.testing.assert_allclose(out["sit_out"][0, 0],
+                               self.out["sit_out"][0, 4], atol=1e-5)
+
+
+class StreamSourceTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = models.make_model(mf.tiny_config(), SCHEMA, "source_stream")
+    cls.batch = mf.stream_batch(SCHEMA, d=8, b=4, k=3)  # row i: i valid past
+    cls.params = mf.random_params(cls.model, cls.batch)
+    cls.fwd = staticmethod(_forward(cls.model))
+    cls.out = jax.device_get(cls.fwd(cls.params, cls.batch))
+
+  def test_fetched_entries_drive_position_zero(self):
+    valid = self.batch["past_mask"]
+    out = self.fwd(self.params, _perturbed(self.batch, ("past_insemb",),
+                                           valid))
+    diff = np.abs(out["logits"] - self.out["logits"]).max(-1)
+    self.assertLess(diff[0], ATOL)  # row 0 has no valid past
+    self.assertTrue(np.all(diff[1:] > 1e-5), diff)
+
+  def test_masked_fetched_entries_are_ignored(self):
+    out = self.fwd(self.params, _perturbed(
+        self.batch, ("past_insemb",), ~self.batch["past_mask"]))
+    for k in ("logits", "insemb"):
+      np.testing.assert_allclose(out[k], self.out[k], atol=ATOL)
+    valid = np.concatenate([np.ones((4, 1), bool), self.batch["past_mask"]], 1)
+    np.testing.assert_allclose(np.asarray(out["sit_out"])[valid],
+                               self.out["sit_out"][valid], atol=ATOL)
+
+  @parameterized.parameters(1, 2, 3)
+  def test_entry_sees_only_older_entries(self, p):
+    """SIT output at position p (past entry p) ignores positions < p.
+
+    Positions < p are the current instance (its features are perturbed) and
+    the fetched entries newer than entry p. All past entries are made valid.
+    """
+    batch = dict(self.batch, past_mask=np.ones((4, 3), bool))
+    base = np.asarray(self.fwd(self.params, batch)["sit_out"])
+    newer = np.arange(3)[None, :].repeat(4, 0) < p - 1
+    other = _perturbed(batch, ("past_insemb",), newer)
+    other = _perturbed(other, FEATURE_KEYS, np.ones(4, bool), seed=2)
+    out = np.asarray(self.fwd(self.params, other)["sit_out"])
+    np.testing.assert_allclose(out[:, p:], base[:, p:], atol=ATOL)
+    self.assertGreater(np.abs(out[:, 0] - base[:, 0]).max(), 1e-4)
+
+  def test_stop_gradient_on_fetched(self):
+    model, params = self.model, self.params
+
+    def f(past, dense):
+      b = dict(self.batch, past_insemb=past, dense=dense)
+      return model.apply({"params": params}, b)["logits"].sum()
+
+    g_past, g_dense = mf.jit(jax.grad(f, argnums=(0, 1)))(
+        self.batch["past_insemb"], self.batch["dense"])
+    np.testing.assert_array_equal(g_past, np.zeros_like(g_past))
+    self.assertGreater(np.abs(g_dense).min(), 0.0)
+
+  def test_recompute_mode(self):
+    model = models.make_model(mf.tiny_config(stream_mode="recompute"), SCHEMA,
+                              "source_stream")
+    batch = dict(self.batch)
+    del batch["past_insemb"]
+    params = self.params  # same tree as the fetch mode
+
+    def f(past_dense, dense):
+      b = dict(batch, past_dense=past_dense, dense=dense)
+      out = model.apply({"params": params}, b)
+      return out["logits"].sum(), out
+
+    (_, out), (g_past, g_dense) = mf.jit(
+        jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+            batch["past_dense"], batch["dense"])
+    e_past = mf.jit(lambda p, b: model.apply(
+        {"params": p}, b, prefix="past_", n_lead=2,
+        method=source.StreamSource.embed_instances))(params, batch)
+    np.testing.assert_allclose(out["past_insemb"],
+                               np.asarray(e_past).reshape(4, 3, -1), atol=ATOL)
+    np.testing.assert_array_equal(g_past, np.zeros_like(g_past))
+    self.assertGreater(np.abs(g_dense).min(), 0.0)
+    _assert_finite(out)
+
+
+class DownstreamTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("transformer", dict()),
+      ("longer", dict(iat_encoder="longer", seq_encoder="longer")),
+      ("din", dict(iat_encoder="din", seq_encoder="din")),
+      # Switches, on a cheaper trunk (DIN behaviour encoder).
+      ("after_interaction", dict(iat_after_interaction=True,
+                                 seq_encoder="din")),
+      ("id_query", dict(iat_query="id", seq_encoder="din")),
+      ("no_label_side", dict(use_label_side=False, seq_encoder="din")),
+      ("no_other_side", dict(use_other_side=False, interaction="mlp",
+                             seq_encoder="din")),
+  )
+  def test_forward_backward_and_padding(self, overrides):
+    model = models.make_model(mf.tiny_config(**overrides), SCHEMA,
+                              "downstream")
+    batch = mf.downstream_batch(SCHEMA, d=8, l=6, b=4)
+    self.assertFalse(batch["hist_mask"][0].any())  # row 0: no history
+    params = mf.random_params(model, batch)
+    step = _loss_grads(model)
+    (loss, out), grads = step(params, batch)
+    _assert_finite((loss, out, grads))
+    self.assertGreater(np.abs(grads["iat"]["encoder"]["seq_proj"][
+        "kernel"]).max(), 0.0)
+    # Masked history slots change nothing.
+    hist_keys = ("hist_insemb", "hist_labels", "hist_gap")
+    (_, out2), _ = step(params, _perturbed(batch, hist_keys,
+                                           ~batch["hist_mask"]))
+    np.testing.assert_allclose(out2["logits"], out["logits"], atol=ATOL)
+    # Valid history slots do matter (rows 1.. have history).
+    (_, out3), _ = step(params, _perturbed(batch, ("hist_insemb",),
+                                           batch["hist_mask"]))
+    diff = np.abs(out3["logits"] - out["logits"]).max(-1)
+    self.assertLess(diff[0], ATOL)
+    self.assertTrue(np.all(diff[1:] > 1e-6), diff)
+    # All-masked history everywhere.
+    (loss4, out4), grads4 = step(
+        params, dict(batch, hist_mask=np.zeros_like(batch["hist_mask"])))
+    _assert_finite((loss4, out4, grads4))
+
+
+class CostTest(absltest.TestCase):
+
+  def test_param_count_matches_hand_count(self):
+    """Whole temporal source with DIN + RankMixer, counted by hand."""
+    c = mf.tiny_config(seq_encoder="din")
+    model = models.make_model(c, SCHEMA, "source_temporal")
+    params = mf.abstract_params(model, mf.base_batch(SCHEMA))
+    e, w, nt = c.embed_dim, c.seq_width, SCHEMA.num_tasks
+    fd = len(SCHEMA.dense)
+    _, rows = embedding.table_layout(SCHEMA, c.vocab_pad_multiple)
+    emb = rows * e
+    emb_dense = 2 * fd * e  # per-field dense scale and bias
+    h1 = c.din_mlp[0]
+    din = (2 * e * w + w) + (3 * e * w + w) + (4 * w * h1 + h1) + (h1 + 1)
+    t, dt = c.mixer_tokens, c.mixer_token_dim
+    num_fields = len(SCHEMA.categorical) + len(SCHEMA.multi_hot) + fd
+    chunk = -(-(num_fields * e + w) // t)
+    f = c.ffn_mult * dt
+    mixer = t * chunk * dt + t * dt + c.mixer_layers * (
+        2 * 2 * dt + t * (dt * f + f + f * dt + dt))
+    big_d, d, hid = t * dt, c.insemb_dim, c.decompress_hidden
+    compress = big_d * d + d
+    decompress = d * hid + hid + hid * big_d + big_d
+    heads = big_d * nt + nt
+    self.assertEqual(
+        cost.param_counts(params),
+        {"embedding": emb,
+         "dense": emb_dense + din + mixer + compress + decompress + heads,
+         "total": emb + emb_dense + din + mixer + compress + decompress
+                  + heads})
+
+  def test_flops_positive_and_grow_with_batch(self):
+    model = models.make_model(mf.tiny_config(), SCHEMA, "base")
+    b4, b8 = mf.base_batch(SCHEMA, 4), mf.base_batch(SCHEMA, 8)
+    params = mf.random_params(model, b4)
+    fn = lambda p, b: model.apply({"params": p}, b)["logits"]
+    f4, f8 = cost.flops(fn, params, b4), cost.flops(fn, params, b8)
+    self.assertGreater(f4, 0)
+    self.assertGreater(f8, 1.5 * f4)
+
+
+if __name__ == "__main__":
+  absltest.main()

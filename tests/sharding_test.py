@@ -1,0 +1,115 @@
+"""Sharded (4 x 2 data x model mesh) vs single-device runs of the models."""
+
+import os
+
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _FLAGS:
+  os.environ["XLA_FLAGS"] = (
+      _FLAGS + " --xla_force_host_platform_device_count=8").strip()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+
+import model_fixtures as mf
+from iat_jax import models
+from iat_jax import sharding
+from iat_jax.models import embedding
+
+SCHEMA = mf.tiny_schema()
+LR = 0.1
+
+
+def _step_fn(model):
+  """(params, batch) -> (outputs, grads, params after one SGD step)."""
+
+  def step(params, batch):
+    def loss(p):
+      out = model.apply({"params": p}, batch, train=True)
+      bce = optax.sigmoid_binary_cross_entropy(out["logits"], batch["labels"])
+      return bce.mean(), out
+
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    new = jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads)
+    return out, grads, new
+
+  return step
+
+
+class MeshTest(absltest.TestCase):
+
+  def test_make_mesh(self):
+    self.assertLen(jax.devices(), 8)
+    mesh = sharding.make_mesh((-1, 2))
+    self.assertEqual(dict(mesh.shape), {"data": 4, "model": 2})
+    self.assertEqual(dict(sharding.make_mesh().shape), {"data": 8, "model": 1})
+    with self.assertRaisesRegex(ValueError, "do not fill"):
+      sharding.make_mesh((-1, 3))
+    with self.assertRaisesRegex(ValueError, "needs 6 devices"):
+      sharding.make_mesh((3, 2))
+
+
+class ShardedModelTest(parameterized.TestCase):
+
+  @parameterized.parameters(("downstream", "transformer"), ("source_user", "din"))
+  def test_sharded_matches_single_device(self, stage, encoder):
+    cfg = mf.tiny_config(seq_encoder=encoder)
+    model = models.make_model(cfg, SCHEMA, stage)
+    if stage == "source_user":
+      batch = mf.user_batch(SCHEMA, bu=4, t=3)
+    else:
+      batch = mf.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=6, b=8)
+    mesh = sharding.make_mesh((4, 2))
+    rules = sharding.LOGICAL_AXIS_RULES
+    dev_batch = sharding.shard_batch(batch, mesh)
+    # An 'rbg' key: Flax's initializers compile much faster than threefry.
+    params, shardings = sharding.init_sharded(
+        model, dev_batch, jax.random.key(0, impl="unsafe_rbg"), mesh, rules)
+
+    # The shared embedding table is row-split over 'model', replicated over
+    # 'data'; a dense kernel is replicated.
+    table = params["trunk"]["embed"]["embedding"]
+    _, rows = embedding.table_layout(SCHEMA, cfg.vocab_pad_multiple)
+    self.assertEqual(table.shape, (rows, cfg.embed_dim))
+    self.assertEqual(shardings["trunk"]["embed"]["embedding"].spec,
+                     P("model", None))
+    self.assertEqual({s.data.shape for s in table.addressable_shards},
+                     {(rows // 2, cfg.embed_dim)})
+    self.assertLen(table.addressable_shards, 8)
+    kernel = params["heads"]["logits"]["kernel"]
+    self.assertEqual({s.data.shape for s in kernel.addressable_shards},
+                     {kernel.shape})
+
+    step = _step_fn(model)
+    with sharding.mesh_context(mesh, rules):
+      sharded = mf.jit(
+          step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+          out_shardings=(sharding.batch_sharding(mesh), shardings,
+                         shardings))(params, dev_batch)
+    self.assertEqual(sharded[2]["trunk"]["embed"]["embedding"].sharding.spec,
+                     P("model", None))
+
+    host_params = jax.device_get(params)
+    single = mf.jit(step)(host_params, batch)
+
+    def check(path, a, b):
+      # Within 1e-5 of the leaf's scale (reduction order differs by device).
+      a, b = np.asarray(a), np.asarray(b)
+      scale = max(1.0, float(np.abs(b).max()))
+      self.assertLessEqual(float(np.abs(a - b).max()), 1e-5 * scale,
+                           jax.tree_util.keystr(path))
+
+    jax.tree_util.tree_map_with_path(check, jax.device_get(sharded),
+                                     jax.device_get(single))
+    self.assertGreater(
+        np.abs(single[1]["trunk"]["embed"]["embedding"]).max(), 0.0)
+    self.assertTrue(np.all(np.isfinite(single[0]["logits"])))
+
+
+if __name__ == "__main__":
+  absltest.main()
