@@ -11,7 +11,8 @@ import data_fixtures
 from iat_jax.data import input_pipeline as ip
 
 
-def _batches(it, n=None):
+def _batches(data, n=None, worker_count=0):
+  it = data if hasattr(data, "get_state") else ip.iterate(data, worker_count)
   out = []
   for b in it:
     out.append(b)
@@ -109,7 +110,7 @@ class PipelineTest(parameterized.TestCase):
 
   def test_history_on_user_chunks(self):
     ds = self.ds
-    b = next(iter(ip.user_ordered(ds, "valid", 4, 8, history_len=3)))
+    b = next(ip.iterate(ip.user_ordered(ds, "valid", 4, 8, history_len=3)))
     m = b["hist_mask"]
     self.assertEqual(m.shape, (4, 8, 3))
     req_ts = np.broadcast_to(b["ts"][..., None], m.shape)
@@ -125,18 +126,18 @@ class PipelineTest(parameterized.TestCase):
         np.testing.assert_array_equal(x[k], y[k])
 
   def test_seed_changes_order(self):
-    a = next(iter(ip.user_ordered(self.ds, "train", 4, 8, seed=1)))
-    b = next(iter(ip.user_ordered(self.ds, "train", 4, 8, seed=2)))
+    a = next(ip.iterate(ip.user_ordered(self.ds, "train", 4, 8, seed=1)))
+    b = next(ip.iterate(ip.user_ordered(self.ds, "train", 4, 8, seed=2)))
     self.assertFalse(np.array_equal(a["row"], b["row"]))
 
   @parameterized.parameters("temporal", "user", "history")
   def test_resume_mid_epoch(self, kind):
     full = _batches(_pipeline(self.ds, kind, num_epochs=2))
-    it = iter(_pipeline(self.ds, kind, num_epochs=2))
+    it = ip.iterate(_pipeline(self.ds, kind, num_epochs=2))
     k = len(full) // 2 + 1
     _batches(it, k)
     state = it.get_state()
-    resumed = iter(_pipeline(self.ds, kind, num_epochs=2))
+    resumed = ip.iterate(_pipeline(self.ds, kind, num_epochs=2))
     resumed.set_state(state)
     rest = _batches(resumed)
     self.assertLen(rest, len(full) - k)
@@ -156,7 +157,7 @@ class PipelineTest(parameterized.TestCase):
 
   def test_indivisible_batch_is_an_error(self):
     with self.assertRaisesRegex(ValueError, "process_count=3"):
-      next(iter(ip.temporal(self.ds, "train", 16, process_count=3)))
+      next(ip.iterate(ip.temporal(self.ds, "train", 16, process_count=3)))
 
   def test_lookup_adds_insembs_in_one_call(self):
     ds = self.ds
@@ -187,7 +188,7 @@ class PipelineTest(parameterized.TestCase):
 
   def test_worker_processes_give_the_same_batches(self):
     a = _batches(_pipeline(self.ds, "history"))
-    b = _batches(_pipeline(self.ds, "history", worker_count=1))
+    b = _batches(_pipeline(self.ds, "history"), worker_count=1)
     self.assertLen(b, len(a))
     for x, y in zip(a, b):
       np.testing.assert_array_equal(x["hist_row"], y["hist_row"])

@@ -1,7 +1,8 @@
 """Grain input pipelines over a preprocessed dataset.
 
 Three pipelines, all deterministic from a seed and checkpointable mid-epoch
-(the Grain iterator's `get_state()` / `set_state()`, which Orbax saves):
+(`iterate` gives a Grain iterator whose `get_state()` / `set_state()`
+Orbax saves):
 
   * temporal: a split's instances in time order (optionally shuffled inside a
     window of W instances), batches [B]; the last partial batch is padded with
@@ -236,27 +237,30 @@ class UserChunks:
     return cls(start.astype(np.int64), length.astype(np.int64), chunk_len)
 
 
-def _finish(source: EpochBatches, read: grain.transforms.Map,
-            history_len: int | None, ds: dataset_lib.Dataset,
-            num_gap_buckets: int, table: InsEmbLookup | None,
-            worker_count: int) -> grain.IterDataset:
+def _assemble(source: EpochBatches, read: grain.transforms.Map,
+              ds: dataset_lib.Dataset, history_len: int | None,
+              num_gap_buckets: int, table: InsEmbLookup | None) -> grain.MapDataset:
   data = grain.MapDataset.source(source).map(read)
   if history_len is not None:
     data = data.map(AddHistory(ds, history_len, num_gap_buckets))
     if table is not None:
       data = data.map(LookupInsEmb(table))
+  return data
+
+
+def iterate(data: grain.MapDataset, worker_count: int = 0) -> grain.DatasetIterator:
+  """A checkpointable iterator over `data`, read by `worker_count` processes."""
   it = data.to_iter_dataset()
   if worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return it
+  return iter(it)
 
 
 def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
              seed: int = 0, shuffle_window: int = 0, num_epochs: int = 1,
              process_index: int = 0, process_count: int = 1,
              history_len: int | None = None, num_gap_buckets: int = 16,
-             table: InsEmbLookup | None = None,
-             worker_count: int = 0) -> grain.IterDataset:
+             table: InsEmbLookup | None = None) -> grain.MapDataset:
   """Time-ordered batches of one split.
 
   Args:
@@ -270,24 +274,24 @@ def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
     history_len: L; if set, adds the downstream history (`AddHistory`).
     num_gap_buckets: vocabulary of the history time-gap buckets.
     table: if set (with history_len), adds hist_insemb (`LookupInsEmb`).
-    worker_count: Grain worker processes (0 = in-process).
 
   Returns:
-    A Grain IterDataset of batch dicts with leading dim [B / process_count].
+    A Grain MapDataset (one element per global batch, len = batches x epochs)
+    of batch dicts with leading dim [B / process_count]; see `iterate`.
   """
   rows = ds.split_rows(split)
   source = EpochBatches(len(rows), batch_size, num_epochs,
                         lambda e: window_shuffle(rows, shuffle_window, seed, e))
-  return _finish(source, ReadInstances(ds, ProcessSlice(process_index, process_count)),
-                 history_len, ds, num_gap_buckets, table, worker_count)
+  read = ReadInstances(ds, ProcessSlice(process_index, process_count))
+  return _assemble(source, read, ds, history_len, num_gap_buckets, table)
 
 
 def user_ordered(ds: dataset_lib.Dataset, split: str, users_per_batch: int,
                  chunk_len: int, *, seed: int = 0, shuffle: bool = True,
                  num_epochs: int = 1, process_index: int = 0,
                  process_count: int = 1, history_len: int | None = None,
-                 num_gap_buckets: int = 16, table: InsEmbLookup | None = None,
-                 worker_count: int = 0) -> grain.IterDataset:
+                 num_gap_buckets: int = 16,
+                 table: InsEmbLookup | None = None) -> grain.MapDataset:
   """User-chunk batches [B_users / process_count, T] of one split.
 
   Args are as in `temporal`, plus users_per_batch (global B_users), chunk_len
@@ -303,5 +307,4 @@ def user_ordered(ds: dataset_lib.Dataset, split: str, users_per_batch: int,
 
   source = EpochBatches(n, users_per_batch, num_epochs, order)
   read = ReadChunks(ds, chunks, ProcessSlice(process_index, process_count))
-  return _finish(source, read, history_len, ds, num_gap_buckets, table,
-                 worker_count)
+  return _assemble(source, read, ds, history_len, num_gap_buckets, table)

@@ -1,0 +1,27 @@
+"""Demo: the whole pipeline on the embedded synthetic data, sized for a laptop.
+
+  python -m iat_jax.main --config=experiments/configs/demo.py --workdir=/tmp/iat
+"""
+
+from iat_jax import configs
+
+
+def get_config(arg=None):
+  """Variants: 'runlocal' shrinks data and steps for a smoke run."""
+  a = configs.parse_arg(arg, runlocal=False)
+  c = configs.base_config()
+  c.data.source = "synthetic"
+  # 2,000 users, 120k instances, 32 categorical + 8 dense fields, 2 tasks.
+  c.data.synthetic.num_users = 2000
+  c.data.synthetic.num_instances = 120_000
+  c.batch_size = 256
+  c.users_per_batch = 16
+  c.model.user_chunk_len = 32
+  c.model.hist_len = 32
+  c.eval_every = 0
+  c.checkpoint_every = 100
+  if a.runlocal:
+    c.data.synthetic.num_users = 200
+    c.data.synthetic.num_instances = 8000
+    c.batch_size = 64
+  return c

@@ -1,0 +1,27 @@
+"""MovieLens (ML-100K or ML-1M in the GroupLens format) via --config.data.dir.
+
+  python -m iat_jax.main --config=experiments/configs/movielens.py \
+      --config.data.dir=../shared/data/ml-100k --workdir=/tmp/iat-ml
+"""
+
+from iat_jax import configs
+
+
+def get_config(arg=None):
+  a = configs.parse_arg(arg, runlocal=False)
+  c = configs.base_config()
+  c.data.source = "movielens"
+  # Folder with u.data/u.user/u.item (ML-100K) or ratings/users/movies.dat (ML-1M).
+  c.data.dir = ""
+  # The paper's hand-crafted sequence: last 50 earlier ratings.
+  c.data.seq_len = 50
+  c.batch_size = 256
+  c.users_per_batch = 8
+  c.model.user_chunk_len = 64
+  c.model.hist_len = 64
+  c.num_epochs = 2
+  c.eval_every = 0
+  c.checkpoint_every = 200
+  if a.runlocal:
+    c.num_epochs = 1
+  return c

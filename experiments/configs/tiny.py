@@ -1,0 +1,44 @@
+"""Tiny: a few hundred instances and widths of a few units; for tests."""
+
+from iat_jax import configs
+
+
+def get_config(arg=None):
+  del arg
+  c = configs.base_config()
+  c.data.source = "synthetic"
+  c.data.seq_len = 4
+  c.data.synthetic.num_users = 24
+  c.data.synthetic.num_instances = 960
+  c.data.synthetic.num_categorical = 4
+  c.data.synthetic.num_dense = 2
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.users_per_batch = 4
+  c.shuffle_window = 128
+  c.eval_every = 8
+  c.checkpoint_every = 4
+  c.log_every = 1
+  c.optimizer.warmup_steps = 2
+  m = c.model
+  m.embed_dim = 4
+  m.seq_width = 8
+  m.seq_heads = 1
+  m.din_mlp = (8,)
+  m.mixer_tokens = 2
+  m.mixer_token_dim = 8
+  m.mlp_dims = (16,)
+  m.insemb_dim = 4
+  m.decompress_hidden = 8
+  m.sit_layers = 1
+  m.sit_width = 8
+  m.sit_ffn = 8
+  m.sit_heads = 1
+  m.user_chunk_len = 8
+  m.hist_len = 4
+  m.adapt_dim = 8
+  m.side_dim = 4
+  m.iat_query_dim = 8
+  m.iat_width = 8
+  m.iat_heads = 1
+  return c

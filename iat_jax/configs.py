@@ -1,0 +1,143 @@
+"""Shared config defaults and validation; experiment files in experiments/configs/.
+
+An experiment file defines `get_config(arg=None)` that starts from
+`base_config()` and overrides fields (big_vision style `file.py:variant`).
+`validate` checks a config up front and names the offending flag.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from iat_jax import models
+
+STAGES = ("base", "source_temporal", "source_user", "source_stream", "downstream")
+SOURCES = ("synthetic", "movielens")
+SOURCE_KINDS = ("source_temporal", "source_user")
+STORE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'k1=v1,k2' (big_vision style) against typed defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    out[key] = (value in ("", "1", "true", "True")) if kind is bool else kind(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob of a run, with its default."""
+  c = ml_collections.ConfigDict()
+  # Which stage `train` trains: one of STAGES.
+  c.stage = "base"
+  # Seed of parameters, dropout and data order.
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # Data source: "synthetic" (embedded generator) or "movielens" (data.dir).
+  c.data.source = "synthetic"
+  # MovieLens folder in the GroupLens format (ML-100K or ML-1M files).
+  c.data.dir = ""
+  # Where the preprocessed dataset is cached; "" = <workdir>/data.
+  c.data.cache_dir = ""
+  # Hand-crafted behaviour sequence length S.
+  c.data.seq_len = 32
+  # Synthetic generator knobs (see iat_jax.data.synthetic.build).
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      num_users=2000, num_instances=200_000, num_categorical=32, num_dense=8,
+      num_tasks=2))
+
+  c.model = models.default_config()
+
+  # Global batch of instances (temporal / downstream stages).
+  c.batch_size = 256
+  # Global batch of user chunks (user-order source; T is model.user_chunk_len).
+  c.users_per_batch = 16
+  # Train instances are shuffled inside windows of this many (0 = time order).
+  c.shuffle_window = 4096
+  # Passes over the train split.
+  c.num_epochs = 1
+  # Grain worker processes (0 = read in the training process).
+  c.worker_count = 0
+
+  c.optimizer = ml_collections.ConfigDict()
+  # Adam(W) with linear warm-up then cosine decay to 0.
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.warmup_steps = 50
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip_norm = 1.0
+
+  # Evaluate on valid (and keep the best) every N steps; 0 = only at the end.
+  c.eval_every = 200
+  # Periodic checkpoint every N steps; keep the last k.
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 2
+  # Progress log and train-metric line every N steps.
+  c.log_every = 20
+  c.eval_batch_size = 1024
+
+  # Mesh (data, model); -1 = all remaining devices. Rules: logical -> mesh axis.
+  c.mesh_shape = (-1, 1)
+  # Run jax.distributed.initialize() (TPU pods, SLURM, or the flags below).
+  c.distributed = False
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
+
+  c.store = ml_collections.ConfigDict()
+  # Value dtype of exported InsEmb tables: float32, bfloat16 or int8.
+  c.store.dtype = "float32"
+  # Downstream: which source model's store it reads ("" = from pipeline).
+  c.store.source = "source_user"
+  # Downstream: path of the InsEmb store ("" = <workdir>/stores/<source>).
+  c.store.path = ""
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the flag for a config that cannot run."""
+
+  def need(ok: bool, flag: str, msg: str) -> None:
+    if not ok:
+      raise ValueError(f"--config.{flag}: {msg}")
+
+  need(config.stage in STAGES, "stage", f"{config.stage!r} is not one of {STAGES}")
+  need(config.data.source in SOURCES, "data.source",
+       f"{config.data.source!r} is not one of {SOURCES}")
+  if config.data.source == "movielens":
+    need(bool(config.data.dir), "data.dir", "required for data.source=movielens")
+    need(os.path.isdir(config.data.dir), "data.dir",
+         f"{config.data.dir!r} is not a directory")
+  for flag in ("batch_size", "users_per_batch", "model.user_chunk_len",
+               "eval_batch_size", "model.hist_len",
+               "num_epochs", "data.seq_len", "log_every", "checkpoint_every",
+               "keep_checkpoints"):
+    value = config
+    for part in flag.split("."):
+      value = value[part]
+    need(value > 0, flag, f"must be > 0, got {value}")
+  need(config.eval_every >= 0, "eval_every", "must be >= 0")
+  need(config.store.dtype in STORE_DTYPES, "store.dtype",
+       f"{config.store.dtype!r} is not one of {STORE_DTYPES}")
+  need(config.store.source in SOURCE_KINDS, "store.source",
+       f"{config.store.source!r} is not one of {SOURCE_KINDS}")
+  need(len(config.mesh_shape) == 2, "mesh_shape", "must be (data, model)")
+  model_axis = config.mesh_shape[1]
+  need(model_axis == -1 or config.model.vocab_pad_multiple % model_axis == 0,
+       "model.vocab_pad_multiple",
+       f"must be divisible by the model mesh axis ({model_axis}) so embedding "
+       f"rows split evenly")
+  for flag, allowed in (("seq_encoder", models.SEQ_ENCODERS),
+                        ("iat_encoder", models.IAT_ENCODERS),
+                        ("interaction", models.INTERACTIONS),
+                        ("iat_query", models.IAT_QUERIES),
+                        ("stream_mode", models.STREAM_MODES),
+                        ("dtype", models.DTYPES)):
+    need(config.model[flag] in allowed, f"model.{flag}",
+         f"{config.model[flag]!r} is not one of {allowed}")

@@ -1,0 +1,88 @@
+"""The two-stage flow the paper evaluates, restartable step by step.
+
+  base                                   (no IAT)
+  source_temporal -> export -> temporal_iat (downstream on temporal InsEmbs)
+  source_user     -> export -> user_iat     (downstream on user-order InsEmbs)
+
+Each step is skipped when complete in the workdir (its results.json, or a
+store exported from the same checkpoint) and resumed from its checkpoints
+when interrupted. Ends with <workdir>/results.json and a printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+import jax
+import ml_collections
+
+from iat_jax.store import insemb_table
+from iat_jax.train import export_lib
+from iat_jax.train import train_lib
+
+# (result name, stage, InsEmb source it reads or exports)
+PLAN = (
+    ("base", "base", None),
+    ("source_temporal", "source_temporal", None),
+    ("temporal_iat", "downstream", "source_temporal"),
+    ("source_user", "source_user", None),
+    ("user_iat", "downstream", "source_user"),
+)
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str,
+                 source: str | None) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.stage = stage
+  if source:
+    cfg.store.source = source
+  return cfg
+
+
+def open_table(config: ml_collections.ConfigDict, workdir: str) -> insemb_table.Table:
+  """The downstream stage's store, checked against its config."""
+  table = insemb_table.Table(export_lib.store_path(config, workdir, config.store.source))
+  table.check(d=config.model.insemb_dim, source=config.store.source)
+  return table
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs every step of PLAN; returns (and writes) the results dict."""
+  ds = train_lib.prepare_dataset(config, workdir)
+  models = {}
+  for name, stage, source in PLAN:
+    cfg = stage_config(config, stage, source)
+    done = train_lib.results_path(os.path.join(workdir, name))
+    table = open_table(cfg, workdir) if stage == "downstream" else None
+    if os.path.exists(done):
+      logging.info("pipeline: %s already complete", name)
+      with open(done) as f:
+        models[name] = json.load(f)
+    else:
+      models[name] = train_lib.train(cfg, workdir, name, ds, table)
+    if stage.startswith("source"):
+      export_lib.export(cfg, workdir, name, ds)
+  results = {"dataset": ds.schema.dataset, "models": models}
+  if jax.process_index() == 0:
+    train_lib.write_json(os.path.join(workdir, "results.json"), results)
+    print(format_table(results, ds.schema.tasks))
+  return results
+
+
+def format_table(results: dict, tasks) -> str:
+  """Markdown table: test AUC / logloss per task, AUC change vs base, cost."""
+  head = ["model"] + [f"{m} {t}" for t in tasks for m in ("AUC", "logloss")]
+  head += [f"dAUC {t} vs base" for t in tasks] + ["params", "FLOPs/batch"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  base = results["models"].get("base", {}).get("test", {})
+  for name, r in results["models"].items():
+    test = r["test"]
+    cells = [name]
+    cells += [f"{test[f'{m}/{t}']:.5f}" for t in tasks for m in ("auc", "logloss")]
+    cells += [f"{100 * (test[f'auc/{t}'] / base[f'auc/{t}'] - 1):+.2f}%"
+              if base else "-" for t in tasks]
+    cells += [f"{r['params']:,}", f"{r['flops_per_batch']:.3g}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""Export: a trained source model's InsEmbs of every instance -> the store."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import schema as schema_lib
+from iat_jax.store import insemb_table
+from iat_jax.train import train_lib
+
+
+def store_path(config: ml_collections.ConfigDict, workdir: str, source: str) -> str:
+  return config.store.path or os.path.join(workdir, "stores", source)
+
+
+def is_exported(path: str, source: str, step: int) -> bool:
+  try:
+    meta = insemb_table.Table(path).metadata
+  except insemb_table.StoreError:
+    return False
+  return meta["source"] == source and meta["source_step"] == step
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, name: str,
+           ds: dataset_lib.Dataset) -> str:
+  """Writes the InsEmb of every instance (train, valid, test) of `ds`.
+
+  Runs the best checkpoint of stage `name` (config.stage must be a source
+  stage) forward over all splits, sharded like evaluation, and publishes one
+  new table version. Returns the store path.
+  """
+  if not config.stage.startswith("source"):
+    raise ValueError(f"--config.stage={config.stage!r}: export needs a source stage")
+  st, step, params = train_lib.load_best(config, workdir, name, ds)
+  path = store_path(config, workdir, config.stage)
+  if is_exported(path, config.stage, step):
+    logging.info("export %s: already done (step %d)", path, step)
+    return path
+  keys, values = [], []
+  for split in schema_lib.SPLITS:
+    data = train_lib.batches(config, ds, config.stage, split, train=False)
+    res = train_lib.predict(st.eval_step, params, data, st.mesh, keys=("insemb",))
+    keys.append(res["ins_id"])
+    values.append(res["insemb"])
+    logging.info("export %s: %s split, %d instances", name, split, len(res["ins_id"]))
+  keys, values = np.concatenate(keys), np.concatenate(values)
+  if jax.process_index() == 0:
+    insemb_table.write(path, keys, values, source=config.stage, source_step=step,
+                       source_config=config.model, dtype=config.store.dtype)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("export")
+  return path

@@ -1,0 +1,145 @@
+"""Train state, sharded initialization, and the jitted train / eval steps.
+
+The state is built in the house order: `jax.eval_shape(init)` ->
+`nn.get_partition_spec` -> `nn.logical_to_mesh_sharding(rules)` ->
+`jax.jit(init, out_shardings)` -> unboxed arrays. Steps are jitted with
+explicit in/out shardings on the mesh and donate the old state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from flax import linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from iat_jax import sharding
+from iat_jax.data import input_pipeline
+
+Batch = dict[str, Any]
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and step (from flax) plus the dropout RNG key."""
+  rng: jax.Array
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   num_steps: int) -> optax.GradientTransformation:
+  """AdamW, warm-up + cosine schedule, global-norm clipping (config.optimizer)."""
+  opt = config.optimizer
+  warmup = min(opt.warmup_steps, max(num_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, opt.learning_rate, warmup, max(num_steps, warmup + 1))
+  chain = [optax.adamw(schedule, weight_decay=opt.weight_decay)]
+  if opt.grad_clip_norm > 0:
+    chain.insert(0, optax.clip_by_global_norm(opt.grad_clip_norm))
+  return optax.chain(*chain)
+
+
+def model_inputs(batch: Batch) -> Batch:
+  """Drops the host-only keys (uint64 ids, row numbers, counters)."""
+  return {k: v for k, v in batch.items()
+          if k not in input_pipeline.HOST_KEYS and k != "hist_missing"}
+
+
+def to_device(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
+  """Process-local numpy batch -> global arrays sharded over 'data'."""
+  data = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(data, np.asarray(v))
+          for k, v in model_inputs(batch).items()}
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation,
+                 batch: Batch, seed: int, mesh: jax.sharding.Mesh,
+                 rules) -> tuple[TrainState, Any]:
+  """Initializes a sharded TrainState.
+
+  Args:
+    model: the Flax module; its params carry logical axis names.
+    tx: the optimizer.
+    batch: a device batch (global arrays) with the training shapes.
+    seed: parameter / dropout seed.
+    mesh: the device mesh.
+    rules: logical axis rules.
+
+  Returns:
+    (state with unboxed arrays placed on their shardings, state shardings).
+  """
+
+  def init(rng):
+    p_rng, d_rng = jax.random.split(rng)
+    variables = model.init({"params": p_rng, "dropout": d_rng}, batch, train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             tx=tx, rng=d_rng)
+
+  rng = jax.random.PRNGKey(seed)
+  with sharding.mesh_context(mesh, rules):
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.param_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def _task_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Sum over tasks of BCE, mean over real instances: scalar."""
+  bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels).sum(-1)
+  m = mask.astype(jnp.float32)
+  return (bce * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def make_train_step(model: nn.Module, state_shardings, mesh, rules) -> Callable:
+  """jit(train_step(state, batch) -> (state, {'loss'})) on the mesh."""
+
+  def train_step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, batch, train=True,
+                        rngs={"dropout": rng})
+      return _task_loss(out["logits"], batch["labels"], batch["mask"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": loss}
+
+  data = sharding.batch_sharding(mesh)
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, data),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
+  return _in_context(jitted, mesh, rules)
+
+
+def make_eval_step(model: nn.Module, param_shardings, mesh, rules,
+                   outputs: tuple[str, ...] = ("probs",)) -> Callable:
+  """jit(eval_step(params, batch) -> {'probs': [..., tasks], 'insemb'?})."""
+
+  def eval_step(params, batch: Batch):
+    out = model.apply({"params": params}, batch, train=False)
+    res = {"probs": jax.nn.sigmoid(out["logits"].astype(jnp.float32))}
+    if "insemb" in outputs:
+      res["insemb"] = out["insemb"].astype(jnp.float32)
+    return res
+
+  data = sharding.batch_sharding(mesh)
+  return _in_context(jax.jit(eval_step, in_shardings=(param_shardings, data),
+                             out_shardings=data), mesh, rules)
+
+
+def _in_context(fn: Callable, mesh, rules) -> Callable:
+  """Runs (and so traces) `fn` under the mesh and the logical axis rules."""
+
+  def wrapped(*args):
+    with sharding.mesh_context(mesh, rules):
+      return fn(*args)
+
+  def lower(*args):
+    with sharding.mesh_context(mesh, rules):
+      return fn.lower(*args)
+
+  wrapped.lower = lower
+  return wrapped

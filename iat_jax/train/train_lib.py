@@ -1,0 +1,273 @@
+"""Training, evaluation and InsEmb export of one stage.
+
+Layout of a stage directory <workdir>/<name>/:
+  ckpt/, best/       Orbax checkpoints (see `iat_jax.checkpointing`)
+  metrics.jsonl, tb/ metrics (see `iat_jax.metrics`)
+  results.json       written last: final valid/test metrics, params, FLOPs;
+                     its presence marks the stage complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from iat_jax import checkpointing
+from iat_jax import configs
+from iat_jax import metrics as metrics_lib
+from iat_jax import models
+from iat_jax import sharding
+from iat_jax.models import cost
+from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import input_pipeline
+from iat_jax.data import movielens
+from iat_jax.data import synthetic
+from iat_jax.train import steps
+
+_USER_STAGES = ("source_user",)
+
+
+def dataset_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the preprocessed dataset of `config` lives."""
+  out = config.data.cache_dir or os.path.join(workdir, "data")
+  if config.data.source == "movielens":
+    return os.path.join(out, os.path.basename(os.path.normpath(config.data.dir)))
+  return os.path.join(out, "synthetic")
+
+
+def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> dataset_lib.Dataset:
+  """Builds (or reuses) the preprocessed dataset the config names.
+
+  Process 0 builds; the others wait for it, then open the same directory.
+  """
+  path = dataset_path(config, workdir)
+  if jax.process_index() == 0:
+    if config.data.source == "movielens":
+      movielens.build(config.data.dir, path, seq_len=config.data.seq_len)
+    else:
+      synthetic.build(path, seed=config.seed, seq_len=config.data.seq_len,
+                      **config.data.synthetic)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("prepare_dataset")
+  return dataset_lib.Dataset(path)
+
+
+def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
+            stage: str, split: str, *, train: bool, table=None):
+  """The Grain MapDataset a stage reads for a split (train or eval order)."""
+  common = dict(seed=config.seed, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  if train:
+    common["num_epochs"] = config.num_epochs
+  if stage in _USER_STAGES:
+    t = config.model.user_chunk_len
+    users = config.users_per_batch if train else max(
+        config.eval_batch_size // t, 1) * jax.process_count()
+    return input_pipeline.user_ordered(ds, split, users, t, shuffle=train, **common)
+  history = dict(history_len=config.model.hist_len,
+                 num_gap_buckets=config.model.num_gap_buckets,
+                 table=table) if stage == "downstream" else {}
+  return input_pipeline.temporal(
+      ds, split, config.batch_size if train else config.eval_batch_size,
+      shuffle_window=config.shuffle_window if train else 0, **common, **history)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the train loop polls (then checkpoints, exits)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    logging.warning("SIGTERM received: checkpointing and exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def _device_gather(x: jax.Array) -> np.ndarray:
+  """A global array -> the whole numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _host_gather(x: np.ndarray) -> np.ndarray:
+  """Concatenates every process's numpy slice [n_p, ...] (uint64 kept exact)."""
+  if jax.process_count() == 1:
+    return x
+  if x.dtype == np.uint64:
+    return _host_gather(np.ascontiguousarray(x).view(np.uint32)).view(np.uint64)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def predict(eval_step, params, data, mesh, keys=("probs",)) -> dict[str, np.ndarray]:
+  """Runs eval_step over every batch of `data`; keeps real instances only.
+
+  Returns:
+    {'labels': [n, tasks], 'ins_id': [n], <keys>: [n, ...]} on every process.
+  """
+  out: dict[str, list] = {k: [] for k in ("labels", "ins_id", *keys)}
+  for batch in input_pipeline.iterate(data):
+    res = eval_step(params, steps.to_device(batch, mesh))
+    mask = _host_gather(batch["mask"])
+    for k in keys:
+      out[k].append(_device_gather(res[k])[mask])
+    for k in ("labels", "ins_id"):
+      out[k].append(_host_gather(batch[k])[mask])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def evaluate(config, ds, stage, eval_step, params, mesh, split, table=None) -> dict:
+  data = batches(config, ds, stage, split, train=False, table=table)
+  res = predict(eval_step, params, data, mesh)
+  return metrics_lib.task_metrics(ds.schema.tasks, res["labels"], res["probs"])
+
+
+class Stage:
+  """One stage's model, mesh, sharded state and compiled steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, name: str,
+               ds: dataset_lib.Dataset, table=None):
+    self.config = config
+    self.name = name
+    self.dir = os.path.join(workdir, name)
+    self.ds = ds
+    self.table = table
+    self.mesh = sharding.make_mesh(tuple(config.mesh_shape))
+    self.rules = sharding.LOGICAL_AXIS_RULES
+    self.model = models.make_model(config.model, ds.schema, config.stage)
+    self.train_data = batches(config, ds, config.stage, "train", train=True, table=table)
+    self.num_steps = len(self.train_data)
+    sample = steps.to_device(self.train_data[0], self.mesh)
+    tx = steps.make_optimizer(config, self.num_steps)
+    self.state, self.shardings = steps.create_state(
+        self.model, tx, sample, config.seed, self.mesh, self.rules)
+    # Compiled once, ahead of time: the same executable runs and is costed.
+    self.train_step = steps.make_train_step(
+        self.model, self.shardings, self.mesh, self.rules).lower(
+            self.state, sample).compile()
+    self.eval_step = steps.make_eval_step(
+        self.model, self.shardings.params, self.mesh, self.rules,
+        outputs=("probs", "insemb") if config.stage.startswith("source") else ("probs",))
+    self.ckpts = checkpointing.Checkpoints(self.dir, config.keep_checkpoints,
+                                           f"auc/{ds.schema.tasks[0]}")
+
+  def cost(self) -> dict[str, float]:
+    """Parameter counts and XLA's FLOPs of one compiled train step."""
+    counts = cost.param_counts(self.state.params)
+    return {"params": counts["total"], "dense_params": counts["dense"],
+            "embedding_params": counts["embedding"],
+            "flops_per_batch": cost.compiled_flops(self.train_step)}
+
+  def evaluate(self, params, split: str) -> dict[str, float]:
+    return evaluate(self.config, self.ds, self.config.stage, self.eval_step, params,
+                    self.mesh, split, self.table)
+
+
+def results_path(stage_dir: str) -> str:
+  return os.path.join(stage_dir, "results.json")
+
+
+def write_json(path: str, obj: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, name: str | None = None,
+          ds: dataset_lib.Dataset | None = None, table=None) -> dict:
+  """Trains config.stage into <workdir>/<name>; resumes from its checkpoints.
+
+  Returns:
+    The stage's results dict (also written to results.json).
+  """
+  configs.validate(config)
+  name = name or config.stage
+  ds = ds or prepare_dataset(config, workdir)
+  st = Stage(config, workdir, name, ds, table)
+  writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
+  it = input_pipeline.iterate(st.train_data, config.worker_count)
+  state = st.state
+  start = st.ckpts.latest_step() or 0
+  if start:
+    state = st.ckpts.restore(checkpointing.abstract(state), it, start)
+    logging.info("%s: resumed from step %d", name, start)
+  writer.truncate(start)  # drop lines a killed run wrote past its checkpoint
+  cost = st.cost()
+  progress = metrics_lib.Progress(st.num_steps, _instances_per_step(config), config.log_every,
+                                  start)
+  preempt = _Preemption()
+  try:
+    for step in range(start + 1, st.num_steps + 1):
+      state, out = st.train_step(state, steps.to_device(next(it), st.mesh))
+      loss = float(out["loss"].addressable_data(0))  # replicated scalar
+      if not np.isfinite(loss):
+        raise FloatingPointError(
+            f"{name}: non-finite loss {loss} at step {step}; stopped without "
+            f"saving; last good checkpoint: step {st.ckpts.latest_step()} in "
+            f"{st.dir}/ckpt")
+      last = step == st.num_steps
+      if step % config.log_every == 0 or last:
+        writer.write(step, "train", {"loss": loss})
+        progress(step, loss)
+      if (config.eval_every and step % config.eval_every == 0) or last:
+        valid = st.evaluate(state.params, "valid")
+        writer.write(step, "valid", valid)
+        st.ckpts.save_best(step, state.params, _finite(valid))
+      if step % config.checkpoint_every == 0 or last or preempt.requested:
+        st.ckpts.save(step, state, it)
+      if preempt.requested:
+        st.ckpts.wait()
+        raise SystemExit(f"{name}: preempted at step {step}; checkpoint saved")
+  finally:
+    preempt.restore()
+    st.ckpts.wait()
+  best_step, params = st.ckpts.restore_best(checkpointing.abstract(state.params))
+  results = {"valid": st.evaluate(params, "valid"), "test": st.evaluate(params, "test"),
+             "best_step": best_step, **cost}
+  writer.write(st.num_steps, "final_valid", results["valid"])
+  writer.write(st.num_steps, "test", results["test"])
+  writer.close()
+  st.ckpts.close()
+  write_json(results_path(st.dir), results)
+  logging.info("%s done: test %s", name, results["test"])
+  return results
+
+
+def _finite(m: dict[str, float]) -> dict[str, float]:
+  return {k: (v if np.isfinite(v) else -1.0) for k, v in m.items()}
+
+
+def _instances_per_step(config) -> int:
+  if config.stage in _USER_STAGES:
+    return config.users_per_batch * config.model.user_chunk_len
+  return config.batch_size
+
+
+def load_best(config, workdir: str, name: str, ds, table=None) -> tuple[Stage, int, Any]:
+  """A trained stage with its best params: (stage, best step, params)."""
+  st = Stage(config, workdir, name, ds, table)
+  step, params = st.ckpts.restore_best(checkpointing.abstract(st.state.params))
+  return st, step, params
+
+
+def evaluate_stage(config, workdir: str, name: str, ds, table=None) -> dict:
+  """Valid and test metrics of a trained stage's best params."""
+  st, step, params = load_best(config, workdir, name, ds, table)
+  return {"valid": st.evaluate(params, "valid"), "test": st.evaluate(params, "test"),
+          "best_step": step}

@@ -1,0 +1,55 @@
+"""Starts N CPU processes of `iat_jax.main` on this host (gloo collectives).
+
+The same code path as a multi-host run: every process gets
+--config.distributed with the coordinator on localhost and its process id.
+
+  python launch/local.py --num_processes=2 -- \
+      --config=experiments/configs/tiny.py --workdir=/tmp/iat --mode=train
+  python launch/local.py --num_processes=2 --dry_run -- ...   # print only
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+_N = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
+_PORT = flags.DEFINE_integer("port", 0, "Coordinator port (0 = pick a free one).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
+
+
+def commands(num_processes: int, port: int, main_args: list[str]) -> list[list[str]]:
+  """One `python -m iat_jax.main` command line per process."""
+  return [[sys.executable, "-m", "iat_jax.main", *main_args,
+           "--config.distributed=True",
+           f"--config.coordinator_address=localhost:{port}",
+           f"--config.num_processes={num_processes}", f"--config.process_id={i}"]
+          for i in range(num_processes)]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def main(argv: list[str]) -> None:
+  cmds = commands(_N.value, _PORT.value or _free_port(), argv[1:])
+  if _DRY_RUN.value:
+    print("\n".join(shlex.join(c) for c in cmds))
+    return
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  procs = [subprocess.Popen(c, env=env) for c in cmds]
+  codes = [p.wait() for p in procs]
+  if any(codes):
+    sys.exit(f"process exit codes: {codes}")
+
+
+if __name__ == "__main__":
+  app.run(main)

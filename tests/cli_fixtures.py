@@ -1,0 +1,63 @@
+"""Runs `python -m iat_jax.main` in subprocesses on the tiny config.
+
+All runs of a test session share one dataset cache and JAX's persistent
+compilation cache, so repeated runs of a stage compile once.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from iat_jax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
+DATA = tempfile.mkdtemp(prefix="iat-tiny-data-")
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+       "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="iat-jax-cache-"),
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def main_args(workdir, mode, *overrides, config=TINY):
+  return [f"--config={config}", f"--workdir={workdir}", f"--mode={mode}",
+          f"--config.data.cache_dir={DATA}", *overrides]
+
+
+def run(cmd, check=True):
+  proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True,
+                        timeout=900)
+  if check and proc.returncode:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def run_main(workdir, mode, *overrides, check=True):
+  return run([sys.executable, "-m", "iat_jax.main",
+              *main_args(workdir, mode, *overrides)], check)
+
+
+def start_main(workdir, *overrides):
+  return subprocess.Popen(
+      [sys.executable, "-m", "iat_jax.main", *main_args(workdir, "train", *overrides)],
+      cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def metric_lines(workdir, stage="base"):
+  return metrics.read_jsonl(os.path.join(workdir, stage, "metrics.jsonl"))
+
+
+def wait_for_step(workdir, step, proc, stage="base", checkpoint=None):
+  """Waits for a train line at >= step (and a committed checkpoint)."""
+  deadline = time.time() + 300
+  ckpt = os.path.join(workdir, stage, "ckpt")
+  while time.time() < deadline:
+    if any(r["split"] == "train" and r["step"] >= step
+           for r in metric_lines(workdir, stage)) and (
+               checkpoint is None or str(checkpoint) in os.listdir(ckpt)):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
+    time.sleep(0.05)
+  raise AssertionError("timed out")

@@ -1,0 +1,45 @@
+"""Two CPU processes (gloo) train the same model as one process."""
+
+import os
+import sys
+import tempfile
+
+from absl.testing import absltest
+import numpy as np
+
+import cli_fixtures as cli
+
+
+class TwoProcessTest(absltest.TestCase):
+
+  def test_two_processes_match_one(self):
+    args = ("--config.eval_every=0", "--config.checkpoint_every=12")
+    single = tempfile.mkdtemp()
+    cli.run_main(single, "train", *args)
+    multi = tempfile.mkdtemp()
+    launcher = os.path.join(cli.REPO, "launch", "local.py")
+    cli.run([sys.executable, launcher, "--num_processes=2", "--",
+             *cli.main_args(multi, "train", *args)])
+    one = [r for r in cli.metric_lines(single) if r["split"] == "train"]
+    two = [r for r in cli.metric_lines(multi) if r["split"] == "train"]
+    self.assertEqual([r["step"] for r in one], [r["step"] for r in two])
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one],
+                               rtol=1e-5)
+    # Only process 0 writes metrics: one line per step, no duplicates.
+    self.assertLen(two, len(set(r["step"] for r in two)))
+
+  def test_dry_run_prints_one_command_per_process(self):
+    launcher = os.path.join(cli.REPO, "launch", "local.py")
+    out = cli.run([sys.executable, launcher, "--num_processes=3", "--port=1234",
+                   "--dry_run", "--", "--config=c.py", "--workdir=w"]).stdout
+    lines = out.strip().splitlines()
+    self.assertLen(lines, 3)
+    for i, line in enumerate(lines):
+      self.assertIn("-m iat_jax.main --config=c.py --workdir=w", line)
+      self.assertIn("--config.coordinator_address=localhost:1234", line)
+      self.assertIn(f"--config.process_id={i}", line)
+      self.assertIn("--config.num_processes=3", line)
+
+
+if __name__ == "__main__":
+  absltest.main()
