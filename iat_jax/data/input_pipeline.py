@@ -26,7 +26,7 @@ Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
   model inputs: cat, dense, mh_<name>, seq_item, seq_category, seq_action,
     labels, mask, and with history: hist_mask, hist_labels, hist_gap
     (+ hist_insemb after `LookupInsEmb`);
-  host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id.
+  host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ import numpy as np
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import history
 from iat_jax.data import schema as schema_lib
+from iat_jax.store import user_history
 
-HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id")
+HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts")
 
 
 class EpochBatches:
@@ -141,29 +142,21 @@ def read_rows(ds: dataset_lib.Dataset, rows: np.ndarray, mask: np.ndarray) -> di
 class AddHistory(grain.transforms.Map):
   """Adds each instance's newest L strictly-earlier instances of its user.
 
-  Adds hist_row, hist_ins_id [..., L] (host), hist_mask [..., L],
-  hist_labels [..., L, tasks], hist_gap [..., L] int32.
+  Adds hist_row, hist_ins_id, hist_ts [..., L] (host), hist_mask [..., L],
+  hist_labels [..., L, tasks], hist_gap [..., L] int32 (`UserHistory`).
   """
 
   def __init__(self, ds: dataset_lib.Dataset, length: int, num_gap_buckets: int):
-    self.ds = ds
+    self.index = user_history.UserHistory(ds)
     self.length = length
     self.num_gap_buckets = num_gap_buckets
 
   def map(self, batch: dict) -> dict:
-    real = batch["mask"]
-    rows = np.maximum(batch["row"], 0)
-    hrows, hmask = history.earlier_rows(self.ds["hist_end"][rows],
-                                        self.ds.user_start(rows), self.length)
-    hmask &= real[..., None]
-    past_ts = history.gather(self.ds["ts"], hrows, hmask)
-    batch.update(
-        hist_row=np.where(hmask, hrows, -1),
-        hist_mask=hmask,
-        hist_ins_id=history.gather(self.ds["ins_id"], hrows, hmask),
-        hist_labels=history.gather(self.ds["labels"], hrows, hmask),
-        hist_gap=history.gap_bucket(batch["ts"], past_ts, hmask,
-                                    self.num_gap_buckets))
+    hist = self.index.before_rows(np.maximum(batch["row"], 0), self.length)
+    hist["hist_mask"] &= batch["mask"][..., None]
+    batch.update(hist)
+    batch["hist_gap"] = history.gap_bucket(batch["ts"], hist["hist_ts"],
+                                           hist["hist_mask"], self.num_gap_buckets)
     return batch
 
 
