@@ -15,7 +15,7 @@ from iat_jax import models
 
 STAGES = ("base", "source_temporal", "source_user", "source_stream", "downstream")
 SOURCES = ("synthetic", "movielens")
-SOURCE_KINDS = ("source_temporal", "source_user")
+SOURCE_KINDS = ("source_temporal", "source_user", "source_stream")
 STORE_DTYPES = ("float32", "bfloat16", "int8")
 
 
@@ -65,6 +65,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 1
   # Grain worker processes (0 = read in the training process).
   c.worker_count = 0
+
+  # source_user: two-pass training (Appendix A.3), InsEmbs stored while training.
+  c.two_pass = False
+
+  c.stream = ml_collections.ConfigDict()
+  # Streaming source (stage source_stream): the batch-trained stage it starts
+  # from (its best checkpoint and exported store) and the splits it streams.
+  c.stream.init_from = "source_user"
+  c.stream.splits = ("valid", "test")
 
   c.optimizer = ml_collections.ConfigDict()
   # Adam(W) with linear warm-up then cosine decay to 0.
@@ -127,6 +136,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"{config.store.dtype!r} is not one of {STORE_DTYPES}")
   need(config.store.source in SOURCE_KINDS, "store.source",
        f"{config.store.source!r} is not one of {SOURCE_KINDS}")
+  need(set(config.stream.splits) <= {"valid", "test"} and config.stream.splits,
+       "stream.splits", f"{config.stream.splits} must be a non-empty subset of "
+       "('valid', 'test'): streaming continues after batch training")
   need(len(config.mesh_shape) == 2, "mesh_shape", "must be (data, model)")
   model_axis = config.mesh_shape[1]
   need(model_axis == -1 or config.model.vocab_pad_multiple % model_axis == 0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import os
 
 from absl import app
 from absl import flags
@@ -44,14 +45,14 @@ def main(argv) -> None:
   distributed.maybe_initialize(config)
   logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  workdir, mode = _WORKDIR.value, _MODE.value
+  workdir, mode = os.path.abspath(_WORKDIR.value), _MODE.value  # Orbax wants absolute
   if mode == "pipeline":
     pipeline.run(config, workdir)
     return
   ds = train_lib.prepare_dataset(config, workdir)
   table = pipeline.open_table(config, workdir) if config.stage == "downstream" else None
   if mode == "train":
-    train_lib.train(config, workdir, config.stage, ds, table)
+    pipeline.train_stage(config, workdir, config.stage, ds, table)
   elif mode == "evaluate":
     print(json.dumps(train_lib.evaluate_stage(config, workdir, config.stage, ds, table),
                      indent=1, sort_keys=True))

@@ -11,7 +11,6 @@ when interrupted. Ends with <workdir>/results.json and a printed table.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import logging
@@ -20,7 +19,9 @@ import ml_collections
 
 from iat_jax.store import insemb_table
 from iat_jax.train import export_lib
+from iat_jax.train import stream_lib
 from iat_jax.train import train_lib
+from iat_jax.train import two_pass_lib
 
 # (result name, stage, InsEmb source it reads or exports)
 PLAN = (
@@ -48,6 +49,16 @@ def open_table(config: ml_collections.ConfigDict, workdir: str) -> insemb_table.
   return table
 
 
+def train_stage(config: ml_collections.ConfigDict, workdir: str, name: str, ds,
+                table=None) -> dict:
+  """Trains config.stage into <workdir>/<name> by the right method."""
+  if config.stage == "source_stream":
+    return stream_lib.train_stream(config, workdir, name, ds)
+  if config.stage == "source_user" and config.two_pass:
+    return two_pass_lib.train(config, workdir, name, ds)
+  return train_lib.train(config, workdir, name, ds, table)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs every step of PLAN; returns (and writes) the results dict."""
   ds = train_lib.prepare_dataset(config, workdir)
@@ -58,10 +69,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     table = open_table(cfg, workdir) if stage == "downstream" else None
     if os.path.exists(done):
       logging.info("pipeline: %s already complete", name)
-      with open(done) as f:
-        models[name] = json.load(f)
+      models[name] = train_lib.load_json(done)
     else:
-      models[name] = train_lib.train(cfg, workdir, name, ds, table)
+      models[name] = train_stage(cfg, workdir, name, ds, table)
     if stage.startswith("source"):
       export_lib.export(cfg, workdir, name, ds)
   results = {"dataset": ds.schema.dataset, "models": models}

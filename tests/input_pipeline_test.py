@@ -85,6 +85,22 @@ class PipelineTest(parameterized.TestCase):
           np.testing.assert_array_equal(r, np.arange(r[0], r[0] + len(r)))
           self.assertTrue((np.diff(ds["ts"][r]) >= 0).all())
 
+  def test_user_chunk_orders(self):
+    ds = self.ds
+    users = {}
+    for order in ("users", "reversed"):
+      rows = np.concatenate([b["row"][b["mask"]] for b in _batches(
+          ip.user_ordered(ds, "train", 4, 8, order=order))])
+      np.testing.assert_array_equal(np.sort(rows), np.sort(ds.split_rows("train")))
+      u = ds["user_index"][rows]
+      users[order] = u
+      # Within a user, time order; across users, monotone in the given order.
+      step = np.diff(u)
+      self.assertTrue((step >= 0).all() if order == "users" else (step <= 0).all())
+    np.testing.assert_array_equal(np.unique(users["users"]), np.unique(users["reversed"]))
+    with self.assertRaisesRegex(ValueError, "chunk order"):
+      ip.user_ordered(ds, "train", 4, 8, order="random")
+
   def test_history_never_sees_now_or_future(self):
     ds = self.ds
     length = 5

@@ -14,6 +14,11 @@ Orbax saves):
     newest L strictly-earlier instances (`history.earlier_rows`): their InsIDs,
     labels and time-gap buckets, masked; `LookupInsEmb` then adds their InsEmbs
     with one batched lookup call per batch.
+  * stream: the instances of some splits in time order (no shuffle), each with
+    its user's K newest strictly-earlier instances that were processed in an
+    *earlier* batch (or precede the stream): the rows a streaming source model
+    may fetch InsEmbs of (`ReadStream`). The InsEmbs themselves are fetched by
+    the train loop, after the previous step wrote its own back.
 
 Grain elements are whole global batches of row ids (`EpochBatches`), and the
 transforms gather all columns of a batch with one vectorized memmap read:
@@ -26,7 +31,8 @@ Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
   model inputs: cat, dense, mh_<name>, seq_item, seq_category, seq_action,
     labels, mask, and with history: hist_mask, hist_labels, hist_gap
     (+ hist_insemb after `LookupInsEmb`);
-  host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts.
+  host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts,
+    past_row.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from iat_jax.data import history
 from iat_jax.data import schema as schema_lib
 from iat_jax.store import user_history
 
-HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts")
+HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts",
+             "past_row")
 
 
 class EpochBatches:
@@ -178,13 +185,15 @@ class LookupInsEmb(grain.transforms.Map):
     self.table = table
 
   def map(self, batch: dict) -> dict:
-    keys = batch["hist_ins_id"]
-    values, found = self.table.lookup(keys.reshape(-1))
-    found = found.reshape(keys.shape) & batch["hist_mask"]
-    batch["hist_insemb"] = np.where(found[..., None],
-                                    values.reshape(keys.shape + (-1,)), 0)
-    batch["hist_missing"] = np.int64((batch["hist_mask"] & ~found).sum())
-    batch["hist_mask"] = found
+    mask = batch["hist_mask"]
+    values, found = self.table.lookup(batch["hist_ins_id"][mask])  # real slots only
+    out = np.zeros(mask.shape + values.shape[1:], np.float32)
+    out[mask] = values
+    hit = np.zeros_like(mask)
+    hit[mask] = found
+    batch["hist_insemb"] = out
+    batch["hist_missing"] = np.int64(len(found) - found.sum())
+    batch["hist_mask"] = hit
     return batch
 
 
@@ -197,9 +206,12 @@ class SortedKeyTable:
     self.values = np.asarray(values, dtype=np.float32)[order]
 
   def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+    uniq, inv = np.unique(keys, return_inverse=True)  # sorted: a faster search
+    pos = np.minimum(np.searchsorted(self.keys, uniq), len(self.keys) - 1)[inv]
     found = self.keys[pos] == keys
-    return np.where(found[:, None], self.values[pos], 0), found
+    out = self.values.take(pos, axis=0)
+    out *= found[:, None]
+    return out, found
 
 
 @dataclasses.dataclass
@@ -209,10 +221,13 @@ class UserChunks:
   Attributes:
     start: int64 [C] first row of each chunk.
     length: int64 [C] number of real rows in each chunk (1..chunk_len).
+    chunk_len: T.
+    user: int64 [C] user index of each chunk (chunks are in user order).
   """
   start: np.ndarray
   length: np.ndarray
   chunk_len: int
+  user: np.ndarray
 
   @classmethod
   def build(cls, ds: dataset_lib.Dataset, split: str, chunk_len: int) -> UserChunks:
@@ -227,7 +242,59 @@ class UserChunks:
     k = np.arange(n_chunks.sum()) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
     start = first[user] + k * chunk_len
     length = np.minimum(chunk_len, counts[user] - k * chunk_len)
-    return cls(start.astype(np.int64), length.astype(np.int64), chunk_len)
+    return cls(start.astype(np.int64), length.astype(np.int64), chunk_len,
+               user.astype(np.int64))
+
+
+class ReadStream(grain.transforms.Map):
+  """Global row batch [B] -> this process's instances + visible past rows.
+
+  Adds past_row (host; -1 = none) and past_mask [b, K]; with `features`, the
+  past instances' raw features as past_<name> [b, K, ...] (Method 2).
+  """
+
+  def __init__(self, ds: dataset_lib.Dataset, past_len: int, part: ProcessSlice,
+               features: bool):
+    self.ds = ds
+    self.index = user_history.UserHistory(ds)
+    self.past_len = past_len
+    self.part = part
+    self.features = features
+    self.rank = np.empty(ds.num_rows, np.int64)
+    self.rank[np.asarray(ds["temporal_order"])] = np.arange(ds.num_rows)
+
+  def map(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    batch_start = self.rank[rows[0]]  # rows are contiguous in time order
+    rows = self.part(rows)
+    batch = read_rows(self.ds, np.maximum(rows, 0), rows >= 0)
+    past = self.index.before_rows(np.maximum(rows, 0), self.past_len)
+    mask = past["hist_mask"] & batch["mask"][:, None]
+    mask &= self.rank[np.maximum(past["hist_row"], 0)] < batch_start
+    prow = np.where(mask, past["hist_row"], 0)
+    batch.update(past_row=np.where(mask, prow, -1), past_mask=mask)
+    if self.features:
+      for name in self.ds.feature_columns():
+        batch[f"past_{name}"] = history.gather(self.ds[name], prow, mask)
+    return batch
+
+
+def stream(ds: dataset_lib.Dataset, splits: tuple[str, ...], batch_size: int,
+           past_len: int, *, features: bool = False, process_index: int = 0,
+           process_count: int = 1) -> grain.MapDataset:
+  """Time-ordered batches over `splits` (consecutive in time), see ReadStream.
+
+  Args:
+    ds: the dataset.
+    splits: e.g. ("valid", "test"): the instances after batch training.
+    batch_size: global batch B (divisible by process_count).
+    past_len: K, past instances per instance.
+    features: also add the past instances' raw features (recomputation).
+    process_index, process_count: this process's slice of each batch.
+  """
+  rows = np.concatenate([ds.split_rows(s) for s in splits])
+  source = EpochBatches(len(rows), batch_size, 1, lambda e: rows)
+  read = ReadStream(ds, past_len, ProcessSlice(process_index, process_count), features)
+  return grain.MapDataset.source(source).map(read)
 
 
 def _assemble(source: EpochBatches, read: grain.transforms.Map,
@@ -279,8 +346,11 @@ def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
   return _assemble(source, read, ds, history_len, num_gap_buckets, table)
 
 
+CHUNK_ORDERS = ("shuffle", "users", "reversed")
+
+
 def user_ordered(ds: dataset_lib.Dataset, split: str, users_per_batch: int,
-                 chunk_len: int, *, seed: int = 0, shuffle: bool = True,
+                 chunk_len: int, *, seed: int = 0, order: str = "shuffle",
                  num_epochs: int = 1, process_index: int = 0,
                  process_count: int = 1, history_len: int | None = None,
                  num_gap_buckets: int = 16,
@@ -288,16 +358,22 @@ def user_ordered(ds: dataset_lib.Dataset, split: str, users_per_batch: int,
   """User-chunk batches [B_users / process_count, T] of one split.
 
   Args are as in `temporal`, plus users_per_batch (global B_users), chunk_len
-  (T) and shuffle (shuffle the chunk order, anew each epoch).
+  (T) and the chunk order: "shuffle" (anew each epoch), "users" (users in
+  ascending order) or "reversed" (users descending); a user's chunks always
+  stay in time order.
   """
+  if order not in CHUNK_ORDERS:
+    raise ValueError(f"chunk order {order!r} is not one of {CHUNK_ORDERS}")
   chunks = UserChunks.build(ds, split, chunk_len)
   n = len(chunks.start)
+  fixed = {"users": np.arange(n),
+           "reversed": np.lexsort((np.arange(n), -chunks.user))}.get(order)
 
-  def order(epoch: int) -> np.ndarray:
-    if not shuffle:
-      return np.arange(n)
+  def epoch_order(epoch: int) -> np.ndarray:
+    if fixed is not None:
+      return fixed
     return np.random.default_rng([seed, epoch]).permutation(n)
 
-  source = EpochBatches(n, users_per_batch, num_epochs, order)
+  source = EpochBatches(n, users_per_batch, num_epochs, epoch_order)
   read = ReadChunks(ds, chunks, ProcessSlice(process_index, process_count))
   return _assemble(source, read, ds, history_len, num_gap_buckets, table)

@@ -14,6 +14,7 @@ from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import schema as schema_lib
 from iat_jax.store import insemb_table
 from iat_jax.train import train_lib
+from iat_jax.train import two_pass_lib
 
 
 def store_path(config: ml_collections.ConfigDict, workdir: str, source: str) -> str:
@@ -34,11 +35,14 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
 
   Runs the best checkpoint of stage `name` (config.stage must be a source
   stage) forward over all splits, sharded like evaluation, and publishes one
-  new table version. Returns the store path.
+  new table version (two-pass source_user: merged with the InsEmbs the passes
+  stored, see `two_pass_lib`). Returns the store path.
   """
   if not config.stage.startswith("source"):
     raise ValueError(f"--config.stage={config.stage!r}: export needs a source stage")
-  st, step, params = train_lib.load_best(config, workdir, name, ds)
+  two_pass = config.stage == "source_user" and config.two_pass
+  model_dir = os.path.join(name, two_pass_lib.PASSES[0][0]) if two_pass else name
+  st, step, params = train_lib.load_best(config, workdir, model_dir, ds)
   path = store_path(config, workdir, config.stage)
   if is_exported(path, config.stage, step):
     logging.info("export %s: already done (step %d)", path, step)
@@ -51,9 +55,21 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
     values.append(res["insemb"])
     logging.info("export %s: %s split, %d instances", name, split, len(res["ins_id"]))
   keys, values = np.concatenate(keys), np.concatenate(values)
+  if two_pass:  # train rows from the passes that kept them, in row order
+    by_row = np.zeros((ds.num_rows, values.shape[1]), np.float32)
+    by_row[_rows_of(ds, keys)] = values
+    keys = np.asarray(ds["ins_id"])
+    values = two_pass_lib.merged_insembs(config, workdir, name, ds, by_row)
   if jax.process_index() == 0:
     insemb_table.write(path, keys, values, source=config.stage, source_step=step,
                        source_config=config.model, dtype=config.store.dtype)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("export")
   return path
+
+
+def _rows_of(ds: dataset_lib.Dataset, keys: np.ndarray) -> np.ndarray:
+  """Dataset rows of InsIDs [n] (every key must be in the dataset)."""
+  ins = np.asarray(ds["ins_id"])
+  order = np.argsort(ins)
+  return order[np.searchsorted(ins, keys, sorter=order)]

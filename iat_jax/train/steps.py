@@ -93,8 +93,13 @@ def _task_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
   return (bce * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
-def make_train_step(model: nn.Module, state_shardings, mesh, rules) -> Callable:
-  """jit(train_step(state, batch) -> (state, {'loss'})) on the mesh."""
+def make_train_step(model: nn.Module, state_shardings, mesh, rules,
+                    aux: tuple[str, ...] = ()) -> Callable:
+  """jit(train_step(state, batch) -> (state, {'loss'}, {aux})) on the mesh.
+
+  `aux` names outputs of the same forward pass to return, sharded like the
+  batch: 'probs' (predict-then-train) and model outputs such as 'insemb'.
+  """
 
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -102,14 +107,16 @@ def make_train_step(model: nn.Module, state_shardings, mesh, rules) -> Callable:
     def loss_fn(params):
       out = model.apply({"params": params}, batch, train=True,
                         rngs={"dropout": rng})
-      return _task_loss(out["logits"], batch["labels"], batch["mask"])
+      out["probs"] = jax.nn.sigmoid(out["logits"].astype(jnp.float32))
+      loss = _task_loss(out["logits"], batch["labels"], batch["mask"])
+      return loss, {k: out[k] for k in aux}
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads=grads), {"loss": loss}
+    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": loss}, extra
 
   data = sharding.batch_sharding(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_shardings, data),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh), data),
                    donate_argnums=0)
   return _in_context(jitted, mesh, rules)
 

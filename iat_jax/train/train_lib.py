@@ -72,7 +72,8 @@ def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
     t = config.model.user_chunk_len
     users = config.users_per_batch if train else max(
         config.eval_batch_size // t, 1) * jax.process_count()
-    return input_pipeline.user_ordered(ds, split, users, t, shuffle=train, **common)
+    return input_pipeline.user_ordered(ds, split, users, t,
+                                       order="shuffle" if train else "users", **common)
   history = dict(history_len=config.model.hist_len,
                  num_gap_buckets=config.model.num_gap_buckets,
                  table=table) if stage == "downstream" else {}
@@ -136,27 +137,36 @@ def evaluate(config, ds, stage, eval_step, params, mesh, split, table=None) -> d
 
 
 class Stage:
-  """One stage's model, mesh, sharded state and compiled steps."""
+  """One stage's model, mesh, sharded state and compiled steps.
+
+  By default it trains on `batches(..., "train")`; the streaming stage passes
+  its own `train_data`, a `fill` that completes each host batch right before
+  the step (fetching InsEmbs written by the previous step) and the `aux`
+  outputs its train step returns.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, name: str,
-               ds: dataset_lib.Dataset, table=None):
+               ds: dataset_lib.Dataset, table=None, *, train_data=None,
+               fill=lambda batch: batch, aux: tuple[str, ...] = ()):
     self.config = config
     self.name = name
     self.dir = os.path.join(workdir, name)
     self.ds = ds
     self.table = table
+    self.fill = fill
     self.mesh = sharding.make_mesh(tuple(config.mesh_shape))
     self.rules = sharding.LOGICAL_AXIS_RULES
     self.model = models.make_model(config.model, ds.schema, config.stage)
-    self.train_data = batches(config, ds, config.stage, "train", train=True, table=table)
+    self.train_data = train_data if train_data is not None else batches(
+        config, ds, config.stage, "train", train=True, table=table)
     self.num_steps = len(self.train_data)
-    sample = steps.to_device(self.train_data[0], self.mesh)
+    sample = steps.to_device(fill(self.train_data[0]), self.mesh)
     tx = steps.make_optimizer(config, self.num_steps)
     self.state, self.shardings = steps.create_state(
         self.model, tx, sample, config.seed, self.mesh, self.rules)
     # Compiled once, ahead of time: the same executable runs and is costed.
     self.train_step = steps.make_train_step(
-        self.model, self.shardings, self.mesh, self.rules).lower(
+        self.model, self.shardings, self.mesh, self.rules, aux).lower(
             self.state, sample).compile()
     self.eval_step = steps.make_eval_step(
         self.model, self.shardings.params, self.mesh, self.rules,
@@ -180,6 +190,11 @@ def results_path(stage_dir: str) -> str:
   return os.path.join(stage_dir, "results.json")
 
 
+def load_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
 def write_json(path: str, obj: Any) -> None:
   if jax.process_index() != 0:
     return
@@ -189,43 +204,59 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, name: str | None = None,
-          ds: dataset_lib.Dataset | None = None, table=None) -> dict:
-  """Trains config.stage into <workdir>/<name>; resumes from its checkpoints.
+def resume(st: Stage, writer: metrics_lib.Writer, it) -> tuple[Any, int]:
+  """(state, step) from the stage's latest checkpoint, or fresh at step 0.
 
-  Returns:
-    The stage's results dict (also written to results.json).
+  Restores the Grain iterator in place and drops metric lines that a killed
+  run wrote past the restored step.
   """
-  configs.validate(config)
-  name = name or config.stage
-  ds = ds or prepare_dataset(config, workdir)
-  st = Stage(config, workdir, name, ds, table)
-  writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
-  it = input_pipeline.iterate(st.train_data, config.worker_count)
-  state = st.state
-  start = st.ckpts.latest_step() or 0
+  state, start = st.state, st.ckpts.latest_step() or 0
   if start:
     state = st.ckpts.restore(checkpointing.abstract(state), it, start)
-    logging.info("%s: resumed from step %d", name, start)
-  writer.truncate(start)  # drop lines a killed run wrote past its checkpoint
-  cost = st.cost()
-  progress = metrics_lib.Progress(st.num_steps, _instances_per_step(config), config.log_every,
-                                  start)
+    logging.info("%s: resumed from step %d", st.name, start)
+  writer.truncate(start)
+  return state, start
+
+
+def run_loop(st: Stage, state, it, start: int, writer: metrics_lib.Writer, *,
+             after_step=None, validate: bool = True):
+  """Steps start+1..num_steps: log, validate, checkpoint; stop on NaN/SIGTERM.
+
+  Args:
+    st: the stage.
+    state: the train state at `start`.
+    it: the Grain iterator, positioned at `start`.
+    start: steps already done.
+    writer: metrics writer.
+    after_step: optional `f(step, state, batch, aux)`, run before the
+      step's checkpoint (the streaming stage writes InsEmbs back there).
+    validate: evaluate on valid every config.eval_every steps and at the
+      end, keeping the best params.
+
+  Returns:
+    The final state.
+  """
+  config = st.config
+  progress = metrics_lib.Progress(st.num_steps, _instances_per_step(config),
+                                  config.log_every, start)
   preempt = _Preemption()
   try:
     for step in range(start + 1, st.num_steps + 1):
-      state, out = st.train_step(state, steps.to_device(next(it), st.mesh))
+      batch = st.fill(next(it))
+      state, out, aux = st.train_step(state, steps.to_device(batch, st.mesh))
       loss = float(out["loss"].addressable_data(0))  # replicated scalar
       if not np.isfinite(loss):
         raise FloatingPointError(
-            f"{name}: non-finite loss {loss} at step {step}; stopped without "
+            f"{st.name}: non-finite loss {loss} at step {step}; stopped without "
             f"saving; last good checkpoint: step {st.ckpts.latest_step()} in "
             f"{st.dir}/ckpt")
+      if after_step is not None:
+        after_step(step, state, batch, aux)
       last = step == st.num_steps
       if step % config.log_every == 0 or last:
         writer.write(step, "train", {"loss": loss})
         progress(step, loss)
-      if (config.eval_every and step % config.eval_every == 0) or last:
+      if validate and ((config.eval_every and step % config.eval_every == 0) or last):
         valid = st.evaluate(state.params, "valid")
         writer.write(step, "valid", valid)
         st.ckpts.save_best(step, state.params, _finite(valid))
@@ -233,20 +264,52 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str | None = No
         st.ckpts.save(step, state, it)
       if preempt.requested:
         st.ckpts.wait()
-        raise SystemExit(f"{name}: preempted at step {step}; checkpoint saved")
+        raise SystemExit(f"{st.name}: preempted at step {step}; checkpoint saved")
   finally:
     preempt.restore()
     st.ckpts.wait()
-  best_step, params = st.ckpts.restore_best(checkpointing.abstract(state.params))
-  results = {"valid": st.evaluate(params, "valid"), "test": st.evaluate(params, "test"),
-             "best_step": best_step, **cost}
+  return state
+
+
+def finish(st: Stage, writer: metrics_lib.Writer, results: dict) -> dict:
+  """Writes the final metrics and results.json (which marks the stage done)."""
   writer.write(st.num_steps, "final_valid", results["valid"])
   writer.write(st.num_steps, "test", results["test"])
   writer.close()
   st.ckpts.close()
   write_json(results_path(st.dir), results)
-  logging.info("%s done: test %s", name, results["test"])
+  logging.info("%s done: test %s", st.name, results["test"])
   return results
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, name: str | None = None,
+          ds: dataset_lib.Dataset | None = None, table=None, *, train_data=None,
+          after_step=None) -> dict:
+  """Trains config.stage into <workdir>/<name>; resumes from its checkpoints.
+
+  Args:
+    config, workdir, name, ds, table: the run (name defaults to the stage).
+    train_data: batches to train on instead of the stage's default order.
+    after_step: `f(step, state, batch, aux)` with aux {'probs', 'insemb'}
+      of the step's forward pass (see `run_loop`).
+
+  Returns:
+    The stage's results dict (also written to results.json).
+  """
+  configs.validate(config)
+  ds = ds or prepare_dataset(config, workdir)
+  aux = ("probs", "insemb") if after_step else ()
+  st = Stage(config, workdir, name or config.stage, ds, table,
+             train_data=train_data, aux=aux)
+  writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
+  it = input_pipeline.iterate(st.train_data, config.worker_count)
+  state, start = resume(st, writer, it)
+  cost = st.cost()
+  state = run_loop(st, state, it, start, writer, after_step=after_step)
+  best_step, params = st.ckpts.restore_best(checkpointing.abstract(state.params))
+  return finish(st, writer, {"valid": st.evaluate(params, "valid"),
+                             "test": st.evaluate(params, "test"),
+                             "best_step": best_step, **cost})
 
 
 def _finite(m: dict[str, float]) -> dict[str, float]:
