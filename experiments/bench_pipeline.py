@@ -1,0 +1,214 @@
+r"""Benchmark: dataset preprocessing and Grain input-pipeline throughput.
+
+1. Times `movielens.build` of ML-100K and `synthetic.build` of N instances x F
+   categorical fields, each into a fresh temporary directory (deleted
+   afterwards), and prints instances/s.
+2. For both datasets, times each input pipeline over the train split with
+   `input_pipeline.iterate` (in-process, worker_count=0) for a time budget,
+   counting only real instances (the `mask` sum):
+     temporal      batch 512, shuffle_window 4096
+     user_ordered  32 users x T=64, chunks shuffled
+     history       temporal + downstream history L=64
+     history+emb   the same + `LookupInsEmb` on an in-memory `SortedKeyTable`
+                   holding random d=64 InsEmbs for every ins_id
+3. The ceiling: numpy reading the columns `read_rows` gathers (features,
+   labels, ins_id, ts) sequentially through the memmaps, in blocks, with a
+   warm page cache, as instances/s; each pipeline's ratio to it.
+A pipeline below --target instances/s is profiled with cProfile on a few
+batches (top functions by own time).
+
+  python experiments/bench_pipeline.py [--synthetic_instances=1000000]
+"""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import pstats
+import shutil
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import input_pipeline
+from iat_jax.data import movielens
+from iat_jax.data import synthetic
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_ML_DIR = flags.DEFINE_string(
+    "movielens_dir", os.path.join(_ROOT, "..", "shared", "data", "ml-100k"),
+    "Directory of the ML-100K files (skipped if absent).")
+_N = flags.DEFINE_integer("synthetic_instances", 1_000_000, "Synthetic instances N.")
+_F = flags.DEFINE_integer("synthetic_fields", 100, "Synthetic categorical fields F.")
+_BUDGET = flags.DEFINE_float("budget_s", 5.0, "Timed seconds per pipeline.")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", 100_000,
+                                    "Cap on timed batches per pipeline.")
+_TARGET = flags.DEFINE_float("target", 100_000.0,
+                             "Pipelines below this instances/s are profiled.")
+_PROFILE = flags.DEFINE_integer("profile_batches", 20,
+                                "Batches profiled per slow pipeline (0: none).")
+_DIR = flags.DEFINE_string("tmp_dir", None,
+                           "Parent of the temporary directory (default: TMPDIR).")
+
+_BATCH, _WINDOW, _USERS, _T, _L, _D = 512, 4096, 32, 64, 64, 64
+
+
+def _load() -> str:
+  with open("/proc/loadavg") as f:
+    return "load " + " ".join(f.read().split()[:3])
+
+
+def _build_movielens(tmp: str) -> dataset_lib.Dataset | None:
+  if not os.path.exists(os.path.join(_ML_DIR.value, "u.data")):
+    print(f"movielens: {_ML_DIR.value} has no u.data, skipped")
+    return None
+  out = os.path.join(tmp, "ml-100k")
+  t0 = time.perf_counter()
+  movielens.build(_ML_DIR.value, out)
+  s = time.perf_counter() - t0
+  ds = dataset_lib.Dataset(out)
+  print(f"build movielens (ML-100K): {ds.num_rows:,} instances in {s:.2f} s, "
+        f"{ds.num_rows / s:,.0f} instances/s  [{_load()}]")
+  return ds
+
+
+def _build_synthetic(tmp: str) -> dataset_lib.Dataset:
+  n, f = _N.value, _F.value
+  out = os.path.join(tmp, "synthetic")
+  t0 = time.perf_counter()
+  synthetic.build(out, num_instances=n, num_categorical=f,
+                  num_users=max(n // 100, 1))
+  s = time.perf_counter() - t0
+  print(f"build synthetic: {n:,} instances x {f} categorical fields, "
+        f"{max(n // 100, 1):,} users in {s:.1f} s, {n / s:,.0f} instances/s  "
+        f"[{_load()}]")
+  return dataset_lib.Dataset(out)
+
+
+def _sequential_read(ds: dataset_lib.Dataset, names, block: int = 65_536) -> float:
+  """Seconds to read every row of `names` sequentially, block by block."""
+  t0 = time.perf_counter()
+  for name in names:
+    col = ds[name]
+    for lo in range(0, len(col), block):
+      np.asarray(col[lo:lo + block]).sum()
+  return time.perf_counter() - t0
+
+
+def _ceiling(ds: dataset_lib.Dataset) -> float:
+  names = ds.feature_columns() + ("labels", "ins_id", "ts")
+  nbytes = sum(ds[n].nbytes for n in names)
+  first = _sequential_read(ds, names)  # pages mostly cached since the build
+  warm = min(_sequential_read(ds, names) for _ in range(3))
+  rate = ds.num_rows / warm
+  print(f"  ceiling: sequential numpy read of {len(names)} columns "
+        f"({nbytes / ds.num_rows:,.0f} B/instance, {nbytes / 2**20:.0f} MiB): "
+        f"first pass {first:.2f} s, warm {warm:.2f} s = {rate:,.0f} instances/s "
+        f"({nbytes / 2**30 / warm:.2f} GiB/s, page cache warm)  [{_load()}]")
+  return rate
+
+
+def _pipelines(ds: dataset_lib.Dataset) -> dict:
+  keys = np.asarray(ds["ins_id"])
+  values = np.random.default_rng(0).standard_normal((len(keys), _D), np.float32)
+  table = input_pipeline.SortedKeyTable(keys, values)
+  epochs = 1000  # never runs out within the budget
+  return {
+      "temporal": lambda: input_pipeline.temporal(
+          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs),
+      "user_ordered": lambda: input_pipeline.user_ordered(
+          ds, "train", _USERS, _T, num_epochs=epochs),
+      "history": lambda: input_pipeline.temporal(
+          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
+          history_len=_L),
+      "history+emb": lambda: input_pipeline.temporal(
+          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
+          history_len=_L, table=table),
+  }
+
+
+def _throughput(make) -> tuple[float, int, float]:
+  """(instances/s, timed batches, setup s) of one pipeline."""
+  t0 = time.perf_counter()
+  it = input_pipeline.iterate(make())
+  next(it)  # untimed: epoch order, first touches
+  setup = time.perf_counter() - t0
+  n = b = 0
+  t0 = time.perf_counter()
+  while b < _MAX_BATCHES.value and time.perf_counter() - t0 < _BUDGET.value:
+    n += int(next(it)["mask"].sum())
+    b += 1
+  return n / (time.perf_counter() - t0), b, setup
+
+
+def _profile(make, batches: int) -> None:
+  """cProfile of `batches` batches, run in this thread (no Grain prefetch)."""
+  data = make()
+  data[0]
+  prof = cProfile.Profile()
+  prof.enable()
+  for i in range(1, batches + 1):
+    data[i]
+  prof.disable()
+  st = pstats.Stats(prof).stats
+  total = sum(v[2] for v in st.values())
+  print(f"    cProfile, {batches} batches, {total:.3f} s own time; top by own time:")
+  top = sorted(st.items(), key=lambda kv: -kv[1][2])[:8]
+  for (path, line, func), (_, calls, own, cum, _) in top:
+    where = f"{os.path.basename(path)}:{line}({func})" if line else func
+    print(f"      {own / total:5.1%} own {own:.3f} s cum {cum:.3f} s "
+          f"{calls:6d} calls  {where}")
+  ours = [(k, v) for k, v in st.items()
+          if os.path.basename(k[0]) in ("input_pipeline.py", "history.py")]
+  print("    cumulative, input_pipeline.py / history.py:")
+  for (path, line, func), (_, calls, own, cum, _) in sorted(
+      ours, key=lambda kv: -kv[1][3])[:8]:
+    print(f"      {cum / total:5.1%} cum {cum:.3f} s  "
+          f"{os.path.basename(path)}:{line}({func})")
+
+
+def _bench(name: str, ds: dataset_lib.Dataset, rows: list) -> None:
+  s = ds.schema
+  print(f"\n{name}: {ds.num_rows:,} rows, {s.num_users:,} users, train "
+        f"{s.split_sizes[0]:,}, {len(s.categorical)} cat, {len(s.dense)} dense, "
+        f"{len(s.multi_hot)} multi-hot, seq_len {s.seq_len}")
+  ceiling = _ceiling(ds)
+  for pipe, make in _pipelines(ds).items():
+    rate, batches, setup = _throughput(make)
+    print(f"  {pipe:13s} {rate:12,.0f} instances/s  ({batches} batches in "
+          f"{_BUDGET.value:.0f} s, setup+first batch {setup:.2f} s, ratio to "
+          f"ceiling {rate / ceiling:.3f})  [{_load()}]")
+    rows.append((name, pipe, rate, ceiling))
+    if rate < _TARGET.value and _PROFILE.value:
+      _profile(make, _PROFILE.value)
+
+
+def main(argv) -> None:
+  del argv
+  tmp = tempfile.mkdtemp(prefix="bench_pipeline-", dir=_DIR.value)
+  rows = []
+  try:
+    ml = _build_movielens(tmp)
+    syn = _build_synthetic(tmp)
+    if ml is not None:
+      _bench("movielens", ml, rows)
+    _bench(f"synthetic-{_F.value}f", syn, rows)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  print(f"\n{'dataset':15s} {'pipeline':13s} {'instances/s':>12s} "
+        f"{'ceiling/s':>12s} {'ratio':>7s}")
+  for name, pipe, rate, ceiling in rows:
+    print(f"{name:15s} {pipe:13s} {rate:12,.0f} {ceiling:12,.0f} "
+          f"{rate / ceiling:7.3f}")
+  print(f"[{_load()}]")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)
