@@ -50,7 +50,8 @@ def main(argv) -> None:
     pipeline.run(config, workdir)
     return
   ds = train_lib.prepare_dataset(config, workdir)
-  table = pipeline.open_table(config, workdir) if config.stage == "downstream" else None
+  table = (pipeline.open_table(config, workdir, ds) if config.stage == "downstream"
+           else None)
   if mode == "train":
     pipeline.train_stage(config, workdir, config.stage, ds, table)
   elif mode == "evaluate":

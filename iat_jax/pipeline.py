@@ -42,10 +42,12 @@ def stage_config(config: ml_collections.ConfigDict, stage: str,
   return cfg
 
 
-def open_table(config: ml_collections.ConfigDict, workdir: str) -> insemb_table.Table:
-  """The downstream stage's store, checked against its config."""
+def open_table(config: ml_collections.ConfigDict, workdir: str,
+               ds) -> insemb_table.Table:
+  """The downstream stage's store, checked against its config and dataset."""
   table = insemb_table.Table(export_lib.store_path(config, workdir, config.store.source))
-  table.check(d=config.model.insemb_dim, source=config.store.source)
+  table.check(d=config.model.insemb_dim, source=config.store.source,
+              dataset=ds.schema.fingerprint)
   return table
 
 
@@ -66,11 +68,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name, stage, source in PLAN:
     cfg = stage_config(config, stage, source)
     done = train_lib.results_path(os.path.join(workdir, name))
-    table = open_table(cfg, workdir) if stage == "downstream" else None
     if os.path.exists(done):
       logging.info("pipeline: %s already complete", name)
       models[name] = train_lib.load_json(done)
     else:
+      table = open_table(cfg, workdir, ds) if stage == "downstream" else None
       models[name] = train_stage(cfg, workdir, name, ds, table)
     if stage.startswith("source"):
       export_lib.export(cfg, workdir, name, ds)

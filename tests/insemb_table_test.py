@@ -221,6 +221,8 @@ class InsEmbTableTest(parameterized.TestCase):
     with self.assertRaisesRegex(insemb_table.StoreError,
                                 r"'source_temporal'.*--config\.store\.source"):
       table.check(d=12, source="source_temporal")
+    with self.assertRaisesRegex(insemb_table.StoreError, r"exported from dataset"):
+      table.check(d=12, source="source_user", dataset="another-build")
 
   def test_errors(self):
     missing = os.path.join(self.dir, "nothing_here")

@@ -133,7 +133,7 @@ def _writer_lock(path: str) -> Iterator[None]:
 
 def write(path: str, keys: np.ndarray, values: np.ndarray, *, source: str,
           source_step: int, source_config: ml_collections.ConfigDict | dict | None,
-          dtype: str = "float32") -> str:
+          dtype: str = "float32", dataset: str = "") -> str:
   """Writes a new version of the table and publishes it atomically.
 
   Args:
@@ -144,6 +144,7 @@ def write(path: str, keys: np.ndarray, values: np.ndarray, *, source: str,
     source_step: checkpoint step of the source model.
     source_config: the source model's config (stored as JSON).
     dtype: "float32", "bfloat16" or "int8".
+    dataset: fingerprint of the dataset whose instances the keys name.
 
   Returns:
     The published version name.
@@ -182,7 +183,7 @@ def write(path: str, keys: np.ndarray, values: np.ndarray, *, source: str,
     if isinstance(source_config, ml_collections.ConfigDict):
       source_config = json.loads(source_config.to_json_best_effort())
     meta = {"d": int(values.shape[1]), "dtype": dtype, "num_rows": int(len(keys)),
-            "source": source, "source_step": int(source_step),
+            "source": source, "source_step": int(source_step), "dataset": dataset,
             "source_config": source_config,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "sha256": _digest(keys, stored, scales)}
@@ -290,9 +291,15 @@ class Table:
   def __len__(self) -> int:
     return len(self.keys)
 
-  def check(self, *, d: int, source: str) -> None:
-    """Raises StoreError unless the table has width d and came from `source`."""
+  def check(self, *, d: int, source: str, dataset: str | None = None) -> None:
+    """Raises StoreError unless the table has width d, came from `source` and
+    (if given) was exported from the dataset with fingerprint `dataset`."""
     m = self.metadata
+    if dataset is not None and m.get("dataset") != dataset:
+      raise StoreError(
+          f"InsEmb store {self.path} was exported from dataset "
+          f"{m.get('dataset')!r}, not the one this run reads ({dataset!r}): its "
+          f"InsIDs would all be missing; re-export it (--mode=export)")
     if m["d"] != d or m["source"] != source:
       raise StoreError(
           f"InsEmb store {self.path} holds d={m['d']} from {m['source']!r}, but "

@@ -62,7 +62,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
     values = two_pass_lib.merged_insembs(config, workdir, name, ds, by_row)
   if jax.process_index() == 0:
     insemb_table.write(path, keys, values, source=config.stage, source_step=step,
-                       source_config=config.model, dtype=config.store.dtype)
+                       source_config=config.model, dtype=config.store.dtype,
+                       dataset=ds.schema.fingerprint)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("export")
   return path

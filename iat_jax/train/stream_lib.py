@@ -50,7 +50,8 @@ def _initial_values(config, workdir: str, ds: dataset_lib.Dataset) -> np.ndarray
   """InsEmbs [N, d] of every row from the batch-trained source's store."""
   path = export_lib.store_path(config, workdir, config.stream.init_from)
   table = insemb_table.Table(path)
-  table.check(d=config.model.insemb_dim, source=config.stream.init_from)
+  table.check(d=config.model.insemb_dim, source=config.stream.init_from,
+              dataset=ds.schema.fingerprint)
   values, _ = table.lookup(np.asarray(ds["ins_id"]))
   return values
 
@@ -134,7 +135,7 @@ def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
   insemb_table.write(export_lib.store_path(config, workdir, "source_stream"),
                      np.asarray(ds["ins_id"]), table.read_all(), source="source_stream",
                      source_step=st.num_steps, source_config=config.model,
-                     dtype=config.store.dtype)
+                     dtype=config.store.dtype, dataset=ds.schema.fingerprint)
   return train_lib.finish(st, writer, {**results, "best_step": st.num_steps, **cost})
 
 

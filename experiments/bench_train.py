@@ -1,0 +1,114 @@
+r"""Train-step, export and store-in-the-loop throughput (prints figures).
+
+For a config (default: the demo config), in one run:
+  1. export throughput: a source model's forward pass over every instance,
+     InsEmbs gathered to the host (instances/s);
+  2. downstream training with the InsEmb store (TensorStore) in the input
+     pipeline vs the same InsEmbs preloaded in memory (`SortedKeyTable`):
+     steps/s, instances/s and their ratio (target >= 0.8: the store must not
+     be the bottleneck);
+  3. the compiled train step alone: XLA FLOPs per step, steps/s and, when
+     --peak_tflops is given (the device's peak), model FLOPs utilisation.
+
+  python experiments/bench_train.py --config=experiments/configs/demo.py \
+      [--config.model.dtype=bfloat16] [--peak_tflops=989]
+Parameters are freshly initialized: throughput does not depend on training.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from iat_jax.data import input_pipeline
+from iat_jax.models import cost
+from iat_jax.store import insemb_table
+from iat_jax.train import steps
+from iat_jax.train import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/demo.py",
+                                          "Experiment config.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per measurement.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU.")
+
+
+def _time_steps(st: train_lib.Stage, data, n: int):
+  """(seconds per step incl. host input, state) over n steps after a warm-up.
+
+  The step donates its input state, so the returned state replaces st.state.
+  """
+  it = input_pipeline.iterate(data)
+  state = st.state
+  state, out, _ = st.train_step(state, steps.to_device(next(it), st.mesh))
+  jax.block_until_ready(out)
+  t = time.perf_counter()
+  for _ in range(n):
+    state, out, _ = st.train_step(state, steps.to_device(next(it), st.mesh))
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / n, state
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  workdir = tempfile.mkdtemp(prefix="iat-bench-")
+  ds = train_lib.prepare_dataset(config, workdir)
+  print(f"dataset {ds.schema.dataset}: {ds.num_rows:,} rows; devices {jax.devices()}")
+
+  source = config.copy_and_resolve_references()
+  source.stage = "source_temporal"
+  st = train_lib.Stage(source, workdir, "source_temporal", ds)
+  t = time.perf_counter()
+  n = 0
+  keys, values = [], []
+  for split in ("train", "valid", "test"):
+    res = train_lib.predict(st.eval_step, st.state.params, train_lib.batches(
+        source, ds, "source_temporal", split, train=False), st.mesh, keys=("insemb",))
+    keys.append(res["ins_id"])
+    values.append(res["insemb"])
+    n += len(res["ins_id"])
+  dt = time.perf_counter() - t
+  print(f"export: {n:,} instances in {dt:.1f} s = {n / dt:,.0f} instances/s")
+  keys, values = np.concatenate(keys), np.concatenate(values)
+  path = f"{workdir}/store"
+  insemb_table.write(path, keys, values, source="source_temporal", source_step=0,
+                     source_config=None, dtype=config.store.dtype)
+
+  down = config.copy_and_resolve_references()
+  down.stage = "downstream"
+  results = {}
+  for name, table in (("store", insemb_table.Table(path)),
+                      ("in-memory", input_pipeline.SortedKeyTable(keys, values))):
+    st = train_lib.Stage(down, workdir, f"downstream-{name}", ds, table)
+    sec, state = _time_steps(st, st.train_data, _STEPS.value)
+    results[name] = sec
+    print(f"downstream, InsEmbs from {name:9s}: {1 / sec:6.2f} steps/s "
+          f"{config.batch_size / sec:9,.0f} instances/s")
+  print(f"store / in-memory throughput ratio: "
+        f"{results['in-memory'] / results['store']:.2f} (target >= 0.8)")
+
+  flops = cost.compiled_flops(st.train_step)
+  batch = steps.to_device(st.train_data[0], st.mesh)
+  state, out, _ = st.train_step(state, batch)
+  jax.block_until_ready(out)
+  t = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, out, _ = st.train_step(state, batch)
+  jax.block_until_ready(out)
+  sec = (time.perf_counter() - t) / _STEPS.value
+  line = (f"train step alone ({config.model.dtype}): {flops:.3g} FLOPs, {1 / sec:.2f} "
+          f"steps/s, {config.batch_size / sec:,.0f} instances/s, "
+          f"{flops / sec / 1e12:.3f} TFLOP/s")
+  if _PEAK.value:
+    line += f", MFU {flops / sec / (_PEAK.value * 1e12):.2%}"
+  print(line)
+
+
+if __name__ == "__main__":
+  app.run(main)
