@@ -11,7 +11,6 @@ The same code path as a multi-host run: every process gets
 from __future__ import annotations
 
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -19,18 +18,11 @@ import sys
 from absl import app
 from absl import flags
 
+from iat_jax import launch_lib
+
 _N = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _PORT = flags.DEFINE_integer("port", 0, "Coordinator port (0 = pick a free one).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
-
-
-def commands(num_processes: int, port: int, main_args: list[str]) -> list[list[str]]:
-  """One `python -m iat_jax.main` command line per process."""
-  return [[sys.executable, "-m", "iat_jax.main", *main_args,
-           "--config.distributed=True",
-           f"--config.coordinator_address=localhost:{port}",
-           f"--config.num_processes={num_processes}", f"--config.process_id={i}"]
-          for i in range(num_processes)]
 
 
 def _free_port() -> int:
@@ -40,9 +32,9 @@ def _free_port() -> int:
 
 
 def main(argv: list[str]) -> None:
-  cmds = commands(_N.value, _PORT.value or _free_port(), argv[1:])
+  cmds = launch_lib.local_commands(_N.value, _PORT.value or _free_port(), argv[1:])
   if _DRY_RUN.value:
-    print("\n".join(shlex.join(c) for c in cmds))
+    print("\n".join(launch_lib.shell_join(c) for c in cmds))
     return
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   procs = [subprocess.Popen(c, env=env) for c in cmds]

@@ -28,18 +28,6 @@ class TwoProcessTest(absltest.TestCase):
     # Only process 0 writes metrics: one line per step, no duplicates.
     self.assertLen(two, len(set(r["step"] for r in two)))
 
-  def test_dry_run_prints_one_command_per_process(self):
-    launcher = os.path.join(cli.REPO, "launch", "local.py")
-    out = cli.run([sys.executable, launcher, "--num_processes=3", "--port=1234",
-                   "--dry_run", "--", "--config=c.py", "--workdir=w"]).stdout
-    lines = out.strip().splitlines()
-    self.assertLen(lines, 3)
-    for i, line in enumerate(lines):
-      self.assertIn("-m iat_jax.main --config=c.py --workdir=w", line)
-      self.assertIn("--config.coordinator_address=localhost:1234", line)
-      self.assertIn(f"--config.process_id={i}", line)
-      self.assertIn("--config.num_processes=3", line)
-
 
 if __name__ == "__main__":
   absltest.main()

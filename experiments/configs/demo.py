@@ -25,3 +25,21 @@ def get_config(arg=None):
     c.data.synthetic.num_instances = 8000
     c.batch_size = 64
   return c
+
+
+# Named sweeps for `python -m iat_jax.sweep --sweep=<name>`: config key -> values.
+SWEEPS = {
+    "sit_depth": ("model.sit_layers", (0, 1, 2, 4, 8)),
+    "history_len": ("model.hist_len", (1, 16, 64, 256, 1024)),
+    "insemb_dim": ("model.insemb_dim", (16, 32, 64, 128)),
+    "iat_layers": ("model.iat_layers", (1, 2, 4)),
+    "chunk_len": ("model.user_chunk_len", (8, 16, 32, 64)),
+}
+
+
+def get_sweep(name):
+  """The points of sweep `name`: a list of override dicts."""
+  if name not in SWEEPS:
+    raise ValueError(f"unknown sweep {name!r}; known: {sorted(SWEEPS)}")
+  key, values = SWEEPS[name]
+  return [{key: v} for v in values]

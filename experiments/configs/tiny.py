@@ -42,3 +42,21 @@ def get_config(arg=None):
   m.iat_width = 8
   m.iat_heads = 1
   return c
+
+
+# Two-point versions of demo.py's sweeps, for tests.
+SWEEPS = {
+    "sit_depth": ("model.sit_layers", (0, 1)),
+    "history_len": ("model.hist_len", (1, 4)),
+    "insemb_dim": ("model.insemb_dim", (4, 8)),
+    "iat_layers": ("model.iat_layers", (1, 2)),
+    "chunk_len": ("model.user_chunk_len", (4, 8)),
+}
+
+
+def get_sweep(name):
+  """The points of sweep `name`: a list of override dicts."""
+  if name not in SWEEPS:
+    raise ValueError(f"unknown sweep {name!r}; known: {sorted(SWEEPS)}")
+  key, values = SWEEPS[name]
+  return [{key: v} for v in values]
