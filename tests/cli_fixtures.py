@@ -1,7 +1,9 @@
 """Runs `python -m iat_jax.main` in subprocesses on the tiny config.
 
 All runs of a test session share one dataset cache and JAX's persistent
-compilation cache, so repeated runs of a stage compile once.
+compilation cache, so repeated runs of a stage compile once, and compile with
+XLA's optimizations mostly off (about half the compile time of these tiny
+models); runs that a test compares share this environment.
 """
 
 import os
@@ -17,7 +19,8 @@ TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
 DATA = tempfile.mkdtemp(prefix="iat-tiny-data-")
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
        "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="iat-jax-cache-"),
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
 def main_args(workdir, mode, *overrides, config=TINY):

@@ -24,7 +24,7 @@ FAST = ("--config.checkpoint_every=1000", "--config.eval_every=0",
         "--config.log_every=100")
 MODELS = {"base", "source_temporal", "source_user", "temporal_iat", "user_iat"}
 # Halves the compile-bound run time; these tests check plumbing, not numbers.
-ENV = {**cli.ENV, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+ENV = cli.ENV
 
 
 def run_sweep(workdir, *args, extra=FAST):

@@ -11,13 +11,13 @@ def get_config(arg=None):
   a = configs.parse_arg(arg, runlocal=False)
   c = configs.base_config()
   c.data.source = "synthetic"
-  # 2,000 users, 120k instances, 32 categorical + 8 dense fields, 2 tasks.
+  # 2,000 users, 100k instances, 32 categorical + 8 dense fields, 2 tasks.
   c.data.synthetic.num_users = 2000
-  c.data.synthetic.num_instances = 120_000
+  c.data.synthetic.num_instances = 100_000
   c.batch_size = 256
   c.users_per_batch = 16
   c.model.user_chunk_len = 32
-  c.model.hist_len = 32
+  c.model.hist_len = 16
   c.eval_every = 0
   c.checkpoint_every = 100
   if a.runlocal:

@@ -308,9 +308,21 @@ def _assemble(source: EpochBatches, read: grain.transforms.Map,
   return data
 
 
-def iterate(data: grain.MapDataset, worker_count: int = 0) -> grain.DatasetIterator:
-  """A checkpointable iterator over `data`, read by `worker_count` processes."""
-  it = data.to_iter_dataset()
+def iterate(data: grain.MapDataset, worker_count: int = 0, read_threads: int = 2,
+            prefetch: int = 4) -> grain.DatasetIterator:
+  """A checkpointable iterator over `data`.
+
+  Elements are whole batches, so a few prefetched ones suffice (Grain's
+  default of 500 elements on 16 threads cost gigabytes and CPU time).
+
+  Args:
+    data: a pipeline from this module.
+    worker_count: Grain worker processes (0 = threads of this process).
+    read_threads: threads preparing batches in this process.
+    prefetch: batches prepared ahead.
+  """
+  it = data.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=prefetch))
   if worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
