@@ -126,18 +126,24 @@ def get_points(config_arg: str, name: str) -> list[dict]:
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{config_arg} defines no get_sweep(name)")
   points = [dict(p) for p in module.get_sweep(name)]
+  check_points(config_arg, points, f"sweep {name!r}")
+  names = [point_name(p) for p in points]
+  if len(set(names)) != len(names):
+    raise ValueError(f"sweep {name!r} has repeated points: {names}")
+  return points
+
+
+def check_points(config_arg: str, points, what: str) -> None:
+  """Raises ValueError (naming `what`) unless every key is a config field."""
+  module = load_config_module(config_arg)
   arg = config_arg.partition(":")[2]
   config = module.get_config(arg) if arg else module.get_config()
   for key in {k for p in points for k in p}:
     node = config
     for part in key.split("."):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ValueError(f"sweep {name!r}: {key!r} is not a config field")
+        raise ValueError(f"{what}: {key!r} is not a config field of {config_arg}")
       node = node[part]
-  names = [point_name(p) for p in points]
-  if len(set(names)) != len(names):
-    raise ValueError(f"sweep {name!r} has repeated points: {names}")
-  return points
 
 
 def point_name(point: dict) -> str:

@@ -96,6 +96,10 @@ class PipelineTest(absltest.TestCase):
         self.assertEqual(set(r[split]), {"auc/click", "auc/conversion",
                                          "logloss/click", "logloss/conversion"})
       self.assertGreater(r["flops_per_batch"], 0)
+    for stage in ("temporal_iat", "user_iat"):  # every history InsID was exported
+      train = [r for r in cli.metric_lines(workdir, stage) if r["split"] == "train"]
+      self.assertNotEmpty(train)
+      self.assertTrue(all(r["hist_missing"] == 0 for r in train))
     for store in ("source_temporal", "source_user"):
       self.assertTrue(os.path.exists(os.path.join(workdir, "stores", store,
                                                   "MANIFEST.json")))

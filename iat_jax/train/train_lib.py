@@ -254,7 +254,10 @@ def run_loop(st: Stage, state, it, start: int, writer: metrics_lib.Writer, *,
         after_step(step, state, batch, aux)
       last = step == st.num_steps
       if step % config.log_every == 0 or last:
-        writer.write(step, "train", {"loss": loss})
+        logged = {"loss": loss}
+        if "hist_missing" in batch:  # history InsIDs the store lacked, this step
+          logged["hist_missing"] = float(batch["hist_missing"])
+        writer.write(step, "train", logged)
         progress(step, loss)
       if validate and ((config.eval_every and step % config.eval_every == 0) or last):
         valid = st.evaluate(state.params, "valid")
