@@ -32,7 +32,7 @@ Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
     labels, mask, and with history: hist_mask, hist_labels, hist_gap
     (+ hist_insemb after `LookupInsEmb`);
   host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts,
-    past_row.
+    past_row, hist_missing.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from iat_jax.data import schema as schema_lib
 from iat_jax.store import user_history
 
 HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts",
-             "past_row")
+             "past_row", "hist_missing")
 
 
 class EpochBatches:

@@ -44,8 +44,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
 
 def model_inputs(batch: Batch) -> Batch:
   """Drops the host-only keys (uint64 ids, row numbers, counters)."""
-  return {k: v for k, v in batch.items()
-          if k not in input_pipeline.HOST_KEYS and k != "hist_missing"}
+  return {k: v for k, v in batch.items() if k not in input_pipeline.HOST_KEYS}
 
 
 def to_device(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:

@@ -62,8 +62,13 @@ def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> dataset_
 
 
 def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
-            stage: str, split: str, *, train: bool, table=None):
-  """The Grain MapDataset a stage reads for a split (train or eval order)."""
+            stage: str, split: str, *, train: bool, table=None,
+            order: str | None = None):
+  """The Grain MapDataset a stage reads for a split (train or eval order).
+
+  `order` overrides the user-chunk order of user-order stages (default:
+  shuffled for training, users ascending for evaluation).
+  """
   common = dict(seed=config.seed, process_index=jax.process_index(),
                 process_count=jax.process_count())
   if train:
@@ -73,7 +78,8 @@ def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
     users = config.users_per_batch if train else max(
         config.eval_batch_size // t, 1) * jax.process_count()
     return input_pipeline.user_ordered(ds, split, users, t,
-                                       order="shuffle" if train else "users", **common)
+                                       order=order or ("shuffle" if train else "users"),
+                                       **common)
   history = dict(history_len=config.model.hist_len,
                  num_gap_buckets=config.model.num_gap_buckets,
                  table=table) if stage == "downstream" else {}
@@ -130,12 +136,6 @@ def predict(eval_step, params, data, mesh, keys=("probs",)) -> dict[str, np.ndar
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def evaluate(config, ds, stage, eval_step, params, mesh, split, table=None) -> dict:
-  data = batches(config, ds, stage, split, train=False, table=table)
-  res = predict(eval_step, params, data, mesh)
-  return metrics_lib.task_metrics(ds.schema.tasks, res["labels"], res["probs"])
-
-
 class Stage:
   """One stage's model, mesh, sharded state and compiled steps.
 
@@ -182,8 +182,11 @@ class Stage:
             "flops_per_batch": cost.compiled_flops(self.train_step)}
 
   def evaluate(self, params, split: str) -> dict[str, float]:
-    return evaluate(self.config, self.ds, self.config.stage, self.eval_step, params,
-                    self.mesh, split, self.table)
+    """Task metrics of `params` over every instance of `split`."""
+    data = batches(self.config, self.ds, self.config.stage, split, train=False,
+                   table=self.table)
+    res = predict(self.eval_step, params, data, self.mesh)
+    return metrics_lib.task_metrics(self.ds.schema.tasks, res["labels"], res["probs"])
 
 
 def results_path(stage_dir: str) -> str:

@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 
 from iat_jax.data import dataset as dataset_lib
-from iat_jax.data import input_pipeline
 from iat_jax.store import stream_table
 from iat_jax.train import train_lib
 
@@ -49,9 +48,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
   keep = keeper(ds)
   for k, (pass_name, order) in enumerate(PASSES):
     table = pass_table(workdir, name, pass_name, ds, config.model.insemb_dim)
-    data = input_pipeline.user_ordered(
-        ds, "train", config.users_per_batch, config.model.user_chunk_len,
-        seed=config.seed, order=order, num_epochs=config.num_epochs)
+    data = train_lib.batches(config, ds, "source_user", "train", train=True,
+                             order=order)
 
     def write_back(step, state, batch, aux, table=table, k=k):
       del step, state
