@@ -17,6 +17,9 @@ STAGES = ("base", "source_temporal", "source_user", "source_stream", "downstream
 SOURCES = ("synthetic", "movielens")
 SOURCE_KINDS = ("source_temporal", "source_user", "source_stream")
 STORE_DTYPES = ("float32", "bfloat16", "int8")
+# The models of a pipeline run, in its order (iat_jax.pipeline.PLAN).
+PIPELINE_MODELS = ("base", "source_temporal", "temporal_iat", "source_user",
+                   "user_iat")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -29,6 +32,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     kind = type(defaults[key])
     out[key] = (value in ("", "1", "true", "True")) if kind is bool else kind(value)
   return out
+
+
+def sweep_points(sweeps: dict, name: str) -> list[dict]:
+  """get_sweep(name) of a config file whose SWEEPS maps name -> (key, values)."""
+  if name not in sweeps:
+    raise ValueError(f"unknown sweep {name!r}; known: {sorted(sweeps)}")
+  key, values = sweeps[name]
+  return [{key: v} for v in values]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -106,6 +117,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.store.source = "source_user"
   # Downstream: path of the InsEmb store ("" = <workdir>/stores/<source>).
   c.store.path = ""
+
+  c.pipeline = ml_collections.ConfigDict()
+  # Models `--mode=pipeline` produces (a subset of PIPELINE_MODELS); each IAT
+  # model brings in its source model and that model's export.
+  c.pipeline.models = PIPELINE_MODELS
+  # Another pipeline workdir (same data) whose finished source models and
+  # exported stores this run reads instead of training its own: ablations and
+  # sweeps of downstream-only knobs share one source model per seed.
+  c.pipeline.sources_from = ""
   return c
 
 
@@ -139,6 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(set(config.stream.splits) <= {"valid", "test"} and config.stream.splits,
        "stream.splits", f"{config.stream.splits} must be a non-empty subset of "
        "('valid', 'test'): streaming continues after batch training")
+  unknown = set(config.pipeline.models) - set(PIPELINE_MODELS)
+  need(bool(config.pipeline.models) and not unknown, "pipeline.models",
+       f"{sorted(unknown) or 'none'}: must be a non-empty subset of {PIPELINE_MODELS}")
   need(len(config.mesh_shape) == 2, "mesh_shape", "must be (data, model)")
   model_axis = config.mesh_shape[1]
   need(model_axis == -1 or config.model.vocab_pad_multiple % model_axis == 0,

@@ -4,9 +4,12 @@
   source_temporal -> export -> temporal_iat (downstream on temporal InsEmbs)
   source_user     -> export -> user_iat     (downstream on user-order InsEmbs)
 
-Each step is skipped when complete in the workdir (its results.json, or a
-store exported from the same checkpoint) and resumed from its checkpoints
-when interrupted. Ends with <workdir>/results.json and a printed table.
+config.pipeline.models picks the models (an IAT model brings in its source);
+config.pipeline.sources_from reads the source models and their stores from
+another workdir instead. Each step is skipped when complete in the workdir
+(its results.json, or a store exported from the same checkpoint) and resumed
+from its checkpoints when interrupted. Ends with <workdir>/results.json and a
+printed table.
 """
 
 from __future__ import annotations
@@ -61,22 +64,47 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, name: str, ds,
   return train_lib.train(config, workdir, name, ds, table)
 
 
+def steps(config: ml_collections.ConfigDict) -> list[tuple[str, str, str | None]]:
+  """The PLAN steps of config.pipeline.models and of their source models."""
+  wanted = set(config.pipeline.models)
+  wanted |= {source for name, _, source in PLAN if name in wanted and source}
+  return [step for step in PLAN if step[0] in wanted]
+
+
+def reused_source(sources_from: str, name: str) -> dict:
+  """The results of source model `name` finished in workdir `sources_from`."""
+  path = train_lib.results_path(os.path.join(sources_from, name))
+  if not os.path.exists(path):
+    raise ValueError(f"--config.pipeline.sources_from: {path} does not exist; "
+                     f"finish that pipeline's {name} first")
+  return train_lib.load_json(path)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs every step of PLAN; returns (and writes) the results dict."""
+  """Runs the steps of config.pipeline.models; returns (and writes) the results
+  dict. With pipeline.sources_from, source models and their stores are read
+  from that workdir instead of being trained and exported here."""
   ds = train_lib.prepare_dataset(config, workdir)
+  sources_from = config.pipeline.sources_from
   models = {}
-  for name, stage, source in PLAN:
+  for name, stage, source in steps(config):
     cfg = stage_config(config, stage, source)
+    if sources_from and stage.startswith("source"):
+      models[name] = reused_source(sources_from, name)
+      continue
     done = train_lib.results_path(os.path.join(workdir, name))
     if os.path.exists(done):
       logging.info("pipeline: %s already complete", name)
       models[name] = train_lib.load_json(done)
     else:
-      table = open_table(cfg, workdir, ds) if stage == "downstream" else None
+      table = (open_table(cfg, sources_from or workdir, ds)
+               if stage == "downstream" else None)
       models[name] = train_stage(cfg, workdir, name, ds, table)
     if stage.startswith("source"):
       export_lib.export(cfg, workdir, name, ds)
   results = {"dataset": ds.schema.dataset, "models": models}
+  if sources_from:
+    results["sources_from"] = sources_from
   if jax.process_index() == 0:
     train_lib.write_json(os.path.join(workdir, "results.json"), results)
     print(format_table(results, ds.schema.tasks))

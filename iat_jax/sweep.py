@@ -7,7 +7,9 @@ The config file defines `get_sweep(name)`: a list of override dicts such as
 [{"model.sit_layers": 0}, {"model.sit_layers": 1}]. Each point x seed runs
 `python -m iat_jax.main --mode=pipeline` into DIR/<point>/seed<k>/ with the
 overrides as `--config.<key>=<value>` flags plus `--config.seed=<k>` (arguments
-after `--` go to every run), one run at a time; seed k's runs share the
+after `--` go to every run, e.g. `--config.pipeline.models="('base','user_iat')"`;
+--sources_from=POINT_DIR reuses another run's source models, seed by seed),
+one run at a time; seed k's runs share the
 dataset cache DIR/data/seed<k> and all share JAX's compilation cache
 (DIR/jax_cache unless JAX_COMPILATION_CACHE_DIR is set). A run whose
 results.json exists is skipped; an interrupted one is re-run and its pipeline
@@ -153,10 +155,14 @@ def point_name(point: dict) -> str:
   return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
 
 
+def _element(value) -> str:
+  return repr(value) if isinstance(value, str) else str(value)
+
+
 def flag_value(value) -> str:
   """A value as ml_collections' config flags parse it back."""
   if isinstance(value, (tuple, list)):
-    return "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
+    return "(" + ",".join(map(_element, value)) + ("," if len(value) == 1 else "") + ")"
   return str(value)
 
 
@@ -169,12 +175,19 @@ def run_dir(workdir: str, point: dict, seed: int) -> str:
 
 
 def command(config_arg: str, workdir: str, point: dict, seed: int, data_cache: str,
-            extra_args: Sequence[str] = (), mode: str = "pipeline") -> list[str]:
-  """The `python -m iat_jax.main --mode=pipeline` command of one run."""
+            extra_args: Sequence[str] = (), mode: str = "pipeline",
+            sources_from: str = "") -> list[str]:
+  """The `python -m iat_jax.main --mode=pipeline` command of one run.
+
+  sources_from: a point directory of another sweep or table; the run then
+  reads its source models from <sources_from>/seed<seed>.
+  """
   data = os.path.join(data_cache, f"seed{seed}")
+  reuse = ([f"--config.pipeline.sources_from={os.path.join(sources_from, f'seed{seed}')}"]
+           if sources_from else [])
   return launch_lib.main_command([
       f"--config={config_arg}", f"--workdir={run_dir(workdir, point, seed)}",
-      f"--mode={mode}", f"--config.data.cache_dir={data}", *extra_args,
+      f"--mode={mode}", f"--config.data.cache_dir={data}", *reuse, *extra_args,
       *(f"--config.{k}={flag_value(v)}" for k, v in point.items()),
       f"--config.seed={seed}"])
 
@@ -415,6 +428,10 @@ def define_flags() -> None:
                     "Mode of every run (a sweep collects pipeline results).")
   flags.DEFINE_string("data_cache", "", "Dataset cache root ('' = DIR/data); seed "
                       "k uses <root>/seed<k>: synthetic data depend on the seed.")
+  flags.DEFINE_string("sources_from", "", "A point directory of another sweep or "
+                      "table run on the same data: seed k's runs read their source "
+                      "models and stores from <dir>/seed<k> instead of training "
+                      "them (for sweeps of downstream-only knobs).")
   flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
@@ -424,7 +441,8 @@ def main(argv: Sequence[str]) -> None:
   points = get_points(f.config, f.sweep)
   data_cache = f.data_cache or os.path.join(workdir, "data")
   jobs = [(run_dir(workdir, p, s),
-           command(f.config, workdir, p, s, data_cache, argv[1:], f.mode))
+           command(f.config, workdir, p, s, data_cache, argv[1:], f.mode,
+                   f.sources_from))
           for p in points for s in range(seeds)]
   if f.emit == "commands":
     print("\n".join(launch_lib.shell_join(c) for _, c in jobs))

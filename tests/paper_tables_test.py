@@ -93,6 +93,17 @@ class PlanTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "--ablations"):
       tables.plan("table4", ablations=["nope"])
 
+  def test_point_runs(self):
+    points, _ = tables.plan("table4", ablations=["insemb_after_sit", "iat_query"])
+    runs = tables.point_runs("table4", points, "W")
+    full_dir = os.path.join("W", sweep.point_name(tables.FULL))
+    self.assertEqual(runs, [((), ""), (tables.ABLATION_FLAGS, ""),
+                            (tables.ABLATION_FLAGS, full_dir)])
+    cmd = sweep.command("c.py", "W", points[2], 1, "D", runs[2][0],
+                        sources_from=runs[2][1])
+    self.assertIn(f"--config.pipeline.sources_from={full_dir}/seed1", cmd)
+    self.assertEqual(tables.point_runs("table1", points[:2], "W"), [((), "")] * 2)
+
   def test_keys_exist_in_every_config(self):
     every = tables.plan("table1")[0] + tables.plan("table4")[0]
     for config in (cli.TINY, PAPER, PAPER + ":small", PAPER + ":full"):
@@ -226,6 +237,13 @@ class TablesRunTest(absltest.TestCase):
     second = run_tables(workdir, "--table=table4", "--ablations=iat_query",
                         "--seeds=2")
     self.assertIn("4 runs, 2 complete, 2 to run", second.stderr)
+    # The ablation trained only user_iat, on the full run's source_user.
+    ablation = sweep.run_dir(workdir, {**tables.FULL, "model.iat_query": "id"}, 1)
+    with open(os.path.join(ablation, "results.json")) as f:
+      res = json.load(f)
+    self.assertEqual(set(res["models"]), {"source_user", "user_iat"})
+    self.assertEqual(res["sources_from"], sweep.run_dir(workdir, tables.FULL, 1))
+    self.assertFalse(os.path.exists(os.path.join(ablation, "stores")))
     _, head, body = table_lines(workdir)
     self.assertEqual([r[0] for r in body], ["base (no IAT)", "full user-order IAT",
                                             "ID-based query"])

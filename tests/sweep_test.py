@@ -18,6 +18,7 @@ import cli_fixtures as cli
 from iat_jax import sweep
 
 DEMO = os.path.join(cli.REPO, "experiments", "configs", "demo.py")
+PAPER = os.path.join(cli.REPO, "experiments", "configs", "paper.py")
 SWEEPS = ("sit_depth", "history_len", "insemb_dim", "iat_layers", "chunk_len")
 # Fewer checkpoints and evaluations: the tiny pipeline is compile-bound.
 FAST = ("--config.checkpoint_every=1000", "--config.eval_every=0",
@@ -82,6 +83,7 @@ class PointsTest(absltest.TestCase):
     self.assertEqual(sweep.point_name({}), "default")
     self.assertEqual(sweep.flag_value((8,)), "(8,)")
     self.assertEqual(sweep.flag_value((16, 8)), "(16,8)")
+    self.assertEqual(sweep.flag_value(("user_iat",)), "('user_iat',)")
     self.assertEqual(sweep.flag_value(True), "True")
 
   def test_named_sweeps(self):
@@ -91,6 +93,8 @@ class PointsTest(absltest.TestCase):
       self.assertLen(tiny, 2, name)
       self.assertGreaterEqual(len(demo), 3, name)
       self.assertLen({k for p in tiny + demo for k in p}, 1, name)
+    self.assertEqual(sweep.get_points(PAPER, "history_len"),
+                     [{"model.hist_len": v} for v in (4, 8, 16, 32, 64)])
     self.assertEqual(sweep.get_points(DEMO, "sit_depth"),
                      [{"model.sit_layers": v} for v in (0, 1, 2, 4, 8)])
     self.assertEqual(sweep.get_points(DEMO, "history_len"),

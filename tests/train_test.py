@@ -75,7 +75,9 @@ class TrainCliTest(absltest.TestCase):
     for flag, needle in (("--config.stage=nope", "--config.stage"),
                          ("--config.model.seq_encoder=rnn", "--config.model.seq_encoder"),
                          ("--config.batch_size=0", "--config.batch_size"),
-                         ("--config.data.source=movielens", "--config.data.dir")):
+                         ("--config.data.source=movielens", "--config.data.dir"),
+                         ("--config.pipeline.models=(nope,)",
+                          "--config.pipeline.models")):
       proc = cli.run_main(tempfile.mkdtemp(), "train", flag, check=False)
       self.assertNotEqual(proc.returncode, 0, flag)
       self.assertIn(needle, proc.stderr, flag)
@@ -106,6 +108,27 @@ class PipelineTest(absltest.TestCase):
     # A second run finds every step complete and trains nothing.
     out = cli.run_main(workdir, "pipeline")
     self.assertEqual(out.stderr.count("already complete"), 5, out.stderr[-3000:])
+
+    # user_iat alone, reading source_user and its store from that workdir:
+    # nothing else is trained or exported, and it matches the full pipeline's.
+    reuse = tempfile.mkdtemp()
+    cli.run_main(reuse, "pipeline", "--config.pipeline.models=('user_iat',)",
+                 f"--config.pipeline.sources_from={workdir}")
+    with open(os.path.join(reuse, "results.json")) as f:
+      again = json.load(f)
+    self.assertEqual(again["sources_from"], workdir)
+    self.assertEqual(set(again["models"]), {"source_user", "user_iat"})
+    self.assertEqual(again["models"]["source_user"], res["models"]["source_user"])
+    for name, value in res["models"]["user_iat"]["test"].items():
+      self.assertAlmostEqual(again["models"]["user_iat"]["test"][name], value,
+                             places=5, msg=name)
+    self.assertEqual(set(os.listdir(reuse)) & {"stores", "source_user", "base"},
+                     set())
+    proc = cli.run_main(tempfile.mkdtemp(), "pipeline",
+                        "--config.pipeline.models=('temporal_iat',)",
+                        f"--config.pipeline.sources_from={reuse}", check=False)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("--config.pipeline.sources_from", proc.stderr)
 
   def test_downstream_refuses_a_mismatched_store(self):
     workdir = tempfile.mkdtemp()

@@ -39,7 +39,4 @@ SWEEPS = {
 
 def get_sweep(name):
   """The points of sweep `name`: a list of override dicts."""
-  if name not in SWEEPS:
-    raise ValueError(f"unknown sweep {name!r}; known: {sorted(SWEEPS)}")
-  key, values = SWEEPS[name]
-  return [{key: v} for v in values]
+  return configs.sweep_points(SWEEPS, name)

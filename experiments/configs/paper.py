@@ -77,3 +77,19 @@ def get_config(arg=None):
   m.iat_heads = 4
   m.iat_layers = 2
   return c
+
+
+# Named sweeps (`python -m iat_jax.sweep --sweep=<name>`), sized for 'small':
+# its users have ~48 train instances each, so L beyond 64 would add only padding.
+SWEEPS = {
+    "sit_depth": ("model.sit_layers", (0, 1, 2, 4)),
+    "history_len": ("model.hist_len", (4, 8, 16, 32, 64)),
+    "insemb_dim": ("model.insemb_dim", (16, 32, 64, 128)),
+    "iat_layers": ("model.iat_layers", (1, 2, 4)),
+    "chunk_len": ("model.user_chunk_len", (8, 16, 32, 64)),
+}
+
+
+def get_sweep(name):
+  """The points of sweep `name`: a list of override dicts."""
+  return configs.sweep_points(SWEEPS, name)

@@ -20,6 +20,8 @@ table1: model.seq_encoder in --encoders; each pipeline gives base, both
   source models, temporal_iat and user_iat; changes are vs that encoder's base.
 table4: the transformer encoder's full user-order IAT and one run per
   --ablations switch; changes of user_iat are vs the full model's user_iat.
+  An ablation run trains only user_iat, reading the full run's source model
+  of the same seed unless the switch changes the source (insemb_after_sit).
   Its full point is table1's transformer point, so one DIR serves both tables
   (each run rewrites report.md for its table).
 Checkpoints are picked on valid inside each pipeline; test is only reported.
@@ -44,15 +46,21 @@ ENCODERS = ("din", "longer", "transformer")
 MODELS = ("base", "source_temporal", "temporal_iat", "source_user", "user_iat")
 CHART_MODELS = ("temporal_iat", "user_iat")
 FULL = {"model.seq_encoder": "transformer"}
-# name -> (the paper's label, overrides of the full model)
+# name -> (the paper's label, overrides of the full model, whether the switch
+# changes the source model; the others reuse the full point's source models).
 ABLATIONS = {
-    "insemb_after_sit": ("InsEmb stored after SIT", {"model.insemb_after_sit": True}),
-    "label_side": ("without label side info", {"model.use_label_side": False}),
-    "iat_query": ("ID-based query", {"model.iat_query": "id"}),
+    "insemb_after_sit": ("InsEmb stored after SIT", {"model.insemb_after_sit": True},
+                         True),
+    "label_side": ("without label side info", {"model.use_label_side": False},
+                   False),
+    "iat_query": ("ID-based query", {"model.iat_query": "id"}, False),
     "after_interaction": ("IAT token after the feature interaction",
-                          {"model.iat_after_interaction": True}),
-    "other_side": ("without other side info", {"model.use_other_side": False}),
+                          {"model.iat_after_interaction": True}, False),
+    "other_side": ("without other side info", {"model.use_other_side": False},
+                   False),
 }
+# An ablation point trains only its table row (and its source model if needed).
+ABLATION_FLAGS = ("--config.pipeline.models=('user_iat',)",)
 
 
 def plan(table: str, encoders: Sequence[str] = ENCODERS,
@@ -88,6 +96,21 @@ def plan(table: str, encoders: Sequence[str] = ENCODERS,
              for a, p in zip(ablations, points[1:])]
     return points, rows
   raise ValueError(f"unknown table {table!r}")
+
+
+def point_runs(table: str, points: Sequence[dict], workdir: str) -> list[tuple]:
+  """(extra flags, sources_from) of each point's runs, for sweep.command.
+
+  table4's ablation points train only user_iat; those of downstream-only
+  switches read the full point's source model and store of the same seed.
+  """
+  if table != "table4":
+    return [((), "")] * len(points)
+  full_dir = os.path.dirname(sweep.run_dir(workdir, FULL, 0))
+  source_side = {sweep.point_name({**FULL, **o}): s for _, o, s in ABLATIONS.values()}
+  return [((), "") if p == FULL else
+          (ABLATION_FLAGS, "" if source_side[sweep.point_name(p)] else full_dir)
+          for p in points]
 
 
 # --------------------------------------------------------------- statistics
@@ -266,8 +289,11 @@ def main(argv: Sequence[str]) -> None:
   sweep.check_points(f.config, points, f"--table={f.table}")
   data_cache = f.data_cache or os.path.join(f.workdir, "data")
   jobs = [(sweep.run_dir(f.workdir, p, s),
-           sweep.command(f.config, f.workdir, p, s, data_cache, argv[1:]))
-          for p in points for s in range(f.seeds)]
+           sweep.command(f.config, f.workdir, p, s, data_cache,
+                         [*extra, *argv[1:]], sources_from=sources_from))
+          for p, (extra, sources_from) in zip(points, point_runs(
+              f.table, points, f.workdir))
+          for s in range(f.seeds)]
   if f.emit == "commands":
     print("\n".join(launch_lib.shell_join(c) for _, c in jobs))
     return
