@@ -19,9 +19,10 @@ resumes itself. Then:
   DIR/plots/test_<metric>_<task>.png   metric vs swept value, mean and 95%
                       t-interval over seeds, one line per model
   DIR/plots/scaling_<flops|params>.png, DIR/scaling.json   for numeric sweeps:
-                      least-squares fits of user_iat's AUC gain over base and
-                      of its logloss vs log10 of the user-order IAT system's
-                      cost (source_user + user_iat FLOPs per batch, or params)
+                      least-squares fits of user_iat's AUC and logloss changes
+                      against the same run's base vs log10 of the user-order
+                      IAT system's cost (source_user + user_iat FLOPs per
+                      batch, or params)
 """
 
 from __future__ import annotations
@@ -326,9 +327,10 @@ def plot_metrics(rows: Sequence[dict], points: Sequence[dict], seeds: int,
 
 def scaling_fits(rows: Sequence[dict], points: Sequence[dict],
                  seeds: int) -> list[dict]:
-  """Least-squares fits of user_iat's test AUC gain over base and of its test
-  logloss vs log10(source_user + user_iat FLOPs per batch) and vs log10(their
-  params), per task over every point x seed; [] unless the sweep is numeric."""
+  """Least-squares fits of user_iat's test AUC and logloss changes against the
+  same run's base (paired per seed, so the seeds' data differences cancel) vs
+  log10(source_user + user_iat FLOPs per batch) and vs log10(their params), per
+  task over every point x seed; [] unless the sweep is numeric."""
   if not all(_is_number(v) for p in points for v in p.values()):
     return []
   test = {(r["point"], r["seed"], r["model"], r["task"], r["metric"]): r
@@ -336,16 +338,16 @@ def scaling_fits(rows: Sequence[dict], points: Sequence[dict],
   tasks, fits = list(dict.fromkeys(r["task"] for r in rows)), []
   for xname, field in (("flops", "flops_per_batch"), ("params", "params")):
     for task in tasks:
-      obs = {"dauc": [], "logloss": []}
+      obs = {"dauc": [], "dlogloss": []}
       for name, s in itertools.product(map(point_name, points), range(seeds)):
-        auc = {m: test.get((name, s, m, task, "auc"))
-               for m in ("base", *SCALING_MODELS)}
-        loss = test.get((name, s, "user_iat", task, "logloss"))
-        if loss is None or None in auc.values():
+        auc, loss = ({m: test.get((name, s, m, task, metric))
+                      for m in ("base", *SCALING_MODELS)}
+                     for metric in ("auc", "logloss"))
+        if None in auc.values() or None in loss.values():
           continue
         x = math.log10(sum(auc[m][field] for m in SCALING_MODELS))
-        obs["dauc"].append((x, auc["user_iat"]["value"] - auc["base"]["value"]))
-        obs["logloss"].append((x, loss["value"]))
+        for y, r in (("dauc", auc), ("dlogloss", loss)):
+          obs[y].append((x, r["user_iat"]["value"] - r["base"]["value"]))
       for yname, pts in obs.items():
         if len(pts) < 3 or len({x for x, _ in pts}) < 2:
           logging.info("sweep: no fit of %s %s vs %s (too few distinct points)",
@@ -357,7 +359,7 @@ def scaling_fits(rows: Sequence[dict], points: Sequence[dict],
 
 
 _Y_LABELS = {"dauc": "test AUC gain, user_iat - base",
-             "logloss": "user_iat test logloss"}
+             "dlogloss": "test logloss change, user_iat - base"}
 _X_LABELS = {"flops": "log10 FLOPs/batch (source_user + user_iat)",
              "params": "log10 params (source_user + user_iat)"}
 

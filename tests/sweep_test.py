@@ -159,8 +159,8 @@ class ReportTest(absltest.TestCase):
     with open(os.path.join(workdir, "scaling.json")) as f:
       fits = {(fit["x"], fit["y"]): fit for fit in json.load(f)}
     self.assertAlmostEqual(fits["flops", "dauc"]["slope"], 0.01)
-    self.assertAlmostEqual(fits["flops", "logloss"]["slope"], -0.01)
-    self.assertAlmostEqual(fits["flops", "logloss"]["slope_ci"], 0.0)
+    self.assertAlmostEqual(fits["flops", "dlogloss"]["slope"], -0.01)
+    self.assertAlmostEqual(fits["flops", "dlogloss"]["slope_ci"], 0.0)
     self.assertGreater(fits["flops", "dauc"]["slope_ci"], 0.0)
     self.assertEqual(fits["flops", "dauc"]["n"], 6)
     for name in ("test_auc_click.png", "scaling_flops.png", "scaling_params.png"):
@@ -222,7 +222,7 @@ class SweepRunTest(absltest.TestCase):
       self.assertGreater(img.std(), 0.0, name)
     with open(os.path.join(workdir, "scaling.json")) as f:
       fits = json.load(f)
-    self.assertLen(fits, 2 * 2 * 2)  # x (flops, params) x tasks x (dAUC, logloss)
+    self.assertLen(fits, 2 * 2 * 2)  # x (flops, params) x tasks x (dAUC, dlogloss)
     for fit in fits:
       self.assertEqual(fit["n"], 4)
       self.assertTrue(math.isfinite(fit["slope"]))

@@ -1,7 +1,7 @@
 """The paper's Table 1 (base sequence encoders x IAT) and Table 4 (ablations).
 
   python experiments/paper/tables.py --table=table1|table4 \
-      --config=experiments/configs/demo.py[:arg] --workdir=DIR [--seeds=3] \
+      --config=experiments/configs/paper.py[:arg] --workdir=DIR [--seeds=3] \
       [--encoders=din,longer,transformer] [--ablations=iat_query,...] \
       [--emit=commands] [-- --config.key=value ...]
 
