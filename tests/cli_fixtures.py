@@ -6,6 +6,7 @@ XLA's optimizations mostly off (about half the compile time of these tiny
 models); runs that a test compares share this environment.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import tempfile
 import time
 
 from iat_jax import metrics
+from iat_jax import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
@@ -64,3 +66,11 @@ def wait_for_step(workdir, step, proc, stage="base", checkpoint=None):
       raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
     time.sleep(0.05)
   raise AssertionError("timed out")
+
+
+def write_run(workdir, point, seed, models):
+  """A finished sweep run: <workdir>/<point>/seed<k>/results.json of models."""
+  run = sweep.run_dir(workdir, point, seed)
+  os.makedirs(run)
+  with open(os.path.join(run, "results.json"), "w") as f:
+    json.dump({"dataset": "synthetic", "models": models}, f)

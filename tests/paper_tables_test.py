@@ -49,16 +49,13 @@ def table_lines(workdir):
 
 
 def fake_run(workdir, point, seed, aucs):
-  """A results.json: model -> test AUC (logloss 1 - AUC, cost 10 x AUC)."""
+  """A results.json: model -> test AUC (logloss 1 - AUC, 1000 params, 2e6 FLOPs)."""
   models = {m: {split: {f"{k}/{t}": (a if k == "auc" else 1 - a)
                         for t in TASKS for k in ("auc", "logloss")}
                 for split in ("valid", "test")} | {"params": 1000,
                                                    "flops_per_batch": 2e6}
             for m, a in aucs.items()}
-  run = sweep.run_dir(workdir, point, seed)
-  os.makedirs(run)
-  with open(os.path.join(run, "results.json"), "w") as f:
-    json.dump({"dataset": "synthetic", "models": models}, f)
+  cli.write_run(workdir, point, seed, models)
 
 
 class PlanTest(absltest.TestCase):

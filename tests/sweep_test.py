@@ -139,10 +139,7 @@ def fake_results(workdir, point, seed, flops, gain, noise):
                                                "flops_per_batch": flops}
   models = {m: model(0.6, 0.5) for m in MODELS}
   models["user_iat"] = model(0.6 + gain + noise, 0.5 - gain)
-  run = sweep.run_dir(workdir, point, seed)
-  os.makedirs(run)
-  with open(os.path.join(run, "results.json"), "w") as f:
-    json.dump({"dataset": "synthetic", "models": models}, f)
+  cli.write_run(workdir, point, seed, models)
 
 
 class ReportTest(absltest.TestCase):
