@@ -1,0 +1,78 @@
+"""Registry of data sources: each builds its instance dataset from a config.
+
+A source is one entry of `SOURCES`, keyed by `config.data.source`:
+
+  name       the value of --config.data.source
+  subdir     data config -> the dataset's directory name under the cache dir
+  build      (data config, out path, seed) -> builds (or reuses) the dataset
+  validate   data config -> raises ValueError naming the --config.data.* flag
+
+Adding a dataset = one module under `iat_jax/data/` with a `build` and one
+`register(Source(...))` entry below. Nothing outside `iat_jax/data/` branches
+on the source name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import ml_collections
+
+from iat_jax.data import movielens
+from iat_jax.data import synthetic
+
+DataConfig = ml_collections.ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """How one data source turns its config block into a dataset directory."""
+  name: str
+  subdir: Callable[[DataConfig], str]
+  build: Callable[[DataConfig, str, int], str]
+  validate: Callable[[DataConfig], None]
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register(source: Source) -> Source:
+  if source.name in SOURCES:
+    raise ValueError(f"data source {source.name!r} registered twice")
+  SOURCES[source.name] = source
+  return source
+
+
+def get(name: str) -> Source:
+  """The source called `name`; ValueError naming --config.data.source otherwise."""
+  if name not in SOURCES:
+    raise ValueError(f"--config.data.source: {name!r} is not one of {tuple(SOURCES)}")
+  return SOURCES[name]
+
+
+def need_dir(data: DataConfig, source: str) -> None:
+  """A source read from files needs --config.data.dir to be a directory."""
+  if not data.dir:
+    raise ValueError(f"--config.data.dir: required for data.source={source}")
+  if not os.path.isdir(data.dir):
+    raise ValueError(f"--config.data.dir: {data.dir!r} is not a directory")
+
+
+def _dir_name(data: DataConfig) -> str:
+  return os.path.basename(os.path.normpath(data.dir))
+
+
+register(Source(
+    name="synthetic",
+    subdir=lambda data: "synthetic",
+    build=lambda data, out, seed: synthetic.build(
+        out, seed=seed, seq_len=data.seq_len, **data.synthetic),
+    validate=lambda data: None))
+
+register(Source(
+    name="movielens",
+    subdir=_dir_name,
+    build=lambda data, out, seed: movielens.build(data.dir, out, seq_len=data.seq_len),
+    validate=lambda data: need_dir(data, "movielens")))
