@@ -16,7 +16,7 @@ DIR/results.csv and DIR/plots/ as a sweep writes them, and:
                               its t-interval excludes 0, params, FLOPs/batch
   DIR/<table>_auc_change.png  those AUC changes with their intervals
 
-table1: model.seq_encoder in --encoders; each pipeline gives base, both
+table1: model.seq.encoder in --encoders; each pipeline gives base, both
   source models, temporal_iat and user_iat; changes are vs that encoder's base.
 table4: the transformer encoder's full user-order IAT and one run per
   --ablations switch; changes of user_iat are vs the full model's user_iat.
@@ -45,7 +45,7 @@ ENCODERS = ("din", "longer", "transformer")
 # Models of one pipeline, in its order; table1 charts the IAT ones.
 MODELS = ("base", "source_temporal", "temporal_iat", "source_user", "user_iat")
 CHART_MODELS = ("temporal_iat", "user_iat")
-FULL = {"model.seq_encoder": "transformer"}
+FULL = {"model.seq.encoder": "transformer"}
 # name -> (the paper's label, overrides of the full model, whether the switch
 # changes the source model; the others reuse the full point's source models).
 ABLATIONS = {
@@ -75,7 +75,7 @@ def plan(table: str, encoders: Sequence[str] = ENCODERS,
     bad = [e for e in encoders if e not in ENCODERS]
     if bad or not encoders:
       raise ValueError(f"--encoders: {bad or 'none'}; allowed: {ENCODERS}")
-    points = [{"model.seq_encoder": e} for e in encoders]
+    points = [{"model.seq.encoder": e} for e in encoders]
     rows = [{"label": f"{e} / {m}", "point": p, "model": m,
              "ref": None if m == "base" else (p, "base"),
              "group": e if m in CHART_MODELS else None, "series": m}
