@@ -14,7 +14,6 @@ that a model does not use are ignored.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import ml_collections
 
 from iat_jax.models import iat

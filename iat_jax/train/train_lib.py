@@ -8,7 +8,6 @@ directory layout is `iat_jax.workdir`'s.
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
