@@ -598,7 +598,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("give --download and/or --out_dir")
   try:
     if f.download:
-      download_lib.download(URL, f.data_dir, marker=USERS_FILE, timeout=f.timeout)
+      download_lib.download(f.url, f.data_dir, marker=USERS_FILE, timeout=f.timeout)
     if f.out_dir:
       build(f.data_dir, f.out_dir, f.seq_len)
   except (download_lib.DownloadError, dataset.DataError) as e:
@@ -606,7 +606,8 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-  flags.DEFINE_bool("download", False, f"Fetch KuaiRand-Pure from {URL}.")
+  flags.DEFINE_bool("download", False, "Fetch and unpack the KuaiRand-Pure archive.")
+  flags.DEFINE_string("url", URL, "Where --download fetches it (a zip or tar archive).")
   flags.DEFINE_string("data_dir", None, "Directory of the KuaiRand-Pure files.")
   flags.DEFINE_string("out_dir", None, "If set, build the instance dataset here.")
   flags.DEFINE_integer("seq_len", 50, "Behaviour sequence length.")

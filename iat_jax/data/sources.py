@@ -20,6 +20,7 @@ from typing import Callable
 
 import ml_collections
 
+from iat_jax.data import kuairand
 from iat_jax.data import movielens
 from iat_jax.data import synthetic
 
@@ -76,3 +77,9 @@ register(Source(
     subdir=_dir_name,
     build=lambda data, out, seed: movielens.build(data.dir, out, seq_len=data.seq_len),
     validate=lambda data: need_dir(data, "movielens")))
+
+register(Source(
+    name="kuairand",
+    subdir=_dir_name,
+    build=lambda data, out, seed: kuairand.build(data.dir, out, seq_len=data.seq_len),
+    validate=lambda data: need_dir(data, "kuairand")))
