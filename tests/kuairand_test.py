@@ -6,6 +6,7 @@ when absent; every derived dataset goes to a temporary directory. All other
 tests write their own small file sets.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -292,6 +293,17 @@ class SmallFilesTest(absltest.TestCase):
     self.assertEqual(dataset.Dataset(out).schema.seq_len, 3)
     with self.assertRaisesRegex(ValueError, "--config.data.dir"):
       src.validate(ml_collections.ConfigDict(dict(dir="", seq_len=3)))
+
+  def test_config_names_the_source(self):
+    spec = importlib.util.spec_from_file_location(
+        "kuairand_config", os.path.join(_REPO, "experiments", "configs",
+                                        "kuairand.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for arg in (None, "runlocal"):
+      c = module.get_config(arg)
+      self.assertIs(sources.get(c.data.source), sources.get("kuairand"))
+      self.assertLessEqual(c.model.hist_len, c.data.seq_len)
 
 
 class BadInputTest(parameterized.TestCase):
