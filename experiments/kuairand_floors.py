@@ -10,7 +10,8 @@ task (is_click, long_view, is_like), the test AUC of
                strictly-earlier smoothed rates of the task, log1p of both
                earlier counts, and one-hot tab and hour
 The regressions are fit on the train split (L-BFGS, L2 chosen from --l2 by
-valid AUC); nothing looks at the test split but the printed figures.
+valid AUC); nothing looks at the test split but the printed figures. On the
+04-25..05-08 extract it takes about 5 minutes on 2 shared cores (the 24 fits).
 
   python experiments/kuairand_floors.py \
       --data_dir=../shared/data/kuairand-pure-0425-0508 [--dataset_dir=DIR]

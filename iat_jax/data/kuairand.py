@@ -15,8 +15,8 @@ directory with one instance per (deduplicated) row of the standard-policy log:
 The random-exposure logs (log_random_*) are not read.
 
 Features of the instance (user u is shown video v at time t). Id 0 always
-means missing. Users, videos and authors get exact ids (their rank in the
-users file / videos file / sorted distinct authors + 1); every other
+means missing. Users, videos and authors get exact ids (their row in the
+users / videos file, their rank among the distinct authors; + 1); every other
 categorical string is its rank among the field's distinct non-empty values in
 its file + 1:
   categorical
@@ -442,10 +442,11 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
                             f"same user, video and time_ms")
   ts = time_ms // 1000
   ins = hashing.ins_ids(uid, ts, video, time_ms * _MAX_REPEATS + rank)
+  day = _dates_to_days(c["date"], where)
 
   o = np.lexsort((ins, ts, uid))
   c = {name: v[o] for name, v in c.items()}
-  uid, ts, ins, upos, vpos = uid[o], ts[o], ins[o], upos[o], vpos[o]
+  uid, ts, ins, upos, vpos, day = (x[o] for x in (uid, ts, ins, upos, vpos, day))
   new_user = np.ones(n, dtype=bool)
   new_user[1:] = uid[1:] != uid[:-1]
   user_index = np.cumsum(new_user) - 1
@@ -475,7 +476,6 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
   known = ~np.isnan(duration_s)
   duration_s = np.where(known, duration_s, 0.0)
   duration_id = np.where(known, _log2_bucket(duration_s, 1, _DURATION_VOCAB), 0)
-  day = _dates_to_days(c["date"], where)
   upload_day = videos["upload_day"][vpos]
   age = np.clip(day - upload_day + 2, 1, _AGE_VOCAB - 1)
   minutes = gap_s // 60
