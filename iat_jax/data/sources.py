@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 
 from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import kuairand
 from iat_jax.data import movielens
 from iat_jax.data import synthetic
 
@@ -80,6 +81,11 @@ register(Source(
     build=lambda data, out, seed: movielens.build(data.dir, out, seq_len=data.seq_len),
     validate=lambda data: need_dir(data, "movielens")))
 
+register(Source(
+    name="kuairand",
+    subdir=_dir_name,
+    build=lambda data, out, seed: kuairand.build(data.dir, out, seq_len=data.seq_len),
+    validate=lambda data: need_dir(data, "kuairand")))
 
 def dataset_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where the preprocessed dataset of the run `config` lives."""
