@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.data.seq_len = 32
   c.batch_size = 512
   c.users_per_batch = 16
-  c.model.user_chunk_len = 32
+  c.data.user_chunk_len = 32
   c.model.hist_len = 32
   c.num_epochs = 2
   c.eval_every = 0
@@ -28,6 +28,6 @@ def get_config(arg=None):
   if a.runlocal:
     c.num_epochs = 1
     c.data.seq_len = 16
-    c.model.user_chunk_len = 16
+    c.data.user_chunk_len = 16
     c.model.hist_len = 16
   return c
