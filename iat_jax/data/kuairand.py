@@ -85,9 +85,7 @@ from __future__ import annotations
 import csv
 import datetime
 import glob
-import hashlib
 import io
-import json
 import os
 import re
 
@@ -96,10 +94,9 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from iat_jax.data import adapter
 from iat_jax.data import dataset
-from iat_jax.data import download as download_lib
 from iat_jax.data import hashing
-from iat_jax.data import history
 from iat_jax.data import schema as schema_lib
 
 VERSION = "kuairand-adapter-1"
@@ -142,10 +139,6 @@ _AGE_VOCAB = 64
 _MAX_TAG = 1 << 16
 _MIN_TAGS = 4
 _MAX_REPEATS = 1024  # request_id = time_ms * 1024 + rank among repeats
-_CHUNK_ROWS = 250_000
-_MAX_DIGITS = 15  # keeps every parsed integer exact and far from int64 limits
-_LOG_BYTES = np.zeros(256, dtype=bool)
-_LOG_BYTES[[10, 44] + list(range(48, 58))] = True  # newline, comma, digits
 _UPLOAD_DT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -178,15 +171,7 @@ def _check_header(path: str, header: str, expected: tuple[str, ...]) -> None:
 
 def _read_csv(path: str, columns: tuple[str, ...]) -> list[list[str]]:
   """Rows (after the header) of a small UTF-8 CSV; row k is line k + 2."""
-  with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = raw.count(b"\n", 0, e.start) + 1
-    raise dataset.DataError(f"{path}, line {line}: bad encoding: byte "
-                            f"0x{raw[e.start]:02x} is not valid UTF-8") from None
-  lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
+  lines = adapter.read_text(path, "UTF-8").split("\n")
   _check_header(path, lines[0], columns)
   if len(lines) < 2:
     raise dataset.DataError(f"{path}: no rows after the header")
@@ -198,13 +183,6 @@ def _read_csv(path: str, columns: tuple[str, ...]) -> list[list[str]]:
           f"got {len(row)}: {lines[i - 1][:100]!r}")
     rows.append(row)
   return rows
-
-
-def _int(path: str, lineno: int, what: str, s: str) -> int:
-  if not (s.isascii() and s.isdigit() and len(s) <= _MAX_DIGITS):
-    raise dataset.DataError(
-        f"{path}, line {lineno}: {what} {s!r} is not a non-negative integer")
-  return int(s)
 
 
 def _number(path: str, lineno: int, what: str, s: str) -> float | None:
@@ -227,22 +205,13 @@ def _ranks(values: list[str]) -> tuple[np.ndarray, int]:
   return np.array([index.get(v, 0) for v in values], dtype=np.int32), len(uniq) + 1
 
 
-def _check_unique(path: str, ids: np.ndarray, what: str) -> None:
-  uniq, counts = np.unique(ids, return_counts=True)
-  if (counts > 1).any():
-    dup = uniq[counts > 1][0]
-    lines = np.flatnonzero(ids == dup)[:2] + 2
-    raise dataset.DataError(f"{path}, line {lines[1]}: {what} {dup} already "
-                            f"listed on line {lines[0]}")
-
-
 def _parse_users(path: str) -> dict:
   """Users file -> {"id": int64 [U], field: (int32 ids [U], vocab) per USER_FIELDS}."""
   rows = _read_csv(path, USER_COLUMNS)
   col = {name: k for k, name in enumerate(USER_COLUMNS)}
-  ids = np.array([_int(path, i, "user_id", r[0]) for i, r in enumerate(rows, 2)],
-                 dtype=np.int64)
-  _check_unique(path, ids, "user")
+  ids = np.array([adapter.parse_int(path, i, "user_id", r[0])
+                  for i, r in enumerate(rows, 2)], dtype=np.int64)
+  adapter.check_unique(path, ids, "user", 2)
   out = {"id": ids}
   for name in USER_FIELDS:
     values = [r[col[name]].strip() for r in rows]
@@ -263,8 +232,8 @@ def _parse_videos(path: str) -> dict:
                          "music_type")}
   for i, r in enumerate(rows, 2):
     f = dict(zip(VIDEO_COLUMNS, r))
-    out["id"].append(_int(path, i, "video_id", f["video_id"]))
-    out["author"].append(_int(path, i, "author_id", f["author_id"]))
+    out["id"].append(adapter.parse_int(path, i, "video_id", f["video_id"]))
+    out["author"].append(adapter.parse_int(path, i, "author_id", f["author_id"]))
     day = -1
     if f["upload_dt"]:
       try:
@@ -289,7 +258,7 @@ def _parse_videos(path: str) -> dict:
     out["tags"].append([int(t) + 1 for t in tags])
   for k in ("id", "author", "upload_day"):
     out[k] = np.asarray(out[k], dtype=np.int64)
-  _check_unique(path, out["id"], "video")
+  adapter.check_unique(path, out["id"], "video", 2)
   out["duration_s"] = np.asarray(out["duration_s"], dtype=np.float64)
   out["music_type"] = _ranks(out["music_type"])
   for name in ("video_type", "upload_type"):
@@ -304,11 +273,7 @@ def _bad_log_line(path: str, lineno: int, line: str) -> dataset.DataError:
     return dataset.DataError(
         f"{path}, line {lineno}: expected {len(LOG_COLUMNS)} comma-separated "
         f"fields ({','.join(LOG_COLUMNS)}), got {len(fields)}: {line[:100]!r}")
-  for what, s in zip(LOG_COLUMNS, fields):
-    if not (s.isascii() and s.isdigit() and len(s) <= _MAX_DIGITS):
-      return dataset.DataError(
-          f"{path}, line {lineno}: {what} {s!r} is not a non-negative integer")
-  return dataset.DataError(f"{path}, line {lineno}: malformed line {line[:100]!r}")
+  return adapter.int_line_error(path, lineno, line, fields, LOG_COLUMNS)
 
 
 def _parse_log(path: str) -> np.ndarray:
@@ -325,16 +290,7 @@ def _parse_log(path: str) -> np.ndarray:
   if not body.strip():
     raise dataset.DataError(f"{path}: empty log (no rows after the header)")
   text = body + b"\n"
-  b = np.frombuffer(text, dtype=np.uint8)
-  nl = np.flatnonzero(b == 10)
-  commas = np.concatenate([[0], np.cumsum(b == 44)])
-  starts = np.concatenate([[0], nl[:-1] + 1])
-  seps = np.flatnonzero((b == 44) | (b == 10))
-  field_len = np.diff(np.concatenate([[-1], seps])) - 1
-  bad = np.concatenate([
-      np.searchsorted(nl, np.flatnonzero(~_LOG_BYTES[b])),
-      np.flatnonzero(commas[nl] - commas[starts] != len(LOG_COLUMNS) - 1),
-      np.searchsorted(nl, seps[(field_len == 0) | (field_len > _MAX_DIGITS)])])
+  bad = adapter.bad_int_lines(text, ord(","), len(LOG_COLUMNS))
   if bad.size:
     k = int(bad.min())
     line = body.split(b"\n")[k].decode("latin-1")
@@ -374,24 +330,6 @@ def _dates_to_days(dates: np.ndarray, where) -> np.ndarray:
   return days[inverse.reshape(-1)]
 
 
-def _lookup(where, values: np.ndarray, known: np.ndarray, what: str,
-            other: str) -> np.ndarray:
-  """Row of each value in `known` (ids, any order); errors on unknown ones.
-
-  `where` maps a log row index to its "file, line n" string.
-  """
-  order = np.argsort(known)
-  pos = np.searchsorted(known[order], values)
-  pos = np.minimum(pos, len(known) - 1)
-  ok = known[order][pos] == values
-  if not ok.all():
-    k = int(np.flatnonzero(~ok)[0])
-    raise dataset.DataError(
-        f"{where(k)}: unknown {what} {values[k]} (not in {other}); "
-        f"{int((~ok).sum())} log rows refer to {what}s missing from {other}")
-  return order[pos]
-
-
 def _dedupe(values: np.ndarray) -> np.ndarray:
   """Indices (ascending) of the first copy of each distinct row of int64 [n, c]."""
   o = np.lexsort(values.T[::-1])
@@ -426,8 +364,10 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
     schema: the dataset's `schema.Schema`.
   """
   c = {name: log[:, k] for name, k in _COL.items()}
-  upos = _lookup(where, c["user_id"], users["id"], "user", USERS_FILE)
-  vpos = _lookup(where, c["video_id"], videos["id"], "video", VIDEOS_FILE)
+  upos = adapter.lookup(where, c["user_id"], users["id"], "user", USERS_FILE,
+                        "log rows")
+  vpos = adapter.lookup(where, c["video_id"], videos["id"], "video", VIDEOS_FILE,
+                        "log rows")
   uid, video, time_ms = c["user_id"], c["video_id"], c["time_ms"]
   n = len(uid)
   o = np.lexsort((np.arange(n), time_ms, video, uid))
@@ -447,14 +387,9 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
   o = np.lexsort((ins, ts, uid))
   c = {name: v[o] for name, v in c.items()}
   uid, ts, ins, upos, vpos, day = (x[o] for x in (uid, ts, ins, upos, vpos, day))
-  new_user = np.ones(n, dtype=bool)
-  new_user[1:] = uid[1:] != uid[:-1]
-  user_index = np.cumsum(new_user) - 1
-  user_start = np.flatnonzero(new_user)[user_index]
-  hist_end = history.history_end(user_index, ts)
+  user_start, hist_end, gap_s = adapter.earlier_rows(uid, ts)
   earlier = hist_end - user_start
   has_prev = earlier > 0
-  gap_s = np.where(has_prev, ts - ts[np.maximum(hist_end - 1, 0)], 0)
 
   def earlier_sum(x):  # sum of x over the user's strictly-earlier rows
     csum = np.concatenate([[0], np.cumsum(x)])
@@ -527,21 +462,6 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
   return cols, schema
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def fingerprint(sources: dict[str, str], seq_len: int) -> str:
-  """Hash of the source files' sha256, seq_len and the adapter version."""
-  key = json.dumps({"sources": sources, "seq_len": seq_len, "version": VERSION},
-                   sort_keys=True)
-  return hashlib.sha256(key.encode()).hexdigest()
-
-
 def build(data_dir: str, out_dir: str, seq_len: int = 50) -> str:
   """Builds the instance dataset of the KuaiRand-Pure files in `data_dir`.
 
@@ -561,11 +481,8 @@ def build(data_dir: str, out_dir: str, seq_len: int = 50) -> str:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
   logs = log_files(data_dir)
   names = logs + [USERS_FILE, VIDEOS_FILE]
-  paths = {name: os.path.join(data_dir, name) for name in names}
-  sources = {name: _sha256(p) for name, p in paths.items()}
-  fp = fingerprint(sources, seq_len)
-  if dataset.is_complete(out_dir, fp):
-    logging.info("%s is up to date (fingerprint %s)", out_dir, fp[:12])
+  paths, sources, fp = adapter.hash_sources(data_dir, names, seq_len, VERSION)
+  if adapter.is_up_to_date(out_dir, fp):
     return out_dir
   users = _parse_users(paths[USERS_FILE])
   videos = _parse_videos(paths[VIDEOS_FILE])
@@ -578,41 +495,20 @@ def build(data_dir: str, out_dir: str, seq_len: int = 50) -> str:
                len(log) - len(keep), len(keep))
   where = lambda k: f"{paths[logs[file_of[keep[k]]]]}, line {line_of[keep[k]]}"
   cols, schema = _instances(log[keep], where, users, videos, seq_len, sources, fp)
-  uid = cols["uid"]
-  bounds = [0]
-  starts = np.flatnonzero(np.diff(uid, prepend=uid[0] - 1))
-  while bounds[-1] < len(uid):  # chunks of whole users, ~_CHUNK_ROWS rows each
-    k = np.searchsorted(starts, bounds[-1] + _CHUNK_ROWS)
-    bounds.append(int(starts[k]) if k < len(starts) else len(uid))
-  with dataset.Writer(out_dir, schema, len(uid)) as w:
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-      w.append({k: v[lo:hi] for k, v in cols.items()})
+  adapter.write(out_dir, schema, cols)
   return out_dir
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  if not f.download and not f.out_dir:
-    raise app.UsageError("give --download and/or --out_dir")
-  try:
-    if f.download:
-      download_lib.download(f.url, f.data_dir, marker=USERS_FILE, timeout=f.timeout)
-    if f.out_dir:
-      build(f.data_dir, f.out_dir, f.seq_len)
-  except (download_lib.DownloadError, dataset.DataError) as e:
-    raise SystemExit(f"error: {e}") from None
+  adapter.main(argv, "give --download and/or --out_dir",
+               lambda f: (f.url, USERS_FILE), build)
 
 
 def _define_flags() -> None:
   flags.DEFINE_bool("download", False, "Fetch and unpack the KuaiRand-Pure archive.")
   flags.DEFINE_string("url", URL, "Where --download fetches it (a zip or tar archive).")
-  flags.DEFINE_string("data_dir", None, "Directory of the KuaiRand-Pure files.")
-  flags.DEFINE_string("out_dir", None, "If set, build the instance dataset here.")
-  flags.DEFINE_integer("seq_len", 50, "Behaviour sequence length.")
-  flags.DEFINE_float("timeout", 60.0, "Download timeout in seconds.")
-  flags.mark_flag_as_required("data_dir")
+  adapter.define_flags("Directory of the KuaiRand-Pure files.")
+  flags.adopt_module_key_flags(adapter)
 
 
 if __name__ == "__main__":

@@ -60,20 +60,16 @@ Download (the data may not be redistributed, so it is fetched from GroupLens):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import re
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
+from iat_jax.data import adapter
 from iat_jax.data import dataset
-from iat_jax.data import download as download_lib
 from iat_jax.data import hashing
-from iat_jax.data import history
 from iat_jax.data import schema as schema_lib
 
 VERSION = "movielens-adapter-2"
@@ -101,8 +97,6 @@ _GAP_VOCAB = 24
 _COUNT_VOCAB = 16
 _MIN_GENRES = 6
 _ZIP_SALT = 0x21B
-_CHUNK_ROWS = 250_000
-_MAX_DIGITS = 15  # keeps every parsed integer exact and far from int64 limits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,22 +138,14 @@ def detect_format(data_dir: str) -> _Format:
 
 def _read_lines(path: str, encoding: str) -> list[str]:
   """Lines of a small text file, trailing blank lines dropped."""
-  with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    text = raw.decode(encoding)
-  except UnicodeDecodeError as e:
-    line = raw.count(b"\n", 0, e.start) + 1
-    raise dataset.DataError(
-        f"{path}, line {line}: bad encoding: byte 0x{raw[e.start]:02x} is not "
-        f"valid {encoding}") from None
-  text = text.replace("\r\n", "\n").rstrip("\n")
+  text = adapter.read_text(path, encoding)
   if not text:
     raise dataset.DataError(f"{path}: empty file")
   return text.split("\n")
 
 
 def _split(path: str, lineno: int, line: str, sep: str, names) -> list[str]:
+  """`line` split at `sep`; errors unless there is one field per name."""
   fields = line.split(sep)
   if len(fields) != len(names):
     raise dataset.DataError(
@@ -167,23 +153,6 @@ def _split(path: str, lineno: int, line: str, sep: str, names) -> list[str]:
         f"({', '.join(names)}) separated by {sep!r}, got {len(fields)}: "
         f"{line[:100]!r}")
   return fields
-
-
-def _int(path: str, lineno: int, what: str, s: str) -> int:
-  if not (s.isascii() and s.isdigit() and len(s) <= _MAX_DIGITS):
-    raise dataset.DataError(
-        f"{path}, line {lineno}: {what} {s!r} is not a non-negative integer")
-  return int(s)
-
-
-def _check_unique(path: str, ids: list[int], what: str) -> None:
-  ids = np.asarray(ids, dtype=np.int64)
-  uniq, counts = np.unique(ids, return_counts=True)
-  if (counts > 1).any():
-    dup = uniq[counts > 1][0]
-    lines = np.flatnonzero(ids == dup)[:2] + 1
-    raise dataset.DataError(f"{path}, line {lines[1]}: {what} {dup} already "
-                            f"listed on line {lines[0]}")
 
 
 def _parse_users(path: str, fmt: _Format) -> dict[str, np.ndarray]:
@@ -194,17 +163,17 @@ def _parse_users(path: str, fmt: _Format) -> dict[str, np.ndarray]:
   cols = {k: [] for k in ("id", "gender", "age", "occupation", "zip")}
   for i, line in enumerate(_read_lines(path, "utf-8"), 1):
     f = dict(zip(names, _split(path, i, line, fmt.sep, names)))
-    cols["id"].append(_int(path, i, "user id", f["user id"]))
+    cols["id"].append(adapter.parse_int(path, i, "user id", f["user id"]))
     if f["gender"] not in ("M", "F"):
       raise dataset.DataError(f"{path}, line {i}: gender {f['gender']!r} is not M or F")
     cols["gender"].append(1 if f["gender"] == "M" else 2)
-    age = _int(path, i, "age", f["age"])
+    age = adapter.parse_int(path, i, "age", f["age"])
     if is_1m:
       if age not in AGE_CODES:
         raise dataset.DataError(
             f"{path}, line {i}: age code {age} is not one of {AGE_CODES}")
       cols["age"].append(AGE_CODES.index(age) + 1)
-      occ = _int(path, i, "occupation", f["occupation"])
+      occ = adapter.parse_int(path, i, "occupation", f["occupation"])
       if occ > 20:
         raise dataset.DataError(f"{path}, line {i}: occupation {occ} not in 0..20")
       cols["occupation"].append(occ + 1)
@@ -217,7 +186,7 @@ def _parse_users(path: str, fmt: _Format) -> dict[str, np.ndarray]:
     cols["zip"].append(f["zip"].strip()[:3].upper())
   out = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items() if k != "zip"}
   out["zip"] = np.asarray(cols["zip"], dtype=object)
-  _check_unique(path, cols["id"], "user")
+  adapter.check_unique(path, cols["id"], "user", 1)
   return out
 
 
@@ -234,7 +203,7 @@ def _parse_movies(path: str, fmt: _Format) -> dict[str, np.ndarray]:
   ids, years, genres = [], [], []
   for i, line in enumerate(_read_lines(path, "latin-1"), 1):
     f = _split(path, i, line, fmt.sep, names)
-    ids.append(_int(path, i, "movie id", f[0]))
+    ids.append(adapter.parse_int(path, i, "movie id", f[0]))
     m = _TITLE_YEAR.search(f[1])
     year = int(m.group(1)) if m else 0
     if is_1m:
@@ -257,28 +226,12 @@ def _parse_movies(path: str, fmt: _Format) -> dict[str, np.ndarray]:
             f"{path}, line {i}: genre flag {bad[0]!r} is not 0 or 1")
       genres.append([k + 1 for k, x in enumerate(flags_) if x == "1"])
     years.append(year)
-  _check_unique(path, ids, "movie")
+  adapter.check_unique(path, ids, "movie", 1)
   return {"id": np.asarray(ids, dtype=np.int64),
           "year": np.asarray(years, dtype=np.int64), "genres": genres}
 
 
 _RATING_FIELDS = ("user id", "movie id", "rating", "timestamp")
-_NUMERIC = np.zeros(256, dtype=bool)
-_NUMERIC[[9, 10] + list(range(48, 58))] = True
-
-
-def _bad_rating_line(path: str, lineno: int, line: str, sep: str) -> dataset.DataError:
-  """The error for a ratings line that failed the vectorized checks."""
-  fields = line.split(sep)
-  if len(fields) != 4:
-    return dataset.DataError(
-        f"{path}, line {lineno}: expected 4 fields ({', '.join(_RATING_FIELDS)}) "
-        f"separated by {sep!r}, got {len(fields)}: {line[:100]!r}")
-  for what, s in zip(_RATING_FIELDS, fields):
-    if not (s.isdigit() and len(s) <= _MAX_DIGITS):
-      return dataset.DataError(
-          f"{path}, line {lineno}: {what} {s!r} is not a non-negative integer")
-  return dataset.DataError(f"{path}, line {lineno}: malformed line {line[:100]!r}")
 
 
 def _parse_ratings(path: str, sep: bytes) -> np.ndarray:
@@ -307,21 +260,13 @@ def _parse_ratings(path: str, sep: bytes) -> np.ndarray:
     bad_lines.append(np.searchsorted(np.flatnonzero(pre == 10),
                                      np.flatnonzero(pre == 9)))
     text = text.replace(sep, b"\t")
-  b = np.frombuffer(text, dtype=np.uint8)
-  nl = np.flatnonzero(b == 10)
-  bad_lines.append(np.searchsorted(nl, np.flatnonzero(~_NUMERIC[b])))
-  tabs = np.concatenate([[0], np.cumsum(b == 9)])
-  starts = np.concatenate([[0], nl[:-1] + 1])
-  bad_lines.append(np.flatnonzero(tabs[nl] - tabs[starts] != 3))
-  seps = np.flatnonzero((b == 9) | (b == 10))
-  field_len = np.diff(np.concatenate([[-1], seps])) - 1
-  bad_lines.append(np.searchsorted(
-      nl, seps[(field_len == 0) | (field_len > _MAX_DIGITS)]))
+  bad_lines.append(adapter.bad_int_lines(text, ord("\t"), len(_RATING_FIELDS)))
   bad = np.concatenate(bad_lines)
   if bad.size:
     k = int(bad.min())
     line = norm.split(b"\n")[k].decode("ascii")
-    raise _bad_rating_line(path, k + 1, line, sep.decode())
+    fields = _split(path, k + 1, line, sep.decode(), _RATING_FIELDS)
+    raise adapter.int_line_error(path, k + 1, line, fields, _RATING_FIELDS)
   values = np.array(text.replace(b"\n", b"\t").split(b"\t")[:-1])
   values = values.astype(np.int64).reshape(-1, 4)
   rating = values[:, 2]
@@ -332,19 +277,6 @@ def _parse_ratings(path: str, sep: bytes) -> np.ndarray:
         f"{path}, line {k + 1}: rating {rating[k]} outside 1..5 "
         f"({out.size} such lines)")
   return values
-
-
-def _lookup(path: str, values: np.ndarray, known: np.ndarray, what: str,
-            other: str) -> np.ndarray:
-  """Index of each value in the sorted `known` ids; errors on unknown ones."""
-  pos = np.searchsorted(known, values)
-  ok = known[np.minimum(pos, len(known) - 1)] == values
-  if not ok.all():
-    k = int(np.flatnonzero(~ok)[0])
-    raise dataset.DataError(
-        f"{path}, line {k + 1}: unknown {what} {values[k]} (not in {other}); "
-        f"{int((~ok).sum())} rating lines refer to {what}s missing from {other}")
-  return pos
 
 
 def _check_duplicates(path: str, user, movie, ts) -> None:
@@ -390,10 +322,10 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies,
   """
   rpath = paths[fmt.ratings]
   uid, movie, rating, ts = (ratings[:, k] for k in range(4))
-  order_u = np.argsort(users["id"])
-  order_m = np.argsort(movies["id"])
-  upos = order_u[_lookup(rpath, uid, users["id"][order_u], "user", fmt.users)]
-  mpos = order_m[_lookup(rpath, movie, movies["id"][order_m], "movie", fmt.movies)]
+  where = lambda k: f"{rpath}, line {k + 1}"
+  upos = adapter.lookup(where, uid, users["id"], "user", fmt.users, "rating lines")
+  mpos = adapter.lookup(where, movie, movies["id"], "movie", fmt.movies,
+                        "rating lines")
   _check_duplicates(rpath, uid, movie, ts)
 
   line = np.arange(1, len(ts) + 1)
@@ -401,15 +333,9 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies,
   o = np.lexsort((ins, ts, uid))
   uid, movie, rating, ts, ins, upos, mpos = (
       x[o] for x in (uid, movie, rating, ts, ins, upos, mpos))
-  n = len(ts)
-  new_user = np.ones(n, dtype=bool)
-  new_user[1:] = uid[1:] != uid[:-1]
-  user_index = np.cumsum(new_user) - 1
-  user_start = np.flatnonzero(new_user)[user_index]
-  hist_end = history.history_end(user_index, ts)
+  user_start, hist_end, gap_s = adapter.earlier_rows(uid, ts)
   earlier = hist_end - user_start
   has_prev = earlier > 0
-  gap_s = np.where(has_prev, ts - ts[np.maximum(hist_end - 1, 0)], 0)
   csum = np.concatenate([[0], np.cumsum(rating)])
   mean_prev = np.where(has_prev, (csum[hist_end] - csum[user_start])
                        / np.maximum(earlier, 1) - 3.5, 0.0)
@@ -472,21 +398,6 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies,
   return cols, schema
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def fingerprint(sources: dict[str, str], seq_len: int) -> str:
-  """Hash of the source files' sha256, seq_len and the adapter version."""
-  key = json.dumps({"sources": sources, "seq_len": seq_len, "version": VERSION},
-                   sort_keys=True)
-  return hashlib.sha256(key.encode()).hexdigest()
-
-
 def build(data_dir: str, out_dir: str, seq_len: int = 50) -> str:
   """Builds the instance dataset of the MovieLens files in `data_dir`.
 
@@ -506,51 +417,26 @@ def build(data_dir: str, out_dir: str, seq_len: int = 50) -> str:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
   fmt = detect_format(data_dir)
   names = (fmt.ratings, fmt.users, fmt.movies)
-  paths = {name: os.path.join(data_dir, name) for name in names}
-  sources = {name: _sha256(p) for name, p in paths.items()}
-  fp = fingerprint(sources, seq_len)
-  if dataset.is_complete(out_dir, fp):
-    logging.info("%s is up to date (fingerprint %s)", out_dir, fp[:12])
+  paths, sources, fp = adapter.hash_sources(data_dir, names, seq_len, VERSION)
+  if adapter.is_up_to_date(out_dir, fp):
     return out_dir
   users = _parse_users(paths[fmt.users], fmt)
   movies = _parse_movies(paths[fmt.movies], fmt)
   ratings = _parse_ratings(paths[fmt.ratings], fmt.rating_sep)
   cols, schema = _instances(fmt, paths, users, movies, ratings, seq_len, sources, fp)
-  uid = cols["uid"]
-  bounds = [0]
-  starts = np.flatnonzero(np.diff(uid, prepend=uid[0] - 1))
-  while bounds[-1] < len(uid):  # chunks of whole users, ~_CHUNK_ROWS rows each
-    k = np.searchsorted(starts, bounds[-1] + _CHUNK_ROWS)
-    bounds.append(int(starts[k]) if k < len(starts) else len(uid))
-  with dataset.Writer(out_dir, schema, len(uid)) as w:
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-      w.append({k: v[lo:hi] for k, v in cols.items()})
+  adapter.write(out_dir, schema, cols)
   return out_dir
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  if not f.download and not f.out_dir:
-    raise app.UsageError("give --download=ml-100k|ml-1m and/or --out_dir")
-  try:
-    if f.download:
-      url, marker = ARCHIVES[f.download]
-      download_lib.download(url, f.data_dir, marker=marker, timeout=f.timeout)
-    if f.out_dir:
-      build(f.data_dir, f.out_dir, f.seq_len)
-  except (download_lib.DownloadError, dataset.DataError) as e:
-    raise SystemExit(f"error: {e}") from None
+  adapter.main(argv, "give --download=ml-100k|ml-1m and/or --out_dir",
+               lambda f: ARCHIVES[f.download], build)
 
 
 def _define_flags() -> None:
   flags.DEFINE_enum("download", None, sorted(ARCHIVES), "MovieLens archive to fetch.")
-  flags.DEFINE_string("data_dir", None, "Directory of the GroupLens files.")
-  flags.DEFINE_string("out_dir", None, "If set, build the instance dataset here.")
-  flags.DEFINE_integer("seq_len", 50, "Behaviour sequence length.")
-  flags.DEFINE_float("timeout", 60.0, "Download timeout in seconds.")
-  flags.mark_flag_as_required("data_dir")
+  adapter.define_flags("Directory of the GroupLens files.")
+  flags.adopt_module_key_flags(adapter)
 
 
 if __name__ == "__main__":
