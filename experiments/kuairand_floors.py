@@ -28,7 +28,7 @@ import scipy.optimize
 
 from iat_jax import metrics
 from iat_jax.data import dataset as dataset_lib
-from iat_jax.data import history
+from iat_jax.data import adapter
 from iat_jax.data import kuairand
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "KuaiRand-Pure files.")
@@ -55,12 +55,7 @@ def past_counts(group: np.ndarray, ts: np.ndarray,
     positives: float64 [n, T] their label sums.
   """
   o = np.lexsort((ts, group))
-  g = group[o]
-  new = np.ones(len(o), dtype=bool)
-  new[1:] = g[1:] != g[:-1]
-  index = np.cumsum(new) - 1
-  start = np.flatnonzero(new)[index]
-  end = history.history_end(index, ts[o])
+  start, end, _ = adapter.earlier_rows(group[o], ts[o])
   csum = np.concatenate([np.zeros((1, y.shape[1])), np.cumsum(y[o], axis=0)])
   count, positives = np.empty(len(o)), np.empty(y.shape)
   count[o] = end - start
