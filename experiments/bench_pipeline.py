@@ -9,7 +9,7 @@ r"""Benchmark: dataset preprocessing and Grain input-pipeline throughput.
      temporal      batch 512, shuffle_window 4096
      user_ordered  32 users x T=64, chunks shuffled
      history       temporal + downstream history L=64
-     history+emb   the same + `LookupInsEmb` on an in-memory `SortedKeyTable`
+     history+emb   the same + `LookupInsEmb` on an in-memory `MemoryTable`
                    holding random d=64 InsEmbs for every ins_id
 3. The ceiling: numpy reading the columns `read_rows` gathers (features,
    labels, ins_id, ts) sequentially through the memmaps, in blocks, with a
@@ -38,6 +38,7 @@ from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
 from iat_jax.data import movielens
 from iat_jax.data import synthetic
+from iat_jax.store import memory_table
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,7 +118,7 @@ def _ceiling(ds: dataset_lib.Dataset) -> float:
 def _pipelines(ds: dataset_lib.Dataset) -> dict:
   keys = np.asarray(ds["ins_id"])
   values = np.random.default_rng(0).standard_normal((len(keys), _D), np.float32)
-  table = input_pipeline.SortedKeyTable(keys, values)
+  table = memory_table.MemoryTable(keys, values)
   epochs = 1000  # never runs out within the budget
   return {
       "temporal": lambda: input_pipeline.temporal(

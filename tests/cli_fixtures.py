@@ -1,26 +1,37 @@
 """Runs `python -m iat_jax.main` in subprocesses on the tiny config.
 
-All runs of a test session share one dataset cache and JAX's persistent
-compilation cache, so repeated runs of a stage compile once, and compile with
-XLA's optimizations mostly off (about half the compile time of these tiny
-models); runs that a test compares share this environment.
+All runs of a test process share one dataset cache, and all runs of a test
+session (every pytest-xdist worker) share JAX's persistent compilation cache,
+so repeated runs of a stage compile once, and compile with XLA's
+optimizations mostly off (about half the compile time of these tiny models);
+runs that a test compares share this environment. `shared_pipeline()` is one
+finished tiny pipeline per session for the tests that only read (or copy) it.
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
 from iat_jax import metrics
+from iat_jax import workdir as workdir_lib
 from iat_jax.sweeps import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
+# One directory per test session, shared by its xdist workers (conftest.py
+# sets it before they start); outside pytest, one per process.
+SESSION = os.environ.get("IAT_TEST_SESSION") or tempfile.mkdtemp(prefix="iat-tests-")
+os.makedirs(SESSION, exist_ok=True)
 DATA = tempfile.mkdtemp(prefix="iat-tiny-data-")
+JAX_CACHE = os.path.join(SESSION, "jax-cache")
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
-       "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="iat-jax-cache-"),
+       "JAX_COMPILATION_CACHE_DIR": JAX_CACHE,
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
        "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
@@ -66,6 +77,35 @@ def wait_for_step(workdir, step, proc, stage="base", checkpoint=None):
       raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
     time.sleep(0.05)
   raise AssertionError("timed out")
+
+
+@contextlib.contextmanager
+def _session_lock(name):
+  with open(os.path.join(SESSION, name + ".lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared_pipeline():
+  """A finished `--mode=pipeline` workdir of the tiny config (every model,
+  both stores), built once per test session; read it or copy it, never
+  write into it."""
+  workdir = os.path.join(SESSION, "pipeline")
+  with _session_lock("pipeline"):
+    if not workdir_lib.is_complete(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)  # an interrupted build
+      run_main(workdir, "pipeline")
+  return workdir
+
+
+def copy_of(workdir):
+  """A private copy of a workdir (tests that train on from a shared one)."""
+  copy = os.path.join(tempfile.mkdtemp(), "w")
+  shutil.copytree(workdir, copy)
+  return copy
 
 
 def write_run(workdir, point, seed, models):

@@ -1,5 +1,9 @@
 """A tiny random dataset with many timestamp ties, written by the real Writer."""
 
+import functools
+import os
+import tempfile
+
 import numpy as np
 
 from iat_jax.data import dataset
@@ -8,6 +12,8 @@ from iat_jax.data import schema as schema_lib
 
 
 def tiny_schema(seq_len: int = 6) -> schema_lib.Schema:
+  """The schema of every test's tiny data: 3 categorical fields (item,
+  category, ctx), 1 multi-hot, 2 dense, 2 tasks; the model tests use it too."""
   return schema_lib.Schema(
       dataset="tiny", categorical=(schema_lib.Categorical("item", 50),
                                    schema_lib.Categorical("category", 8),
@@ -44,3 +50,9 @@ def make_dataset(path: str, num_users: int = 23, seed: int = 0,
     for lo, hi in zip(bounds[:-1], bounds[1:]):
       w.append({k: v[lo:hi] for k, v in cols.items()})
   return dataset.Dataset(path)
+
+
+@functools.cache
+def shared_dataset() -> dataset.Dataset:
+  """One `make_dataset()` per test process, for tests that only read it."""
+  return make_dataset(os.path.join(tempfile.mkdtemp(prefix="iat-tiny-ds-"), "d"))

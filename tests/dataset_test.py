@@ -6,9 +6,9 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-import data_fixtures
 from iat_jax.data import dataset
 from iat_jax.data import history
+from tests import data_fixtures
 
 
 class DatasetTest(absltest.TestCase):

@@ -7,15 +7,16 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-import cli_fixtures as cli
+from tests import cli_fixtures as cli
 
 
 class TwoProcessTest(absltest.TestCase):
 
   def test_two_processes_match_one(self):
+    # The one-process run: the shared pipeline's base model (same config; the
+    # train lines do not depend on how often it evaluates or checkpoints).
+    single = cli.shared_pipeline()
     args = ("--config.eval_every=0", "--config.checkpoint_every=12")
-    single = tempfile.mkdtemp()
-    cli.run_main(single, "train", *args)
     multi = tempfile.mkdtemp()
     launcher = os.path.join(cli.REPO, "launch", "local.py")
     cli.run([sys.executable, launcher, "--num_processes=2", "--",

@@ -1,14 +1,12 @@
 """Tests of the Grain pipelines: coverage, order, leakage, resume, sharding."""
 
-import os
-import tempfile
-
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-import data_fixtures
 from iat_jax.data import input_pipeline as ip
+from iat_jax.store import memory_table
+from tests import data_fixtures
 
 
 def _batches(data, n=None, worker_count=0):
@@ -34,7 +32,7 @@ class PipelineTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.ds = data_fixtures.make_dataset(os.path.join(tempfile.mkdtemp(), "d"))
+    cls.ds = data_fixtures.shared_dataset()
 
   def test_temporal_order_and_padding(self):
     ds = self.ds
@@ -181,7 +179,7 @@ class PipelineTest(parameterized.TestCase):
     values = np.random.default_rng(0).normal(size=(len(keys), 4)).astype(np.float32)
     drop = keys[::3]  # a third of the instances have no InsEmb
 
-    class CountingTable(ip.SortedKeyTable):
+    class CountingTable(memory_table.MemoryTable):
       calls = 0
 
       def lookup(self, k):

@@ -27,9 +27,9 @@ from absl.testing import parameterized
 import ml_collections
 import numpy as np
 
-from iat_jax.data import input_pipeline
 from iat_jax.store import estimate
 from iat_jax.store import insemb_table
+from iat_jax.store import memory_table
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The crash-safety table: big enough that its write takes seconds.
@@ -116,7 +116,7 @@ class InsEmbTableTest(parameterized.TestCase):
     # Same hits as the in-memory table, for present and absent keys.
     query = np.concatenate([keys[idx[:1000]], rng.integers(0, 2**64 - 1, 1000,
                                                            dtype=np.uint64)])
-    _, ref_found = input_pipeline.SortedKeyTable(keys, values).lookup(query)
+    _, ref_found = memory_table.MemoryTable(keys, values).lookup(query)
     np.testing.assert_array_equal(table.lookup(query)[1], ref_found)
 
   def test_chunk_cache_eviction_and_threads(self):
@@ -315,9 +315,10 @@ class InsEmbTableTest(parameterized.TestCase):
     values_dir = os.path.join(new_vdir, "values", "c")
     child = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
-         "import insemb_table_test; insemb_table_test.child_write(sys.argv[3])",
-         os.path.dirname(os.path.abspath(__file__)), _ROOT, path])
+         "import sys; sys.path[:0] = [sys.argv[1]]; "
+         "from tests import insemb_table_test; "
+         "insemb_table_test.child_write(sys.argv[2])",
+         _ROOT, path])
     rng = np.random.default_rng(9)
     reads = 0
 

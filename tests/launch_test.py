@@ -7,8 +7,8 @@ import sys
 
 from absl.testing import absltest
 
-import cli_fixtures as cli
 from iat_jax import launch_lib
+from tests import cli_fixtures as cli
 
 LAUNCH = os.path.join(cli.REPO, "launch")
 MAIN_ARGS = ["--config=experiments/configs/tiny.py", "--workdir=/shared/iat",

@@ -1,60 +1,79 @@
-"""Tiny schema, config and random batches shared by the model tests."""
+"""The tiny schema, config, models and random batches shared by the model tests.
+
+The schema is the one of the tiny dataset (`data_fixtures.tiny_schema`); the
+config is experiments/configs/tiny.py's run config, so its widths are written
+down once.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
-from iat_jax import models
+from iat_jax import stages
 from iat_jax.data import schema as schema_lib
+from tests import data_fixtures
 
-NUM_TASKS = 2
-SEQ_LEN = 5
-
-
-def tiny_schema() -> schema_lib.Schema:
-  """3 categorical fields, 1 multi-hot, 2 dense, 2 tasks, seq_len 5."""
-  return schema_lib.Schema(
-      dataset="tiny",
-      categorical=(schema_lib.Categorical("user", 11),
-                   schema_lib.Categorical("item", 13),
-                   schema_lib.Categorical("genre", 5)),
-      multi_hot=(schema_lib.MultiHot("tags", 7, 3),),
-      dense=("age", "price"),
-      tasks=("click", "buy"),
-      seq_len=SEQ_LEN,
-      seq_item_field="item",
-      seq_category_field="genre",
-      num_actions=3,
-  )
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
+SCHEMA = data_fixtures.tiny_schema()
+NUM_TASKS = SCHEMA.num_tasks
 
 
-def tiny_config(**overrides):
-  """A minimal config: small widths, one layer each."""
-  c = models.default_config()
-  c.embed_dim = 8
-  c.seq_width = 8
-  c.din_mlp = (8,)
-  c.longer_merge = 2
-  c.longer_recent_k = 2
-  c.mixer_tokens = 4
-  c.mixer_token_dim = 16
-  c.mlp_dims = (32,)
-  c.insemb_dim = 8
-  c.decompress_hidden = 16
-  c.sit_layers = 2
-  c.sit_width = 8
-  c.sit_ffn = 16
-  c.hist_len = 6
-  c.adapt_dim = 16
-  c.side_dim = 4
-  c.num_gap_buckets = 8
-  c.iat_query_dim = 8
-  c.iat_width = 8
-  for k, v in overrides.items():
-    setattr(c, k, v)
+@functools.cache
+def _tiny_module():
+  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
+  """tiny.get_config() (a full run config) with config.model overrides.
+
+  A dict value updates a model sub-block: `tiny_config(seq=dict(encoder="din"))`.
+  """
+  c = _tiny_module().get_config()
+  for key, value in model_overrides.items():
+    if key not in c.model:
+      raise KeyError(f"config.model has no {key!r}")
+    if isinstance(value, dict):
+      c.model[key].update(value)
+    else:
+      c.model[key] = value
   return c
+
+
+def make_model(stage: str, config: ml_collections.ConfigDict | None = None,
+               schema: schema_lib.Schema = SCHEMA, **model_overrides) -> nn.Module:
+  """`stages.make_model` of `stage` on the tiny schema and config (+ overrides)."""
+  if config is None:
+    config = tiny_config(**model_overrides)
+  elif model_overrides:
+    raise ValueError("pass either a config or model overrides")
+  return stages.make_model(config, schema, stage)
+
+
+def stage_batch(stage: str, config: ml_collections.ConfigDict | None = None,
+                schema: schema_lib.Schema = SCHEMA, seed: int = 0) -> dict:
+  """A random batch in `stage`'s order with the tiny config's shapes."""
+  config = config or tiny_config()
+  m = config.model
+  order = stages.get(stage).order
+  if order == "temporal":
+    return base_batch(schema, seed=seed)
+  if order == "user_chunks":
+    return user_batch(schema, bu=2, t=config.data.user_chunk_len, seed=seed)
+  if order == "stream":
+    return stream_batch(schema, d=m.insemb_dim, k=config.stream.k, seed=seed)
+  return downstream_batch(schema, d=m.insemb_dim, l=m.hist_len,
+                          num_gap_buckets=m.num_gap_buckets, seed=seed)
 
 
 def instance_features(rng: np.random.Generator, schema: schema_lib.Schema,

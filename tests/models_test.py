@@ -6,20 +6,21 @@ same shapes. "Unchanged" means equal within 1e-6 absolute.
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import model_fixtures as mf
-from iat_jax import models
-from iat_jax.models import cost
+from iat_jax import configs
 from iat_jax.models import embedding
 from iat_jax.models import sequence
 from iat_jax.models import source
+from iat_jax.train import cost
+from tests import model_fixtures as mf
 
-SCHEMA = mf.tiny_schema()
+SCHEMA = mf.SCHEMA
+D = mf.tiny_config().model.insemb_dim  # InsEmb width d
+L = mf.tiny_config().model.hist_len  # IAT history length L
 ATOL = 1e-6
 # Per-instance feature keys (the prefix 'past_' selects the past instances').
 FEATURE_KEYS = ("cat", "mh_tags", "dense", "seq_item", "seq_category",
@@ -67,10 +68,11 @@ class EncoderTest(parameterized.TestCase):
 
   @parameterized.parameters("din", "transformer", "longer")
   def test_padding_is_ignored_and_empty_is_finite(self, name):
-    enc = sequence.make_encoder(
-        name, width=8, num_heads=2, num_layers=1, ffn_mult=2, max_len=7,
-        din_mlp=(8,), longer_merge=3, longer_recent_k=2, dropout_rate=0.0,
-        dtype=jnp.float32)
+    block = sequence.encoder_config(name, width=8, heads=2, layers=1, ffn_mult=2,
+                                    din_mlp=(8,), longer_merge=3,
+                                    longer_recent_k=2)
+    enc = sequence.make_encoder(block, max_len=7, dropout_rate=0.0,
+                                dtype=jnp.float32)
     rng = np.random.default_rng(0)
     query = rng.normal(size=(3, 5)).astype(np.float32)
     seq = rng.normal(size=(3, 7, 6)).astype(np.float32)
@@ -99,12 +101,12 @@ class BaseModelTest(parameterized.TestCase):
 
   # The trunk with 'transformer' / 'longer' runs in DownstreamTest.
   @parameterized.named_parameters(
-      ("din", dict(seq_encoder="din")),
-      ("mlp_noseq_bf16", dict(seq_encoder="none", interaction="mlp",
+      ("din", dict(seq=dict(encoder="din"))),
+      ("mlp_noseq_bf16", dict(seq=dict(encoder="none"), interaction="mlp",
                               dtype="bfloat16")),
   )
   def test_forward_backward(self, overrides):
-    model = models.make_model(mf.tiny_config(**overrides), SCHEMA, "base")
+    model = mf.make_model("base", **overrides)
     batch = mf.base_batch(SCHEMA)
     params = mf.random_params(model, batch)
     (loss, out), grads = _loss_grads(model)(params, batch)
@@ -116,8 +118,7 @@ class BaseModelTest(parameterized.TestCase):
     self.assertEqual(params["trunk"]["embed"]["embedding"].dtype, jnp.float32)
 
   def test_dropout(self):
-    model = models.make_model(
-        mf.tiny_config(seq_encoder="din", dropout_rate=0.5), SCHEMA, "base")
+    model = mf.make_model("base", seq=dict(encoder="din"), dropout_rate=0.5)
     batch = mf.base_batch(SCHEMA)
     params = mf.random_params(model, batch)
     fn = mf.jit(lambda p, b, r, train: model.apply(
@@ -130,10 +131,16 @@ class BaseModelTest(parameterized.TestCase):
                               - fn(params, batch, r2, train=True)).max(), 1e-4)
 
   def test_bad_names(self):
-    with self.assertRaisesRegex(ValueError, "'bogus'.*'base'"):
-      models.make_model(mf.tiny_config(), SCHEMA, "bogus")
-    with self.assertRaisesRegex(ValueError, "seq_encoder='rnn'"):
-      models.make_model(mf.tiny_config(seq_encoder="rnn"), SCHEMA, "base")
+    with self.assertRaisesRegex(ValueError, "--config.stage: 'bogus'.*'base'"):
+      mf.make_model("bogus")
+    config = mf.tiny_config(seq=dict(encoder="rnn"))
+    with self.assertRaisesRegex(ValueError, "--config.model.seq.encoder: 'rnn'"):
+      configs.validate(config)
+    with self.assertRaisesRegex(ValueError, "unknown sequence encoder 'rnn'"):
+      mf.abstract_params(mf.make_model("base", config), mf.base_batch(SCHEMA))
+    config = mf.tiny_config(iat=dict(encoder="none"))  # only seq allows 'none'
+    with self.assertRaisesRegex(ValueError, "--config.model.iat.encoder: 'none'"):
+      configs.validate(config)
 
 
 class UserSourceTest(parameterized.TestCase):
@@ -141,7 +148,7 @@ class UserSourceTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = models.make_model(mf.tiny_config(), SCHEMA, "source_user")
+    cls.model = mf.make_model("source_user")
     cls.batch = mf.user_batch(SCHEMA, bu=2, t=5)
     cls.params = mf.random_params(cls.model, cls.batch)
     cls.fwd = staticmethod(_forward(cls.model))
@@ -150,7 +157,7 @@ class UserSourceTest(parameterized.TestCase):
   def test_shapes_and_grads(self):
     (_, out), grads = _loss_grads(self.model)(self.params, self.batch)
     self.assertEqual(out["logits"].shape, (2, 5, 2))
-    self.assertEqual(out["insemb"].shape, (2, 5, 8))
+    self.assertEqual(out["insemb"].shape, (2, 5, D))
     _assert_finite(grads)
     self.assertGreater(np.abs(grads["sit"]["block_0"]["attn"]["query"][
         "kernel"]).max(), 0.0)
@@ -190,8 +197,7 @@ class UserSourceTest(parameterized.TestCase):
         np.abs(self.out["insemb"] - self.out["sit_out"]).max(), 1e-3)
 
   def test_insemb_after_sit_switch(self):
-    model = models.make_model(mf.tiny_config(insemb_after_sit=True), SCHEMA,
-                              "source_user")
+    model = mf.make_model("source_user", insemb_after_sit=True)
     out = _forward(model)(self.params, self.batch)
     np.testing.assert_array_equal(out["insemb"], out["sit_out"])
     np.testing.assert_allclose(out["sit_out"], self.out["sit_out"],
@@ -203,7 +209,7 @@ class UserSourceTest(parameterized.TestCase):
     User 0's chunk: the current instance is instance 4, the fetched past are
     the compressed E of instances 3, 2, 1, 0 (newest first). Same params.
     """
-    stream = models.make_model(mf.tiny_config(), SCHEMA, "source_stream")
+    stream = mf.make_model("source_stream")
     batch = {k: np.asarray(v)[0, 4:5] for k, v in self.batch.items()}
     batch["past_insemb"] = self.out["compressed"][0:1, 3::-1]
     batch["past_mask"] = np.ones((1, 4), bool)
@@ -219,8 +225,8 @@ class StreamSourceTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = models.make_model(mf.tiny_config(), SCHEMA, "source_stream")
-    cls.batch = mf.stream_batch(SCHEMA, d=8, b=4, k=3)  # row i: i valid past
+    cls.model = mf.make_model("source_stream")
+    cls.batch = mf.stream_batch(SCHEMA, d=D, b=4, k=3)  # row i: i valid past
     cls.params = mf.random_params(cls.model, cls.batch)
     cls.fwd = staticmethod(_forward(cls.model))
     cls.out = jax.device_get(cls.fwd(cls.params, cls.batch))
@@ -271,8 +277,10 @@ class StreamSourceTest(parameterized.TestCase):
     self.assertGreater(np.abs(g_dense).min(), 0.0)
 
   def test_recompute_mode(self):
-    model = models.make_model(mf.tiny_config(stream_mode="recompute"), SCHEMA,
-                              "source_stream")
+    config = mf.tiny_config()
+    config.stream.mode = "recompute"
+    model = mf.make_model("source_stream", config)
+    self.assertEqual(model.mode, "recompute")
     batch = dict(self.batch)
     del batch["past_insemb"]
     params = self.params  # same tree as the fetch mode
@@ -299,20 +307,19 @@ class DownstreamTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("transformer", dict()),
-      ("longer", dict(iat_encoder="longer", seq_encoder="longer")),
-      ("din", dict(iat_encoder="din", seq_encoder="din")),
+      ("longer", dict(iat=dict(encoder="longer"), seq=dict(encoder="longer"))),
+      ("din", dict(iat=dict(encoder="din"), seq=dict(encoder="din"))),
       # Switches, on a cheaper trunk (DIN behaviour encoder).
       ("after_interaction", dict(iat_after_interaction=True,
-                                 seq_encoder="din")),
-      ("id_query", dict(iat_query="id", seq_encoder="din")),
-      ("no_label_side", dict(use_label_side=False, seq_encoder="din")),
+                                 seq=dict(encoder="din"))),
+      ("id_query", dict(iat_query="id", seq=dict(encoder="din"))),
+      ("no_label_side", dict(use_label_side=False, seq=dict(encoder="din"))),
       ("no_other_side", dict(use_other_side=False, interaction="mlp",
-                             seq_encoder="din")),
+                             seq=dict(encoder="din"))),
   )
   def test_forward_backward_and_padding(self, overrides):
-    model = models.make_model(mf.tiny_config(**overrides), SCHEMA,
-                              "downstream")
-    batch = mf.downstream_batch(SCHEMA, d=8, l=6, b=4)
+    model = mf.make_model("downstream", **overrides)
+    batch = mf.downstream_batch(SCHEMA, d=D, l=L, b=4)
     self.assertFalse(batch["hist_mask"][0].any())  # row 0: no history
     params = mf.random_params(model, batch)
     step = _loss_grads(model)
@@ -341,15 +348,15 @@ class CostTest(absltest.TestCase):
 
   def test_param_count_matches_hand_count(self):
     """Whole temporal source with DIN + RankMixer, counted by hand."""
-    c = mf.tiny_config(seq_encoder="din")
-    model = models.make_model(c, SCHEMA, "source_temporal")
+    c = mf.tiny_config(seq=dict(encoder="din")).model
+    model = mf.make_model("source_temporal", seq=dict(encoder="din"))
     params = mf.abstract_params(model, mf.base_batch(SCHEMA))
-    e, w, nt = c.embed_dim, c.seq_width, SCHEMA.num_tasks
+    e, w, nt = c.embed_dim, c.seq.width, SCHEMA.num_tasks
     fd = len(SCHEMA.dense)
     _, rows = embedding.table_layout(SCHEMA, c.vocab_pad_multiple)
     emb = rows * e
     emb_dense = 2 * fd * e  # per-field dense scale and bias
-    h1 = c.din_mlp[0]
+    (h1,) = c.seq.din_mlp
     din = (2 * e * w + w) + (3 * e * w + w) + (4 * w * h1 + h1) + (h1 + 1)
     t, dt = c.mixer_tokens, c.mixer_token_dim
     num_fields = len(SCHEMA.categorical) + len(SCHEMA.multi_hot) + fd
@@ -369,7 +376,7 @@ class CostTest(absltest.TestCase):
                   + heads})
 
   def test_flops_positive_and_grow_with_batch(self):
-    model = models.make_model(mf.tiny_config(), SCHEMA, "base")
+    model = mf.make_model("base")
     b4, b8 = mf.base_batch(SCHEMA, 4), mf.base_batch(SCHEMA, 8)
     params = mf.random_params(model, b4)
     fn = lambda p, b: model.apply({"params": p}, b)["logits"]

@@ -1,27 +1,23 @@
-"""Sharded (4 x 2 data x model mesh) vs single-device runs of the models."""
+"""Sharded (4 x 2 data x model mesh) vs single-device runs of the models.
 
-import os
+The 8 CPU devices are forced by tests/conftest.py.
+"""
 
-_FLAGS = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _FLAGS:
-  os.environ["XLA_FLAGS"] = (
-      _FLAGS + " --xla_force_host_platform_device_count=8").strip()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-import model_fixtures as mf
-from iat_jax import models
+from iat_jax import configs
 from iat_jax import sharding
 from iat_jax.models import embedding
+from iat_jax.train import steps
+from tests import model_fixtures as mf
 
-SCHEMA = mf.tiny_schema()
+SCHEMA = mf.SCHEMA
+RULES = configs.base_config().logical_axis_rules
 LR = 0.1
 
 
@@ -58,18 +54,18 @@ class ShardedModelTest(parameterized.TestCase):
 
   @parameterized.parameters(("downstream", "transformer"), ("source_user", "din"))
   def test_sharded_matches_single_device(self, stage, encoder):
-    cfg = mf.tiny_config(seq_encoder=encoder)
-    model = models.make_model(cfg, SCHEMA, stage)
+    cfg = mf.tiny_config(seq=dict(encoder=encoder)).model
+    model = mf.make_model(stage, seq=dict(encoder=encoder))
     if stage == "source_user":
       batch = mf.user_batch(SCHEMA, bu=4, t=3)
     else:
-      batch = mf.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=6, b=8)
+      batch = mf.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=cfg.hist_len, b=8)
     mesh = sharding.make_mesh((4, 2))
-    rules = sharding.LOGICAL_AXIS_RULES
-    dev_batch = sharding.shard_batch(batch, mesh)
-    # An 'rbg' key: Flax's initializers compile much faster than threefry.
-    params, shardings = sharding.init_sharded(
-        model, dev_batch, jax.random.key(0, impl="unsafe_rbg"), mesh, rules)
+    rules = RULES
+    dev_batch = steps.to_device(batch, mesh)
+    state, state_shardings = steps.create_state(
+        model, optax.sgd(LR), dev_batch, 0, mesh, rules)
+    params, shardings = state.params, state_shardings.params
 
     # The shared embedding table is row-split over 'model', replicated over
     # 'data'; a dense kernel is replicated.

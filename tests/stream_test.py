@@ -1,19 +1,18 @@
 """Streaming source training: never reads the future; resumes identically."""
 
 import os
-import shutil
 import signal
 import tempfile
 
 from absl.testing import absltest
 import numpy as np
 
-import cli_fixtures as cli
-import data_fixtures
 from iat_jax.data import input_pipeline as ip
 from iat_jax.metrics import read_jsonl
 from iat_jax.store import insemb_table
 from iat_jax.store import stream_table
+from tests import cli_fixtures as cli
+from tests import data_fixtures
 
 
 class StreamPipelineTest(absltest.TestCase):
@@ -21,7 +20,7 @@ class StreamPipelineTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.ds = data_fixtures.make_dataset(os.path.join(tempfile.mkdtemp(), "d"))
+    cls.ds = data_fixtures.shared_dataset()
 
   def test_past_is_strictly_earlier_and_already_processed(self):
     ds = self.ds
@@ -64,15 +63,12 @@ class StreamTrainingTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.base = tempfile.mkdtemp()
-    cli.run_main(cls.base, "train", "--config.stage=source_user")
-    cli.run_main(cls.base, "export", "--config.stage=source_user")
+    # A trained and exported source_user (the stream starts from both).
+    cls.base = cli.shared_pipeline()
     cls.args = ("--config.stage=source_stream", "--config.batch_size=16")
 
   def _copy(self):
-    workdir = os.path.join(tempfile.mkdtemp(), "w")
-    shutil.copytree(self.base, workdir)
-    return workdir
+    return cli.copy_of(self.base)
 
   def _store_sha(self, workdir):
     return insemb_table.Table(os.path.join(workdir, "stores", "source_stream")

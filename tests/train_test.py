@@ -1,4 +1,9 @@
-"""End-to-end tests of the CLI and train loop on the tiny config."""
+"""End-to-end tests of the CLI (`python -m iat_jax.main`) on the tiny config.
+
+The reference run is the base model of the session's shared tiny pipeline
+(`cli.shared_pipeline`): `--mode=train` of the base stage must reproduce its
+metric lines exactly, after a SIGKILL or a SIGTERM (preemption) mid-run.
+"""
 
 import json
 import os
@@ -6,8 +11,14 @@ import signal
 import tempfile
 
 from absl.testing import absltest
+from absl.testing import parameterized
 
-import cli_fixtures as cli
+from iat_jax import configs
+from iat_jax import workdir as workdir_lib
+from tests import cli_fixtures as cli
+from tests import model_fixtures as mf
+
+MODELS = {"base", "source_temporal", "source_user", "temporal_iat", "user_iat"}
 
 
 class TrainCliTest(absltest.TestCase):
@@ -15,15 +26,13 @@ class TrainCliTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.reference = tempfile.mkdtemp()
-    cli.run_main(cls.reference, "train")
+    cls.reference = cli.shared_pipeline()
 
   def test_train_writes_metrics_and_results(self):
     rows = cli.metric_lines(self.reference)
     splits = {r["split"] for r in rows}
     self.assertEqual(splits, {"train", "valid", "final_valid", "test"})
-    with open(os.path.join(self.reference, "base", "results.json")) as f:
-      res = json.load(f)
+    res = workdir_lib.load_results(os.path.join(self.reference, "base"))
     for split in ("valid", "test"):
       self.assertBetween(res[split]["auc/click"], 0.0, 1.0)
       self.assertGreater(res[split]["logloss/click"], 0.0)
@@ -32,10 +41,10 @@ class TrainCliTest(absltest.TestCase):
     self.assertNotEmpty(os.listdir(os.path.join(self.reference, "base", "tb")))
 
   def test_evaluate_mode_matches_training_results(self):
-    out = cli.run_main(self.reference, "evaluate").stdout
+    workdir = cli.copy_of(self.reference)
+    out = cli.run_main(workdir, "evaluate").stdout
     got = json.loads(out[out.index("{"):])
-    with open(os.path.join(self.reference, "base", "results.json")) as f:
-      want = json.load(f)
+    want = workdir_lib.load_results(os.path.join(workdir, "base"))
     self.assertEqual(got["test"], want["test"])
 
   def test_resume_after_sigkill_is_identical(self):
@@ -44,7 +53,7 @@ class TrainCliTest(absltest.TestCase):
     cli.wait_for_step(workdir, 6, proc, checkpoint=4)  # past the step-4 checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    self.assertFalse(os.path.exists(os.path.join(workdir, "base", "results.json")))
+    self.assertFalse(workdir_lib.is_complete(os.path.join(workdir, "base")))
     cli.run_main(workdir, "train")
     self.assertEqual(cli.metric_lines(workdir), cli.metric_lines(self.reference))
 
@@ -65,80 +74,106 @@ class TrainCliTest(absltest.TestCase):
   def test_non_finite_loss_stops_with_step(self):
     workdir = tempfile.mkdtemp()
     proc = cli.run_main(workdir, "train", "--config.optimizer.learning_rate=1e38",
-                    "--config.optimizer.grad_clip_norm=0", "--config.optimizer.warmup_steps=0",
-                    check=False)
+                        "--config.optimizer.grad_clip_norm=0",
+                        "--config.optimizer.warmup_steps=0", check=False)
     self.assertNotEqual(proc.returncode, 0)
     self.assertRegex(proc.stderr, r"non-finite loss \S+ at step \d+")
-    self.assertFalse(os.path.exists(os.path.join(workdir, "base", "results.json")))
+    self.assertFalse(workdir_lib.is_complete(os.path.join(workdir, "base")))
 
-  def test_bad_flags_name_the_flag(self):
-    for flag, needle in (("--config.stage=nope", "--config.stage"),
-                         ("--config.model.seq.encoder=rnn", "--config.model.seq.encoder"),
-                         ("--config.batch_size=0", "--config.batch_size"),
-                         ("--config.data.source=movielens", "--config.data.dir"),
-                         ("--config.pipeline.models=(nope,)",
-                          "--config.pipeline.models")):
-      proc = cli.run_main(tempfile.mkdtemp(), "train", flag, check=False)
-      self.assertNotEqual(proc.returncode, 0, flag)
-      self.assertIn(needle, proc.stderr, flag)
+  def test_bad_flag_is_named_before_any_work(self):
+    workdir = tempfile.mkdtemp()
+    proc = cli.run_main(workdir, "train", "--config.model.seq.encoder=rnn",
+                        check=False)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("--config.model.seq.encoder", proc.stderr)
+    self.assertEqual(os.listdir(workdir), [])  # validated before the dataset
+
+
+class ValidateTest(parameterized.TestCase):
+  """configs.validate (what main runs first) names the offending flag."""
+
+  def test_tiny_config_is_valid(self):
+    configs.validate(mf.tiny_config())
+
+  @parameterized.parameters(
+      ("stage", "nope", "--config.stage"),
+      ("model.seq.encoder", "rnn", "--config.model.seq.encoder"),
+      ("model.iat.encoder", "none", "--config.model.iat.encoder"),
+      ("batch_size", 0, "--config.batch_size"),
+      ("data.user_chunk_len", 0, "--config.data.user_chunk_len"),
+      ("stream.k", 0, "--config.stream.k"),
+      ("stream.mode", "guess", "--config.stream.mode"),
+      ("data.source", "movielens", "--config.data.dir"),
+      ("pipeline.models", ("nope",), "--config.pipeline.models"),
+      ("mesh_shape", (-1, -1), "--config.mesh_shape"),
+      ("mesh_shape", (-1,), "--config.mesh_shape"),
+      ("logical_axis_rules", (("batch", "pod"),), "--config.logical_axis_rules"),
+      ("model.mixer_token_dim", 7, "--config.model.mixer_token_dim"),
+  )
+  def test_bad_value_names_the_flag(self, flag, value, needle):
+    config = mf.tiny_config()
+    *blocks, key = flag.split(".")
+    parent = config
+    for block in blocks:
+      parent = parent[block]
+    parent[key] = value
+    with self.assertRaisesRegex(ValueError, needle):
+      configs.validate(config)
 
 
 class PipelineTest(absltest.TestCase):
 
-  def test_pipeline_results_schema_and_skip(self):
-    workdir = tempfile.mkdtemp()
-    cli.run_main(workdir, "pipeline")
-    with open(os.path.join(workdir, "results.json")) as f:
-      res = json.load(f)
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = cli.shared_pipeline()
+    cls.results = workdir_lib.load_results(cls.workdir)
+
+  def test_results_schema_and_stores(self):
+    res = self.results
     self.assertEqual(res["dataset"], "synthetic")
-    self.assertEqual(set(res["models"]), {"base", "source_temporal", "source_user",
-                                          "temporal_iat", "user_iat"})
+    self.assertEqual(set(res["models"]), MODELS)
     for r in res["models"].values():
       for split in ("valid", "test"):
         self.assertEqual(set(r[split]), {"auc/click", "auc/conversion",
                                          "logloss/click", "logloss/conversion"})
       self.assertGreater(r["flops_per_batch"], 0)
     for stage in ("temporal_iat", "user_iat"):  # every history InsID was exported
-      train = [r for r in cli.metric_lines(workdir, stage) if r["split"] == "train"]
+      train = [r for r in cli.metric_lines(self.workdir, stage) if r["split"] == "train"]
       self.assertNotEmpty(train)
       self.assertTrue(all(r["hist_missing"] == 0 for r in train))
     for store in ("source_temporal", "source_user"):
-      self.assertTrue(os.path.exists(os.path.join(workdir, "stores", store,
+      self.assertTrue(os.path.exists(os.path.join(self.workdir, "stores", store,
                                                   "MANIFEST.json")))
-    # A second run finds every step complete and trains nothing.
+
+  def test_second_run_trains_nothing(self):
+    workdir = cli.copy_of(self.workdir)
     out = cli.run_main(workdir, "pipeline")
     self.assertEqual(out.stderr.count("already complete"), 5, out.stderr[-3000:])
+    self.assertEqual(workdir_lib.load_results(workdir), self.results)
 
+  def test_sources_from_another_workdir(self):
     # user_iat alone, reading source_user and its store from that workdir:
     # nothing else is trained or exported, and it matches the full pipeline's.
     reuse = tempfile.mkdtemp()
     cli.run_main(reuse, "pipeline", "--config.pipeline.models=('user_iat',)",
-                 f"--config.pipeline.sources_from={workdir}")
-    with open(os.path.join(reuse, "results.json")) as f:
-      again = json.load(f)
-    self.assertEqual(again["sources_from"], workdir)
+                 f"--config.pipeline.sources_from={self.workdir}")
+    again = workdir_lib.load_results(reuse)
+    self.assertEqual(again["sources_from"], self.workdir)
     self.assertEqual(set(again["models"]), {"source_user", "user_iat"})
-    self.assertEqual(again["models"]["source_user"], res["models"]["source_user"])
-    for name, value in res["models"]["user_iat"]["test"].items():
+    self.assertEqual(again["models"]["source_user"],
+                     self.results["models"]["source_user"])
+    for name, value in self.results["models"]["user_iat"]["test"].items():
       self.assertAlmostEqual(again["models"]["user_iat"]["test"][name], value,
                              places=5, msg=name)
     self.assertEqual(set(os.listdir(reuse)) & {"stores", "source_user", "base"},
                      set())
+    # A workdir without the source model is refused, naming the flag.
     proc = cli.run_main(tempfile.mkdtemp(), "pipeline",
                         "--config.pipeline.models=('temporal_iat',)",
                         f"--config.pipeline.sources_from={reuse}", check=False)
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("--config.pipeline.sources_from", proc.stderr)
-
-  def test_downstream_refuses_a_mismatched_store(self):
-    workdir = tempfile.mkdtemp()
-    cli.run_main(workdir, "train", "--config.stage=source_temporal")
-    cli.run_main(workdir, "export", "--config.stage=source_temporal")
-    proc = cli.run_main(workdir, "train", "--config.stage=downstream",
-                    "--config.store.source=source_temporal",
-                    "--config.model.insemb_dim=6", check=False)
-    self.assertNotEqual(proc.returncode, 0)
-    self.assertIn("--config.model.insemb_dim", proc.stderr)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-import cli_fixtures as cli
 from iat_jax.data import dataset
 from iat_jax.store import insemb_table
 from iat_jax.train import two_pass_lib
+from tests import cli_fixtures as cli
 
 
 class TwoPassTest(absltest.TestCase):

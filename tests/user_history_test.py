@@ -1,13 +1,10 @@
 """Tests of the user history index: strictly earlier, newest first, both paths."""
 
-import os
-import tempfile
-
 from absl.testing import absltest
 import numpy as np
 
-import data_fixtures
-from iat_jax.store import user_history
+from iat_jax.data import user_history
+from tests import data_fixtures
 
 
 class UserHistoryTest(absltest.TestCase):
@@ -15,7 +12,7 @@ class UserHistoryTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.ds = data_fixtures.make_dataset(os.path.join(tempfile.mkdtemp(), "d"))
+    cls.ds = data_fixtures.shared_dataset()
     cls.index = user_history.UserHistory(cls.ds)
 
   def test_rows_path_matches_brute_force(self):

@@ -1,0 +1,1 @@
+"""The iat-jax test suite (a package: fixtures are `from tests import ...`)."""
