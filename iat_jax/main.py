@@ -14,6 +14,7 @@ exit status 1, without a traceback.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging as std_logging
 import os
@@ -31,6 +32,7 @@ from iat_jax import configs
 from iat_jax import distributed
 from iat_jax import pipeline
 from iat_jax import workdir as workdir_lib
+from iat_jax.data import download
 from iat_jax.data import sources
 from iat_jax.train import export_lib
 from iat_jax.train import train_lib
@@ -72,7 +74,7 @@ def user_error(e: BaseException) -> str | None:
   seen = 0
   while e is not None and seen < 8:
     if isinstance(e, (workdir_lib.LockError, checkpointing.CheckpointError,
-                      FloatingPointError)):
+                      download.DownloadError, FloatingPointError)):
       return str(e)
     if isinstance(e, OSError) and e.errno in _OS_ADVICE:
       where = f" ({e.filename})" if e.filename else ""
@@ -88,7 +90,14 @@ def user_error(e: BaseException) -> str | None:
 
 
 def fail(message: str) -> None:
-  """Ends the run: the last line of the output is `error: message`."""
+  """Ends the run: the last line of the output is `error: message`.
+
+  Background tasks that failed with the error (Orbax's async writes) are
+  collected first, so asyncio's "exception was never retrieved" reports come
+  before it, and logging is silenced after it."""
+  gc.collect()
+  std_logging.getLogger("asyncio").disabled = True
+  logging.set_verbosity(logging.FATAL)
   logging.flush()
   sys.stdout.flush()
   sys.stderr.write(f"error: {' '.join(message.split())}\n")
