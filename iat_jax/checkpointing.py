@@ -7,8 +7,9 @@ Orbax writes each step into a temporary directory and renames it when
 complete, so a kill mid-save leaves the previous checkpoints intact. A step
 damaged after it was committed (a truncated or emptied file, garbage
 metadata) is found when it fails to restore: `restore_latest` logs a warning
-naming it and the reason, moves it to ckpt.damaged/ and falls back to the
-next newest step; only when no step restores is it a `CheckpointError`.
+naming it and the reason and falls back to the next newest step (moving the
+damaged one to ckpt.damaged/); only when no step restores is it a
+`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -74,25 +75,32 @@ class Checkpoints:
     """(state, step) of the newest periodic checkpoint that restores.
 
     Returns (None, 0) when there is none. A step that fails to restore is
-    reported (warning: path and reason), moved to ckpt.damaged/<step>-<time>
-    so later saves can reuse its number, and the next older one is tried;
-    the caller redoes the steps in between. If none restores: CheckpointError
-    naming the directory."""
-    tried = []
+    reported (warning: path and reason) and the next older one tried; the
+    caller redoes the steps in between. Once an older step restores, the
+    failed newer ones are moved to ckpt.damaged/<step>-<time> (kept, and
+    their step numbers free for the redone saves). If none restores, nothing
+    is moved (a changed model config fails every step alike) and it is a
+    CheckpointError naming the directory."""
+    failed = []
     for step in sorted(self.ckpt.all_steps(), reverse=True):
       try:
-        return self.restore(abstract_state, data_iter, step), step
+        state = self.restore(abstract_state, data_iter, step)
       except Exception as e:  # pylint: disable=broad-except
-        path = os.path.join(self.ckpt.directory, str(step))
-        tried.append(step)
+        failed.append(step)
         logging.warning("checkpoint %s does not restore (%s); falling back to an "
-                        "earlier one", path, _reason(e))
-        self._set_aside(step)
-    if tried:
+                        "earlier one", os.path.join(self.ckpt.directory, str(step)),
+                        _reason(e))
+        continue
+      for bad in failed:
+        self._set_aside(bad)
+      return state, step
+    if failed:
+      directory = os.fspath(self.ckpt.directory)
       raise CheckpointError(
-          f"no checkpoint in {self.ckpt.directory} restores (tried steps {tried}; "
-          f"moved to {self.ckpt.directory}.damaged); delete "
-          f"{os.path.dirname(str(self.ckpt.directory))} to train this stage afresh")
+          f"no checkpoint in {directory} restores (tried steps {failed}; see the "
+          f"warnings above); if the model flags changed, re-run with the original "
+          f"ones or another --workdir, else delete {os.path.dirname(directory)} "
+          f"to train this stage afresh")
     return None, 0
 
   def _set_aside(self, step: int) -> None:

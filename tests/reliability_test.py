@@ -207,11 +207,13 @@ class CheckpointFallbackTest(absltest.TestCase):
   def test_garbage_metadata(self):
     self.check_fallback("garbage_metadata")
 
-  def test_none_restores_names_the_directory(self):
+  def test_none_restores_names_the_directory_and_moves_nothing(self):
     with self.assertRaisesRegex(checkpointing.CheckpointError,
                                 rf"no checkpoint in {self.dir}/ckpt restores.*"
                                 rf"delete {self.dir} to train this stage afresh"):
       self.restore([1, 2, 3], "truncated_array")
+    self.assertEqual(sorted(os.listdir(os.path.join(self.dir, "ckpt"))),
+                     ["1", "2", "3"])
 
   def test_damaged_best_names_the_path_and_what_to_do(self):
     _damage(os.path.join(self.dir, "best", "3"), "truncated_array")
