@@ -4,17 +4,36 @@ Two managers per stage directory:
   ckpt/  periodic: {state, data_iter}, the last `keep` steps (resume point);
   best/  {params} at the best valid AUC of the main task (max_to_keep=1).
 Orbax writes each step into a temporary directory and renames it when
-complete, so a kill mid-save leaves the previous checkpoints intact.
+complete, so a kill mid-save leaves the previous checkpoints intact. A step
+damaged after it was committed (a truncated or emptied file, garbage
+metadata) is found when it fails to restore: `restore_latest` logs a warning
+naming it and the reason and falls back to the next newest step (moving the
+damaged one to ckpt.damaged/); only when no step restores is it a
+`CheckpointError`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint where one is needed; the message says what to do."""
+
+
+def _reason(e: BaseException) -> str:
+  """One line: the innermost cause of `e` (Orbax wraps the real error)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  return f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
 
 
 class Checkpoints:
@@ -52,6 +71,52 @@ class Checkpoints:
         data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     return out["state"]
 
+  def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, int]:
+    """(state, step) of the newest periodic checkpoint that restores.
+
+    Returns (None, 0) when there is none. A step that fails to restore is
+    reported (warning: path and reason) and the next older one tried; the
+    caller redoes the steps in between. Once an older step restores, the
+    failed newer ones are moved to ckpt.damaged/<step>-<time> (kept, and
+    their step numbers free for the redone saves). If none restores, nothing
+    is moved (a changed model config fails every step alike) and it is a
+    CheckpointError naming the directory."""
+    failed = []
+    for step in sorted(self.ckpt.all_steps(), reverse=True):
+      try:
+        state = self.restore(abstract_state, data_iter, step)
+      except Exception as e:  # pylint: disable=broad-except
+        failed.append(step)
+        logging.warning("checkpoint %s does not restore (%s); falling back to an "
+                        "earlier one", os.path.join(self.ckpt.directory, str(step)),
+                        _reason(e))
+        continue
+      for bad in failed:
+        self._set_aside(bad)
+      return state, step
+    if failed:
+      directory = os.fspath(self.ckpt.directory)
+      raise CheckpointError(
+          f"no checkpoint in {directory} restores (tried steps {failed}; see the "
+          f"warnings above); if the model flags changed, re-run with the original "
+          f"ones or another --workdir, else delete {os.path.dirname(directory)} "
+          f"to train this stage afresh")
+    return None, 0
+
+  def _set_aside(self, step: int) -> None:
+    """Moves a damaged step out of ckpt/ (process 0) and rescans the steps."""
+    if jax.process_index() == 0:
+      src = os.path.join(self.ckpt.directory, str(step))
+      dst_dir = os.fspath(self.ckpt.directory) + ".damaged"
+      os.makedirs(dst_dir, exist_ok=True)
+      dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+      try:
+        shutil.move(src, dst)
+      except OSError as e:
+        raise CheckpointError(f"checkpoint {src} does not restore and cannot be moved "
+                              f"aside ({e}); delete it and re-run") from None
+    self.ckpt.reload()
+
   def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
     """Offers params evaluated at `step`; kept only if best so far."""
     if step in self.best.all_steps():
@@ -60,11 +125,23 @@ class Checkpoints:
                    metrics={k: float(v) for k, v in metrics.items()})
 
   def restore_best(self, abstract_params: Any) -> tuple[int, Any]:
+    """(step, params) of the best checkpoint; CheckpointError naming best/ and
+    what to do when there is none or it does not restore (best/ keeps one
+    step, so there is nothing to fall back to)."""
     step = self.best.best_step()
+    where = os.fspath(self.best.directory)
     if step is None:
-      raise FileNotFoundError(f"no best checkpoint in {self.best.directory}")
-    out = self.best.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+      raise CheckpointError(f"no best checkpoint in {where}; train this stage "
+                            f"(--mode=train) before evaluating or exporting it")
+    try:
+      out = self.best.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params)))
+    except Exception as e:  # pylint: disable=broad-except
+      stage = os.path.dirname(where)
+      raise CheckpointError(
+          f"best checkpoint {os.path.join(where, str(step))} does not restore "
+          f"({_reason(e)}); delete {stage} to retrain this stage (or restore "
+          f"{where} from a backup)") from None
     return step, out["params"]
 
   def wait(self) -> None:
@@ -72,9 +149,15 @@ class Checkpoints:
     self.best.wait_until_finished()
 
   def close(self) -> None:
-    self.wait()
-    self.ckpt.close()
-    self.best.close()
+    """Waits for pending saves and stops the managers' threads; idempotent."""
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
+    try:
+      self.wait()
+    finally:
+      self.ckpt.close()
+      self.best.close()
 
 
 def abstract(tree: Any) -> Any:

@@ -3,20 +3,34 @@
 An experiment file defines `get_config(arg=None)` that starts from
 `base_config()` and overrides fields (big_vision style `file.py:variant`).
 `validate` is the one check of a config: the entry points (`main`, `sweep`)
-call it before any work, and it names the offending flag.
+call it before any work, and it names the offending flag. Two checks need
+more than the config and run as soon as that is known: `validate_devices`
+(the mesh against the device count, before the dataset is built) and
+`validate_data` (batch sizes against the split sizes, right after
+`sources.prepare`); the memory a compiled train step needs is checked when
+the stage is built (`iat_jax.train.train_lib.check_memory`).
 """
 
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from iat_jax import models
 from iat_jax import stages
+from iat_jax.data import input_pipeline
 from iat_jax.data import sources
 from iat_jax.models import source as source_models
 from iat_jax.store import tables
 
 STREAM_MODES = source_models.STREAM_MODES
+
+# Upper bound of the lengths that size a model's position tables and its
+# [batch, length, width] activations (data.seq_len, model.hist_len,
+# data.user_chunk_len): far above any useful history (the paper's longest is
+# 256), low enough that a typo (100000) fails here instead of as an
+# out-of-memory error minutes into training.
+MAX_LEN = 8192
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -165,6 +179,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "num_epochs", "data.seq_len", "log_every", "checkpoint_every",
                "keep_checkpoints"):
     need(_get(config, flag) > 0, flag, f"must be > 0, got {_get(config, flag)}")
+  for flag in ("data.seq_len", "model.hist_len", "data.user_chunk_len", "stream.k"):
+    need(_get(config, flag) <= MAX_LEN, flag,
+         f"{_get(config, flag)} is above the limit of {MAX_LEN} (it sizes position "
+         f"tables and [batch, length, width] activations)")
   need(config.eval_every >= 0, "eval_every", "must be >= 0")
   one_of("store.dtype", tables.DTYPES)
   one_of("store.source", stages.SOURCES)
@@ -197,3 +215,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
        or config.model.mixer_token_dim % config.model.mixer_tokens == 0,
        "model.mixer_token_dim", f"{config.model.mixer_token_dim} must be divisible "
        f"by --config.model.mixer_tokens={config.model.mixer_tokens}")
+
+
+def validate_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ValueError naming --config.mesh_shape unless the mesh fits
+  `num_devices` (jax.device_count()); call before building the dataset."""
+  shape = tuple(config.mesh_shape)
+  known = int(np.prod([s for s in shape if s != -1]))
+  if any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"--config.mesh_shape: {shape}: sizes must be > 0 (or -1)")
+  if -1 in shape:
+    ok, need = num_devices % known == 0, f"a multiple of {known}"
+  else:
+    ok, need = known == num_devices, str(known)
+  if not ok:
+    raise ValueError(f"--config.mesh_shape: {shape} over --config.mesh_axes="
+                     f"{tuple(config.mesh_axes)} needs {need} devices, this run has "
+                     f"{num_devices}; use -1 for one axis to take all devices")
+
+
+def validate_data(config: ml_collections.ConfigDict, ds, stage_names) -> None:
+  """Raises ValueError naming the flag and the limit when a train batch of one
+  of `stage_names` is larger than what it batches: a batch of more instances
+  than the train split (or user chunks than it has) would train a single,
+  mostly padding step. Evaluation batches may be larger (padding is fine
+  there). Cheap: call right after `sources.prepare`, before any training."""
+  orders = {stages.get(name).order for name in stage_names}
+  train_rows = int(ds.schema.split_sizes[0])
+  if orders & {"temporal", "history"} and config.batch_size > train_rows:
+    raise ValueError(f"--config.batch_size: {config.batch_size} is larger than the "
+                     f"train split ({train_rows} instances of {ds.path}); use at "
+                     f"most {train_rows}")
+  if "stream" in orders:
+    rows = sum(len(ds.split_rows(s)) for s in config.stream.splits)
+    if config.batch_size > rows:
+      raise ValueError(f"--config.batch_size: {config.batch_size} is larger than "
+                       f"the streamed splits {tuple(config.stream.splits)} ({rows} "
+                       f"instances); use at most {rows}")
+  if "user_chunks" in orders:
+    chunks = input_pipeline.UserChunks.build(ds, "train", config.data.user_chunk_len)
+    n, users = len(chunks.start), len(np.unique(chunks.user))
+    if config.users_per_batch > n:
+      raise ValueError(f"--config.users_per_batch: {config.users_per_batch} is "
+                       f"larger than the {n} train chunks (of --config.data."
+                       f"user_chunk_len={config.data.user_chunk_len}) of the "
+                       f"{users} users with train rows; use at most {n}")

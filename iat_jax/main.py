@@ -2,13 +2,24 @@
 
   python -m iat_jax.main --config=experiments/configs/demo.py --workdir=DIR \
       --mode=pipeline [--config.key=value ...]
+
+The writing modes (train, export, pipeline) hold the workdir's writer lock
+(`iat_jax.workdir.WriterLock`) from before the dataset is prepared until they
+exit; evaluate only reads. A failure the user can act on (a bad flag, a
+damaged checkpoint or store, a full or read-only disk, a diverged loss, a busy
+workdir) ends the output with one line `error: <what, where, what to do>` and
+exit status 1, without a traceback.
 """
 
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import logging as std_logging
 import os
+import re
+import sys
 
 from absl import app
 from absl import flags
@@ -16,15 +27,19 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from iat_jax import checkpointing
 from iat_jax import configs
 from iat_jax import distributed
 from iat_jax import pipeline
+from iat_jax import workdir as workdir_lib
+from iat_jax.data import download
 from iat_jax.data import sources
 from iat_jax.train import export_lib
 from iat_jax.train import train_lib
 from iat_jax.train import trainers
 
 MODES = ("train", "evaluate", "export", "pipeline")
+WRITING_MODES = ("train", "export", "pipeline")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -32,26 +47,71 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs.")
 _MODE = flags.DEFINE_enum("mode", "pipeline", MODES, "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# What to do about an OSError, by errno.
+_OS_ADVICE = {
+    errno.ENOSPC: "free space there (or pass another --workdir) and re-run: the "
+                  "run resumes from its last checkpoint",
+    errno.EDQUOT: "free space within your quota and re-run: the run resumes from "
+                  "its last checkpoint",
+    errno.EROFS: "the filesystem is read-only: a finished run can still be "
+                 "evaluated (--mode=evaluate); to train, pass a writable --workdir",
+    errno.EACCES: "make it writable or pass another --workdir",
+    errno.EPERM: "make it writable or pass another --workdir",
+}
+
 
 def _quiet_orbax(record) -> bool:
   """Keeps Orbax's per-save INFO chatter out of the progress log."""
   return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_logger().addFilter(_quiet_orbax)
-  config = _CONFIG.value
-  configs.validate(config)
-  distributed.maybe_initialize(config)
-  logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
-               jax.devices())
-  workdir, mode = os.path.abspath(_WORKDIR.value), _MODE.value  # Orbax wants absolute
+def user_error(e: BaseException) -> str | None:
+  """The one-line `error:` message of a failure the user can act on, or None
+  for anything else (a bug: it keeps its traceback).
+
+  Follows the exception's causes, so an OSError that Orbax or TensorStore
+  wrapped still reads as one."""
+  seen = 0
+  while e is not None and seen < 8:
+    if isinstance(e, (workdir_lib.LockError, checkpointing.CheckpointError,
+                      download.DownloadError, FloatingPointError)):
+      return str(e)
+    if isinstance(e, OSError) and e.errno in _OS_ADVICE:
+      where = f" ({e.filename})" if e.filename else ""
+      return f"{e.strerror or e}{where}; {_OS_ADVICE[e.errno]}"
+    if "No space left on device" in str(e):  # ENOSPC as TensorStore reports it
+      return (f"no space left on device writing under --workdir={_WORKDIR.value}; "
+              f"{_OS_ADVICE[errno.ENOSPC]}")
+    if isinstance(e, ValueError) and (str(e).startswith("--config.") or type(e)
+                                      .__name__ in ("DataError", "StoreError")):
+      return str(e)
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return None
+
+
+def fail(message: str) -> None:
+  """Ends the run: the last line of the output is `error: message`.
+
+  Background tasks that failed with the error (Orbax's async writes) are
+  collected first, so asyncio's "exception was never retrieved" reports come
+  before it, and logging is silenced after it."""
+  gc.collect()
+  std_logging.getLogger("asyncio").disabled = True
+  logging.set_verbosity(logging.FATAL)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.write(f"error: {' '.join(message.split())}\n")
+  sys.stderr.flush()
+  sys.exit(1)
+
+
+def _run(config, workdir: str, mode: str) -> None:
   if mode == "pipeline":
     pipeline.run(config, workdir)
     return
   ds = sources.prepare(config, workdir)
+  if mode == "train":
+    configs.validate_data(config, ds, (config.stage,))
   table = pipeline.open_store(config, workdir, ds)
   if mode == "train":
     trainers.train(config, workdir, config.stage, ds, table)
@@ -62,9 +122,53 @@ def main(argv) -> None:
     print(export_lib.export(config, workdir, config.stage, ds))
 
 
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_logger().addFilter(_quiet_orbax)
+  config = _CONFIG.value
+  workdir, mode = os.path.abspath(_WORKDIR.value), _MODE.value  # Orbax wants absolute
+  lock = None
+  try:
+    configs.validate(config)
+    distributed.maybe_initialize(config)
+    logging.info("process %d/%d, devices %s", jax.process_index(),
+                 jax.process_count(), jax.devices())
+    configs.validate_devices(config, jax.device_count())
+    # One writer per workdir: process 0 holds the lock for the whole job (the
+    # other processes of a jax.distributed job write only under its control).
+    if mode in WRITING_MODES and jax.process_index() == 0:
+      lock = workdir_lib.WriterLock(workdir).acquire()
+    _run(config, workdir, mode)
+  except Exception as e:  # pylint: disable=broad-except
+    message = user_error(e)
+    if message is None:
+      raise
+    fail(message)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _parse_flags(argv):
+  """absl flag parsing whose failures (an unknown --config key, a bad value)
+  end in one `error:` line naming the flag."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e}; see --helpfull")
+  except (AttributeError, KeyError) as e:  # ml_collections: no such config field
+    key = str(e).strip("\"' ")
+    bad = [a.split("=")[0] for a in argv[1:]
+           if a.startswith("--config.") and re.search(rf"\b{re.escape(key)}\b", a)]
+    flag = bad[0] if bad else f"--config.{key}"
+    fail(f"{flag}: {key!r} is not a field of the config; check the spelling "
+         f"against the config file and iat_jax/configs.py:base_config")
+
+
 def run() -> None:
   """Console-script entry point."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ class Writer:
            **{k: float(v) for k, v in values.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row, sort_keys=True) + "\n")
+    if self._tb is None:
+      return
     for k, v in values.items():
       self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
     self._tb.flush()
@@ -104,6 +106,7 @@ class Writer:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 class Progress:

@@ -109,32 +109,36 @@ def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
   st = train_lib.Run(config, workdir, name, ds, train_data=data, fill=fill,
                        aux=("probs", "insemb"))
   writer = metrics_lib.Writer(st.dir)
-  it = input_pipeline.iterate(data)
-  state, start = train_lib.resume(st, writer, it)
-  if not start:  # a fresh stream starts from the batch-trained source
-    init = checkpointing.Checkpoints(workdir_lib.stage_dir(workdir, config.stream.init_from),
-                                     1, f"auc/{ds.schema.tasks[0]}")
-    _, params = init.restore_best(checkpointing.abstract(state.params))
-    init.close()
-    state = state.replace(params=params)
-  cost = st.cost()
-  staleness = None if recompute else _Staleness(st)
+  with train_lib.closing(st, writer):
+    it = input_pipeline.iterate(data)
+    state, start = train_lib.resume(st, writer, it)
+    if not start:  # a fresh stream starts from the batch-trained source
+      init = checkpointing.Checkpoints(workdir_lib.stage_dir(workdir, config.stream.init_from),
+                                       1, f"auc/{ds.schema.tasks[0]}")
+      try:
+        _, params = init.restore_best(checkpointing.abstract(state.params))
+      finally:
+        init.close()
+      state = state.replace(params=params)
+    cost = st.cost()
+    staleness = None if recompute else _Staleness(st)
 
-  def write_back(step, state, batch, aux):
-    mask = batch["mask"]
-    table.write(batch["row"][mask], np.asarray(aux["insemb"])[mask],
-                np.asarray(aux["probs"])[mask])
-    if staleness is not None and step % config.log_every == 0:
-      writer.write(step, "stream", {"staleness_cosine": staleness(state.params, batch)})
+    def write_back(step, state, batch, aux):
+      mask = batch["mask"]
+      table.write(batch["row"][mask], np.asarray(aux["insemb"])[mask],
+                  np.asarray(aux["probs"])[mask])
+      if staleness is not None and step % config.log_every == 0:
+        writer.write(step, "stream",
+                     {"staleness_cosine": staleness(state.params, batch)})
 
-  state = train_lib.run_loop(st, state, it, start, writer, after_step=write_back,
-                             validate=False)
-  results = {split: _progressive(ds, table, split) if split in config.stream.splits
-             else {} for split in ("valid", "test")}
-  tables.publish(config, tables.path(config, workdir, config.stage),
-                 np.asarray(ds["ins_id"]), table.read_all(), source=config.stage,
-                 step=st.num_steps, fingerprint=ds.schema.fingerprint)
-  return train_lib.finish(st, writer, {**results, "best_step": st.num_steps, **cost})
+    state = train_lib.run_loop(st, state, it, start, writer, after_step=write_back,
+                               validate=False)
+    results = {split: _progressive(ds, table, split) if split in config.stream.splits
+               else {} for split in ("valid", "test")}
+    tables.publish(config, tables.path(config, workdir, config.stage),
+                   np.asarray(ds["ins_id"]), table.read_all(), source=config.stage,
+                   step=st.num_steps, fingerprint=ds.schema.fingerprint)
+    return train_lib.finish(st, writer, {**results, "best_step": st.num_steps, **cost})
 
 
 def _progressive(ds: dataset_lib.Dataset, table: stream_table.StreamTable,

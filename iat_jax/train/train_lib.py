@@ -8,6 +8,7 @@ directory layout is `iat_jax.workdir`'s.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -106,8 +107,13 @@ class Run:
     self.eval_step = steps.make_eval_step(
         self.model, self.shardings.params, self.mesh, self.rules,
         outputs=("probs", "insemb") if stages.get(config.stage).exports else ("probs",))
+    check_memory(self.train_step, config, name)
     self.ckpts = checkpointing.Checkpoints(self.dir, config.keep_checkpoints,
                                            f"auc/{ds.schema.tasks[0]}")
+
+  def close(self) -> None:
+    """Waits for and stops the checkpoint threads (idempotent)."""
+    self.ckpts.close()
 
   def cost(self) -> dict[str, float]:
     """Parameter counts and XLA's FLOPs of one compiled train step."""
@@ -128,11 +134,12 @@ def resume(st: Run, writer: metrics_lib.Writer, it) -> tuple[Any, int]:
   """(state, step) from the stage's latest checkpoint, or fresh at step 0.
 
   Restores the Grain iterator in place and drops metric lines that a killed
-  run wrote past the restored step.
+  run wrote past the restored step. A damaged newest checkpoint is reported
+  and the next older one used (`Checkpoints.restore_latest`).
   """
-  state, start = st.state, st.ckpts.latest_step() or 0
+  restored, start = st.ckpts.restore_latest(checkpointing.abstract(st.state), it)
+  state = st.state if restored is None else restored
   if start:
-    state = st.ckpts.restore(checkpointing.abstract(state), it, start)
     logging.info("%s: resumed from step %d", st.name, start)
   writer.truncate(start)
   return state, start
@@ -168,8 +175,8 @@ def run_loop(st: Run, state, it, start: int, writer: metrics_lib.Writer, *,
       if not np.isfinite(loss):
         raise FloatingPointError(
             f"{st.name}: non-finite loss {loss} at step {step}; stopped without "
-            f"saving; last good checkpoint: step {st.ckpts.latest_step()} in "
-            f"{st.dir}/ckpt")
+            f"saving; {_last_good(st)}; lower --config.optimizer.learning_rate or "
+            f"set --config.optimizer.grad_clip_norm")
       if after_step is not None:
         after_step(step, state, batch, aux)
       last = step == st.num_steps
@@ -224,14 +231,109 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
   st = Run(config, workdir, name or config.stage, ds, table,
              train_data=train_data, aux=aux)
   writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
-  it = input_pipeline.iterate(st.train_data, config.worker_count)
-  state, start = resume(st, writer, it)
-  cost = st.cost()
-  state = run_loop(st, state, it, start, writer, after_step=after_step)
-  best_step, params = st.ckpts.restore_best(checkpointing.abstract(state.params))
-  return finish(st, writer, {"valid": st.evaluate(params, "valid"),
-                             "test": st.evaluate(params, "test"),
-                             "best_step": best_step, **cost})
+  with closing(st, writer):
+    it = input_pipeline.iterate(st.train_data, config.worker_count)
+    state, start = resume(st, writer, it)
+    cost = st.cost()
+    state = run_loop(st, state, it, start, writer, after_step=after_step)
+    best_step, params = st.ckpts.restore_best(checkpointing.abstract(state.params))
+    return finish(st, writer, {"valid": st.evaluate(params, "valid"),
+                               "test": st.evaluate(params, "test"),
+                               "best_step": best_step, **cost})
+
+
+class closing:  # pylint: disable=invalid-name
+  """Closes a stage's checkpoints and metrics writer however the block ends,
+  so no Orbax or TensorBoard thread outlives a failure (and prints during
+  interpreter shutdown). A close that fails while another error propagates
+  is logged, not raised over it."""
+
+  def __init__(self, st: Run, writer: metrics_lib.Writer | None = None):
+    self.st, self.writer = st, writer
+
+  def __enter__(self):
+    return self.st
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    for close in (self.st.close, self.writer.close if self.writer else None):
+      if close is None:
+        continue
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        if exc_type is None:
+          raise
+        logging.warning("%s: while stopping after an error: %s", self.st.name, e)
+
+
+def available_memory() -> tuple[int, str]:
+  """(bytes one device may use, where that number comes from).
+
+  Accelerators: the device's memory limit. CPU: the host's available memory
+  (/proc/meminfo MemAvailable, else physical pages) shared by its local
+  devices. IAT_JAX_MEMORY_BYTES overrides both (e.g. on a shared host)."""
+  if os.environ.get("IAT_JAX_MEMORY_BYTES"):
+    return int(os.environ["IAT_JAX_MEMORY_BYTES"]), "IAT_JAX_MEMORY_BYTES"
+  device = jax.local_devices()[0]
+  if device.platform != "cpu":
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+      return int(stats["bytes_limit"]), f"{device.device_kind} memory limit"
+  total = None
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          total = int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  if total is None:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return total // max(jax.local_device_count(), 1), "host memory available per device"
+
+
+def _size_flags(config) -> str:
+  order = stages.get(config.stage).order
+  flags = (["--config.users_per_batch", "--config.data.user_chunk_len"]
+           if order == "user_chunks" else ["--config.batch_size"])
+  if order == "history":
+    flags.append("--config.model.hist_len")
+  if order == "stream":
+    flags.append("--config.stream.k")
+  return ", ".join(flags + ["--config.data.seq_len", "the model widths"])
+
+
+def check_memory(compiled, config, name: str) -> None:
+  """Raises ValueError naming the size flags when the compiled train step
+  needs more memory per device than there is (XLA's memory analysis of the
+  executable: arguments + outputs + temporaries - donated buffers). Its inputs
+  are already resident on an accelerator; on CPU only what the step
+  allocates is compared with the host's available memory."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend has it
+    m = None
+  if m is None:
+    return
+  new = m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  need = new + m.argument_size_in_bytes
+  limit, what = available_memory()
+  if jax.local_devices()[0].platform == "cpu" and not os.environ.get(
+      "IAT_JAX_MEMORY_BYTES"):
+    need = new
+  if need > limit:
+    raise ValueError(
+        f"--config.batch_size / sizes: the train step of {name} needs "
+        f"{need / 2**30:.2f} GiB per device, more than the {limit / 2**30:.2f} GiB "
+        f"of {what}; lower {_size_flags(config)}, or shard over more devices "
+        f"(--config.mesh_shape)")
+
+
+def _last_good(st: Run) -> str:
+  step = st.ckpts.latest_step()
+  if step is None:
+    return f"no checkpoint saved yet in {st.dir}/ckpt (a re-run starts afresh)"
+  return f"last good checkpoint: step {step} in {st.dir}/ckpt"
 
 
 def _finite(m: dict[str, float]) -> dict[str, float]:
@@ -245,9 +347,12 @@ def _instances_per_step(config) -> int:
 
 
 def load_best(config, workdir: str, name: str, ds, table=None) -> tuple[Run, int, Any]:
-  """A trained stage with its best params: (run, best step, params)."""
+  """A trained stage with its best params: (run, best step, params).
+
+  Its checkpoint managers are closed: the run only evaluates."""
   st = Run(config, workdir, name, ds, table)
-  step, params = st.ckpts.restore_best(checkpointing.abstract(st.state.params))
+  with closing(st):
+    step, params = st.ckpts.restore_best(checkpointing.abstract(st.state.params))
   return st, step, params
 
 
