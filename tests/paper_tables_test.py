@@ -12,9 +12,11 @@ import tempfile
 from absl.testing import absltest
 from matplotlib import image
 
-import cli_fixtures as cli
 from iat_jax import configs
-from iat_jax import sweep
+from iat_jax.sweeps import report
+from iat_jax.sweeps import runner
+from iat_jax.sweeps import stats
+from tests import cli_fixtures as cli
 
 SCRIPT = os.path.join(cli.REPO, "experiments", "paper", "tables.py")
 PAPER = os.path.join(cli.REPO, "experiments", "configs", "paper.py")
@@ -79,8 +81,8 @@ class PlanTest(absltest.TestCase):
         {"model.seq.encoder": "transformer", "model.iat_query": "id"},
         {"model.seq.encoder": "transformer", "model.use_label_side": False}])
     # The full point is table1's transformer point: one DIR serves both.
-    self.assertEqual(sweep.point_name(points[0]),
-                     sweep.point_name(tables.plan("table1")[0][2]))
+    self.assertEqual(report.point_name(points[0]),
+                     report.point_name(tables.plan("table1")[0][2]))
     self.assertEqual([r["label"] for r in rows],
                      ["base (no IAT)", "full user-order IAT", "ID-based query",
                       "without label side info"])
@@ -93,10 +95,10 @@ class PlanTest(absltest.TestCase):
   def test_point_runs(self):
     points, _ = tables.plan("table4", ablations=["insemb_after_sit", "iat_query"])
     runs = tables.point_runs("table4", points, "W")
-    full_dir = os.path.join("W", sweep.point_name(tables.FULL))
+    full_dir = os.path.join("W", report.point_name(tables.FULL))
     self.assertEqual(runs, [((), ""), (tables.ABLATION_FLAGS, ""),
                             (tables.ABLATION_FLAGS, full_dir)])
-    cmd = sweep.command("c.py", "W", points[2], 1, "D", runs[2][0],
+    cmd = runner.command("c.py", "W", points[2], 1, "D", runs[2][0],
                         sources_from=runs[2][1])
     self.assertIn(f"--config.pipeline.sources_from={full_dir}/seed1", cmd)
     self.assertEqual(tables.point_runs("table1", points[:2], "W"), [((), "")] * 2)
@@ -104,13 +106,13 @@ class PlanTest(absltest.TestCase):
   def test_keys_exist_in_every_config(self):
     every = tables.plan("table1")[0] + tables.plan("table4")[0]
     for config in (cli.TINY, PAPER, PAPER + ":small", PAPER + ":full"):
-      sweep.check_points(config, every, "paper tables")
+      runner.check_points(config, every, "paper tables")
     with self.assertRaisesRegex(ValueError,
                                 "paper tables: 'model.nope' is not a config field"):
-      sweep.check_points(cli.TINY, [{"model.nope": 1}], "paper tables")
+      runner.check_points(cli.TINY, [{"model.nope": 1}], "paper tables")
 
   def test_paper_presets_validate(self):
-    module = sweep.load_config_module(PAPER)
+    module = runner.load_config_module(PAPER)
     for variant in ("small", "full"):
       configs.validate(module.get_config(variant))
     self.assertEqual(module.get_config("full").model.dtype, "bfloat16")
@@ -121,17 +123,17 @@ class PlanTest(absltest.TestCase):
 class StatsTest(absltest.TestCase):
 
   def test_relative_change_and_interval_verdict(self):
-    self.assertAlmostEqual(tables.relative_change(0.8024, 0.8), 0.3)
-    self.assertTrue(tables.excludes_zero(0.3, 0.2))
-    self.assertTrue(tables.excludes_zero(-0.3, 0.2))
-    self.assertFalse(tables.excludes_zero(0.1, 0.2))
-    self.assertIsNone(tables.excludes_zero(0.1, math.nan))
+    self.assertAlmostEqual(stats.relative_change(0.8024, 0.8), 0.3)
+    self.assertTrue(stats.excludes_zero(0.3, 0.2))
+    self.assertTrue(stats.excludes_zero(-0.3, 0.2))
+    self.assertFalse(stats.excludes_zero(0.1, 0.2))
+    self.assertIsNone(stats.excludes_zero(0.1, math.nan))
     self.assertEqual(tables.fmt(0.123456, 0.01, 3, sign=True), "+0.123 ± 0.010")
     self.assertEqual(tables.fmt(0.5, math.nan, 2), "0.50 ± n/a")
 
   def test_paired_changes_skip_unpaired_seeds(self):
     full, abl = {"model.seq.encoder": "transformer"}, {"model.iat_query": "id"}
-    name, ref = sweep.point_name(abl), sweep.point_name(full)
+    name, ref = report.point_name(abl), report.point_name(full)
     test = {(ref, 0, "user_iat", "click", "auc"): 0.5,
             (ref, 1, "user_iat", "click", "auc"): 0.8,
             (name, 0, "user_iat", "click", "auc"): 0.51,
@@ -158,7 +160,7 @@ class ReportTest(absltest.TestCase):
       fake_run(workdir, points[0], seed, aucs)
       if seed < 2:
         fake_run(workdir, points[1], seed, aucs)
-    rows = sweep.report(workdir, points, seeds=3)
+    rows = report.report(workdir, points, seeds=3)
     text = tables.write_report(workdir, "table1", "tiny.py", 3, rows, table_rows)
     _, head, body = table_lines(workdir)
     self.assertEqual(head[:5], ["model", "AUC click", "logloss click",
@@ -187,7 +189,7 @@ class ReportTest(absltest.TestCase):
     points, table_rows = tables.plan("table4", ablations=["insemb_after_sit"])
     fake_run(workdir, points[0], 0, {"base": 0.6, "user_iat": 0.62})
     fake_run(workdir, points[1], 0, {"base": 0.6, "user_iat": 0.6138})
-    rows = sweep.report(workdir, points, seeds=1)
+    rows = report.report(workdir, points, seeds=1)
     tables.write_report(workdir, "table4", "tiny.py", 1, rows, table_rows)
     _, head, body = table_lines(workdir)
     cells = {r[0]: dict(zip(head, r)) for r in body}
@@ -235,11 +237,11 @@ class TablesRunTest(absltest.TestCase):
                         "--seeds=2")
     self.assertIn("4 runs, 2 complete, 2 to run", second.stderr)
     # The ablation trained only user_iat, on the full run's source_user.
-    ablation = sweep.run_dir(workdir, {**tables.FULL, "model.iat_query": "id"}, 1)
+    ablation = report.run_dir(workdir, {**tables.FULL, "model.iat_query": "id"}, 1)
     with open(os.path.join(ablation, "results.json")) as f:
       res = json.load(f)
     self.assertEqual(set(res["models"]), {"source_user", "user_iat"})
-    self.assertEqual(res["sources_from"], sweep.run_dir(workdir, tables.FULL, 1))
+    self.assertEqual(res["sources_from"], report.run_dir(workdir, tables.FULL, 1))
     self.assertFalse(os.path.exists(os.path.join(ablation, "stores")))
     _, head, body = table_lines(workdir)
     self.assertEqual([r[0] for r in body], ["base (no IAT)", "full user-order IAT",

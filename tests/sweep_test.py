@@ -1,4 +1,4 @@
-"""Tests of iat_jax.sweep: statistics, sweep points, commands, a tiny sweep."""
+"""Tests of iat_jax.sweep and iat_jax.sweeps: statistics, points, commands, a tiny sweep."""
 
 import collections
 import csv
@@ -14,8 +14,10 @@ import tempfile
 from absl.testing import absltest
 from matplotlib import image
 
-import cli_fixtures as cli
-from iat_jax import sweep
+from iat_jax.sweeps import report
+from iat_jax.sweeps import runner
+from iat_jax.sweeps import stats
+from tests import cli_fixtures as cli
 
 DEMO = os.path.join(cli.REPO, "experiments", "configs", "demo.py")
 PAPER = os.path.join(cli.REPO, "experiments", "configs", "paper.py")
@@ -43,66 +45,66 @@ class StatsTest(absltest.TestCase):
   def test_t_quantile(self):
     for df, want in ((1, 12.7062), (2, 4.3027), (10, 2.2281), (30, 2.0423),
                      (31, 2.0395), (60, 2.0003), (120, 1.9799), (10**7, 1.9600)):
-      self.assertAlmostEqual(sweep.t_quantile(df), want, places=3, msg=df)
-    self.assertEqual(sweep.t_quantile(0), math.inf)
-    values = [sweep.t_quantile(df) for df in range(1, 200)]
+      self.assertAlmostEqual(stats.t_quantile(df), want, places=3, msg=df)
+    self.assertEqual(stats.t_quantile(0), math.inf)
+    values = [stats.t_quantile(df) for df in range(1, 200)]
     self.assertEqual(values, sorted(values, reverse=True))
 
   def test_mean_ci(self):
-    mean, half = sweep.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.30265
+    mean, half = stats.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.30265
     self.assertAlmostEqual(mean, 2.0)
     self.assertAlmostEqual(half, 4.30265 / math.sqrt(3), places=5)
-    mean, half = sweep.mean_ci([0.7])
+    mean, half = stats.mean_ci([0.7])
     self.assertEqual(mean, 0.7)
     self.assertTrue(math.isnan(half))
 
   def test_linear_fit(self):
-    exact = sweep.linear_fit([0, 1, 2, 3], [1, 3, 5, 7])
+    exact = stats.linear_fit([0, 1, 2, 3], [1, 3, 5, 7])
     self.assertAlmostEqual(exact["slope"], 2.0)
     self.assertAlmostEqual(exact["intercept"], 1.0)
     self.assertAlmostEqual(exact["slope_ci"], 0.0)
     self.assertAlmostEqual(exact["r2"], 1.0)
     # slope 0.6, intercept 2.2, SSE 2.4, Sxx 10: se = sqrt(2.4 / 3 / 10).
-    fit = sweep.linear_fit([1, 2, 3, 4, 5], [2, 4, 5, 4, 5])
+    fit = stats.linear_fit([1, 2, 3, 4, 5], [2, 4, 5, 4, 5])
     self.assertAlmostEqual(fit["slope"], 0.6)
     self.assertAlmostEqual(fit["intercept"], 2.2)
     self.assertAlmostEqual(fit["slope_ci"], 3.18245 * math.sqrt(0.08), places=5)
     self.assertAlmostEqual(fit["r2"], 0.6)
     self.assertEqual(fit["n"], 5)
-    self.assertTrue(math.isnan(sweep.linear_fit([1, 2], [3, 5])["slope_ci"]))
+    self.assertTrue(math.isnan(stats.linear_fit([1, 2], [3, 5])["slope_ci"]))
     with self.assertRaisesRegex(ValueError, "distinct"):
-      sweep.linear_fit([1, 1, 1], [1, 2, 3])
+      stats.linear_fit([1, 1, 1], [1, 2, 3])
 
 
 class PointsTest(absltest.TestCase):
 
   def test_point_names_and_flag_values(self):
-    self.assertEqual(sweep.point_name({"model.sit_layers": 2}), "model.sit_layers=2")
-    self.assertEqual(sweep.point_name({"model.mlp_dims": (16, 8), "data.dir": "a/b c"}),
+    self.assertEqual(report.point_name({"model.sit_layers": 2}), "model.sit_layers=2")
+    self.assertEqual(report.point_name({"model.mlp_dims": (16, 8), "data.dir": "a/b c"}),
                      "model.mlp_dims=16-8,data.dir=a_b_c")
-    self.assertEqual(sweep.point_name({}), "default")
-    self.assertEqual(sweep.flag_value((8,)), "(8,)")
-    self.assertEqual(sweep.flag_value((16, 8)), "(16,8)")
-    self.assertEqual(sweep.flag_value(("user_iat",)), "('user_iat',)")
-    self.assertEqual(sweep.flag_value(True), "True")
+    self.assertEqual(report.point_name({}), "default")
+    self.assertEqual(runner.flag_value((8,)), "(8,)")
+    self.assertEqual(runner.flag_value((16, 8)), "(16,8)")
+    self.assertEqual(runner.flag_value(("user_iat",)), "('user_iat',)")
+    self.assertEqual(runner.flag_value(True), "True")
 
   def test_named_sweeps(self):
     for name in SWEEPS:
-      tiny = sweep.get_points(cli.TINY, name)
-      demo = sweep.get_points(DEMO + ":runlocal", name)
+      tiny = runner.get_points(cli.TINY, name)
+      demo = runner.get_points(DEMO + ":runlocal", name)
       self.assertLen(tiny, 2, name)
       self.assertGreaterEqual(len(demo), 3, name)
       self.assertLen({k for p in tiny + demo for k in p}, 1, name)
-    self.assertEqual(sweep.get_points(PAPER, "history_len"),
+    self.assertEqual(runner.get_points(PAPER, "history_len"),
                      [{"model.hist_len": v} for v in (4, 8, 16, 32, 64)])
-    self.assertEqual(sweep.get_points(DEMO, "sit_depth"),
+    self.assertEqual(runner.get_points(DEMO, "sit_depth"),
                      [{"model.sit_layers": v} for v in (0, 1, 2, 4, 8)])
-    self.assertEqual(sweep.get_points(DEMO, "history_len"),
+    self.assertEqual(runner.get_points(DEMO, "history_len"),
                      [{"model.hist_len": v} for v in (1, 16, 64, 256, 1024)])
 
   def test_unknown_sweep_lists_the_known(self):
     with self.assertRaisesRegex(ValueError, r"'nope'.*chunk_len.*sit_depth"):
-      sweep.get_points(cli.TINY, "nope")
+      runner.get_points(cli.TINY, "nope")
 
   def test_unknown_config_key(self):
     path = os.path.join(tempfile.mkdtemp(), "bad.py")
@@ -111,7 +113,7 @@ class PointsTest(absltest.TestCase):
               "def get_config(arg=None):\n  return configs.base_config()\n"
               "def get_sweep(name):\n  return [{'model.nope': 1}]\n")
     with self.assertRaisesRegex(ValueError, "'model.nope' is not a config field"):
-      sweep.get_points(path, "x")
+      runner.get_points(path, "x")
 
   def test_emit_commands(self):
     workdir = os.path.join(tempfile.mkdtemp(), "sweep")
@@ -151,7 +153,7 @@ class ReportTest(absltest.TestCase):
       for seed, noise in enumerate((0.002, -0.002)):
         # x = log10(source_user + user_iat FLOPs) = log10(2 * flops)
         fake_results(workdir, p, seed, flops, 0.01 * math.log10(2 * flops), noise)
-    rows = sweep.report(workdir, points, seeds=2)
+    rows = report.report(workdir, points, seeds=2)
     self.assertLen(rows, 3 * 2 * 5 * 1 * 2 * 2)
     with open(os.path.join(workdir, "scaling.json")) as f:
       fits = {(fit["x"], fit["y"]): fit for fit in json.load(f)}
@@ -171,7 +173,7 @@ class ReportTest(absltest.TestCase):
       for seed in (0, 1):
         if (p["model.hist_len"], seed) != (8, 1):
           fake_results(workdir, p, seed, 1e4, 0.01, 0.0)
-    rows = sweep.report(workdir, points, seeds=2)
+    rows = report.report(workdir, points, seeds=2)
     self.assertLen(rows, 3 * 5 * 1 * 2 * 2)
     self.assertEqual(rows[0]["point"], "model.seq.encoder=din,model.hist_len=4")
     self.assertFalse(os.path.exists(os.path.join(workdir, "scaling.json")))
