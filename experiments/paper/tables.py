@@ -147,19 +147,19 @@ def summarize(rows: Sequence[dict], table_rows: Sequence[dict]) -> list[dict]:
   tasks = list(dict.fromkeys(r["task"] for r in rows))
   out = []
   for row in table_rows:
-    name, stats = report.point_name(row["point"]), {}
+    name, per_task = report.point_name(row["point"]), {}
     for task in tasks:
       values = {metric: [v for (p, _, m, t, mt), v in test.items()
                          if (p, m, t, mt) == (name, row["model"], task, metric)]
                 for metric in ("auc", "logloss")}
-      stats[task] = {metric: stats.mean_ci(v) if v else (math.nan, math.nan)
+      per_task[task] = {metric: stats.mean_ci(v) if v else (math.nan, math.nan)
                      for metric, v in values.items()}
-      stats[task]["n"] = len(values["auc"])
+      per_task[task]["n"] = len(values["auc"])
       if row["ref"] is not None:
         changes = paired_changes(test, row, task)
-        stats[task]["change"] = (stats.mean_ci(changes) if changes
+        per_task[task]["change"] = (stats.mean_ci(changes) if changes
                                  else (math.nan, math.nan))
-    out.append({**row, "tasks": stats,
+    out.append({**row, "tasks": per_task,
                 "cost": cost.get((name, row["model"]), (math.nan, math.nan))})
   return out
 
