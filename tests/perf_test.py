@@ -1,0 +1,87 @@
+"""Function-preserving performance changes compute what they replaced (issue 15)."""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iat_jax.models import sequence
+
+TOL = 1e-5
+
+
+def _encoder_inputs(seed=0, n=6, s=7, dq=5, ds=6):
+  rng = np.random.default_rng(seed)
+  query = rng.normal(size=(n, dq)).astype(np.float32)
+  seq = rng.normal(size=(n, s, ds)).astype(np.float32)
+  lengths = np.array([0, 1, 3, s, s - 1, 2])[:n]  # an empty history, padding
+  mask = np.arange(s) < lengths[:, None]
+  profile = rng.normal(size=(n, 1, 4)).astype(np.float32)
+  return query, seq, mask, profile
+
+
+def _encoders(kind, num_layers):
+  if kind == "transformer":
+    make = lambda q: sequence.TransformerEncoder(  # noqa: E731
+        8, num_heads=2, num_layers=num_layers, max_len=8, query_only=q)
+  elif kind == "longer":
+    make = lambda q: sequence.LongerEncoder(  # noqa: E731
+        8, num_heads=2, num_layers=num_layers, merge=2, recent_k=2, max_len=8,
+        query_only=q)
+  else:  # longer without merge
+    make = lambda q: sequence.LongerEncoder(  # noqa: E731
+        8, num_heads=2, num_layers=num_layers, merge=1, recent_k=3, max_len=8,
+        query_only=q)
+  return make(True), make(False)
+
+
+def _assert_trees_close(test, a, b):
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=TOL, atol=TOL), a, b)
+  test.assertEqual(jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b))
+
+
+class QueryOnlyLastBlockTest(parameterized.TestCase):
+
+  @parameterized.parameters(("transformer", 1), ("transformer", 2),
+                            ("longer", 0), ("longer", 1), ("longer_nomerge", 2))
+  def test_same_function_outputs_and_gradients(self, kind, num_layers):
+    fast, full = _encoders(kind, num_layers)
+    query, seq, mask, profile = _encoder_inputs()
+    params = full.init(jax.random.PRNGKey(1), query, seq, mask, profile)
+    params_fast = fast.init(jax.random.PRNGKey(1), query, seq, mask, profile)
+    _assert_trees_close(self, params, params_fast)  # same tree, same init
+
+    def loss(model):
+      def f(p, q, s):
+        out = model.apply(p, q, s, mask, profile)
+        return jnp.sum(out * jnp.arange(out.shape[-1])), out
+      return f
+
+    g_fast, out_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2),
+                                        has_aux=True))(params, query, seq)
+    g_full, out_full = jax.jit(jax.grad(loss(full), argnums=(0, 1, 2),
+                                        has_aux=True))(params, query, seq)
+    self.assertTrue(np.isfinite(out_fast).all())
+    np.testing.assert_allclose(out_fast, out_full, rtol=TOL, atol=TOL)
+    _assert_trees_close(self, g_fast, g_full)
+
+  def test_padding_never_leaks(self):
+    fast, _ = _encoders("transformer", 2)
+    query, seq, mask, profile = _encoder_inputs()
+    params = fast.init(jax.random.PRNGKey(0), query, seq, mask, profile)
+    noisy = np.where(mask[..., None], seq, 1e3)
+    apply = jax.jit(fast.apply)
+    np.testing.assert_allclose(apply(params, query, seq, mask),
+                               apply(params, query, noisy, mask),
+                               rtol=TOL, atol=TOL)
+
+
+if __name__ == "__main__":
+  absltest.main()
