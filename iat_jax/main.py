@@ -6,6 +6,10 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: re-exec costs ~0.1 s
+  from iat_jax import allocator
+  allocator.ensure()
+
 import json
 import logging as std_logging
 import os
@@ -16,6 +20,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from iat_jax import allocator
 from iat_jax import configs
 from iat_jax import distributed
 from iat_jax import pipeline
@@ -42,6 +47,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_logger().addFilter(_quiet_orbax)
+  logging.info("allocator settings at start: %s", allocator.at_start() or "none")
   config = _CONFIG.value
   configs.validate(config)
   distributed.maybe_initialize(config)
@@ -63,7 +69,8 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  """Console-script entry point."""
+  """Console-script entry point (re-executes once with `allocator.SETTINGS`)."""
+  allocator.ensure()
   app.run(main)
 
 

@@ -11,7 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iat_jax import allocator
 from iat_jax.models import sequence
+
+import cli_fixtures
 
 TOL = 1e-5
 
@@ -81,6 +84,51 @@ class QueryOnlyLastBlockTest(parameterized.TestCase):
     np.testing.assert_allclose(apply(params, query, seq, mask),
                                apply(params, query, noisy, mask),
                                rtol=TOL, atol=TOL)
+
+
+class AllocatorTest(absltest.TestCase):
+  """`python -m iat_jax.main` re-executes itself once with the malloc settings."""
+
+  BAD_STAGE = "--config.stage=no_such_stage"  # fails right after the log line
+
+  def _started_with(self, proc):
+    (line,) = [l for l in proc.stderr.splitlines()
+               if "allocator settings at start:" in l]
+    return line.split("allocator settings at start:", 1)[1].strip()
+
+  def _run(self, **env):
+    base = {k: v for k, v in cli_fixtures.ENV.items()
+            if k not in (*allocator.SETTINGS, allocator.OPT_OUT, allocator.MARKER)}
+    with tempfile.TemporaryDirectory() as workdir:
+      return subprocess.run(
+          [sys.executable, "-m", "iat_jax.main",
+           *cli_fixtures.main_args(workdir, "train", self.BAD_STAGE)],
+          cwd=cli_fixtures.REPO, env={**base, **env}, capture_output=True,
+          text=True, timeout=300)
+
+  def test_child_starts_with_the_settings(self):
+    if not allocator.applies():
+      self.skipTest("not glibc")
+    proc = self._run()
+    self.assertIn("no_such_stage", proc.stderr)  # it ran main(), then failed
+    self.assertEqual(self._started_with(proc), str(allocator.SETTINGS))
+
+  def test_own_values_win_and_opt_out(self):
+    if not allocator.applies():
+      self.skipTest("not glibc")
+    own = self._run(MALLOC_MMAP_MAX_="7")
+    self.assertEqual(self._started_with(own), str(
+        {"MALLOC_MMAP_MAX_": "7",
+         "MALLOC_TRIM_THRESHOLD_": allocator.SETTINGS["MALLOC_TRIM_THRESHOLD_"]}))
+    out = self._run(IAT_JAX_KEEP_MALLOC="1")
+    self.assertEqual(self._started_with(out), str({allocator.OPT_OUT: "1"}))
+
+  def test_environ(self):
+    self.assertEqual(allocator.environ({"A": "1"}), {**allocator.SETTINGS, "A": "1"})
+    self.assertEqual(allocator.environ({"MALLOC_MMAP_MAX_": "3"})["MALLOC_MMAP_MAX_"],
+                     "3")
+    self.assertEqual(allocator.environ({allocator.OPT_OUT: "1"}),
+                     {allocator.OPT_OUT: "1"})
 
 
 if __name__ == "__main__":
