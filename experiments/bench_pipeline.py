@@ -9,8 +9,9 @@ r"""Benchmark: dataset preprocessing and Grain input-pipeline throughput.
      temporal      batch 512, shuffle_window 4096
      user_ordered  32 users x T=64, chunks shuffled
      history       temporal + downstream history L=64
-     history+emb   the same + `LookupInsEmb` on an in-memory `SortedKeyTable`
+     history+emb   the same + `LookupInsEmb` on an in-memory `MemoryTable`
                    holding random d=64 InsEmbs for every ins_id
+     history+store the same InsEmbs from the on-disk `insemb_table.Table`
 3. The ceiling: numpy reading the columns `read_rows` gathers (features,
    labels, ins_id, ts) sequentially through the memmaps, in blocks, with a
    warm page cache, as instances/s; each pipeline's ratio to it.
@@ -38,6 +39,8 @@ from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
 from iat_jax.data import movielens
 from iat_jax.data import synthetic
+from iat_jax.store import insemb_table
+from iat_jax.store import memory_table
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +56,9 @@ _TARGET = flags.DEFINE_float("target", 100_000.0,
                              "Pipelines below this instances/s are profiled.")
 _PROFILE = flags.DEFINE_integer("profile_batches", 20,
                                 "Batches profiled per slow pipeline (0: none).")
+_DATASETS = flags.DEFINE_list("datasets", ["movielens", "synthetic"],
+                              "Datasets to build and benchmark.")
+_PIPES = flags.DEFINE_list("pipelines", None, "Pipelines to time (default: all).")
 _DIR = flags.DEFINE_string("tmp_dir", None,
                            "Parent of the temporary directory (default: TMPDIR).")
 
@@ -60,8 +66,7 @@ _BATCH, _WINDOW, _USERS, _T, _L, _D = 512, 4096, 32, 64, 64, 64
 
 
 def _load() -> str:
-  with open("/proc/loadavg") as f:
-    return "load " + " ".join(f.read().split()[:3])
+  return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _build_movielens(tmp: str) -> dataset_lib.Dataset | None:
@@ -114,12 +119,16 @@ def _ceiling(ds: dataset_lib.Dataset) -> float:
   return rate
 
 
-def _pipelines(ds: dataset_lib.Dataset) -> dict:
+def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
   keys = np.asarray(ds["ins_id"])
   values = np.random.default_rng(0).standard_normal((len(keys), _D), np.float32)
-  table = input_pipeline.SortedKeyTable(keys, values)
+  table = memory_table.MemoryTable(keys, values)
+  store = os.path.join(tmp, f"store-{ds.schema.dataset}")
+  if not _PIPES.value or "history+store" in _PIPES.value:
+    insemb_table.write(store, keys, values, source="bench", source_step=0,
+                       source_config=None)
   epochs = 1000  # never runs out within the budget
-  return {
+  pipes = {
       "temporal": lambda: input_pipeline.temporal(
           ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs),
       "user_ordered": lambda: input_pipeline.user_ordered(
@@ -130,7 +139,11 @@ def _pipelines(ds: dataset_lib.Dataset) -> dict:
       "history+emb": lambda: input_pipeline.temporal(
           ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
           history_len=_L, table=table),
+      "history+store": lambda: input_pipeline.temporal(
+          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
+          history_len=_L, table=insemb_table.Table(store)),
   }
+  return {k: v for k, v in pipes.items() if not _PIPES.value or k in _PIPES.value}
 
 
 def _throughput(make) -> tuple[float, int, float]:
@@ -173,13 +186,13 @@ def _profile(make, batches: int) -> None:
           f"{os.path.basename(path)}:{line}({func})")
 
 
-def _bench(name: str, ds: dataset_lib.Dataset, rows: list) -> None:
+def _bench(name: str, ds: dataset_lib.Dataset, rows: list, tmp: str) -> None:
   s = ds.schema
   print(f"\n{name}: {ds.num_rows:,} rows, {s.num_users:,} users, train "
         f"{s.split_sizes[0]:,}, {len(s.categorical)} cat, {len(s.dense)} dense, "
         f"{len(s.multi_hot)} multi-hot, seq_len {s.seq_len}")
   ceiling = _ceiling(ds)
-  for pipe, make in _pipelines(ds).items():
+  for pipe, make in _pipelines(ds, tmp).items():
     rate, batches, setup = _throughput(make)
     print(f"  {pipe:13s} {rate:12,.0f} instances/s  ({batches} batches in "
           f"{_BUDGET.value:.0f} s, setup+first batch {setup:.2f} s, ratio to "
@@ -194,11 +207,12 @@ def main(argv) -> None:
   tmp = tempfile.mkdtemp(prefix="bench_pipeline-", dir=_DIR.value)
   rows = []
   try:
-    ml = _build_movielens(tmp)
-    syn = _build_synthetic(tmp)
+    ml = _build_movielens(tmp) if "movielens" in _DATASETS.value else None
+    syn = _build_synthetic(tmp) if "synthetic" in _DATASETS.value else None
     if ml is not None:
-      _bench("movielens", ml, rows)
-    _bench(f"synthetic-{_F.value}f", syn, rows)
+      _bench("movielens", ml, rows, tmp)
+    if syn is not None:
+      _bench(f"synthetic-{_F.value}f", syn, rows, tmp)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   print(f"\n{'dataset':15s} {'pipeline':13s} {'instances/s':>12s} "

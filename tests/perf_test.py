@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from iat_jax import allocator
+from iat_jax.data import input_pipeline
+from iat_jax.data import history
 from iat_jax.models import sequence
+from iat_jax.store import memory_table
 
 import cli_fixtures
 
@@ -84,6 +87,48 @@ class QueryOnlyLastBlockTest(parameterized.TestCase):
     np.testing.assert_allclose(apply(params, query, seq, mask),
                                apply(params, query, noisy, mask),
                                rtol=TOL, atol=TOL)
+
+
+def _lookup_reference(table, batch):
+  """LookupInsEmb as it was: a lookup of every real slot, boolean scatter."""
+  mask = batch["hist_mask"]
+  values, found = table.lookup(batch["hist_ins_id"][mask])
+  out = np.zeros(mask.shape + values.shape[1:], np.float32)
+  out[mask] = values
+  hit = np.zeros_like(mask)
+  hit[mask] = found
+  return {"hist_insemb": out, "hist_mask": hit,
+          "hist_missing": np.int64(len(found) - found.sum())}
+
+
+class PipelineTest(absltest.TestCase):
+
+  def test_deduplicated_lookup_equals_the_per_slot_lookup(self):
+    rng = np.random.default_rng(0)
+    keys = (rng.choice(2**62, 50, replace=False) * 3).astype(np.uint64)  # > 2**63 too
+    values = rng.normal(size=(50, 3)).astype(np.float32)
+    table = memory_table.MemoryTable(keys[::2], values[::2])  # half missing
+    mask = rng.random((7, 6)) < 0.7
+    mask[0] = False  # an instance without history
+    ids = np.where(mask, keys[rng.integers(0, 50, (7, 6))], 0).astype(np.uint64)
+    batch = {"hist_mask": mask, "hist_ins_id": ids}
+    want = _lookup_reference(table, dict(batch))
+    got = input_pipeline.LookupInsEmb(table).map(dict(batch))
+    for k, v in want.items():
+      np.testing.assert_array_equal(got[k], v)
+      self.assertEqual(got[k].dtype, v.dtype)
+    self.assertGreater(int(got["hist_missing"]), 0)
+
+  def test_gap_bucket_matches_log2(self):
+    rng = np.random.default_rng(0)
+    req = rng.integers(0, 2**40, (5,))
+    past = req[:, None] - rng.integers(-100, 2**38, (5, 9))
+    past[0, :3] = req[0] - np.array([0, 60 * (2**20 - 1), 60 * 2**20])
+    mask = rng.random((5, 9)) < 0.8
+    minutes = np.maximum(req[:, None] - past, 0) // 60
+    b = np.floor(np.log2(1.0 + minutes)).astype(np.int32) + 1
+    want = np.where(mask, np.minimum(b, 15), 0).astype(np.int32)
+    np.testing.assert_array_equal(history.gap_bucket(req, past, mask, 16), want)
 
 
 class AllocatorTest(absltest.TestCase):

@@ -173,6 +173,11 @@ class LookupInsEmb(grain.transforms.Map):
 
   Missing keys give zero vectors and are dropped from hist_mask;
   `hist_missing` counts them (a scalar per batch, for metrics).
+
+  The lookup asks for each distinct InsID once (a batch's histories overlap:
+  instances of one user share most of their past), then one `take` spreads
+  the rows over the [..., L] slots, masked slots reading an appended zero row
+  (no zero-filled buffer and boolean scatter).
   """
 
   def __init__(self, table: tables.Lookup):
@@ -180,13 +185,19 @@ class LookupInsEmb(grain.transforms.Map):
 
   def map(self, batch: dict) -> dict:
     mask = batch["hist_mask"]
-    values, found = self.table.lookup(batch["hist_ins_id"][mask])  # real slots only
-    out = np.zeros(mask.shape + values.shape[1:], np.float32)
-    out[mask] = values
-    hit = np.zeros_like(mask)
-    hit[mask] = found
-    batch["hist_insemb"] = out
-    batch["hist_missing"] = np.int64(len(found) - found.sum())
+    flat = mask.reshape(-1)
+    uniq, inv = np.unique(batch["hist_ins_id"].reshape(-1)[flat],
+                          return_inverse=True)  # real slots only
+    values, found = self.table.lookup(uniq)
+    d = values.shape[1:]
+    rows = np.empty((len(uniq) + 1,) + d, np.float32)
+    rows[:-1] = values
+    rows[-1] = 0.0
+    index = np.full(flat.shape, len(uniq), np.int64)
+    index[flat] = inv
+    batch["hist_insemb"] = rows.take(index, axis=0).reshape(mask.shape + d)
+    hit = np.append(found, False).take(index).reshape(mask.shape)
+    batch["hist_missing"] = np.int64(flat.sum() - hit.sum())
     batch["hist_mask"] = hit
     return batch
 
