@@ -146,18 +146,59 @@ def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
   return {k: v for k, v in pipes.items() if not _PIPES.value or k in _PIPES.value}
 
 
-def _throughput(make) -> tuple[float, int, float]:
-  """(instances/s, timed batches, setup s) of one pipeline."""
+def _throughput(make) -> tuple[float, int, float, float]:
+  """(instances/s, timed batches, setup s, instances per CPU-s) of one pipeline.
+
+  CPU seconds (all threads of this process) are less sensitive to a loaded
+  machine than wall seconds.
+  """
   t0 = time.perf_counter()
   it = input_pipeline.iterate(make())
   next(it)  # untimed: epoch order, first touches
   setup = time.perf_counter() - t0
   n = b = 0
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   while b < _MAX_BATCHES.value and time.perf_counter() - t0 < _BUDGET.value:
     n += int(next(it)["mask"].sum())
     b += 1
-  return n / (time.perf_counter() - t0), b, setup
+  cpu = time.process_time() - c0
+  return n / (time.perf_counter() - t0), b, setup, n / max(cpu, 1e-9)
+
+
+def _lookup_before(table, batch: dict) -> dict:
+  """LookupInsEmb before issue 15: every real slot looked up, boolean scatter."""
+  mask = batch["hist_mask"]
+  values, found = table.lookup(batch["hist_ins_id"][mask])
+  out = np.zeros(mask.shape + values.shape[1:], np.float32)
+  out[mask] = values
+  hit = np.zeros_like(mask)
+  hit[mask] = found
+  batch.update(hist_insemb=out, hist_mask=hit,
+               hist_missing=np.int64(len(found) - found.sum()))
+  return batch
+
+
+def _lookup_ratio(ds: dataset_lib.Dataset, tables: dict, batches: int = 20) -> None:
+  """LookupInsEmb alone, before vs after, interleaved on the same batches."""
+  data = input_pipeline.temporal(ds, "train", _BATCH, shuffle_window=_WINDOW,
+                                 history_len=_L)
+  hist = [data[i] for i in range(min(batches, len(data)))]
+  for name, table in tables.items():
+    after = input_pipeline.LookupInsEmb(table)
+    best = {"before": float("inf"), "after": float("inf")}
+    for _ in range(3):
+      for v, fn in (("before", lambda b: _lookup_before(table, b)),
+                    ("after", after.map)):
+        t0 = time.perf_counter()
+        for b in hist:
+          fn(dict(b))
+        best[v] = min(best[v], (time.perf_counter() - t0) / len(hist))
+    uniq = np.mean([len(np.unique(b["hist_ins_id"][b["hist_mask"]])) for b in hist])
+    slots = np.mean([b["hist_mask"].sum() for b in hist])
+    print(f"  LookupInsEmb alone ({name}, {slots:,.0f} real slots, {uniq:,.0f} "
+          f"distinct per batch): before {best['before'] * 1e3:.2f} ms, after "
+          f"{best['after'] * 1e3:.2f} ms per batch = {best['after'] / best['before']:.2f}x"
+          f"  [{_load()}]")
 
 
 def _profile(make, batches: int) -> None:
@@ -192,11 +233,20 @@ def _bench(name: str, ds: dataset_lib.Dataset, rows: list, tmp: str) -> None:
         f"{s.split_sizes[0]:,}, {len(s.categorical)} cat, {len(s.dense)} dense, "
         f"{len(s.multi_hot)} multi-hot, seq_len {s.seq_len}")
   ceiling = _ceiling(ds)
-  for pipe, make in _pipelines(ds, tmp).items():
-    rate, batches, setup = _throughput(make)
-    print(f"  {pipe:13s} {rate:12,.0f} instances/s  ({batches} batches in "
-          f"{_BUDGET.value:.0f} s, setup+first batch {setup:.2f} s, ratio to "
-          f"ceiling {rate / ceiling:.3f})  [{_load()}]")
+  pipes = _pipelines(ds, tmp)
+  if "history+emb" in pipes:
+    keys = np.asarray(ds["ins_id"])
+    values = np.random.default_rng(0).standard_normal((len(keys), _D), np.float32)
+    tabs = {"MemoryTable": memory_table.MemoryTable(keys, values)}
+    store = os.path.join(tmp, f"store-{ds.schema.dataset}")
+    if os.path.exists(store):
+      tabs["Table"] = insemb_table.Table(store)
+    _lookup_ratio(ds, tabs)
+  for pipe, make in pipes.items():
+    rate, batches, setup, per_cpu = _throughput(make)
+    print(f"  {pipe:13s} {rate:12,.0f} instances/s, {per_cpu:12,.0f} per CPU-s "
+          f"({batches} batches in {_BUDGET.value:.0f} s, setup+first batch "
+          f"{setup:.2f} s, ratio to ceiling {rate / ceiling:.3f})  [{_load()}]")
     rows.append((name, pipe, rate, ceiling))
     if rate < _TARGET.value and _PROFILE.value:
       _profile(make, _PROFILE.value)

@@ -13,6 +13,17 @@ Side information: 'hist_labels' [B, L, num_tasks] -> a linear embedding
 (equal to summing one learned vector per positive task plus a bias; works for
 soft labels too); 'hist_gap' [B, L] -> a table of num_gap_buckets rows. The
 encoder is one of `sequence.ENCODERS`, built by `sequence.make_encoder`.
+
+Kept for fidelity with the paper, though linear algebra makes it redundant:
+MLP_adapt's second layer (d_a -> d_a) has no activation after it, and the
+encoder's input projection ('seq_proj', also linear) follows the concat, so
+the two compose into one linear map of E^. Eq. 9 writes MLP_adapt as a
+two-layer MLP, and the stored parameter tree (and every measured table) has
+it, so it stays; it costs 2 B L d_a^2 FLOPs forward, about 3x that per train
+step: 0.40 GFLOPs per step at the demo config (B=256, L=16, d_a=128) and 1.6
+GFLOPs at MovieLens shapes (L=64). Folding it into 'seq_proj' would change
+the parameter tree and the training dynamics (AdamW and weight decay act on
+the factors, not on their product), so it is not done.
 Masked history slots never influence the output; an all-masked history
 (no real past) gives a finite output.
 """
