@@ -1,5 +1,6 @@
 """Function-preserving performance changes compute what they replaced (issue 15)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,12 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from iat_jax import allocator
+from iat_jax import stages
 from iat_jax.data import input_pipeline
 from iat_jax.data import history
 from iat_jax.models import sequence
 from iat_jax.store import memory_table
 
 import cli_fixtures
+import model_fixtures as mf
 
 TOL = 1e-5
 
@@ -118,6 +121,14 @@ class PipelineTest(absltest.TestCase):
       np.testing.assert_array_equal(got[k], v)
       self.assertEqual(got[k].dtype, v.dtype)
     self.assertGreater(int(got["hist_missing"]), 0)
+    compact = input_pipeline.LookupInsEmb(table, compact=True).map(dict(batch))
+    self.assertNotIn("hist_insemb", compact)
+    u = len(compact["hist_insemb_unique"])
+    self.assertEqual(u & (u - 1), 0)  # a power of two
+    np.testing.assert_array_equal(
+        compact["hist_insemb_unique"][compact["hist_index"]], want["hist_insemb"])
+    np.testing.assert_array_equal(compact["hist_mask"], want["hist_mask"])
+    self.assertEqual(compact["hist_missing"], want["hist_missing"])
 
   def test_gap_bucket_matches_log2(self):
     rng = np.random.default_rng(0)
@@ -129,6 +140,47 @@ class PipelineTest(absltest.TestCase):
     b = np.floor(np.log2(1.0 + minutes)).astype(np.int32) + 1
     want = np.where(mask, np.minimum(b, 15), 0).astype(np.int32)
     np.testing.assert_array_equal(history.gap_bucket(req, past, mask, 16), want)
+
+
+def _tiny_run_config():
+  path = os.path.join(cli_fixtures.REPO, "experiments", "configs", "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+class DedupedHistoryTest(absltest.TestCase):
+
+  def test_downstream_same_outputs_and_gradients(self):
+    config = _tiny_run_config()
+    config.model.iat.layers = 2
+    schema = mf.tiny_schema()
+    l, d = config.model.hist_len, config.model.insemb_dim
+    dense = mf.downstream_batch(schema, d, l=l, b=5,
+                                num_gap_buckets=config.model.num_gap_buckets)
+    rng = np.random.default_rng(3)
+    unique = np.zeros((64, d), np.float32)
+    unique[:6] = rng.normal(size=(6, d))  # 6 distinct past instances, repeated
+    index = np.where(dense["hist_mask"], rng.integers(0, 6, dense["hist_mask"].shape),
+                     63).astype(np.int32)
+    dense["hist_insemb"] = np.where(dense["hist_mask"][..., None], unique[index],
+                                    rng.normal(size=unique[index].shape)).astype(
+                                        np.float32)  # padding: anything
+    compact = {k: v for k, v in dense.items() if k != "hist_insemb"}
+    compact.update(hist_insemb_unique=unique, hist_index=index)
+    model = stages.make_model(config, schema, "downstream")
+    params = model.init(jax.random.PRNGKey(0), dense)
+
+    def loss(p, batch):
+      out = model.apply(p, batch)
+      return jnp.sum(out["logits"] ** 2), out
+
+    (_, a), ga = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, dense)
+    (_, b), gb = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, compact)
+    for k in ("logits", "iat_token"):
+      np.testing.assert_allclose(a[k], b[k], rtol=TOL, atol=TOL)
+    _assert_trees_close(self, ga, gb)
 
 
 class AllocatorTest(absltest.TestCase):
