@@ -3,9 +3,11 @@ r"""Train-step cost and throughput (prints figures, ratios and the machine load)
 For a config (default: the demo config), in one process:
   1. the fp32 matmul peak of this machine: the best time of a big jnp.dot;
   2. for each stage (base, source_temporal, downstream) and each variant
-     (`before`: every encoder block computes every token; `after`: the last
-     block computes only the token that is read, see
-     `attention.TransformerBlock(num_queries=...)`), interleaved: XLA FLOPs of
+     (`before`: every encoder block computes every token and the adapt MLP
+     runs on every history slot; `after`: the last block computes only the
+     token that is read, `attention.TransformerBlock(num_queries=...)`, and
+     the adapt MLP runs once per distinct InsEmb, `LookupInsEmb(compact)`),
+     interleaved: XLA FLOPs of
      the compiled train step, steps/s on a fixed device batch, achieved
      FLOP/s as % of the matmul peak, and the process's sys vs user CPU time
      over the timed steps (resource.getrusage); ratios after / before;
@@ -72,9 +74,9 @@ def _load() -> str:
   return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _rusage() -> tuple[float, float]:
+def _rusage() -> tuple[float, float, int]:
   r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime, r.ru_stime
+  return r.ru_utime, r.ru_stime, r.ru_minflt
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -92,10 +94,16 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 @contextlib.contextmanager
 def every_row(enabled: bool):
-  """While enabled, encoders compute every token in every block (`before`)."""
+  """While enabled, the models compute as before issue 15 (`before`).
+
+  Encoders compute every token in every block, and the history InsEmbs come
+  as [B, L, d] (the adapt MLP runs on every slot, not once per distinct one).
+  """
   if not enabled:
     yield
     return
+  temporal = input_pipeline.temporal
+  input_pipeline.temporal = lambda *a, **k: temporal(*a, **{**k, "compact": False})
   classes = {"TransformerEncoder": sequence.TransformerEncoder,
              "LongerEncoder": sequence.LongerEncoder}
   # Same names and fields, query_only defaulting to False (make_encoder
@@ -107,6 +115,7 @@ def every_row(enabled: bool):
   try:
     yield
   finally:
+    input_pipeline.temporal = temporal
     for n, c in classes.items():
       setattr(sequence, n, c)
 
@@ -122,6 +131,7 @@ class _StepBench:
     self.flops = cost.compiled_flops(self.run.train_step)
     self.batch = steps.to_device(self.run.train_data[0], self.run.mesh)
     self.state = self.run.state
+    self.faults = self.timed = 0
     self.instances = (c.users_per_batch * c.data.user_chunk_len
                       if stage == "source_user" else c.batch_size)
     self._step()
@@ -131,14 +141,16 @@ class _StepBench:
     jax.block_until_ready(out)
 
   def time(self, n: int) -> tuple[float, float, float]:
-    """(seconds per step, user s, sys s) over n steps."""
-    u0, s0 = _rusage()
+    """(seconds per step, user s, sys s) over n steps; counts page faults."""
+    u0, s0, f0 = _rusage()
     t = time.perf_counter()
     for _ in range(n):
       self.state, out, _ = self.run.train_step(self.state, self.batch)
     jax.block_until_ready(out)
     sec = (time.perf_counter() - t) / n
-    u1, s1 = _rusage()
+    u1, s1, f1 = _rusage()
+    self.faults += f1 - f0
+    self.timed += n
     return sec, u1 - u0, s1 - s0
 
 
@@ -169,7 +181,8 @@ def section_steps(config, workdir, ds, peak: float) -> None:
             f"steps/s, {b.instances / sec:9,.0f} instances/s, "
             f"{b.flops / sec / 1e9:7.2f} GFLOP/s = {b.flops / sec / peak:6.1%} of "
             f"peak; sys/user {sys_t[v]:.2f}/{user[v]:.2f} s = "
-            f"{sys_t[v] / max(user[v], 1e-9):.1%}  [{_load()}]")
+            f"{sys_t[v] / max(user[v], 1e-9):.1%}, {b.faults / b.timed:,.0f} minor "
+            f"page faults/step  [{_load()}]")
     if {"before", "after"} <= set(benches):
       a, b = benches["after"], benches["before"]
       print(f"  {stage:16s} after/before: FLOPs {a.flops / b.flops:.3f}x, "
