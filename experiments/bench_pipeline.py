@@ -11,6 +11,10 @@ r"""Benchmark: dataset preprocessing and Grain input-pipeline throughput.
      history       temporal + downstream history L=64
      history+emb   the same + `LookupInsEmb` on an in-memory `MemoryTable`
                    holding random d=64 InsEmbs for every ins_id
+     history+store the same InsEmbs from the on-disk `insemb_table.Table`
+     hist+emb/uniq, hist+store/uniq  the same, the InsEmbs deduplicated
+                   (`LookupInsEmb(compact=True)`, as single-process training
+                   reads them): distinct rows [U, d] + an index [B, L]
 3. The ceiling: numpy reading the columns `read_rows` gathers (features,
    labels, ins_id, ts) sequentially through the memmaps, in blocks, with a
    warm page cache, as instances/s; each pipeline's ratio to it.
@@ -38,6 +42,7 @@ from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
 from iat_jax.data import movielens
 from iat_jax.data import synthetic
+from iat_jax.store import insemb_table
 from iat_jax.store import memory_table
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +59,9 @@ _TARGET = flags.DEFINE_float("target", 100_000.0,
                              "Pipelines below this instances/s are profiled.")
 _PROFILE = flags.DEFINE_integer("profile_batches", 20,
                                 "Batches profiled per slow pipeline (0: none).")
+_DATASETS = flags.DEFINE_list("datasets", ["movielens", "synthetic"],
+                              "Datasets to build and benchmark.")
+_PIPES = flags.DEFINE_list("pipelines", None, "Pipelines to time (default: all).")
 _DIR = flags.DEFINE_string("tmp_dir", None,
                            "Parent of the temporary directory (default: TMPDIR).")
 
@@ -61,8 +69,7 @@ _BATCH, _WINDOW, _USERS, _T, _L, _D = 512, 4096, 32, 64, 64, 64
 
 
 def _load() -> str:
-  with open("/proc/loadavg") as f:
-    return "load " + " ".join(f.read().split()[:3])
+  return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _build_movielens(tmp: str) -> dataset_lib.Dataset | None:
@@ -115,12 +122,16 @@ def _ceiling(ds: dataset_lib.Dataset) -> float:
   return rate
 
 
-def _pipelines(ds: dataset_lib.Dataset) -> dict:
+def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
   keys = np.asarray(ds["ins_id"])
   values = np.random.default_rng(0).standard_normal((len(keys), _D), np.float32)
   table = memory_table.MemoryTable(keys, values)
+  store = os.path.join(tmp, f"store-{ds.schema.dataset}")
+  if not _PIPES.value or any("store" in p for p in _PIPES.value):
+    insemb_table.write(store, keys, values, source="bench", source_step=0,
+                       source_config=None)
   epochs = 1000  # never runs out within the budget
-  return {
+  pipes = {
       "temporal": lambda: input_pipeline.temporal(
           ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs),
       "user_ordered": lambda: input_pipeline.user_ordered(
@@ -131,21 +142,75 @@ def _pipelines(ds: dataset_lib.Dataset) -> dict:
       "history+emb": lambda: input_pipeline.temporal(
           ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
           history_len=_L, table=table),
+      "history+store": lambda: input_pipeline.temporal(
+          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
+          history_len=_L, table=insemb_table.Table(store)),
+      # As training reads them on one process: distinct InsEmbs + an index.
+      "hist+emb/uniq": lambda: input_pipeline.temporal(
+          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
+          history_len=_L, table=table, compact=True),
+      "hist+store/uniq": lambda: input_pipeline.temporal(
+          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
+          history_len=_L, table=insemb_table.Table(store), compact=True),
   }
+  return {k: v for k, v in pipes.items() if not _PIPES.value or k in _PIPES.value}
 
 
-def _throughput(make) -> tuple[float, int, float]:
-  """(instances/s, timed batches, setup s) of one pipeline."""
+def _throughput(make) -> tuple[float, int, float, float]:
+  """(instances/s, timed batches, setup s, instances per CPU-s) of one pipeline.
+
+  CPU seconds (all threads of this process) are less sensitive to a loaded
+  machine than wall seconds.
+  """
   t0 = time.perf_counter()
   it = input_pipeline.iterate(make())
   next(it)  # untimed: epoch order, first touches
   setup = time.perf_counter() - t0
   n = b = 0
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   while b < _MAX_BATCHES.value and time.perf_counter() - t0 < _BUDGET.value:
     n += int(next(it)["mask"].sum())
     b += 1
-  return n / (time.perf_counter() - t0), b, setup
+  cpu = time.process_time() - c0
+  return n / (time.perf_counter() - t0), b, setup, n / max(cpu, 1e-9)
+
+
+def _lookup_before(table, batch: dict) -> dict:
+  """LookupInsEmb before issue 15: every real slot looked up, boolean scatter."""
+  mask = batch["hist_mask"]
+  values, found = table.lookup(batch["hist_ins_id"][mask])
+  out = np.zeros(mask.shape + values.shape[1:], np.float32)
+  out[mask] = values
+  hit = np.zeros_like(mask)
+  hit[mask] = found
+  batch.update(hist_insemb=out, hist_mask=hit,
+               hist_missing=np.int64(len(found) - found.sum()))
+  return batch
+
+
+def _lookup_ratio(ds: dataset_lib.Dataset, tables: dict, batches: int = 20) -> None:
+  """LookupInsEmb alone, before vs after, interleaved on the same batches."""
+  data = input_pipeline.temporal(ds, "train", _BATCH, shuffle_window=_WINDOW,
+                                 history_len=_L)
+  hist = [data[i] for i in range(min(batches, len(data)))]
+  for name, table in tables.items():
+    after = input_pipeline.LookupInsEmb(table)
+    uniq_map = input_pipeline.LookupInsEmb(table, compact=True)
+    best = {"before": float("inf"), "after": float("inf"), "uniq": float("inf")}
+    for _ in range(3):
+      for v, fn in (("before", lambda b: _lookup_before(table, b)),
+                    ("after", after.map), ("uniq", uniq_map.map)):
+        t0 = time.perf_counter()
+        for b in hist:
+          fn(dict(b))
+        best[v] = min(best[v], (time.perf_counter() - t0) / len(hist))
+    uniq = np.mean([len(np.unique(b["hist_ins_id"][b["hist_mask"]])) for b in hist])
+    slots = np.mean([b["hist_mask"].sum() for b in hist])
+    print(f"  LookupInsEmb alone ({name}, {slots:,.0f} real slots, {uniq:,.0f} "
+          f"distinct per batch): before {best['before'] * 1e3:.2f} ms, after "
+          f"{best['after'] * 1e3:.2f} ms = {best['after'] / best['before']:.2f}x, "
+          f"compact {best['uniq'] * 1e3:.2f} ms = {best['uniq'] / best['before']:.2f}x"
+          f" per batch  [{_load()}]")
 
 
 def _profile(make, batches: int) -> None:
@@ -174,17 +239,26 @@ def _profile(make, batches: int) -> None:
           f"{os.path.basename(path)}:{line}({func})")
 
 
-def _bench(name: str, ds: dataset_lib.Dataset, rows: list) -> None:
+def _bench(name: str, ds: dataset_lib.Dataset, rows: list, tmp: str) -> None:
   s = ds.schema
   print(f"\n{name}: {ds.num_rows:,} rows, {s.num_users:,} users, train "
         f"{s.split_sizes[0]:,}, {len(s.categorical)} cat, {len(s.dense)} dense, "
         f"{len(s.multi_hot)} multi-hot, seq_len {s.seq_len}")
   ceiling = _ceiling(ds)
-  for pipe, make in _pipelines(ds).items():
-    rate, batches, setup = _throughput(make)
-    print(f"  {pipe:13s} {rate:12,.0f} instances/s  ({batches} batches in "
-          f"{_BUDGET.value:.0f} s, setup+first batch {setup:.2f} s, ratio to "
-          f"ceiling {rate / ceiling:.3f})  [{_load()}]")
+  pipes = _pipelines(ds, tmp)
+  if "history+emb" in pipes:
+    keys = np.asarray(ds["ins_id"])
+    values = np.random.default_rng(0).standard_normal((len(keys), _D), np.float32)
+    tabs = {"MemoryTable": memory_table.MemoryTable(keys, values)}
+    store = os.path.join(tmp, f"store-{ds.schema.dataset}")
+    if os.path.exists(store):
+      tabs["Table"] = insemb_table.Table(store)
+    _lookup_ratio(ds, tabs)
+  for pipe, make in pipes.items():
+    rate, batches, setup, per_cpu = _throughput(make)
+    print(f"  {pipe:13s} {rate:12,.0f} instances/s, {per_cpu:12,.0f} per CPU-s "
+          f"({batches} batches in {_BUDGET.value:.0f} s, setup+first batch "
+          f"{setup:.2f} s, ratio to ceiling {rate / ceiling:.3f})  [{_load()}]")
     rows.append((name, pipe, rate, ceiling))
     if rate < _TARGET.value and _PROFILE.value:
       _profile(make, _PROFILE.value)
@@ -195,11 +269,12 @@ def main(argv) -> None:
   tmp = tempfile.mkdtemp(prefix="bench_pipeline-", dir=_DIR.value)
   rows = []
   try:
-    ml = _build_movielens(tmp)
-    syn = _build_synthetic(tmp)
+    ml = _build_movielens(tmp) if "movielens" in _DATASETS.value else None
+    syn = _build_synthetic(tmp) if "synthetic" in _DATASETS.value else None
     if ml is not None:
-      _bench("movielens", ml, rows)
-    _bench(f"synthetic-{_F.value}f", syn, rows)
+      _bench("movielens", ml, rows, tmp)
+    if syn is not None:
+      _bench(f"synthetic-{_F.value}f", syn, rows, tmp)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   print(f"\n{'dataset':15s} {'pipeline':13s} {'instances/s':>12s} "

@@ -13,6 +13,10 @@ exit status 1, without a traceback.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: re-exec costs ~0.1 s
+  from iat_jax import allocator
+  allocator.ensure()
+
 import errno
 import gc
 import json
@@ -27,6 +31,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from iat_jax import allocator
 from iat_jax import checkpointing
 from iat_jax import configs
 from iat_jax import distributed
@@ -126,6 +131,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_logger().addFilter(_quiet_orbax)
+  logging.info("allocator settings at start: %s", allocator.at_start() or "none")
   config = _CONFIG.value
   workdir, mode = os.path.abspath(_WORKDIR.value), _MODE.value  # Orbax wants absolute
   lock = None
@@ -167,7 +173,8 @@ def _parse_flags(argv):
 
 
 def run() -> None:
-  """Console-script entry point."""
+  """Console-script entry point (re-executes once with `allocator.SETTINGS`)."""
+  allocator.ensure()
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -18,6 +18,7 @@ import sys
 from absl import app
 from absl import flags
 
+from iat_jax import allocator
 from iat_jax import launch_lib
 
 _N = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
@@ -36,7 +37,8 @@ def main(argv: list[str]) -> None:
   if _DRY_RUN.value:
     print("\n".join(launch_lib.shell_join(c) for c in cmds))
     return
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  # glibc malloc settings (iat_jax/allocator.py) set here: no re-exec per process.
+  env = {**allocator.environ(os.environ), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   procs = [subprocess.Popen(c, env=env) for c in cmds]
   codes = [p.wait() for p in procs]
   if any(codes):

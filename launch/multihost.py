@@ -20,6 +20,7 @@ import sys
 from absl import app
 from absl import flags
 
+from iat_jax import allocator
 from iat_jax import launch_lib
 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -45,7 +46,8 @@ def main(argv: list[str]) -> None:
   if _DRY_RUN.value:
     print(launch_lib.shell_join(cmd))
     return
-  sys.exit(subprocess.call(cmd))
+  # glibc malloc settings (iat_jax/allocator.py) set here: no re-exec needed.
+  sys.exit(subprocess.call(cmd, env=allocator.environ()))
 
 
 if __name__ == "__main__":

@@ -106,4 +106,6 @@ fi
 main_cmd=$(quote "$PYTHON" -m iat_jax.main --config="$CONFIG" --workdir="$workdir" \
   --mode="$MODE" --config.distributed=True "$@")
 mount_cmd="mkdir -p $(quote "$MOUNT"); mountpoint -q $(quote "$MOUNT") || gcsfuse --implicit-dirs $(quote "$bucket_name" "$MOUNT")"
-on_all_workers "set -e; ${mount_cmd}; mkdir -p $(quote "$workdir"); cd $(quote "$REPO_DIR"); ${main_cmd}"
+# glibc malloc settings that keep freed memory between steps (iat_jax/allocator.py).
+malloc_env="export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824"
+on_all_workers "set -e; ${mount_cmd}; mkdir -p $(quote "$workdir"); ${malloc_env}; cd $(quote "$REPO_DIR"); ${main_cmd}"

@@ -72,5 +72,6 @@ def gap_bucket(request_ts: np.ndarray, past_ts: np.ndarray, mask: np.ndarray,
     num_buckets: vocabulary size of the bucket ids (0 = padding).
   """
   minutes = np.maximum(request_ts[..., None] - past_ts, 0) // 60
-  b = np.floor(np.log2(1.0 + minutes)).astype(np.int32) + 1
+  # floor(log2(1 + m)) + 1 is the binary exponent frexp returns (exact).
+  b = np.frexp((1 + minutes).astype(np.float64))[1].astype(np.int32)
   return np.where(mask, np.minimum(b, num_buckets - 1), 0).astype(np.int32)

@@ -30,7 +30,7 @@ would see (a 2-process run trains the same model as a 1-process run).
 Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
   model inputs: cat, dense, mh_<name>, seq_item, seq_category, seq_action,
     labels, mask, and with history: hist_mask, hist_labels, hist_gap
-    (+ hist_insemb after `LookupInsEmb`);
+    (+ hist_insemb, or hist_insemb_unique and hist_index, after `LookupInsEmb`);
   host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts,
     past_row, hist_missing.
 """
@@ -173,20 +173,48 @@ class LookupInsEmb(grain.transforms.Map):
 
   Missing keys give zero vectors and are dropped from hist_mask;
   `hist_missing` counts them (a scalar per batch, for metrics).
+
+  The lookup asks for each distinct InsID once (a batch's histories overlap:
+  instances of one user share most of their past), then one `take` spreads
+  the rows over the [..., L] slots, masked slots reading an appended zero row
+  (no zero-filled buffer and boolean scatter).
+
+  With `compact`, the batch gets the distinct InsEmbs instead:
+  hist_insemb_unique [U, d] (U = distinct InsIDs + 1 zero row, rounded up to a
+  power of two >= 64, so a run compiles a handful of shapes) and hist_index
+  int32 [..., L] (masked slots point at a zero row); the model gathers after
+  its per-token adapt MLP (`iat.IATBranch`), which then runs U times instead
+  of B x L times. hist_insemb = hist_insemb_unique[hist_index] exactly.
+  Single-process only: U is not a batch axis.
   """
 
-  def __init__(self, table: tables.Lookup):
+  def __init__(self, table: tables.Lookup, compact: bool = False):
     self.table = table
+    self.compact = compact
 
   def map(self, batch: dict) -> dict:
     mask = batch["hist_mask"]
-    values, found = self.table.lookup(batch["hist_ins_id"][mask])  # real slots only
-    out = np.zeros(mask.shape + values.shape[1:], np.float32)
-    out[mask] = values
-    hit = np.zeros_like(mask)
-    hit[mask] = found
-    batch["hist_insemb"] = out
-    batch["hist_missing"] = np.int64(len(found) - found.sum())
+    flat = mask.reshape(-1)
+    uniq, inv = np.unique(batch["hist_ins_id"].reshape(-1)[flat],
+                          return_inverse=True)  # real slots only
+    values, found = self.table.lookup(uniq)
+    d = values.shape[1:]
+    n = len(uniq) + 1
+    if self.compact:
+      n = max(64, 1 << (n - 1).bit_length())
+    rows = np.zeros((n,) + d, np.float32)
+    rows[:len(uniq)] = values
+    index = np.full(flat.shape, len(uniq), np.int64)
+    index[flat] = inv
+    if self.compact:
+      batch["hist_insemb_unique"] = rows
+      batch["hist_index"] = index.astype(np.int32).reshape(mask.shape)
+    else:
+      batch["hist_insemb"] = rows.take(index, axis=0).reshape(mask.shape + d)
+    hit = np.zeros(n, bool)
+    hit[:len(uniq)] = found
+    hit = hit.take(index).reshape(mask.shape)
+    batch["hist_missing"] = np.int64(flat.sum() - hit.sum())
     batch["hist_mask"] = hit
     return batch
 
@@ -276,12 +304,13 @@ def stream(ds: dataset_lib.Dataset, splits: tuple[str, ...], batch_size: int,
 
 def _assemble(source: EpochBatches, read: grain.transforms.Map,
               ds: dataset_lib.Dataset, history_len: int | None,
-              num_gap_buckets: int, table: tables.Lookup | None) -> grain.MapDataset:
+              num_gap_buckets: int, table: tables.Lookup | None,
+              compact: bool = False) -> grain.MapDataset:
   data = grain.MapDataset.source(source).map(read)
   if history_len is not None:
     data = data.map(AddHistory(ds, history_len, num_gap_buckets))
     if table is not None:
-      data = data.map(LookupInsEmb(table))
+      data = data.map(LookupInsEmb(table, compact))
   return data
 
 
@@ -309,7 +338,8 @@ def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
              seed: int = 0, shuffle_window: int = 0, num_epochs: int = 1,
              process_index: int = 0, process_count: int = 1,
              history_len: int | None = None, num_gap_buckets: int = 16,
-             table: tables.Lookup | None = None) -> grain.MapDataset:
+             table: tables.Lookup | None = None,
+             compact: bool = False) -> grain.MapDataset:
   """Time-ordered batches of one split.
 
   Args:
@@ -323,6 +353,7 @@ def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
     history_len: L; if set, adds the downstream history (`AddHistory`).
     num_gap_buckets: vocabulary of the history time-gap buckets.
     table: if set (with history_len), adds hist_insemb (`LookupInsEmb`).
+    compact: distinct InsEmbs + an index instead (`LookupInsEmb`).
 
   Returns:
     A Grain MapDataset (one element per global batch, len = batches x epochs)
@@ -332,7 +363,7 @@ def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
   source = EpochBatches(len(rows), batch_size, num_epochs,
                         lambda e: window_shuffle(rows, shuffle_window, seed, e))
   read = ReadInstances(ds, ProcessSlice(process_index, process_count))
-  return _assemble(source, read, ds, history_len, num_gap_buckets, table)
+  return _assemble(source, read, ds, history_len, num_gap_buckets, table, compact)
 
 
 CHUNK_ORDERS = ("shuffle", "users", "reversed")

@@ -102,6 +102,15 @@ class TransformerBlock(nn.Module):
 
   x [..., Q, W]; kv [..., K, Wk] or None for self-attention; mask broadcastable
   to [..., Q, K] -> [..., Q, W].
+
+  `num_queries=n` computes only the first n rows of the output ([..., n, W]):
+  the same function restricted to those rows, with the same parameters. Every
+  token still enters the keys and values; only the query projection, the
+  attention rows, the output projection, the residual, the FFN and its
+  LayerNorm are limited to the n rows. Encoders whose output is read at token
+  0 only use it in their last block (1 row instead of 1+S). Without dropout
+  the rows equal the full block's up to float rounding; with dropout in
+  training they follow the same distribution but draw different masks.
   """
   # Number of attention heads.
   num_heads: int
@@ -116,13 +125,19 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, kv: Array | None = None, *,
-               train: bool = False) -> Array:
+               train: bool = False, num_queries: int | None = None) -> Array:
     width = x.shape[-1]
-    h = layers.layer_norm(dtype=self.dtype, name="ln_attn")(x)
-    if kv is None:
-      kv_in = h
+    n = num_queries
+    if kv is None:  # self-attention: every token is a key, rows [:n] query
+      kv_in = layers.layer_norm(dtype=self.dtype, name="ln_attn")(x)
+      h = kv_in if n is None else kv_in[..., :n, :]  # LayerNorm is per token
     else:
+      h = layers.layer_norm(dtype=self.dtype, name="ln_attn")(
+          x if n is None else x[..., :n, :])
       kv_in = layers.layer_norm(dtype=self.dtype, name="ln_kv")(kv)
+    if n is not None:
+      x = x[..., :n, :]
+      mask = mask[..., :n, :]  # a broadcast (size-1) query axis stays 1
     y = MultiHeadAttention(self.num_heads, out_features=width,
                            dropout_rate=self.dropout_rate, dtype=self.dtype,
                            name="attn")(h, kv_in, mask, train=train)

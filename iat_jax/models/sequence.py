@@ -104,6 +104,9 @@ class TransformerEncoder(nn.Module):
   dropout_rate: float = 0.0
   # Compute dtype.
   dtype: layers.Dtype = jnp.float32
+  # Last block computes the candidate row only (the one read); False = every
+  # row, the same function at (1+S)x the cost there (a reference for tests).
+  query_only: bool = True
 
   @nn.compact
   def __call__(self, query: Array, seq: Array, mask: Array,
@@ -116,10 +119,12 @@ class TransformerEncoder(nn.Module):
     valid = jnp.concatenate([jnp.ones_like(mask[..., :1]), mask], axis=-1)
     m = attention.key_padding_mask(valid)
     for i in range(self.num_layers):
+      last = self.query_only and i == self.num_layers - 1
       x = attention.TransformerBlock(
           self.num_heads, self.ffn_mult * self.width,
           dropout_rate=self.dropout_rate, dtype=self.dtype,
-          name=f"block_{i}")(x, m, train=train)
+          name=f"block_{i}")(x, m, train=train,
+                             num_queries=1 if last else None)
     return layers.layer_norm(dtype=self.dtype, name="ln_out")(x[..., 0, :])
 
 
@@ -155,6 +160,9 @@ class LongerEncoder(nn.Module):
   dropout_rate: float = 0.0
   # Compute dtype.
   dtype: layers.Dtype = jnp.float32
+  # Last block (the cross block when num_layers = 0) computes the candidate
+  # query only (the one read); False = every query (a reference for tests).
+  query_only: bool = True
 
   def _block(self, name: str) -> attention.TransformerBlock:
     return attention.TransformerBlock(
@@ -209,11 +217,16 @@ class LongerEncoder(nn.Module):
       return ((qidx[:, None] < 0) | (kidx[None, :] < 0)
               | (kidx[None, :] >= qidx[:, None]))
 
+    def rows(last):  # the candidate global token is query 0
+      return 1 if self.query_only and last else None
+
     cross_mask = jnp.asarray(rule(qi, ki)) & kv_valid[..., None, :]
-    y = self._block("cross")(q, cross_mask, kv, train=train)
+    y = self._block("cross")(q, cross_mask, kv, train=train,
+                             num_queries=rows(self.num_layers == 0))
     self_mask = jnp.asarray(rule(qi, qi)) & q_valid[..., None, :]
     for i in range(self.num_layers):
-      y = self._block(f"self_{i}")(y, self_mask, train=train)
+      y = self._block(f"self_{i}")(y, self_mask, train=train,
+                                   num_queries=rows(i == self.num_layers - 1))
     return layers.layer_norm(dtype=self.dtype, name="ln_out")(y[..., 0, :])
 
 

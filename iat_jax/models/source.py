@@ -5,6 +5,13 @@ All three share the submodules 'trunk', 'compress', 'decompress', 'heads' (and
 a user-order model trained in batch continues as the streaming model.
 
   TemporalSource  (Eq. 4-5) e = act(h W_c + b_c); h' = MLP(e); logits(h').
+                  Decompress's last layer (hidden -> D) has no activation and
+                  the heads are linear, so W_2 and the heads compose into one
+                  hidden -> num_tasks map. It is kept for fidelity with Eq. 5
+                  (h' back at width D, as in the paper, and the shared
+                  'decompress' parameters that move between the source models):
+                  2 B hidden D FLOPs forward, ~3x per train step (50 MFLOPs at
+                  the demo config, B=256, hidden=128, D=256).
   UserSource      (Eq. 6)   batch [B_users, T, ...] (each row one user's chunk,
                   oldest first, dummies have mask False). E = compress(H);
                   E' = SIT(E) with causal AND padding masks; logits(MLP(E')).

@@ -49,9 +49,10 @@ def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
     return input_pipeline.user_ordered(ds, split, users, t,
                                        order=order or ("shuffle" if train else "users"),
                                        **common)
+  # One process: the InsEmbs travel deduplicated (`LookupInsEmb(compact)`).
   history = dict(history_len=config.model.hist_len,
-                 num_gap_buckets=config.model.num_gap_buckets,
-                 table=table) if batch_order == "history" else {}
+                 num_gap_buckets=config.model.num_gap_buckets, table=table,
+                 compact=jax.process_count() == 1) if batch_order == "history" else {}
   return input_pipeline.temporal(
       ds, split, config.batch_size if train else config.eval_batch_size,
       shuffle_window=config.shuffle_window if train else 0, **common, **history)
@@ -70,6 +71,36 @@ class _Preemption:
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._old)
+
+
+class PerShape:
+  """A jitted step compiled ahead of time once per batch shape signature.
+
+  Batches have one shape except for deduplicated history InsEmbs
+  (hist_insemb_unique [U, d], U a power of two), so a run compiles a few.
+  `cost_analysis()` is the first (the sample batch's) executable's.
+  """
+
+  def __init__(self, jitted, state, sample):
+    self._jitted = jitted
+    self._compiled = {}
+    self.first = self._get(state, sample)
+
+  @staticmethod
+  def _key(batch) -> tuple:
+    return tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+
+  def _get(self, state, batch):
+    key = self._key(batch)
+    if key not in self._compiled:
+      self._compiled[key] = self._jitted.lower(state, batch).compile()
+    return self._compiled[key]
+
+  def __call__(self, state, batch):
+    return self._get(state, batch)(state, batch)
+
+  def cost_analysis(self):
+    return self.first.cost_analysis()
 
 
 class Run:
@@ -100,10 +131,10 @@ class Run:
     tx = steps.make_optimizer(config, self.num_steps)
     self.state, self.shardings = steps.create_state(
         self.model, tx, sample, config.seed, self.mesh, self.rules)
-    # Compiled once, ahead of time: the same executable runs and is costed.
-    self.train_step = steps.make_train_step(
-        self.model, self.shardings, self.mesh, self.rules, aux).lower(
-            self.state, sample).compile()
+    # Compiled ahead of time per batch shape (the first one now): the same
+    # executables run and are costed.
+    self.train_step = PerShape(steps.make_train_step(
+        self.model, self.shardings, self.mesh, self.rules, aux), self.state, sample)
     self.eval_step = steps.make_eval_step(
         self.model, self.shardings.params, self.mesh, self.rules,
         outputs=("probs", "insemb") if stages.get(config.stage).exports else ("probs",))

@@ -1,0 +1,82 @@
+"""glibc malloc settings that keep freed memory, applied at process start.
+
+XLA's per-step temporary buffer (and the host batch arrays) are larger than
+glibc's mmap threshold, so with the defaults every step maps fresh pages
+(zeroed by the kernel, one page fault per 4 KiB) and unmaps them when the
+step ends: measured 19% of a CPU training run's time in the kernel. With
+`MALLOC_MMAP_MAX_=0` large blocks come from the heap instead, and with a large
+`MALLOC_TRIM_THRESHOLD_` freed heap memory is kept for the next step rather
+than returned to the kernel. The process's resident memory then stays at its
+peak instead of falling between steps.
+
+glibc reads these variables once, when the process starts, so setting them
+from Python is too late: `ensure()` re-executes the process once with them
+added (values already in the environment win). `iat_jax.main` calls it
+first; the launchers set the variables themselves (`environ`), so their
+processes need no re-exec.
+
+Opt out with IAT_JAX_KEEP_MALLOC=1 (nothing is changed). Non-Linux hosts and
+non-glibc C libraries are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Mapping
+
+SETTINGS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# Set to 1 to leave the allocator alone.
+OPT_OUT = "IAT_JAX_KEEP_MALLOC"
+# Set in the re-executed process, so it never re-executes again.
+MARKER = "IAT_JAX_MALLOC_REEXEC"
+
+
+def applies() -> bool:
+  """Whether the settings mean anything here (Linux with glibc)."""
+  return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def environ(env: Mapping[str, str] | None = None) -> dict[str, str]:
+  """`env` (default os.environ) plus the settings it lacks (unless opted out)."""
+  env = dict(os.environ if env is None else env)
+  if env.get(OPT_OUT, "") not in ("", "0"):
+    return env
+  return {**SETTINGS, **env}
+
+
+def missing(env: Mapping[str, str] | None = None) -> dict[str, str]:
+  """The settings `env` (default os.environ) lacks."""
+  env = os.environ if env is None else env
+  return {k: v for k, v in SETTINGS.items() if k not in env}
+
+
+def ensure() -> None:
+  """Re-executes this process once with the settings, if they are missing.
+
+  Returns normally when nothing is to be done: settings present, opted out,
+  already re-executed (the marker), or not glibc. Otherwise never returns.
+  """
+  env = os.environ
+  if (env.get(OPT_OUT, "") not in ("", "0") or env.get(MARKER)
+      or not missing(env) or not applies()):
+    return
+  new = {**environ(env), MARKER: "1"}
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, list(sys.orig_argv), new)
+
+
+def at_start() -> dict[str, str]:
+  """The allocator variables this process started with (/proc/self/environ).
+
+  os.environ can be changed later; /proc/self/environ is what glibc read.
+  """
+  try:
+    with open("/proc/self/environ", "rb") as f:
+      pairs = [p.split(b"=", 1) for p in f.read().split(b"\0") if b"=" in p]
+  except OSError:
+    return {}
+  start = {k.decode(): v.decode() for k, v in pairs}
+  return {k: start[k] for k in (*SETTINGS, OPT_OUT) if k in start}

@@ -1,0 +1,245 @@
+"""Function-preserving performance changes compute what they replaced (issue 15)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iat_jax import allocator
+from iat_jax import stages
+from iat_jax.data import input_pipeline
+from iat_jax.data import history
+from iat_jax.models import sequence
+from iat_jax.store import memory_table
+
+import cli_fixtures
+import model_fixtures as mf
+
+TOL = 1e-5
+_OPT = []
+
+
+def setUpModule():
+  # Compiling with XLA's optimizations mostly off saves these tests' time
+  # (measured ~40% of CPU time); both sides of a comparison compile alike.
+  _OPT.append(jax.config.values["jax_disable_most_optimizations"])
+  jax.config.update("jax_disable_most_optimizations", True)
+
+
+def tearDownModule():
+  jax.config.update("jax_disable_most_optimizations", _OPT.pop())
+
+
+def _encoder_inputs(seed=0, n=6, s=7, dq=5, ds=6):
+  rng = np.random.default_rng(seed)
+  query = rng.normal(size=(n, dq)).astype(np.float32)
+  seq = rng.normal(size=(n, s, ds)).astype(np.float32)
+  lengths = np.array([0, 1, 3, s, s - 1, 2])[:n]  # an empty history, padding
+  mask = np.arange(s) < lengths[:, None]
+  profile = rng.normal(size=(n, 1, 4)).astype(np.float32)
+  return query, seq, mask, profile
+
+
+def _encoders(kind, num_layers):
+  if kind == "transformer":
+    make = lambda q: sequence.TransformerEncoder(  # noqa: E731
+        8, num_heads=2, num_layers=num_layers, max_len=8, query_only=q)
+  elif kind == "longer":
+    make = lambda q: sequence.LongerEncoder(  # noqa: E731
+        8, num_heads=2, num_layers=num_layers, merge=2, recent_k=2, max_len=8,
+        query_only=q)
+  else:  # longer without merge
+    make = lambda q: sequence.LongerEncoder(  # noqa: E731
+        8, num_heads=2, num_layers=num_layers, merge=1, recent_k=3, max_len=8,
+        query_only=q)
+  return make(True), make(False)
+
+
+def _assert_trees_close(test, a, b):
+  jax.tree_util.tree_map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=TOL, atol=TOL), a, b)
+  test.assertEqual(jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b))
+
+
+class QueryOnlyLastBlockTest(parameterized.TestCase):
+
+  @parameterized.parameters(("transformer", 1), ("transformer", 2),
+                            ("longer", 0), ("longer_nomerge", 2))
+  def test_same_function_outputs_and_gradients(self, kind, num_layers):
+    fast, full = _encoders(kind, num_layers)
+    query, seq, mask, profile = _encoder_inputs()
+    params = jax.jit(full.init)(jax.random.PRNGKey(1), query, seq, mask, profile)
+    params_fast = jax.jit(fast.init)(jax.random.PRNGKey(1), query, seq, mask,
+                                     profile)
+    _assert_trees_close(self, params, params_fast)  # same tree, same init
+
+    def loss(model):
+      def f(p, q, s):
+        out = model.apply(p, q, s, mask, profile)
+        return jnp.sum(out * jnp.arange(out.shape[-1])), out
+      return f
+
+    g_fast, out_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2),
+                                        has_aux=True))(params, query, seq)
+    g_full, out_full = jax.jit(jax.grad(loss(full), argnums=(0, 1, 2),
+                                        has_aux=True))(params, query, seq)
+    self.assertTrue(np.isfinite(out_fast).all())
+    np.testing.assert_allclose(out_fast, out_full, rtol=TOL, atol=TOL)
+    _assert_trees_close(self, g_fast, g_full)
+
+  def test_padding_never_leaks(self):
+    fast, _ = _encoders("transformer", 2)
+    query, seq, mask, profile = _encoder_inputs()
+    params = jax.jit(fast.init)(jax.random.PRNGKey(0), query, seq, mask, profile)
+    noisy = np.where(mask[..., None], seq, 1e3)
+    apply = jax.jit(fast.apply)
+    np.testing.assert_allclose(apply(params, query, seq, mask),
+                               apply(params, query, noisy, mask),
+                               rtol=TOL, atol=TOL)
+
+
+def _lookup_reference(table, batch):
+  """LookupInsEmb as it was: a lookup of every real slot, boolean scatter."""
+  mask = batch["hist_mask"]
+  values, found = table.lookup(batch["hist_ins_id"][mask])
+  out = np.zeros(mask.shape + values.shape[1:], np.float32)
+  out[mask] = values
+  hit = np.zeros_like(mask)
+  hit[mask] = found
+  return {"hist_insemb": out, "hist_mask": hit,
+          "hist_missing": np.int64(len(found) - found.sum())}
+
+
+class PipelineTest(absltest.TestCase):
+
+  def test_deduplicated_lookup_equals_the_per_slot_lookup(self):
+    rng = np.random.default_rng(0)
+    keys = (rng.choice(2**62, 50, replace=False) * 3).astype(np.uint64)  # > 2**63 too
+    values = rng.normal(size=(50, 3)).astype(np.float32)
+    table = memory_table.MemoryTable(keys[::2], values[::2])  # half missing
+    mask = rng.random((7, 6)) < 0.7
+    mask[0] = False  # an instance without history
+    ids = np.where(mask, keys[rng.integers(0, 50, (7, 6))], 0).astype(np.uint64)
+    batch = {"hist_mask": mask, "hist_ins_id": ids}
+    want = _lookup_reference(table, dict(batch))
+    got = input_pipeline.LookupInsEmb(table).map(dict(batch))
+    for k, v in want.items():
+      np.testing.assert_array_equal(got[k], v)
+      self.assertEqual(got[k].dtype, v.dtype)
+    self.assertGreater(int(got["hist_missing"]), 0)
+    compact = input_pipeline.LookupInsEmb(table, compact=True).map(dict(batch))
+    self.assertNotIn("hist_insemb", compact)
+    u = len(compact["hist_insemb_unique"])
+    self.assertEqual(u & (u - 1), 0)  # a power of two
+    np.testing.assert_array_equal(
+        compact["hist_insemb_unique"][compact["hist_index"]], want["hist_insemb"])
+    np.testing.assert_array_equal(compact["hist_mask"], want["hist_mask"])
+    self.assertEqual(compact["hist_missing"], want["hist_missing"])
+
+  def test_gap_bucket_matches_log2(self):
+    rng = np.random.default_rng(0)
+    req = rng.integers(0, 2**40, (5,))
+    past = req[:, None] - rng.integers(-100, 2**38, (5, 9))
+    past[0, :3] = req[0] - np.array([0, 60 * (2**20 - 1), 60 * 2**20])
+    mask = rng.random((5, 9)) < 0.8
+    minutes = np.maximum(req[:, None] - past, 0) // 60
+    b = np.floor(np.log2(1.0 + minutes)).astype(np.int32) + 1
+    want = np.where(mask, np.minimum(b, 15), 0).astype(np.int32)
+    np.testing.assert_array_equal(history.gap_bucket(req, past, mask, 16), want)
+
+
+def _tiny_run_config():
+  path = os.path.join(cli_fixtures.REPO, "experiments", "configs", "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+class DedupedHistoryTest(absltest.TestCase):
+
+  def test_downstream_same_outputs_and_gradients(self):
+    config = _tiny_run_config()
+    config.model.iat.layers = 2
+    schema = mf.tiny_schema()
+    l, d = config.model.hist_len, config.model.insemb_dim
+    dense = mf.downstream_batch(schema, d, l=l, b=5,
+                                num_gap_buckets=config.model.num_gap_buckets)
+    rng = np.random.default_rng(3)
+    unique = np.zeros((64, d), np.float32)
+    unique[:6] = rng.normal(size=(6, d))  # 6 distinct past instances, repeated
+    index = np.where(dense["hist_mask"], rng.integers(0, 6, dense["hist_mask"].shape),
+                     63).astype(np.int32)
+    dense["hist_insemb"] = np.where(dense["hist_mask"][..., None], unique[index],
+                                    rng.normal(size=unique[index].shape)).astype(
+                                        np.float32)  # padding: anything
+    compact = {k: v for k, v in dense.items() if k != "hist_insemb"}
+    compact.update(hist_insemb_unique=unique, hist_index=index)
+    model = stages.make_model(config, schema, "downstream")
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), dense)
+
+    def loss(p, batch):
+      out = model.apply(p, batch)
+      return jnp.sum(out["logits"] ** 2), out
+
+    (_, a), ga = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, dense)
+    (_, b), gb = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, compact)
+    for k in ("logits", "iat_token"):
+      np.testing.assert_allclose(a[k], b[k], rtol=TOL, atol=TOL)
+    _assert_trees_close(self, ga, gb)
+
+
+class AllocatorTest(absltest.TestCase):
+  """`python -m iat_jax.main` re-executes itself once with the malloc settings."""
+
+  BAD_STAGE = "--config.stage=no_such_stage"  # fails right after the log line
+
+  def _started_with(self, proc):
+    (line,) = [l for l in proc.stderr.splitlines()
+               if "allocator settings at start:" in l]
+    return line.split("allocator settings at start:", 1)[1].strip()
+
+  def _run(self, **env):
+    base = {k: v for k, v in cli_fixtures.ENV.items()
+            if k not in (*allocator.SETTINGS, allocator.OPT_OUT, allocator.MARKER)}
+    with tempfile.TemporaryDirectory() as workdir:
+      return subprocess.run(
+          [sys.executable, "-m", "iat_jax.main",
+           *cli_fixtures.main_args(workdir, "train", self.BAD_STAGE)],
+          cwd=cli_fixtures.REPO, env={**base, **env}, capture_output=True,
+          text=True, timeout=300)
+
+  def test_child_starts_with_the_settings(self):
+    if not allocator.applies():
+      self.skipTest("not glibc")
+    proc = self._run()
+    self.assertIn("no_such_stage", proc.stderr)  # it ran main(), then failed
+    self.assertEqual(self._started_with(proc), str(allocator.SETTINGS))
+
+  def test_own_values_win_and_opt_out(self):
+    if not allocator.applies():
+      self.skipTest("not glibc")
+    own = self._run(MALLOC_MMAP_MAX_="7")
+    self.assertEqual(self._started_with(own), str(
+        {"MALLOC_MMAP_MAX_": "7",
+         "MALLOC_TRIM_THRESHOLD_": allocator.SETTINGS["MALLOC_TRIM_THRESHOLD_"]}))
+    out = self._run(IAT_JAX_KEEP_MALLOC="1")
+    self.assertEqual(self._started_with(out), str({allocator.OPT_OUT: "1"}))
+
+  def test_environ(self):
+    self.assertEqual(allocator.environ({"A": "1"}), {**allocator.SETTINGS, "A": "1"})
+    self.assertEqual(allocator.environ({"MALLOC_MMAP_MAX_": "3"})["MALLOC_MMAP_MAX_"],
+                     "3")
+    self.assertEqual(allocator.environ({allocator.OPT_OUT: "1"}),
+                     {allocator.OPT_OUT: "1"})
+
+
+if __name__ == "__main__":
+  absltest.main()
