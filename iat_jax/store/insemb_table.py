@@ -163,12 +163,18 @@ def _shard_bounds(keys: np.ndarray, shard_bits: int) -> np.ndarray:
   return np.searchsorted(shard, np.arange(2**shard_bits + 1, dtype=np.uint64))
 
 
+def _check_block_rows(block_rows: int) -> None:
+  if block_rows < 2 or block_rows & (block_rows - 1):
+    raise StoreError(f"block_rows={block_rows} is not a power of two >= 2")
+
+
 def _new_meta(*, d, dtype, source, source_step, source_config, dataset,
               shard_bits, block_rows) -> dict:
   if dtype not in DTYPES:
     raise StoreError(f"store dtype {dtype!r} is not one of {sorted(DTYPES)}")
   if not 1 <= shard_bits <= 16:
     raise StoreError(f"shard_bits={shard_bits} is not in 1..16")
+  _check_block_rows(block_rows)
   if isinstance(source_config, ml_collections.ConfigDict):
     source_config = json.loads(source_config.to_json_best_effort())
   return {"format": FORMAT, "d": int(d), "dtype": dtype, "num_rows": 0,
@@ -481,6 +487,7 @@ class Table:
         i += 1
         r = len(k)
         slab["keys"][slot, :r] = k
+        slab["keys"][slot, r:] = np.uint64(2**64 - 1)  # padding, never a hit
         slab["count"][slot] = r
         slab["vals"][slot * b_rows:slot * b_rows + r] = v
         if s is not None:
@@ -499,12 +506,12 @@ class Table:
     runs = []  # (segment entry, lo, hi, block of each query in [lo, hi))
     for s in np.flatnonzero(np.diff(bounds)).tolist():
       lo, hi = int(bounds[s]), int(bounds[s + 1])
-      for entry in self._segs[s]:
+      for j, entry in enumerate(self._segs[s]):
         fences = self._seg_entry(entry)
         blk = np.searchsorted(fences, sk[lo:hi], "right") - 1
-        runs.append((entry, lo, hi, blk))
+        runs.append((entry, lo, hi, blk, j))
     wanted, total = [], 0
-    for entry, _, _, blk in runs:
+    for entry, _, _, blk, _ in runs:
       b = blk[blk >= 0]
       if not len(b):
         continue
@@ -524,26 +531,29 @@ class Table:
       half = len(sk) // 2
       return np.concatenate([self._locate(sk[:half]), self._locate(sk[half:])])
     self._fill(wanted)
+    levels = {}  # j -> [(query rows, slots)] of the j-th newest segments
+    for entry, lo, hi, blk, j in runs:
+      ok = np.flatnonzero(blk >= 0)
+      levels.setdefault(j, []).append((lo + ok, entry[1][blk[ok]]))
     b_rows = self._fmt.block_rows
     flat_keys = slab["keys"].reshape(-1)
     pos = np.full(len(sk), -1, np.int64)
-    for entry, lo, hi, blk in runs:  # newest segment of each shard first
-      sel = np.flatnonzero((pos[lo:hi] < 0) & (blk >= 0))
-      if not len(sel):
-        continue
-      q = sk[lo:hi][sel]
-      base = entry[1][blk[sel]] * b_rows
-      left = np.zeros(len(sel), np.int64)
-      right = slab["count"][entry[1][blk[sel]]]
-      for _ in range(b_rows.bit_length()):  # batched binary search
-        mid = (left + right) >> 1
-        less = flat_keys[base + np.minimum(mid, b_rows - 1)] < q
-        go = left < right
-        left = np.where(go & less, mid + 1, left)
-        right = np.where(go & ~less, mid, right)
-      at = base + np.minimum(left, b_rows - 1)
-      hit = (left < slab["count"][entry[1][blk[sel]]]) & (flat_keys[at] == q)
-      pos[lo + sel[hit]] = at[hit]
+    for j in sorted(levels):  # newest first: a key takes its newest row
+      rows = np.concatenate([r for r, _ in levels[j]])
+      slots = np.concatenate([s for _, s in levels[j]])
+      if j:
+        keep = pos[rows] < 0
+        rows, slots = rows[keep], slots[keep]
+      q = sk[rows]
+      base = slots * b_rows
+      off = np.zeros(len(q), np.int64)
+      step = b_rows >> 1
+      while step:  # branchless binary search in each (padded) block
+        off += step * (flat_keys[base + off + (step - 1)] < q)
+        step >>= 1
+      at = base + off
+      hit = (flat_keys[at] == q) & (off < slab["count"][slots])
+      pos[rows[hit]] = at[hit]
     return pos
 
   def _gather(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -717,6 +727,7 @@ class ExportWriter:
                block_rows: int = DEFAULT_BLOCK_ROWS):
     if dtype not in DTYPES:
       raise StoreError(f"store dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    _check_block_rows(block_rows)
     self.path, self.export_id = path, export_id
     self.config = {"d": int(d), "dtype": dtype, "chunk_rows": int(chunk_rows),
                    "shard_bits": int(shard_bits), "block_rows": int(block_rows),
