@@ -76,7 +76,7 @@ class StreamTrainingTest(absltest.TestCase):
 
   def _store_sha(self, workdir):
     return insemb_table.Table(os.path.join(workdir, "stores", "source_stream")
-                              ).metadata["sha256"]
+                              ).metadata["checksum"]
 
   def test_resume_after_kill_matches_uninterrupted(self):
     ref = self._copy()

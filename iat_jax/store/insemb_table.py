@@ -41,10 +41,10 @@ each, batched or not), so 131,072 per-row reads take ~4 s, against ~20 ms for
 a numpy gather of the same rows; and the B+tree would hold ~60 B of node
 entry per 76 B int8 row. A block of 256 rows (19 KB at d=64 int8) makes the
 per-read cost per row 256x smaller, keeps cold read amplification at one
-~20 KB block per key, and the in-memory index at 12 B per 256 rows.
+~20 KB block per key, and the index at 12 B per 256 rows on disk.
 
 Reader memory. A reader holds only (a) the index of each segment it touched
-(12 B per block, i.e. 0.05 B per row) and (b) a cache of decoded blocks in
+(16 B per block in memory: fence, count, cache slot; 0.06 B per row) and (b) a cache of decoded blocks in
 one slab [slots, block_rows] whose bytes plus (a) stay within `cache_bytes`
 (its own accounting: `Table.memory_bytes()`); least recently used blocks are
 evicted, and a batch that needs more blocks than fit is served in pieces. A
@@ -58,7 +58,7 @@ an export is P processes each writing its slice in bounded chunks to its own
 staging database (no gather), then each merging 256 / P shards (a streaming
 k-way merge, memory ~piece_rows), then one commit by process 0; a daily
 upsert of 3e8 rows writes ~1.2e6 rows per shard plus its share of merges; a
-reader touching every shard holds ~4.7 GB of fences, one touching a day's
+reader touching every shard holds ~6 GB of segment indexes, one touching a day's
 worth of segments or a subset of shards holds proportionally less (a second
 index level, fences of index pages, would cut this to KBs; not needed below
 ~1e10 rows).
@@ -79,7 +79,7 @@ import json
 import os
 import threading
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import ml_collections
 import numpy as np
@@ -448,7 +448,7 @@ class Table:
     src = entry[0]
     if entry[1] is None:
       idx = src.load()
-      entry[1] = np.full(len(idx.fences), -1, np.int64)
+      entry[1] = np.full(len(idx.fences), -1, np.int32)
       entry.append(len(self._slab["segs"]))
       self._slab["segs"].append(entry)
       self._index_bytes += idx.nbytes + entry[1].nbytes
@@ -497,9 +497,12 @@ class Table:
         slab["block"][slot] = blk
         entry[1][blk] = slot
 
-  def _locate(self, sk: np.ndarray) -> np.ndarray:
-    """Sorted query keys [m] -> int64 [m] row of each in the slab's flat
-    arrays (slot * block_rows + offset), -1 where absent."""
+  def _pieces(self, sk: np.ndarray, start: int = 0
+              ) -> Iterator[tuple[int, np.ndarray]]:
+    """Sorted query keys [m] -> yields (start, pos) for consecutive pieces
+    sk[start:start + len(pos)]: pos is the int64 row of each key in the slab's
+    flat arrays (slot * block_rows + offset), -1 where absent, valid until
+    the next piece is asked for (it may evict the blocks)."""
     slab = self._slab
     self._tick += 1
     bounds = _shard_bounds(sk, self.metadata["shard_bits"])
@@ -529,7 +532,9 @@ class Table:
         raise StoreError(f"InsEmb store {self.path}: cache_bytes="
                          f"{self.cache_bytes} cannot hold one block per segment")
       half = len(sk) // 2
-      return np.concatenate([self._locate(sk[:half]), self._locate(sk[half:])])
+      yield from self._pieces(sk[:half], start)
+      yield from self._pieces(sk[half:], start + half)
+      return
     self._fill(wanted)
     levels = {}  # j -> [(query rows, slots)] of the j-th newest segments
     for entry, lo, hi, blk, j in runs:
@@ -545,7 +550,7 @@ class Table:
         keep = pos[rows] < 0
         rows, slots = rows[keep], slots[keep]
       q = sk[rows]
-      base = slots * b_rows
+      base = slots.astype(np.int64) * b_rows
       off = np.zeros(len(q), np.int64)
       step = b_rows >> 1
       while step:  # branchless binary search in each (padded) block
@@ -554,16 +559,31 @@ class Table:
       at = base + off
       hit = (flat_keys[at] == q) & (off < slab["count"][slots])
       pos[rows[hit]] = at[hit]
-    return pos
+    yield start, pos
 
-  def _gather(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """keys [n] -> (flat slab row [n] or -1, found bool [n]); call with the lock."""
+  def _gather(self, keys: np.ndarray, emit) -> np.ndarray:
+    """Finds keys [n] (call with the lock); -> found bool [n].
+
+    Calls emit(idx, pos) with positions of keys[idx] in the slab's flat
+    arrays (-1: absent) while they are valid: once with idx=None (all keys,
+    in their order) when the blocks of the batch fit the cache, else once per
+    piece of the batch.
+    """
     if self._slab is None:
       self._slab = self._init_slab()
     order = np.argsort(keys)
-    pos = np.empty(len(keys), np.int64)
-    pos[order] = self._locate(keys[order])
-    return pos, pos >= 0
+    found = np.zeros(len(keys), bool)
+    for start, pos in self._pieces(keys[order]):
+      if start == 0 and len(pos) == len(keys):
+        unsorted = np.empty(len(keys), np.int64)
+        unsorted[order] = pos
+        emit(None, unsorted)
+        return unsorted >= 0
+      idx = order[start:start + len(pos)]
+      hit = pos >= 0
+      found[idx[hit]] = True
+      emit(idx[hit], pos[hit])
+    return found
 
   def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint64 keys [n] (any shape, order, repeats) -> (float32 [n, d], bool [n]).
@@ -574,38 +594,49 @@ class Table:
     out = np.zeros((len(keys), self.dim), np.float32)
     if not len(self) or not len(keys):
       return out, np.zeros(len(keys), bool)
-    with self._lock:
-      pos, found = self._gather(keys)
-      slab = self._slab
-      if found.all():
-        if slab["vals"].dtype == np.float32:
-          np.take(slab["vals"], pos, axis=0, out=out)
+
+    def emit(idx, pos):
+      vals, scales = self._slab["vals"], self._slab["scales"]
+      if idx is None and (pos >= 0).all():  # the common case: one gather
+        if vals.dtype == np.float32:
+          np.take(vals, pos, axis=0, out=out)
         else:
-          np.copyto(out, slab["vals"].take(pos, axis=0), casting="unsafe")
-        if slab["scales"] is not None:
-          out *= slab["scales"].take(pos)[:, None]
-      elif found.any():
-        p = pos[found]
-        rows = slab["vals"].take(p, axis=0).astype(np.float32)
-        if slab["scales"] is not None:
-          rows *= slab["scales"].take(p)[:, None]
-        out[found] = rows
+          np.copyto(out, vals.take(pos, axis=0), casting="unsafe")
+        if scales is not None:
+          np.multiply(out, scales.take(pos)[:, None], out=out)
+        return
+      if idx is None:
+        idx = np.flatnonzero(pos >= 0)
+        pos = pos[idx]
+      rows = vals.take(pos, axis=0).astype(np.float32)
+      if scales is not None:
+        rows *= scales.take(pos)[:, None]
+      out[idx] = rows
+
+    with self._lock:
+      found = self._gather(keys, emit)
     return out, found
 
   def lookup_stored(self, keys: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Distinct uint64 keys [n] -> (stored [n, d], scales [n] or None, found [n]);
-    rows of missing keys are zero. What upserts need to update the checksum."""
+    """uint64 keys [n] -> (stored [n, d], scales [n] or None, found [n]); rows
+    of missing keys are zero. What upserts need to update the checksum."""
     keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
     stored = np.zeros((len(keys), self.dim), self._fmt.numpy_dtype)
     scales = np.zeros(len(keys), np.float32) if self._fmt.has_scales else None
     if not len(self) or not len(keys):
       return stored, scales, np.zeros(len(keys), bool)
-    with self._lock:
-      pos, found = self._gather(keys)
-      stored[found] = self._slab["vals"][pos[found]]
+
+    def emit(idx, pos):
+      if idx is None:
+        idx = np.flatnonzero(pos >= 0)
+        pos = pos[idx]
+      stored[idx] = self._slab["vals"][pos]
       if scales is not None:
-        scales[found] = self._slab["scales"][pos[found]]
+        scales[idx] = self._slab["scales"][pos]
+
+    with self._lock:
+      found = self._gather(keys, emit)
     return stored, scales, found
 
 
@@ -655,7 +686,7 @@ class Writer:
     if source_step is not None:
       meta["source_step"] = int(source_step)
     kv = _open(self.path)
-    _, based_on = _read_meta(kv, self.path)
+    _, based_on = _read_meta(t._kv, self.path)  # pylint: disable=protected-access
     drop, batch = [], segments.Batch(kv)
     tag = uuid.uuid4().hex[:16]
     bounds = _shard_bounds(keys, meta["shard_bits"])
@@ -760,10 +791,8 @@ class ExportWriter:
     self._drop = self.done_rows - rows
 
   def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-    """Appends rows keys uint64 [n] -> values float32 [n, d] to this slice."""
-    if self.closed:
-      raise StoreError(f"InsEmb export {self.export_id}: this process's slice "
-                       f"is already closed")
+    """Appends rows keys uint64 [n] -> values float32 [n, d] to this slice
+    (rows already durable from an earlier run are dropped, see the class)."""
     keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
     values = np.asarray(values, np.float32)
     if values.shape != (len(keys), self._fmt.d):
@@ -773,6 +802,9 @@ class ExportWriter:
     self._drop -= drop
     if drop == len(keys):
       return
+    if self.closed:
+      raise StoreError(f"InsEmb export {self.export_id}: this process's slice "
+                       f"was closed after {self.done_rows} rows; more were given")
     self._buf.append((keys[drop:], values[drop:]))
     self._buf_rows += len(keys) - drop
     chunk = self.config["chunk_rows"]

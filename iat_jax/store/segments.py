@@ -188,7 +188,7 @@ def read_json(kv: ts.KvStore, key: str, what: str) -> dict:
 
 @dataclasses.dataclass
 class Index:
-  """A segment's block index: fences uint64 [b] and counts int64 [b]."""
+  """A segment's block index: fences uint64 [b] and counts int32 [b]."""
   fences: np.ndarray
   counts: np.ndarray
 
@@ -204,7 +204,7 @@ def read_index(kv: ts.KvStore, name: str, blocks: int) -> Index:
                      f"bytes, expected {blocks} blocks x 12 B (corrupt)")
   buf = np.frombuffer(blob, np.uint8)
   return Index(buf[:8 * blocks].view(np.uint64).copy(),
-               buf[8 * blocks:].view(np.uint32).astype(np.int64))
+               buf[8 * blocks:].view(np.uint32).astype(np.int32))
 
 
 class Batch:
