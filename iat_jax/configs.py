@@ -2,24 +2,21 @@
 
 An experiment file defines `get_config(arg=None)` that starts from
 `base_config()` and overrides fields (big_vision style `file.py:variant`).
-`validate` checks a config up front and names the offending flag.
+`validate` is the one check of a config: the entry points (`main`, `sweep`)
+call it before any work, and it names the offending flag.
 """
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
 from iat_jax import models
+from iat_jax import stages
+from iat_jax.data import sources
+from iat_jax.models import source as source_models
+from iat_jax.store import tables
 
-STAGES = ("base", "source_temporal", "source_user", "source_stream", "downstream")
-SOURCES = ("synthetic", "movielens")
-SOURCE_KINDS = ("source_temporal", "source_user", "source_stream")
-STORE_DTYPES = ("float32", "bfloat16", "int8")
-# The models of a pipeline run, in its order (iat_jax.pipeline.PLAN).
-PIPELINE_MODELS = ("base", "source_temporal", "temporal_iat", "source_user",
-                   "user_iat")
+STREAM_MODES = source_models.STREAM_MODES
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -45,13 +42,14 @@ def sweep_points(sweeps: dict, name: str) -> list[dict]:
 def base_config() -> ml_collections.ConfigDict:
   """Every knob of a run, with its default."""
   c = ml_collections.ConfigDict()
-  # Which stage `train` trains: one of STAGES.
+  # Which stage `train` trains: a key of iat_jax.stages.STAGES.
   c.stage = "base"
   # Seed of parameters, dropout and data order.
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  # Data source: "synthetic" (embedded generator) or "movielens" (data.dir).
+  # Data source: a key of iat_jax.data.sources.SOURCES ("synthetic" is the
+  # embedded generator; "movielens" reads data.dir).
   c.data.source = "synthetic"
   # MovieLens folder in the GroupLens format (ML-100K or ML-1M files).
   c.data.dir = ""
@@ -63,12 +61,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_users=2000, num_instances=200_000, num_categorical=32, num_dense=8,
       num_tasks=2))
+  # User-order chunk length T (the SIT has no T-sized params).
+  c.data.user_chunk_len = 16
 
   c.model = models.default_config()
 
   # Global batch of instances (temporal / downstream stages).
   c.batch_size = 256
-  # Global batch of user chunks (user-order source; T is model.user_chunk_len).
+  # Global batch of user chunks (user-order source; T is data.user_chunk_len).
   c.users_per_batch = 16
   # Train instances are shuffled inside windows of this many (0 = time order).
   c.shuffle_window = 4096
@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   # from (its best checkpoint and exported store) and the splits it streams.
   c.stream.init_from = "source_user"
   c.stream.splits = ("valid", "test")
+  # Past InsEmbs fetched per instance K.
+  c.stream.k = 16
+  # 'fetch' stored InsEmbs (Method 1) | 'recompute' them (Method 2).
+  c.stream.mode = "fetch"
 
   c.optimizer = ml_collections.ConfigDict()
   # Adam(W) with linear warm-up then cosine decay to 0.
@@ -102,8 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 20
   c.eval_batch_size = 1024
 
-  # Mesh (data, model); -1 = all remaining devices. Rules: logical -> mesh axis.
+  # Device mesh: its axes, their sizes (-1 = all remaining devices) and the
+  # logical axis rules (logical name -> mesh axis or None = replicated; names
+  # not listed are replicated): the batch over 'data', embedding-table rows
+  # over 'model', everything else replicated.
+  c.mesh_axes = ("data", "model")
   c.mesh_shape = (-1, 1)
+  c.logical_axis_rules = (("batch", "data"), ("vocab", "model"), ("embed", None),
+                          ("mlp", None), ("heads", None), ("tokens", None))
   # Run jax.distributed.initialize() (TPU pods, SLURM, or the flags below).
   c.distributed = False
   c.coordinator_address = ""
@@ -119,14 +129,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.store.path = ""
 
   c.pipeline = ml_collections.ConfigDict()
-  # Models `--mode=pipeline` produces (a subset of PIPELINE_MODELS); each IAT
-  # model brings in its source model and that model's export.
-  c.pipeline.models = PIPELINE_MODELS
+  # Models `--mode=pipeline` produces (a subset of iat_jax.stages.PIPELINE);
+  # each IAT model brings in its source model and that model's export.
+  c.pipeline.models = tuple(stages.PIPELINE)
   # Another pipeline workdir (same data) whose finished source models and
   # exported stores this run reads instead of training its own: ablations and
   # sweeps of downstream-only knobs share one source model per seed.
   c.pipeline.sources_from = ""
   return c
+
+
+def _get(config: ml_collections.ConfigDict, flag: str):
+  value = config
+  for part in flag.split("."):
+    value = value[part]
+  return value
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -136,43 +153,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f"--config.{flag}: {msg}")
 
-  need(config.stage in STAGES, "stage", f"{config.stage!r} is not one of {STAGES}")
-  need(config.data.source in SOURCES, "data.source",
-       f"{config.data.source!r} is not one of {SOURCES}")
-  if config.data.source == "movielens":
-    need(bool(config.data.dir), "data.dir", "required for data.source=movielens")
-    need(os.path.isdir(config.data.dir), "data.dir",
-         f"{config.data.dir!r} is not a directory")
-  for flag in ("batch_size", "users_per_batch", "model.user_chunk_len",
-               "eval_batch_size", "model.hist_len",
+  def one_of(flag: str, allowed) -> None:
+    value = _get(config, flag)
+    need(value in allowed, flag, f"{value!r} is not one of {tuple(allowed)}")
+
+  one_of("stage", stages.STAGES)
+  one_of("data.source", sources.SOURCES)
+  sources.get(config.data.source).validate(config.data)
+  for flag in ("batch_size", "users_per_batch", "data.user_chunk_len",
+               "eval_batch_size", "model.hist_len", "stream.k",
                "num_epochs", "data.seq_len", "log_every", "checkpoint_every",
                "keep_checkpoints"):
-    value = config
-    for part in flag.split("."):
-      value = value[part]
-    need(value > 0, flag, f"must be > 0, got {value}")
+    need(_get(config, flag) > 0, flag, f"must be > 0, got {_get(config, flag)}")
   need(config.eval_every >= 0, "eval_every", "must be >= 0")
-  need(config.store.dtype in STORE_DTYPES, "store.dtype",
-       f"{config.store.dtype!r} is not one of {STORE_DTYPES}")
-  need(config.store.source in SOURCE_KINDS, "store.source",
-       f"{config.store.source!r} is not one of {SOURCE_KINDS}")
+  one_of("store.dtype", tables.DTYPES)
+  one_of("store.source", stages.SOURCES)
+  one_of("stream.mode", STREAM_MODES)
   need(set(config.stream.splits) <= {"valid", "test"} and config.stream.splits,
        "stream.splits", f"{config.stream.splits} must be a non-empty subset of "
        "('valid', 'test'): streaming continues after batch training")
-  unknown = set(config.pipeline.models) - set(PIPELINE_MODELS)
+  unknown = set(config.pipeline.models) - set(stages.PIPELINE)
   need(bool(config.pipeline.models) and not unknown, "pipeline.models",
-       f"{sorted(unknown) or 'none'}: must be a non-empty subset of {PIPELINE_MODELS}")
-  need(len(config.mesh_shape) == 2, "mesh_shape", "must be (data, model)")
-  model_axis = config.mesh_shape[1]
-  need(model_axis == -1 or config.model.vocab_pad_multiple % model_axis == 0,
-       "model.vocab_pad_multiple",
-       f"must be divisible by the model mesh axis ({model_axis}) so embedding "
-       f"rows split evenly")
-  for flag, allowed in (("seq_encoder", models.SEQ_ENCODERS),
-                        ("iat_encoder", models.IAT_ENCODERS),
-                        ("interaction", models.INTERACTIONS),
-                        ("iat_query", models.IAT_QUERIES),
-                        ("stream_mode", models.STREAM_MODES),
-                        ("dtype", models.DTYPES)):
-    need(config.model[flag] in allowed, f"model.{flag}",
-         f"{config.model[flag]!r} is not one of {allowed}")
+       f"{sorted(unknown) or 'none'}: must be a non-empty subset of "
+       f"{tuple(stages.PIPELINE)}")
+  need(len(config.mesh_shape) == len(config.mesh_axes), "mesh_shape",
+       f"{tuple(config.mesh_shape)} must have one size per axis of "
+       f"--config.mesh_axes={tuple(config.mesh_axes)}")
+  need(list(config.mesh_shape).count(-1) <= 1, "mesh_shape",
+       f"at most one -1 in {tuple(config.mesh_shape)}")
+  axes = set(config.mesh_axes)
+  for name, axis in config.logical_axis_rules:
+    need(axis is None or axis in axes, "logical_axis_rules",
+         f"{name!r} -> {axis!r}: not an axis of --config.mesh_axes={tuple(axes)}")
+  if "model" in config.mesh_axes:
+    model_axis = config.mesh_shape[list(config.mesh_axes).index("model")]
+    need(model_axis == -1 or config.model.vocab_pad_multiple % model_axis == 0,
+         "model.vocab_pad_multiple",
+         f"must be divisible by the model mesh axis ({model_axis}) so embedding "
+         f"rows split evenly")
+  for key, allowed in models.CHOICES.items():
+    one_of(f"model.{key}", allowed)
+  need(config.model.interaction != "rankmixer"
+       or config.model.mixer_token_dim % config.model.mixer_tokens == 0,
+       "model.mixer_token_dim", f"{config.model.mixer_token_dim} must be divisible "
+       f"by --config.model.mixer_tokens={config.model.mixer_tokens}")

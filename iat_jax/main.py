@@ -19,8 +19,10 @@ from ml_collections import config_flags
 from iat_jax import configs
 from iat_jax import distributed
 from iat_jax import pipeline
+from iat_jax.data import sources
 from iat_jax.train import export_lib
 from iat_jax.train import train_lib
+from iat_jax.train import trainers
 
 MODES = ("train", "evaluate", "export", "pipeline")
 
@@ -49,11 +51,10 @@ def main(argv) -> None:
   if mode == "pipeline":
     pipeline.run(config, workdir)
     return
-  ds = train_lib.prepare_dataset(config, workdir)
-  table = (pipeline.open_table(config, workdir, ds) if config.stage == "downstream"
-           else None)
+  ds = sources.prepare(config, workdir)
+  table = pipeline.open_store(config, workdir, ds)
   if mode == "train":
-    pipeline.train_stage(config, workdir, config.stage, ds, table)
+    trainers.train(config, workdir, config.stage, ds, table)
   elif mode == "evaluate":
     print(json.dumps(train_lib.evaluate_stage(config, workdir, config.stage, ds, table),
                      indent=1, sort_keys=True))

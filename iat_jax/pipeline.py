@@ -4,6 +4,7 @@
   source_temporal -> export -> temporal_iat (downstream on temporal InsEmbs)
   source_user     -> export -> user_iat     (downstream on user-order InsEmbs)
 
+The models and their order are `iat_jax.stages.PIPELINE`.
 config.pipeline.models picks the models (an IAT model brings in its source);
 config.pipeline.sources_from reads the source models and their stores from
 another workdir instead. Each step is skipped when complete in the workdir
@@ -14,99 +15,85 @@ printed table.
 
 from __future__ import annotations
 
-import os
-
 from absl import logging
 import jax
 import ml_collections
 
-from iat_jax.store import insemb_table
+from iat_jax import stages
+from iat_jax import workdir as workdir_lib
+from iat_jax.data import sources
+from iat_jax.store import tables
 from iat_jax.train import export_lib
-from iat_jax.train import stream_lib
-from iat_jax.train import train_lib
-from iat_jax.train import two_pass_lib
-
-# (result name, stage, InsEmb source it reads or exports)
-PLAN = (
-    ("base", "base", None),
-    ("source_temporal", "source_temporal", None),
-    ("temporal_iat", "downstream", "source_temporal"),
-    ("source_user", "source_user", None),
-    ("user_iat", "downstream", "source_user"),
-)
+from iat_jax.train import trainers
 
 
-def stage_config(config: ml_collections.ConfigDict, stage: str,
-                 source: str | None) -> ml_collections.ConfigDict:
+def stage_config(config: ml_collections.ConfigDict,
+                 model: stages.PipelineModel) -> ml_collections.ConfigDict:
+  """The run config of one pipeline model: its stage and the store it reads."""
   cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.stage = stage
-  if source:
-    cfg.store.source = source
+  cfg.stage = model.stage
+  if model.source:
+    cfg.store.source = model.source
   return cfg
 
 
-def open_table(config: ml_collections.ConfigDict, workdir: str,
-               ds) -> insemb_table.Table:
-  """The downstream stage's store, checked against its config and dataset."""
-  table = insemb_table.Table(export_lib.store_path(config, workdir, config.store.source))
-  table.check(d=config.model.insemb_dim, source=config.store.source,
-              dataset=ds.schema.fingerprint)
-  return table
+def open_store(config: ml_collections.ConfigDict, workdir: str, ds):
+  """The store config.stage's batches look InsEmbs up in (checked), or None.
+
+  Only the history order reads a store through the input pipeline; the
+  streaming stage opens the one it starts from itself."""
+  stage = stages.get(config.stage)
+  if stage.order != "history":
+    return None
+  return tables.open_checked(config, workdir, stages.read_source(config, stage),
+                             ds.schema.fingerprint)
 
 
-def train_stage(config: ml_collections.ConfigDict, workdir: str, name: str, ds,
-                table=None) -> dict:
-  """Trains config.stage into <workdir>/<name> by the right method."""
-  if config.stage == "source_stream":
-    return stream_lib.train_stream(config, workdir, name, ds)
-  if config.stage == "source_user" and config.two_pass:
-    return two_pass_lib.train(config, workdir, name, ds)
-  return train_lib.train(config, workdir, name, ds, table)
-
-
-def steps(config: ml_collections.ConfigDict) -> list[tuple[str, str, str | None]]:
-  """The PLAN steps of config.pipeline.models and of their source models."""
+def steps(config: ml_collections.ConfigDict) -> list[stages.PipelineModel]:
+  """The PIPELINE models of config.pipeline.models and of their sources."""
   wanted = set(config.pipeline.models)
-  wanted |= {source for name, _, source in PLAN if name in wanted and source}
-  return [step for step in PLAN if step[0] in wanted]
+  wanted |= {m.source for name, m in stages.PIPELINE.items()
+             if name in wanted and m.source}
+  return [m for name, m in stages.PIPELINE.items() if name in wanted]
 
 
 def reused_source(sources_from: str, name: str) -> dict:
   """The results of source model `name` finished in workdir `sources_from`."""
-  path = train_lib.results_path(os.path.join(sources_from, name))
-  if not os.path.exists(path):
-    raise ValueError(f"--config.pipeline.sources_from: {path} does not exist; "
+  directory = workdir_lib.stage_dir(sources_from, name)
+  if not workdir_lib.is_complete(directory):
+    raise ValueError(f"--config.pipeline.sources_from: "
+                     f"{workdir_lib.results_path(directory)} does not exist; "
                      f"finish that pipeline's {name} first")
-  return train_lib.load_json(path)
+  return workdir_lib.load_results(directory)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the steps of config.pipeline.models; returns (and writes) the results
   dict. With pipeline.sources_from, source models and their stores are read
   from that workdir instead of being trained and exported here."""
-  ds = train_lib.prepare_dataset(config, workdir)
+  ds = sources.prepare(config, workdir)
   sources_from = config.pipeline.sources_from
   models = {}
-  for name, stage, source in steps(config):
-    cfg = stage_config(config, stage, source)
-    if sources_from and stage.startswith("source"):
-      models[name] = reused_source(sources_from, name)
+  for model in steps(config):
+    cfg = stage_config(config, model)
+    exports = stages.get(model.stage).exports
+    if sources_from and exports:
+      models[model.name] = reused_source(sources_from, model.name)
       continue
-    done = train_lib.results_path(os.path.join(workdir, name))
-    if os.path.exists(done):
-      logging.info("pipeline: %s already complete", name)
-      models[name] = train_lib.load_json(done)
+    directory = workdir_lib.stage_dir(workdir, model.name)
+    if workdir_lib.is_complete(directory):
+      logging.info("pipeline: %s already complete", model.name)
+      models[model.name] = workdir_lib.load_results(directory)
     else:
-      table = (open_table(cfg, sources_from or workdir, ds)
-               if stage == "downstream" else None)
-      models[name] = train_stage(cfg, workdir, name, ds, table)
-    if stage.startswith("source"):
-      export_lib.export(cfg, workdir, name, ds)
+      table = open_store(cfg, sources_from or workdir, ds)
+      models[model.name] = trainers.train(cfg, workdir, model.name, ds, table)
+    if exports:
+      export_lib.export(cfg, workdir, model.name, ds)
   results = {"dataset": ds.schema.dataset, "models": models}
   if sources_from:
     results["sources_from"] = sources_from
   if jax.process_index() == 0:
-    train_lib.write_json(os.path.join(workdir, "results.json"), results)
+    workdir_lib.write_results(workdir, results)
     print(format_table(results, ds.schema.tasks))
   return results
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from iat_jax import metrics
-from iat_jax import sweep
+from iat_jax.sweeps import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "configs", "tiny.py")
@@ -70,7 +70,7 @@ def wait_for_step(workdir, step, proc, stage="base", checkpoint=None):
 
 def write_run(workdir, point, seed, models):
   """A finished sweep run: <workdir>/<point>/seed<k>/results.json of models."""
-  run = sweep.run_dir(workdir, point, seed)
+  run = report.run_dir(workdir, point, seed)
   os.makedirs(run)
   with open(os.path.join(run, "results.json"), "w") as f:
     json.dump({"dataset": "synthetic", "models": models}, f)

@@ -62,8 +62,8 @@ class PlanTest(absltest.TestCase):
 
   def test_table1(self):
     points, rows = tables.plan("table1", ["din", "transformer"])
-    self.assertEqual(points, [{"model.seq_encoder": "din"},
-                              {"model.seq_encoder": "transformer"}])
+    self.assertEqual(points, [{"model.seq.encoder": "din"},
+                              {"model.seq.encoder": "transformer"}])
     self.assertLen(rows, 10)
     self.assertEqual(rows[2], {"label": "din / temporal_iat", "point": points[0],
                                "model": "temporal_iat", "ref": (points[0], "base"),
@@ -75,9 +75,9 @@ class PlanTest(absltest.TestCase):
   def test_table4(self):
     points, rows = tables.plan("table4", ablations=["iat_query", "label_side"])
     self.assertEqual(points, [
-        {"model.seq_encoder": "transformer"},
-        {"model.seq_encoder": "transformer", "model.iat_query": "id"},
-        {"model.seq_encoder": "transformer", "model.use_label_side": False}])
+        {"model.seq.encoder": "transformer"},
+        {"model.seq.encoder": "transformer", "model.iat_query": "id"},
+        {"model.seq.encoder": "transformer", "model.use_label_side": False}])
     # The full point is table1's transformer point: one DIR serves both.
     self.assertEqual(sweep.point_name(points[0]),
                      sweep.point_name(tables.plan("table1")[0][2]))
@@ -130,7 +130,7 @@ class StatsTest(absltest.TestCase):
     self.assertEqual(tables.fmt(0.5, math.nan, 2), "0.50 ± n/a")
 
   def test_paired_changes_skip_unpaired_seeds(self):
-    full, abl = {"model.seq_encoder": "transformer"}, {"model.iat_query": "id"}
+    full, abl = {"model.seq.encoder": "transformer"}, {"model.iat_query": "id"}
     name, ref = sweep.point_name(abl), sweep.point_name(full)
     test = {(ref, 0, "user_iat", "click", "auc"): 0.5,
             (ref, 1, "user_iat", "click", "auc"): 0.8,
@@ -208,7 +208,7 @@ class TablesRunTest(absltest.TestCase):
     self.assertLen(lines, 4)
     argv = shlex.split(lines[3])
     self.assertEqual(argv[1:3], ["-m", "iat_jax.main"])
-    self.assertIn("--config.model.seq_encoder=transformer", argv)
+    self.assertIn("--config.model.seq.encoder=transformer", argv)
     self.assertEqual(argv[-1], "--config.seed=1")
     self.assertFalse(os.path.exists(os.path.join(workdir, "report.md")))
 

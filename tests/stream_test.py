@@ -98,7 +98,7 @@ class StreamTrainingTest(absltest.TestCase):
 
   def test_recompute_method_runs(self):
     workdir = self._copy()
-    cli.run_main(workdir, "train", *self.args, "--config.model.stream_mode=recompute")
+    cli.run_main(workdir, "train", *self.args, "--config.stream.mode=recompute")
     rows = read_jsonl(os.path.join(workdir, "source_stream", "metrics.jsonl"))
     self.assertTrue(any(r["split"] == "test" for r in rows))
     self.assertFalse(any("staleness_cosine" in r for r in rows))

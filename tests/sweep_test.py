@@ -165,15 +165,15 @@ class ReportTest(absltest.TestCase):
 
   def test_categorical_sweep_with_a_missing_run(self):
     workdir = tempfile.mkdtemp()
-    points = [{"model.seq_encoder": "din", "model.hist_len": 4},
-              {"model.seq_encoder": "transformer", "model.hist_len": 8}]
+    points = [{"model.seq.encoder": "din", "model.hist_len": 4},
+              {"model.seq.encoder": "transformer", "model.hist_len": 8}]
     for p in points:
       for seed in (0, 1):
         if (p["model.hist_len"], seed) != (8, 1):
           fake_results(workdir, p, seed, 1e4, 0.01, 0.0)
     rows = sweep.report(workdir, points, seeds=2)
     self.assertLen(rows, 3 * 5 * 1 * 2 * 2)
-    self.assertEqual(rows[0]["point"], "model.seq_encoder=din,model.hist_len=4")
+    self.assertEqual(rows[0]["point"], "model.seq.encoder=din,model.hist_len=4")
     self.assertFalse(os.path.exists(os.path.join(workdir, "scaling.json")))
     self.assertGreater(
         image.imread(os.path.join(workdir, "plots", "test_logloss_click.png")).std(), 0)
@@ -194,11 +194,11 @@ class SweepRunTest(absltest.TestCase):
     # points x seeds x models x tasks x metrics x splits
     self.assertLen(rows, 2 * 2 * 5 * 2 * 2 * 2)
     self.assertEqual(list(rows[0]), [
-        "point", "model.iat_layers", "seed", "model", "split", "task", "metric",
+        "point", "model.iat.layers", "seed", "model", "split", "task", "metric",
         "value", "params", "flops_per_batch"])
-    per_run = collections.Counter((r["point"], r["model.iat_layers"], r["seed"])
+    per_run = collections.Counter((r["point"], r["model.iat.layers"], r["seed"])
                                   for r in rows)
-    self.assertEqual(per_run, {(f"model.iat_layers={v}", str(v), str(s)): 40
+    self.assertEqual(per_run, {(f"model.iat.layers={v}", str(v), str(s)): 40
                                for v in (1, 2) for s in (0, 1)})
     self.assertEqual({r["model"] for r in rows}, MODELS)
     self.assertEqual({(r["split"], r["task"], r["metric"]) for r in rows},
@@ -227,10 +227,10 @@ class SweepRunTest(absltest.TestCase):
 
     # A sweep killed during one run's last stage: only that run runs again,
     # and its pipeline resumes (skips its four finished steps).
-    victim = os.path.join(workdir, "model.iat_layers=2", "seed1")
+    victim = os.path.join(workdir, "model.iat.layers=2", "seed1")
     os.remove(os.path.join(victim, "results.json"))
     shutil.rmtree(os.path.join(victim, "user_iat"))
-    others = [os.path.join(workdir, f"model.iat_layers={v}", f"seed{s}", "results.json")
+    others = [os.path.join(workdir, f"model.iat.layers={v}", f"seed{s}", "results.json")
               for v, s in ((1, 0), (1, 1), (2, 0))]
     mtimes = [os.stat(p).st_mtime_ns for p in others]
     second = run_sweep(workdir, *args)

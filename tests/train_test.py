@@ -73,7 +73,7 @@ class TrainCliTest(absltest.TestCase):
 
   def test_bad_flags_name_the_flag(self):
     for flag, needle in (("--config.stage=nope", "--config.stage"),
-                         ("--config.model.seq_encoder=rnn", "--config.model.seq_encoder"),
+                         ("--config.model.seq.encoder=rnn", "--config.model.seq.encoder"),
                          ("--config.batch_size=0", "--config.batch_size"),
                          ("--config.data.source=movielens", "--config.data.dir"),
                          ("--config.pipeline.models=(nope,)",

@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.data.synthetic.num_instances = 100_000
   c.batch_size = 256
   c.users_per_batch = 16
-  c.model.user_chunk_len = 32
+  c.data.user_chunk_len = 32
   c.model.hist_len = 16
   c.eval_every = 0
   c.checkpoint_every = 100
@@ -32,8 +32,8 @@ SWEEPS = {
     "sit_depth": ("model.sit_layers", (0, 1, 2, 4, 8)),
     "history_len": ("model.hist_len", (1, 16, 64, 256, 1024)),
     "insemb_dim": ("model.insemb_dim", (16, 32, 64, 128)),
-    "iat_layers": ("model.iat_layers", (1, 2, 4)),
-    "chunk_len": ("model.user_chunk_len", (8, 16, 32, 64)),
+    "iat_layers": ("model.iat.layers", (1, 2, 4)),
+    "chunk_len": ("data.user_chunk_len", (8, 16, 32, 64)),
 }
 
 

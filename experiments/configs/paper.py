@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.data.synthetic.num_instances = 120_000
     c.batch_size = 256
     c.users_per_batch = 16
-    c.model.user_chunk_len = 32
+    c.data.user_chunk_len = 32
     c.model.hist_len = 32
     c.eval_every = 0
     c.checkpoint_every = 100
@@ -55,9 +55,9 @@ def get_config(arg=None):
   m = c.model
   m.dtype = "bfloat16"
   m.embed_dim = 32
-  m.seq_width = 128
-  m.seq_heads = 4
-  m.seq_layers = 2
+  m.seq.width = 128
+  m.seq.heads = 4
+  m.seq.layers = 2
   m.mixer_tokens = 16
   m.mixer_token_dim = 384
   m.mixer_layers = 2
@@ -67,15 +67,15 @@ def get_config(arg=None):
   m.sit_width = 64
   m.sit_ffn = 128
   m.sit_heads = 2
-  m.user_chunk_len = 64
-  m.stream_k = 256
+  c.data.user_chunk_len = 64
+  c.stream.k = 256
   m.hist_len = 256
   m.adapt_dim = 256
   m.side_dim = 16
   m.iat_query_dim = 128
-  m.iat_width = 128
-  m.iat_heads = 4
-  m.iat_layers = 2
+  m.iat.width = 128
+  m.iat.heads = 4
+  m.iat.layers = 2
   return c
 
 
@@ -85,8 +85,8 @@ SWEEPS = {
     "sit_depth": ("model.sit_layers", (0, 1, 2, 4)),
     "history_len": ("model.hist_len", (4, 8, 16, 32, 64)),
     "insemb_dim": ("model.insemb_dim", (16, 32, 64, 128)),
-    "iat_layers": ("model.iat_layers", (1, 2, 4)),
-    "chunk_len": ("model.user_chunk_len", (8, 16, 32, 64)),
+    "iat_layers": ("model.iat.layers", (1, 2, 4)),
+    "chunk_len": ("data.user_chunk_len", (8, 16, 32, 64)),
 }
 
 

@@ -22,9 +22,10 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 2
   m = c.model
   m.embed_dim = 4
-  m.seq_width = 8
-  m.seq_heads = 1
-  m.din_mlp = (8,)
+  m.seq.width = 8
+  m.seq.heads = 1
+  m.seq.din_mlp = (8,)
+  m.iat.din_mlp = (8,)
   m.mixer_tokens = 2
   m.mixer_token_dim = 8
   m.mlp_dims = (16,)
@@ -34,13 +35,13 @@ def get_config(arg=None):
   m.sit_width = 8
   m.sit_ffn = 8
   m.sit_heads = 1
-  m.user_chunk_len = 8
+  c.data.user_chunk_len = 8
   m.hist_len = 4
   m.adapt_dim = 8
   m.side_dim = 4
   m.iat_query_dim = 8
-  m.iat_width = 8
-  m.iat_heads = 1
+  m.iat.width = 8
+  m.iat.heads = 1
   return c
 
 
@@ -49,8 +50,8 @@ SWEEPS = {
     "sit_depth": ("model.sit_layers", (0, 1)),
     "history_len": ("model.hist_len", (1, 4)),
     "insemb_dim": ("model.insemb_dim", (4, 8)),
-    "iat_layers": ("model.iat_layers", (1, 2)),
-    "chunk_len": ("model.user_chunk_len", (4, 8)),
+    "iat_layers": ("model.iat.layers", (1, 2)),
+    "chunk_len": ("data.user_chunk_len", (4, 8)),
 }
 
 

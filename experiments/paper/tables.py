@@ -5,7 +5,7 @@
       [--encoders=din,longer,transformer] [--ablations=iat_query,...] \
       [--emit=commands] [-- --config.key=value ...]
 
-Drives iat_jax.sweep: every point x seed is one `python -m iat_jax.main
+Drives iat_jax.sweeps.runner: every point x seed is one `python -m iat_jax.main
 --mode=pipeline` run in DIR/<point>/seed<k>/ (finished runs are skipped, seed
 k's runs share the dataset DIR/data/seed<k>, so comparisons are paired), then
 DIR/results.csv and DIR/plots/ as a sweep writes them, and:
@@ -16,7 +16,7 @@ DIR/results.csv and DIR/plots/ as a sweep writes them, and:
                               its t-interval excludes 0, params, FLOPs/batch
   DIR/<table>_auc_change.png  those AUC changes with their intervals
 
-table1: model.seq_encoder in --encoders; each pipeline gives base, both
+table1: model.seq.encoder in --encoders; each pipeline gives base, both
   source models, temporal_iat and user_iat; changes are vs that encoder's base.
 table4: the transformer encoder's full user-order IAT and one run per
   --ablations switch; changes of user_iat are vs the full model's user_iat.
@@ -31,21 +31,20 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
-from iat_jax import launch_lib
-from iat_jax import sweep
+from iat_jax.sweeps import report
+from iat_jax.sweeps import runner
+from iat_jax.sweeps import stats
 
 ENCODERS = ("din", "longer", "transformer")
 # Models of one pipeline, in its order; table1 charts the IAT ones.
 MODELS = ("base", "source_temporal", "temporal_iat", "source_user", "user_iat")
 CHART_MODELS = ("temporal_iat", "user_iat")
-FULL = {"model.seq_encoder": "transformer"}
+FULL = {"model.seq.encoder": "transformer"}
 # name -> (the paper's label, overrides of the full model, whether the switch
 # changes the source model; the others reuse the full point's source models).
 ABLATIONS = {
@@ -75,7 +74,7 @@ def plan(table: str, encoders: Sequence[str] = ENCODERS,
     bad = [e for e in encoders if e not in ENCODERS]
     if bad or not encoders:
       raise ValueError(f"--encoders: {bad or 'none'}; allowed: {ENCODERS}")
-    points = [{"model.seq_encoder": e} for e in encoders]
+    points = [{"model.seq.encoder": e} for e in encoders]
     rows = [{"label": f"{e} / {m}", "point": p, "model": m,
              "ref": None if m == "base" else (p, "base"),
              "group": e if m in CHART_MODELS else None, "series": m}
@@ -99,44 +98,34 @@ def plan(table: str, encoders: Sequence[str] = ENCODERS,
 
 
 def point_runs(table: str, points: Sequence[dict], workdir: str) -> list[tuple]:
-  """(extra flags, sources_from) of each point's runs, for sweep.command.
+  """(extra flags, sources_from) of each point's runs, for runner.command.
 
   table4's ablation points train only user_iat; those of downstream-only
   switches read the full point's source model and store of the same seed.
   """
   if table != "table4":
     return [((), "")] * len(points)
-  full_dir = os.path.dirname(sweep.run_dir(workdir, FULL, 0))
-  source_side = {sweep.point_name({**FULL, **o}): s for _, o, s in ABLATIONS.values()}
+  full_dir = os.path.dirname(report.run_dir(workdir, FULL, 0))
+  source_side = {report.point_name({**FULL, **o}): s for _, o, s in ABLATIONS.values()}
   return [((), "") if p == FULL else
-          (ABLATION_FLAGS, "" if source_side[sweep.point_name(p)] else full_dir)
+          (ABLATION_FLAGS, "" if source_side[report.point_name(p)] else full_dir)
           for p in points]
 
 
 # --------------------------------------------------------------- statistics
 
 
-def relative_change(value: float, ref: float) -> float:
-  """100 * (value / ref - 1), in percent."""
-  return 100.0 * (value / ref - 1.0)
-
-
 def paired_changes(test: dict, row: dict, task: str) -> list[float]:
   """Per-seed relative test-AUC changes of a row vs its reference row, over the
   seeds where both ran. test: (point name, seed, model, task, metric) -> value."""
-  name, (ref_point, ref_model) = sweep.point_name(row["point"]), row["ref"]
-  ref_name, out = sweep.point_name(ref_point), []
+  name, (ref_point, ref_model) = report.point_name(row["point"]), row["ref"]
+  ref_name, out = report.point_name(ref_point), []
   for seed in sorted({key[1] for key in test}):
     value = test.get((name, seed, row["model"], task, "auc"))
     ref = test.get((ref_name, seed, ref_model, task, "auc"))
     if value is not None and ref is not None:
-      out.append(relative_change(value, ref))
+      out.append(stats.relative_change(value, ref))
   return out
-
-
-def excludes_zero(mean: float, half: float) -> bool | None:
-  """Whether mean ± half excludes 0; None when the interval is unknown."""
-  return None if math.isnan(half) else abs(mean) > half
 
 
 def fmt(mean: float, half: float, digits: int, sign: bool = False) -> str:
@@ -150,7 +139,7 @@ def fmt(mean: float, half: float, digits: int, sign: bool = False) -> str:
 def summarize(rows: Sequence[dict], table_rows: Sequence[dict]) -> list[dict]:
   """Per table row and task: metric means/intervals, changes, cost, seeds.
 
-  rows: iat_jax.sweep.collect's rows.
+  rows: iat_jax.sweeps.report.collect's rows.
   """
   test = {(r["point"], r["seed"], r["model"], r["task"], r["metric"]): r["value"]
           for r in rows if r["split"] == "test"}
@@ -158,17 +147,17 @@ def summarize(rows: Sequence[dict], table_rows: Sequence[dict]) -> list[dict]:
   tasks = list(dict.fromkeys(r["task"] for r in rows))
   out = []
   for row in table_rows:
-    name, stats = sweep.point_name(row["point"]), {}
+    name, stats = report.point_name(row["point"]), {}
     for task in tasks:
       values = {metric: [v for (p, _, m, t, mt), v in test.items()
                          if (p, m, t, mt) == (name, row["model"], task, metric)]
                 for metric in ("auc", "logloss")}
-      stats[task] = {metric: sweep.mean_ci(v) if v else (math.nan, math.nan)
+      stats[task] = {metric: stats.mean_ci(v) if v else (math.nan, math.nan)
                      for metric, v in values.items()}
       stats[task]["n"] = len(values["auc"])
       if row["ref"] is not None:
         changes = paired_changes(test, row, task)
-        stats[task]["change"] = (sweep.mean_ci(changes) if changes
+        stats[task]["change"] = (stats.mean_ci(changes) if changes
                                  else (math.nan, math.nan))
     out.append({**row, "tasks": stats,
                 "cost": cost.get((name, row["model"]), (math.nan, math.nan))})
@@ -192,7 +181,7 @@ def markdown(summary: Sequence[dict], ref_name: str) -> str:
       if "change" not in st:
         cells += ["—", "—"]
       else:
-        verdict = excludes_zero(*st["change"])
+        verdict = stats.excludes_zero(*st["change"])
         cells += [fmt(*st["change"], 3, sign=True),
                   {None: "n/a", True: "yes", False: "no"}[verdict]]
     params, flops = s["cost"]
@@ -286,25 +275,17 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   points, table_rows = plan(f.table, f.encoders, f.ablations)
-  sweep.check_points(f.config, points, f"--table={f.table}")
+  runner.check_points(f.config, points, f"--table={f.table}")
   data_cache = f.data_cache or os.path.join(f.workdir, "data")
-  jobs = [(sweep.run_dir(f.workdir, p, s),
-           sweep.command(f.config, f.workdir, p, s, data_cache,
+  jobs = [(report.run_dir(f.workdir, p, s),
+           runner.command(f.config, f.workdir, p, s, data_cache,
                          [*extra, *argv[1:]], sources_from=sources_from))
           for p, (extra, sources_from) in zip(points, point_runs(
               f.table, points, f.workdir))
           for s in range(f.seeds)]
-  if f.emit == "commands":
-    print("\n".join(launch_lib.shell_join(c) for _, c in jobs))
-    return
-  # SIGTERM ends this through SystemExit, which SIGTERMs the current run.
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-  failed = sweep.run_all(jobs, os.path.join(f.workdir, "jax_cache"))
-  rows = sweep.report(f.workdir, points, f.seeds)
-  if rows:
-    print(write_report(f.workdir, f.table, f.config, f.seeds, rows, table_rows))
-  if failed:
-    sys.exit(f"tables: {len(failed)} run(s) failed: {failed}")
+  runner.execute(jobs, f.workdir, points, f.seeds, emit=f.emit, what="tables",
+                 on_rows=lambda rows: print(write_report(
+                     f.workdir, f.table, f.config, f.seeds, rows, table_rows)))
 
 
 if __name__ == "__main__":

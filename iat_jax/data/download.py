@@ -1,6 +1,7 @@
-"""Fetches a zip archive over HTTP(S) and unpacks it atomically.
+"""Fetches a zip or tar archive over HTTP(S) and unpacks it atomically.
 
-Used by `python -m iat_jax.data.movielens --download=...`. The archive is
+Used by `python -m iat_jax.data.movielens --download=...` and
+`python -m iat_jax.data.kuairand --download`. The archive is
 downloaded and extracted inside a temporary sibling of the target directory;
 the folder that holds the marker file is then renamed to the target, so the
 target either does not exist or holds the complete files.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -23,18 +25,22 @@ class DownloadError(RuntimeError):
 
 
 def _by_hand(url: str, data_dir: str, marker: str) -> str:
-  zip_name = os.path.basename(url)
-  folder = os.path.splitext(zip_name)[0]
+  name = os.path.basename(url)
+  if name.endswith(".zip"):
+    unpack, folder = f"unzip {name}", name[:-len(".zip")]
+  else:
+    unpack, folder = f"tar -xzf {name}", name.split(".tar")[0]
   return (f"Fetch {url} by hand (on a machine with internet access), copy it "
-          f"here and unzip it so that {os.path.join(data_dir, marker)} exists, "
-          f"e.g. `unzip {zip_name} && mv {folder} {data_dir}`.")
+          f"here and unpack it so that {os.path.join(data_dir, marker)} exists, "
+          f"e.g. `{unpack} && mv {folder} {data_dir}` (the folder that holds "
+          f"{marker}).")
 
 
 def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str:
-  """Downloads the zip at `url` and unpacks it as `data_dir`.
+  """Downloads the archive at `url` and unpacks it as `data_dir`.
 
   Args:
-    url: address of a zip archive.
+    url: address of a zip or tar (optionally compressed) archive.
     data_dir: directory to create; it receives the contents of the archive's
       folder that holds `marker` (e.g. ml-100k/ of ml-100k.zip).
     marker: name of a file the archive must contain, e.g. "u.data". If
@@ -76,10 +82,14 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
                           f"({reason}). " + _by_hand(url, data_dir, marker)) from None
     unpacked = os.path.join(tmp, "unpacked")
     try:
-      with zipfile.ZipFile(archive) as z:
-        z.extractall(unpacked)  # zipfile drops absolute and ".." components
-    except zipfile.BadZipFile as e:
-      raise DownloadError(f"{url} is not a valid zip archive ({e})") from None
+      if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+          z.extractall(unpacked)  # zipfile drops absolute and ".." components
+      else:
+        with tarfile.open(archive) as t:
+          t.extractall(unpacked, filter="data")  # no links out, no ".."
+    except (zipfile.BadZipFile, tarfile.TarError) as e:
+      raise DownloadError(f"{url} is not a valid zip or tar archive ({e})") from None
     src = next((root for root, _, files in sorted(os.walk(unpacked))
                 if marker in files), None)
     if src is None:

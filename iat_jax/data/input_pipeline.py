@@ -38,7 +38,7 @@ Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from typing import Callable
 
 import grain
 import numpy as np
@@ -46,7 +46,8 @@ import numpy as np
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import history
 from iat_jax.data import schema as schema_lib
-from iat_jax.store import user_history
+from iat_jax.data import user_history
+from iat_jax.store import tables
 
 HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts",
              "past_row", "hist_missing")
@@ -167,13 +168,6 @@ class AddHistory(grain.transforms.Map):
     return batch
 
 
-class InsEmbLookup(Protocol):
-  """What `LookupInsEmb` needs from an InsEmb store."""
-
-  def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint64 keys [n] -> (float32 values [n, d], bool found [n])."""
-
-
 class LookupInsEmb(grain.transforms.Map):
   """Adds hist_insemb [..., L, d] with ONE lookup call for the whole batch.
 
@@ -181,7 +175,7 @@ class LookupInsEmb(grain.transforms.Map):
   `hist_missing` counts them (a scalar per batch, for metrics).
   """
 
-  def __init__(self, table: InsEmbLookup):
+  def __init__(self, table: tables.Lookup):
     self.table = table
 
   def map(self, batch: dict) -> dict:
@@ -195,23 +189,6 @@ class LookupInsEmb(grain.transforms.Map):
     batch["hist_missing"] = np.int64(len(found) - found.sum())
     batch["hist_mask"] = hit
     return batch
-
-
-class SortedKeyTable:
-  """In-memory InsEmb table (sorted keys + binary search): tests, baselines."""
-
-  def __init__(self, keys: np.ndarray, values: np.ndarray):
-    order = np.argsort(keys)
-    self.keys = np.asarray(keys)[order]
-    self.values = np.asarray(values, dtype=np.float32)[order]
-
-  def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    uniq, inv = np.unique(keys, return_inverse=True)  # sorted: a faster search
-    pos = np.minimum(np.searchsorted(self.keys, uniq), len(self.keys) - 1)[inv]
-    found = self.keys[pos] == keys
-    out = self.values.take(pos, axis=0)
-    out *= found[:, None]
-    return out, found
 
 
 @dataclasses.dataclass
@@ -299,7 +276,7 @@ def stream(ds: dataset_lib.Dataset, splits: tuple[str, ...], batch_size: int,
 
 def _assemble(source: EpochBatches, read: grain.transforms.Map,
               ds: dataset_lib.Dataset, history_len: int | None,
-              num_gap_buckets: int, table: InsEmbLookup | None) -> grain.MapDataset:
+              num_gap_buckets: int, table: tables.Lookup | None) -> grain.MapDataset:
   data = grain.MapDataset.source(source).map(read)
   if history_len is not None:
     data = data.map(AddHistory(ds, history_len, num_gap_buckets))
@@ -332,7 +309,7 @@ def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
              seed: int = 0, shuffle_window: int = 0, num_epochs: int = 1,
              process_index: int = 0, process_count: int = 1,
              history_len: int | None = None, num_gap_buckets: int = 16,
-             table: InsEmbLookup | None = None) -> grain.MapDataset:
+             table: tables.Lookup | None = None) -> grain.MapDataset:
   """Time-ordered batches of one split.
 
   Args:
@@ -366,7 +343,7 @@ def user_ordered(ds: dataset_lib.Dataset, split: str, users_per_batch: int,
                  num_epochs: int = 1, process_index: int = 0,
                  process_count: int = 1, history_len: int | None = None,
                  num_gap_buckets: int = 16,
-                 table: InsEmbLookup | None = None) -> grain.MapDataset:
+                 table: tables.Lookup | None = None) -> grain.MapDataset:
   """User-chunk batches [B_users / process_count, T] of one split.
 
   Args are as in `temporal`, plus users_per_batch (global B_users), chunk_len

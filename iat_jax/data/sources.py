@@ -9,7 +9,7 @@ A source is one entry of `SOURCES`, keyed by `config.data.source`:
 
 Adding a dataset = one module under `iat_jax/data/` with a `build` and one
 `register(Source(...))` entry below. Nothing outside `iat_jax/data/` branches
-on the source name.
+on the source name: the rest of the package calls `prepare(config, workdir)`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ import dataclasses
 import os
 from typing import Callable
 
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
+from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import kuairand
 from iat_jax.data import movielens
 from iat_jax.data import synthetic
 
@@ -76,3 +80,27 @@ register(Source(
     subdir=_dir_name,
     build=lambda data, out, seed: movielens.build(data.dir, out, seq_len=data.seq_len),
     validate=lambda data: need_dir(data, "movielens")))
+
+register(Source(
+    name="kuairand",
+    subdir=_dir_name,
+    build=lambda data, out, seed: kuairand.build(data.dir, out, seq_len=data.seq_len),
+    validate=lambda data: need_dir(data, "kuairand")))
+
+def dataset_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the preprocessed dataset of the run `config` lives."""
+  root = config.data.cache_dir or os.path.join(workdir, "data")
+  return os.path.join(root, get(config.data.source).subdir(config.data))
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> dataset_lib.Dataset:
+  """Builds (or reuses) the dataset of the run `config` and opens it.
+
+  Process 0 builds; the others wait for it, then open the same directory.
+  """
+  path = dataset_path(config, workdir)
+  if jax.process_index() == 0:
+    get(config.data.source).build(config.data, path, config.seed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("prepare_dataset")
+  return dataset_lib.Dataset(path)

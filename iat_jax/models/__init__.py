@@ -1,38 +1,34 @@
 """IAT model families and their config.
 
-  make_model(config, schema, stage) with stage one of STAGES:
-    'base'            ranker.Ranker            batch [B, ...]
-    'source_temporal' source.TemporalSource    batch [B, ...]
-    'source_user'     source.UserSource        batch [B_users, T, ...]
-    'source_stream'   source.StreamSource      batch [B, ...] + past_* [B, K, ...]
-    'downstream'      iat.Downstream           batch [B, ...] + hist_* [B, L, ...]
+  ranker.Ranker            base ranker, batch [B, ...]
+  source.TemporalSource    temporal-order source, batch [B, ...]
+  source.UserSource        user-order source + SIT, batch [B_users, T, ...]
+  source.StreamSource      streaming source, batch [B, ...] + past_* [B, K, ...]
+  iat.Downstream           downstream IAT ranker, batch [B, ...] + hist_* [B, L, ...]
 
-Every model: `model.apply(variables, batch, train=False) -> dict` with
-'logits' float32 [..., num_tasks]; sources add 'insemb' float32 [..., d].
-Keys of the batch that a model does not use are ignored.
+Which stage uses which is `iat_jax.stages.STAGES`. Every model:
+`model.apply(variables, batch, train=False) -> dict` with 'logits' float32
+[..., num_tasks]; sources add 'insemb' float32 [..., d]. Keys of the batch
+that a model does not use are ignored.
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import ml_collections
 
-from iat_jax.data import schema as schema_lib
 from iat_jax.models import iat
 from iat_jax.models import interaction
-from iat_jax.models import ranker
 from iat_jax.models import sequence
-from iat_jax.models import source
 
-STAGES = ("base", "source_temporal", "source_user", "source_stream",
-          "downstream")
-# Allowed values of the config's name-valued knobs.
-SEQ_ENCODERS = sequence.ENCODERS + ("none",)
-IAT_ENCODERS = sequence.ENCODERS
-INTERACTIONS = interaction.INTERACTIONS
-IAT_QUERIES = iat.QUERY_MODES
-STREAM_MODES = source.STREAM_MODES
-DTYPES = ("float32", "bfloat16")
+# Allowed values of the config's name-valued knobs (checked by
+# `iat_jax.configs.validate`), by their key under config.model.
+CHOICES = {
+    "seq.encoder": sequence.ENCODERS + ("none",),
+    "iat.encoder": sequence.ENCODERS,
+    "interaction": interaction.INTERACTIONS,
+    "iat_query": iat.QUERY_MODES,
+    "dtype": ("float32", "bfloat16"),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -43,23 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.embed_dim = 16
   # Rows of the shared embedding table are padded to a multiple of this.
   c.vocab_pad_multiple = 8
-  # --- Hand-crafted behaviour sequence encoder of the base ranker.
-  # 'din' | 'transformer' | 'longer' | 'none' (no sequence token).
-  c.seq_encoder = "transformer"
-  # Width of the behaviour-sequence encoder.
-  c.seq_width = 32
-  # Attention heads of the behaviour-sequence encoder.
-  c.seq_heads = 2
-  # Transformer blocks (for 'longer': self-attention blocks after the cross).
-  c.seq_layers = 1
-  # FFN width = ffn_mult * width, in every transformer block and RankMixer.
+  # --- Hand-crafted behaviour sequence encoder of the base ranker
+  # ('none' = no sequence token).
+  c.seq = sequence.encoder_config("transformer", width=32, heads=2)
+  # FFN width = ffn_mult * width, in RankMixer.
   c.ffn_mult = 2
-  # Hidden widths of DIN's attention scorer MLP.
-  c.din_mlp = (32, 16)
-  # LONGER: neighbouring behaviour tokens merged into one.
-  c.longer_merge = 2
-  # LONGER: most recent merged behaviours used as extra cross-attn queries.
-  c.longer_recent_k = 4
   # --- Feature interaction (h has width D).
   # 'rankmixer' (D = mixer_tokens * mixer_token_dim) | 'mlp' (D = mlp_dims[-1]).
   c.interaction = "rankmixer"
@@ -92,12 +76,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.sit_heads = 2
   # Store the SIT output instead of the pre-SIT compression (ablation).
   c.insemb_after_sit = False
-  # User-order chunk length T (pipeline knob; the SIT has no T-sized params).
-  c.user_chunk_len = 16
-  # Streaming: past InsEmbs fetched per instance K (pipeline knob; no params).
-  c.stream_k = 16
-  # Streaming: 'fetch' stored InsEmbs (Method 1) | 'recompute' (Method 2).
-  c.stream_mode = "fetch"
   # --- Stage II: downstream IAT branch.
   # Max IAT history length L (size of the IAT encoder's position table).
   c.hist_len = 64
@@ -115,49 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.iat_query = "compress"
   # Width of the compressed query token.
   c.iat_query_dim = 64
-  # Encoder of the IAT sequence: 'transformer' | 'longer' | 'din'.
-  c.iat_encoder = "transformer"
-  # Width the query and InsTokens are projected to.
-  c.iat_width = 64
-  # Attention heads of the IAT encoder.
-  c.iat_heads = 2
-  # Transformer blocks of the IAT encoder.
-  c.iat_layers = 1
+  # Encoder of the IAT sequence ('transformer' | 'longer' | 'din'); its width
+  # is what the query and InsTokens are projected to.
+  c.iat = sequence.encoder_config("transformer", width=64, heads=2)
   # Put the IAT token after the interaction instead of into it (ablation).
   c.iat_after_interaction = False
   return c
-
-
-def make_model(config: ml_collections.ConfigDict, schema: schema_lib.Schema,
-               stage: str) -> nn.Module:
-  """The model of `stage` (one of STAGES) for `schema` under `config`."""
-  validate_config(config)
-  frozen = ml_collections.FrozenConfigDict(config)
-  if stage == "base":
-    return ranker.Ranker(frozen, schema)
-  if stage == "source_temporal":
-    return source.TemporalSource(frozen, schema)
-  if stage == "source_user":
-    return source.UserSource(frozen, schema)
-  if stage == "source_stream":
-    return source.StreamSource(frozen, schema)
-  if stage == "downstream":
-    return iat.Downstream(frozen, schema)
-  raise ValueError(f"unknown stage {stage!r}; allowed: {STAGES}")
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming a bad name-valued knob or an impossible size."""
-  for key, allowed in (("seq_encoder", SEQ_ENCODERS),
-                       ("iat_encoder", IAT_ENCODERS),
-                       ("interaction", INTERACTIONS),
-                       ("iat_query", IAT_QUERIES),
-                       ("stream_mode", STREAM_MODES),
-                       ("dtype", DTYPES)):
-    if config[key] not in allowed:
-      raise ValueError(f"config.{key}={config[key]!r}; allowed: {allowed}")
-  if (config.interaction == "rankmixer"
-      and config.mixer_token_dim % config.mixer_tokens):
-    raise ValueError(
-        f"config.mixer_token_dim={config.mixer_token_dim} must be divisible "
-        f"by config.mixer_tokens={config.mixer_tokens}")

@@ -76,12 +76,9 @@ class IATBranch(nn.Module):
       raise ValueError(
           f"unknown iat_query {c.iat_query!r}; allowed: {QUERY_MODES}")
 
-    encoder = sequence.make_encoder(
-        c.iat_encoder, width=c.iat_width, num_heads=c.iat_heads,
-        num_layers=c.iat_layers, ffn_mult=c.ffn_mult, max_len=c.hist_len,
-        din_mlp=c.din_mlp, longer_merge=c.longer_merge,
-        longer_recent_k=c.longer_recent_k, dropout_rate=c.dropout_rate,
-        dtype=dtype, module_name="encoder")
+    encoder = sequence.make_encoder(c.iat, max_len=c.hist_len,
+                                    dropout_rate=c.dropout_rate, dtype=dtype,
+                                    module_name="encoder")
     mask = batch["hist_mask"].astype(bool)
     return encoder(query, ins_tokens, mask, None, train=train)
 

@@ -68,15 +68,12 @@ class RankerTrunk(nn.Module):
     self.embed = embedding.FeatureEmbedding(
         self.schema, c.embed_dim, vocab_pad_multiple=c.vocab_pad_multiple,
         dtype=dtype)
-    if c.seq_encoder == "none":
+    if c.seq.encoder == "none":
       self.seq_encoder = None
     else:
       self.seq_encoder = sequence.make_encoder(
-          c.seq_encoder, width=c.seq_width, num_heads=c.seq_heads,
-          num_layers=c.seq_layers, ffn_mult=c.ffn_mult,
-          max_len=self.schema.seq_len, din_mlp=c.din_mlp,
-          longer_merge=c.longer_merge, longer_recent_k=c.longer_recent_k,
-          dropout_rate=c.dropout_rate, dtype=dtype)
+          c.seq, max_len=self.schema.seq_len, dropout_rate=c.dropout_rate,
+          dtype=dtype)
     if c.interaction == "rankmixer":
       self.interaction = interaction.RankMixer(
           c.mixer_tokens, c.mixer_token_dim, c.mixer_layers, c.ffn_mult,

@@ -29,6 +29,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from iat_jax.models import attention
@@ -216,24 +217,47 @@ class LongerEncoder(nn.Module):
     return layers.layer_norm(dtype=self.dtype, name="ln_out")(y[..., 0, :])
 
 
-def make_encoder(name: str, *, width: int, num_heads: int, num_layers: int,
-                 ffn_mult: int, max_len: int, din_mlp: Sequence[int],
-                 longer_merge: int, longer_recent_k: int,
+def encoder_config(encoder: str, *, width: int, heads: int, layers: int = 1,
+                   ffn_mult: int = 2, din_mlp: Sequence[int] = (32, 16),
+                   longer_merge: int = 2,
+                   longer_recent_k: int = 4) -> ml_collections.ConfigDict:
+  """The config block of one use of a sequence encoder (`make_encoder`)."""
+  c = ml_collections.ConfigDict()
+  # 'din' | 'transformer' | 'longer' (the behaviour sequence also allows 'none').
+  c.encoder = encoder
+  # Width of the encoder (tokens are projected to it).
+  c.width = width
+  # Attention heads.
+  c.heads = heads
+  # Transformer blocks (for 'longer': self-attention blocks after the cross).
+  c.layers = layers
+  # FFN width = ffn_mult * width in every transformer block.
+  c.ffn_mult = ffn_mult
+  # Hidden widths of DIN's attention scorer MLP.
+  c.din_mlp = tuple(din_mlp)
+  # LONGER: neighbouring tokens merged into one.
+  c.longer_merge = longer_merge
+  # LONGER: most recent merged tokens used as extra cross-attention queries.
+  c.longer_recent_k = longer_recent_k
+  return c
+
+
+def make_encoder(c: ml_collections.ConfigDict, *, max_len: int,
                  dropout_rate: float, dtype: layers.Dtype,
                  module_name: str | None = None) -> nn.Module:
-  """Builds the encoder `name` (one of ENCODERS)."""
-  if name == "din":
-    return DINEncoder(width, mlp_dims=tuple(din_mlp), dtype=dtype,
+  """The encoder of config block `c` (see `encoder_config`) over <= max_len tokens."""
+  if c.encoder == "din":
+    return DINEncoder(c.width, mlp_dims=tuple(c.din_mlp), dtype=dtype,
                       name=module_name)
-  if name == "transformer":
-    return TransformerEncoder(width, num_heads=num_heads,
-                              num_layers=num_layers, ffn_mult=ffn_mult,
-                              max_len=max_len, dropout_rate=dropout_rate,
-                              dtype=dtype, name=module_name)
-  if name == "longer":
-    return LongerEncoder(width, num_heads=num_heads, num_layers=num_layers,
-                         ffn_mult=ffn_mult, merge=longer_merge,
-                         recent_k=longer_recent_k, max_len=max_len,
+  if c.encoder == "transformer":
+    return TransformerEncoder(c.width, num_heads=c.heads, num_layers=c.layers,
+                              ffn_mult=c.ffn_mult, max_len=max_len,
+                              dropout_rate=dropout_rate, dtype=dtype,
+                              name=module_name)
+  if c.encoder == "longer":
+    return LongerEncoder(c.width, num_heads=c.heads, num_layers=c.layers,
+                         ffn_mult=c.ffn_mult, merge=c.longer_merge,
+                         recent_k=c.longer_recent_k, max_len=max_len,
                          dropout_rate=dropout_rate, dtype=dtype,
                          name=module_name)
-  raise ValueError(f"unknown sequence encoder {name!r}; allowed: {ENCODERS}")
+  raise ValueError(f"unknown sequence encoder {c.encoder!r}; allowed: {ENCODERS}")

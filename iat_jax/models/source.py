@@ -12,7 +12,7 @@ a user-order model trained in batch continues as the streaming model.
                   recent earlier InsEmbs [B, K, d] (newest first, past_mask).
                   SIT over [current, past_1 (newest), ..., past_K] with
                   stop_gradient on the past; the prediction uses position 0.
-                  stream_mode 'fetch' reads 'past_insemb' (Method 1);
+                  mode 'fetch' reads 'past_insemb' (Method 1);
                   'recompute' recomputes it from the 'past_*' raw features with
                   the current parameters, forward only (Method 2).
 
@@ -191,18 +191,20 @@ class StreamSource(_SourceBase):
   'sit_out': [B, 1+K, d], 'past_insemb': the past entries used [B, K, d]}.
   """
   uses_sit = True
+  # 'fetch' stored past InsEmbs (Method 1) | 'recompute' them (Method 2).
+  mode: str = "fetch"
 
   def __call__(self, batch: Batch, *, train: bool = False) -> dict[str, Array]:
     c = self.config
     e = self.embed_instances(batch, train=train)  # [B, d]
-    if c.stream_mode == "fetch":
+    if self.mode == "fetch":
       past = batch["past_insemb"]
-    elif c.stream_mode == "recompute":
+    elif self.mode == "recompute":
       k = batch["past_mask"].shape[1]
       past = self.embed_instances(batch, prefix="past_", n_lead=2, train=False)
       past = past.reshape(e.shape[0], k, -1)
     else:
-      raise ValueError(f"unknown stream_mode {c.stream_mode!r}; allowed: "
+      raise ValueError(f"unknown stream mode {self.mode!r}; allowed: "
                        f"{STREAM_MODES}")
     past = jax.lax.stop_gradient(past.astype(e.dtype))
     x = jnp.concatenate([e[:, None, :], past], axis=1)  # [B, 1+K, d]

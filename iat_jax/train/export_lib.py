@@ -10,23 +10,13 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from iat_jax import stages
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import schema as schema_lib
-from iat_jax.store import insemb_table
+from iat_jax.store import tables
+from iat_jax.train import predict
 from iat_jax.train import train_lib
 from iat_jax.train import two_pass_lib
-
-
-def store_path(config: ml_collections.ConfigDict, workdir: str, source: str) -> str:
-  return config.store.path or os.path.join(workdir, "stores", source)
-
-
-def is_exported(path: str, source: str, step: int) -> bool:
-  try:
-    meta = insemb_table.Table(path).metadata
-  except insemb_table.StoreError:
-    return False
-  return meta["source"] == source and meta["source_step"] == step
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, name: str,
@@ -38,19 +28,20 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
   new table version (two-pass source_user: merged with the InsEmbs the passes
   stored, see `two_pass_lib`). Returns the store path.
   """
-  if not config.stage.startswith("source"):
-    raise ValueError(f"--config.stage={config.stage!r}: export needs a source stage")
+  if not stages.get(config.stage).exports:
+    raise ValueError(f"--config.stage={config.stage!r}: export needs a source stage "
+                     f"(one of {stages.SOURCES})")
   two_pass = config.stage == "source_user" and config.two_pass
   model_dir = os.path.join(name, two_pass_lib.PASSES[0][0]) if two_pass else name
   st, step, params = train_lib.load_best(config, workdir, model_dir, ds)
-  path = store_path(config, workdir, config.stage)
-  if is_exported(path, config.stage, step):
+  path = tables.path(config, workdir, config.stage)
+  if tables.is_published(path, config.stage, step):
     logging.info("export %s: already done (step %d)", path, step)
     return path
   keys, values = [], []
   for split in schema_lib.SPLITS:
     data = train_lib.batches(config, ds, config.stage, split, train=False)
-    res = train_lib.predict(st.eval_step, params, data, st.mesh, keys=("insemb",))
+    res = predict.predict(st.eval_step, params, data, st.mesh, keys=("insemb",))
     keys.append(res["ins_id"])
     values.append(res["insemb"])
     logging.info("export %s: %s split, %d instances", name, split, len(res["ins_id"]))
@@ -61,9 +52,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
     keys = np.asarray(ds["ins_id"])
     values = two_pass_lib.merged_insembs(config, workdir, name, ds, by_row)
   if jax.process_index() == 0:
-    insemb_table.write(path, keys, values, source=config.stage, source_step=step,
-                       source_config=config.model, dtype=config.store.dtype,
-                       dataset=ds.schema.fingerprint)
+    tables.publish(config, path, keys, values, source=config.stage, step=step,
+                   fingerprint=ds.schema.fingerprint)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("export")
   return path

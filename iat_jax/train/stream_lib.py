@@ -8,7 +8,7 @@ training) in timestamp order, batches mixing users. For each instance:
   1. fetch the InsEmbs of its user's K newest strictly-earlier instances
      that were processed in an earlier batch (or precede the stream) --
      Method 1 reads them from the stream table, Method 2
-     (`model.stream_mode='recompute'`) recomputes them from raw features
+     (`stream.mode='recompute'`) recomputes them from raw features
      with the current parameters, forward only;
   2. run the SIT over [current, past...] (stop-gradient on the past), predict
      from position 0 and take one optimizer step -- the predictions, made
@@ -34,13 +34,12 @@ import ml_collections
 import numpy as np
 
 from iat_jax import checkpointing
-from iat_jax import configs
 from iat_jax import metrics as metrics_lib
+from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
-from iat_jax.store import insemb_table
 from iat_jax.store import stream_table
-from iat_jax.train import export_lib
+from iat_jax.store import tables
 from iat_jax.train import train_lib
 
 _STALENESS_SAMPLE = 256
@@ -48,10 +47,8 @@ _STALENESS_SAMPLE = 256
 
 def _initial_values(config, workdir: str, ds: dataset_lib.Dataset) -> np.ndarray:
   """InsEmbs [N, d] of every row from the batch-trained source's store."""
-  path = export_lib.store_path(config, workdir, config.stream.init_from)
-  table = insemb_table.Table(path)
-  table.check(d=config.model.insemb_dim, source=config.stream.init_from,
-              dataset=ds.schema.fingerprint)
+  table = tables.open_checked(config, workdir, config.stream.init_from,
+                              ds.schema.fingerprint)
   values, _ = table.lookup(np.asarray(ds["ins_id"]))
   return values
 
@@ -59,7 +56,7 @@ def _initial_values(config, workdir: str, ds: dataset_lib.Dataset) -> np.ndarray
 class _Staleness:
   """Cosine(fetched, recomputed-with-current-params) on past InsEmbs."""
 
-  def __init__(self, st: train_lib.Stage):
+  def __init__(self, st: train_lib.Run):
     self.ds = st.ds
     self.names = st.ds.feature_columns()
 
@@ -85,35 +82,37 @@ class _Staleness:
 
 
 def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
-                 ds: dataset_lib.Dataset) -> dict:
+                 ds: dataset_lib.Dataset, table=None) -> dict:
   """Runs the streaming stage into <workdir>/<name>; resumable.
+
+  It reads and writes its own table (`table` must be None).
 
   Returns:
     Results with progressive 'valid' / 'test' metrics (also results.json).
   """
-  configs.validate(config)
+  assert table is None, "the streaming stage reads its own table"
   if jax.process_count() > 1:
     raise NotImplementedError("streaming training runs in one process (it may "
                               "use all of that host's devices)")
-  recompute = config.model.stream_mode == "recompute"
+  recompute = config.stream.mode == "recompute"
   table = stream_table.StreamTable.open_or_create(
-      os.path.join(workdir, name, "stream_table"),
+      os.path.join(workdir_lib.stage_dir(workdir, name), "stream_table"),
       _initial_values(config, workdir, ds), ds.schema.num_tasks)
   data = input_pipeline.stream(ds, tuple(config.stream.splits), config.batch_size,
-                               config.model.stream_k, features=recompute)
+                               config.stream.k, features=recompute)
 
   def fill(batch):
     if not recompute:
       batch["past_insemb"] = table.read(batch["past_row"])
     return batch
 
-  st = train_lib.Stage(config, workdir, name, ds, train_data=data, fill=fill,
+  st = train_lib.Run(config, workdir, name, ds, train_data=data, fill=fill,
                        aux=("probs", "insemb"))
   writer = metrics_lib.Writer(st.dir)
   it = input_pipeline.iterate(data)
   state, start = train_lib.resume(st, writer, it)
   if not start:  # a fresh stream starts from the batch-trained source
-    init = checkpointing.Checkpoints(os.path.join(workdir, config.stream.init_from),
+    init = checkpointing.Checkpoints(workdir_lib.stage_dir(workdir, config.stream.init_from),
                                      1, f"auc/{ds.schema.tasks[0]}")
     _, params = init.restore_best(checkpointing.abstract(state.params))
     init.close()
@@ -132,10 +131,9 @@ def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
                              validate=False)
   results = {split: _progressive(ds, table, split) if split in config.stream.splits
              else {} for split in ("valid", "test")}
-  insemb_table.write(export_lib.store_path(config, workdir, "source_stream"),
-                     np.asarray(ds["ins_id"]), table.read_all(), source="source_stream",
-                     source_step=st.num_steps, source_config=config.model,
-                     dtype=config.store.dtype, dataset=ds.schema.fingerprint)
+  tables.publish(config, tables.path(config, workdir, config.stage),
+                 np.asarray(ds["ins_id"]), table.read_all(), source=config.stage,
+                 step=st.num_steps, fingerprint=ds.schema.fingerprint)
   return train_lib.finish(st, writer, {**results, "best_step": st.num_steps, **cost})
 
 

@@ -1,64 +1,31 @@
-"""Training, evaluation and InsEmb export of one stage.
+"""Training and evaluation of one stage (`iat_jax.stages`) in its directory.
 
-Layout of a stage directory <workdir>/<name>/:
-  ckpt/, best/       Orbax checkpoints (see `iat_jax.checkpointing`)
-  metrics.jsonl, tb/ metrics (see `iat_jax.metrics`)
-  results.json       written last: final valid/test metrics, params, FLOPs;
-                     its presence marks the stage complete.
+`Run` holds a stage's model, mesh, sharded state and compiled steps;
+`train` resumes it from its checkpoints and trains it to the end; `run_loop`
+is the loop the other trainers (`stream_lib`, `two_pass_lib`) share. The
+directory layout is `iat_jax.workdir`'s.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import time
 from typing import Any
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from iat_jax import checkpointing
-from iat_jax import configs
 from iat_jax import metrics as metrics_lib
-from iat_jax import models
 from iat_jax import sharding
-from iat_jax.models import cost
+from iat_jax import stages
+from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
-from iat_jax.data import movielens
-from iat_jax.data import synthetic
+from iat_jax.train import cost
+from iat_jax.train import predict
 from iat_jax.train import steps
-
-_USER_STAGES = ("source_user",)
-
-
-def dataset_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where the preprocessed dataset of `config` lives."""
-  out = config.data.cache_dir or os.path.join(workdir, "data")
-  if config.data.source == "movielens":
-    return os.path.join(out, os.path.basename(os.path.normpath(config.data.dir)))
-  return os.path.join(out, "synthetic")
-
-
-def prepare_dataset(config: ml_collections.ConfigDict, workdir: str) -> dataset_lib.Dataset:
-  """Builds (or reuses) the preprocessed dataset the config names.
-
-  Process 0 builds; the others wait for it, then open the same directory.
-  """
-  path = dataset_path(config, workdir)
-  if jax.process_index() == 0:
-    if config.data.source == "movielens":
-      movielens.build(config.data.dir, path, seq_len=config.data.seq_len)
-    else:
-      synthetic.build(path, seed=config.seed, seq_len=config.data.seq_len,
-                      **config.data.synthetic)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("prepare_dataset")
-  return dataset_lib.Dataset(path)
 
 
 def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
@@ -73,8 +40,9 @@ def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
                 process_count=jax.process_count())
   if train:
     common["num_epochs"] = config.num_epochs
-  if stage in _USER_STAGES:
-    t = config.model.user_chunk_len
+  batch_order = stages.get(stage).order
+  if batch_order == "user_chunks":
+    t = config.data.user_chunk_len
     users = config.users_per_batch if train else max(
         config.eval_batch_size // t, 1) * jax.process_count()
     return input_pipeline.user_ordered(ds, split, users, t,
@@ -82,7 +50,7 @@ def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
                                        **common)
   history = dict(history_len=config.model.hist_len,
                  num_gap_buckets=config.model.num_gap_buckets,
-                 table=table) if stage == "downstream" else {}
+                 table=table) if batch_order == "history" else {}
   return input_pipeline.temporal(
       ds, split, config.batch_size if train else config.eval_batch_size,
       shuffle_window=config.shuffle_window if train else 0, **common, **history)
@@ -103,40 +71,7 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._old)
 
 
-def _device_gather(x: jax.Array) -> np.ndarray:
-  """A global array -> the whole numpy array on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _host_gather(x: np.ndarray) -> np.ndarray:
-  """Concatenates every process's numpy slice [n_p, ...] (uint64 kept exact)."""
-  if jax.process_count() == 1:
-    return x
-  if x.dtype == np.uint64:
-    return _host_gather(np.ascontiguousarray(x).view(np.uint32)).view(np.uint64)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def predict(eval_step, params, data, mesh, keys=("probs",)) -> dict[str, np.ndarray]:
-  """Runs eval_step over every batch of `data`; keeps real instances only.
-
-  Returns:
-    {'labels': [n, tasks], 'ins_id': [n], <keys>: [n, ...]} on every process.
-  """
-  out: dict[str, list] = {k: [] for k in ("labels", "ins_id", *keys)}
-  for batch in input_pipeline.iterate(data):
-    res = eval_step(params, steps.to_device(batch, mesh))
-    mask = _host_gather(batch["mask"])
-    for k in keys:
-      out[k].append(_device_gather(res[k])[mask])
-    for k in ("labels", "ins_id"):
-      out[k].append(_host_gather(batch[k])[mask])
-  return {k: np.concatenate(v) for k, v in out.items()}
-
-
-class Stage:
+class Run:
   """One stage's model, mesh, sharded state and compiled steps.
 
   By default it trains on `batches(..., "train")`; the streaming stage passes
@@ -150,13 +85,13 @@ class Stage:
                fill=lambda batch: batch, aux: tuple[str, ...] = ()):
     self.config = config
     self.name = name
-    self.dir = os.path.join(workdir, name)
+    self.dir = workdir_lib.stage_dir(workdir, name)
     self.ds = ds
     self.table = table
     self.fill = fill
-    self.mesh = sharding.make_mesh(tuple(config.mesh_shape))
-    self.rules = sharding.LOGICAL_AXIS_RULES
-    self.model = models.make_model(config.model, ds.schema, config.stage)
+    self.mesh = sharding.make_mesh(tuple(config.mesh_shape), tuple(config.mesh_axes))
+    self.rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+    self.model = stages.make_model(config, ds.schema, config.stage)
     self.train_data = train_data if train_data is not None else batches(
         config, ds, config.stage, "train", train=True, table=table)
     self.num_steps = len(self.train_data)
@@ -170,7 +105,7 @@ class Stage:
             self.state, sample).compile()
     self.eval_step = steps.make_eval_step(
         self.model, self.shardings.params, self.mesh, self.rules,
-        outputs=("probs", "insemb") if config.stage.startswith("source") else ("probs",))
+        outputs=("probs", "insemb") if stages.get(config.stage).exports else ("probs",))
     self.ckpts = checkpointing.Checkpoints(self.dir, config.keep_checkpoints,
                                            f"auc/{ds.schema.tasks[0]}")
 
@@ -185,29 +120,11 @@ class Stage:
     """Task metrics of `params` over every instance of `split`."""
     data = batches(self.config, self.ds, self.config.stage, split, train=False,
                    table=self.table)
-    res = predict(self.eval_step, params, data, self.mesh)
+    res = predict.predict(self.eval_step, params, data, self.mesh)
     return metrics_lib.task_metrics(self.ds.schema.tasks, res["labels"], res["probs"])
 
 
-def results_path(stage_dir: str) -> str:
-  return os.path.join(stage_dir, "results.json")
-
-
-def load_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_json(path: str, obj: Any) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def resume(st: Stage, writer: metrics_lib.Writer, it) -> tuple[Any, int]:
+def resume(st: Run, writer: metrics_lib.Writer, it) -> tuple[Any, int]:
   """(state, step) from the stage's latest checkpoint, or fresh at step 0.
 
   Restores the Grain iterator in place and drops metric lines that a killed
@@ -221,7 +138,7 @@ def resume(st: Stage, writer: metrics_lib.Writer, it) -> tuple[Any, int]:
   return state, start
 
 
-def run_loop(st: Stage, state, it, start: int, writer: metrics_lib.Writer, *,
+def run_loop(st: Run, state, it, start: int, writer: metrics_lib.Writer, *,
              after_step=None, validate: bool = True):
   """Steps start+1..num_steps: log, validate, checkpoint; stop on NaN/SIGTERM.
 
@@ -277,24 +194,25 @@ def run_loop(st: Stage, state, it, start: int, writer: metrics_lib.Writer, *,
   return state
 
 
-def finish(st: Stage, writer: metrics_lib.Writer, results: dict) -> dict:
+def finish(st: Run, writer: metrics_lib.Writer, results: dict) -> dict:
   """Writes the final metrics and results.json (which marks the stage done)."""
   writer.write(st.num_steps, "final_valid", results["valid"])
   writer.write(st.num_steps, "test", results["test"])
   writer.close()
   st.ckpts.close()
-  write_json(results_path(st.dir), results)
+  workdir_lib.write_results(st.dir, results)
   logging.info("%s done: test %s", st.name, results["test"])
   return results
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, name: str | None = None,
-          ds: dataset_lib.Dataset | None = None, table=None, *, train_data=None,
+def train(config: ml_collections.ConfigDict, workdir: str, name: str,
+          ds: dataset_lib.Dataset, table=None, *, train_data=None,
           after_step=None) -> dict:
   """Trains config.stage into <workdir>/<name>; resumes from its checkpoints.
 
   Args:
-    config, workdir, name, ds, table: the run (name defaults to the stage).
+    config, workdir, name, ds, table: the run (config.stage into
+      <workdir>/<name>, reading InsEmbs from `table` if it is downstream).
     train_data: batches to train on instead of the stage's default order.
     after_step: `f(step, state, batch, aux)` with aux {'probs', 'insemb'}
       of the step's forward pass (see `run_loop`).
@@ -302,10 +220,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str | None = No
   Returns:
     The stage's results dict (also written to results.json).
   """
-  configs.validate(config)
-  ds = ds or prepare_dataset(config, workdir)
   aux = ("probs", "insemb") if after_step else ()
-  st = Stage(config, workdir, name or config.stage, ds, table,
+  st = Run(config, workdir, name or config.stage, ds, table,
              train_data=train_data, aux=aux)
   writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
   it = input_pipeline.iterate(st.train_data, config.worker_count)
@@ -323,14 +239,14 @@ def _finite(m: dict[str, float]) -> dict[str, float]:
 
 
 def _instances_per_step(config) -> int:
-  if config.stage in _USER_STAGES:
-    return config.users_per_batch * config.model.user_chunk_len
+  if stages.get(config.stage).order == "user_chunks":
+    return config.users_per_batch * config.data.user_chunk_len
   return config.batch_size
 
 
-def load_best(config, workdir: str, name: str, ds, table=None) -> tuple[Stage, int, Any]:
-  """A trained stage with its best params: (stage, best step, params)."""
-  st = Stage(config, workdir, name, ds, table)
+def load_best(config, workdir: str, name: str, ds, table=None) -> tuple[Run, int, Any]:
+  """A trained stage with its best params: (run, best step, params)."""
+  st = Run(config, workdir, name, ds, table)
   step, params = st.ckpts.restore_best(checkpointing.abstract(st.state.params))
   return st, step, params
 

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.store import stream_table
 from iat_jax.train import train_lib
@@ -40,6 +41,15 @@ def pass_table(workdir: str, name: str, pass_name: str, ds,
       np.zeros((ds.num_rows, dim), np.float32), ds.schema.num_tasks)
 
 
+def train_user_order(config: ml_collections.ConfigDict, workdir: str, name: str,
+                     ds: dataset_lib.Dataset, table=None) -> dict:
+  """The user-order source's trainer: two passes with --config.two_pass, else
+  the plain loop (`train_lib.train`)."""
+  if not config.two_pass:
+    return train_lib.train(config, workdir, name, ds, table)
+  return train(config, workdir, name, ds)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, name: str,
           ds: dataset_lib.Dataset) -> dict:
   """Runs both passes (each resumable); returns the normal pass's results."""
@@ -48,7 +58,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
   keep = keeper(ds)
   for k, (pass_name, order) in enumerate(PASSES):
     table = pass_table(workdir, name, pass_name, ds, config.model.insemb_dim)
-    data = train_lib.batches(config, ds, "source_user", "train", train=True,
+    data = train_lib.batches(config, ds, config.stage, "train", train=True,
                              order=order)
 
     def write_back(step, state, batch, aux, table=table, k=k):
@@ -59,11 +69,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
                   np.asarray(aux["probs"])[mine])
 
     sub = os.path.join(name, pass_name)
-    done = train_lib.results_path(os.path.join(workdir, sub))
-    if not os.path.exists(done):
+    if not workdir_lib.is_complete(workdir_lib.stage_dir(workdir, sub)):
       train_lib.train(config, workdir, sub, ds, train_data=data, after_step=write_back)
-  out = train_lib.load_json(train_lib.results_path(os.path.join(workdir, name, "normal")))
-  train_lib.write_json(train_lib.results_path(os.path.join(workdir, name)), out)
+  out = workdir_lib.load_results(workdir_lib.stage_dir(workdir, os.path.join(name, "normal")))
+  workdir_lib.write_results(workdir_lib.stage_dir(workdir, name), out)
   return out
 
 

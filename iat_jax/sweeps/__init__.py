@@ -1,0 +1,1 @@
+"""Sweeps and paper tables: statistics, the runner, and the report."""

@@ -1,0 +1,43 @@
+"""Running an eval step over a whole split, gathered from every process."""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from iat_jax.data import input_pipeline
+from iat_jax.train import steps
+
+
+def device_gather(x: jax.Array) -> np.ndarray:
+  """A global array -> the whole numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_gather(x: np.ndarray) -> np.ndarray:
+  """Concatenates every process's numpy slice [n_p, ...] (uint64 kept exact)."""
+  if jax.process_count() == 1:
+    return x
+  if x.dtype == np.uint64:
+    return host_gather(np.ascontiguousarray(x).view(np.uint32)).view(np.uint64)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def predict(eval_step, params, data, mesh, keys=("probs",)) -> dict[str, np.ndarray]:
+  """Runs eval_step over every batch of `data`; keeps real instances only.
+
+  Returns:
+    {'labels': [n, tasks], 'ins_id': [n], <keys>: [n, ...]} on every process.
+  """
+  out: dict[str, list] = {k: [] for k in ("labels", "ins_id", *keys)}
+  for batch in input_pipeline.iterate(data):
+    res = eval_step(params, steps.to_device(batch, mesh))
+    mask = host_gather(batch["mask"])
+    for k in keys:
+      out[k].append(device_gather(res[k])[mask])
+    for k in ("labels", "ins_id"):
+      out[k].append(host_gather(batch[k])[mask])
+  return {k: np.concatenate(v) for k, v in out.items()}
