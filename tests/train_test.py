@@ -8,6 +8,7 @@ import tempfile
 from absl.testing import absltest
 
 import cli_fixtures as cli
+from iat_jax.store import tables
 
 
 class TrainCliTest(absltest.TestCase):
@@ -102,9 +103,9 @@ class PipelineTest(absltest.TestCase):
       train = [r for r in cli.metric_lines(workdir, stage) if r["split"] == "train"]
       self.assertNotEmpty(train)
       self.assertTrue(all(r["hist_missing"] == 0 for r in train))
-    for store in ("source_temporal", "source_user"):
-      self.assertTrue(os.path.exists(os.path.join(workdir, "stores", store,
-                                                  "MANIFEST.json")))
+    for store in ("source_temporal", "source_user"):  # published OCDBT tables
+      self.assertTrue(tables.is_published(os.path.join(workdir, "stores", store),
+                                          store, res["models"][store]["best_step"]))
     # A second run finds every step complete and trains nothing.
     out = cli.run_main(workdir, "pipeline")
     self.assertEqual(out.stderr.count("already complete"), 5, out.stderr[-3000:])
