@@ -2,9 +2,11 @@ r"""Train-step, export and store-in-the-loop throughput (prints figures).
 
 For a config (default: the demo config), in one run:
   1. export throughput: a source model's forward pass over every instance,
-     InsEmbs gathered to the host (instances/s);
+     each batch's InsEmbs written as they come through the store's export
+     (`tables.export_writer` ... `tables.finish_export`, as --mode=export
+     does), published as one table version (instances/s);
   2. downstream training with the InsEmb store (TensorStore) in the input
-     pipeline vs the same InsEmbs preloaded in memory (`SortedKeyTable`):
+     pipeline vs the same InsEmbs preloaded in memory (`MemoryTable`):
      steps/s, instances/s and their ratio (target >= 0.8: the store must not
      be the bottleneck);
   3. the compiled train step alone: XLA FLOPs per step, steps/s and, when
@@ -27,8 +29,11 @@ from ml_collections import config_flags
 import numpy as np
 
 from iat_jax.data import input_pipeline
-from iat_jax.models import cost
-from iat_jax.store import insemb_table
+from iat_jax.data import sources
+from iat_jax.store import memory_table
+from iat_jax.store import tables
+from iat_jax.train import cost
+from iat_jax.train import predict
 from iat_jax.train import steps
 from iat_jax.train import train_lib
 
@@ -38,7 +43,7 @@ _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps per measurement.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU.")
 
 
-def _time_steps(st: train_lib.Stage, data, n: int):
+def _time_steps(st: train_lib.Run, data, n: int):
   """(seconds per step incl. host input, state) over n steps after a warm-up.
 
   The step donates its input state, so the returned state replaces st.state.
@@ -58,34 +63,39 @@ def main(argv) -> None:
   del argv
   config = _CONFIG.value
   workdir = tempfile.mkdtemp(prefix="iat-bench-")
-  ds = train_lib.prepare_dataset(config, workdir)
+  ds = sources.prepare(config, workdir)
   print(f"dataset {ds.schema.dataset}: {ds.num_rows:,} rows; devices {jax.devices()}")
 
   source = config.copy_and_resolve_references()
   source.stage = "source_temporal"
-  st = train_lib.Stage(source, workdir, "source_temporal", ds)
+  st = train_lib.Run(source, workdir, "source_temporal", ds)
+  path = f"{workdir}/store"
   t = time.perf_counter()
+  out = tables.export_writer(source, path, source="source_temporal", step=0,
+                             fingerprint=ds.schema.fingerprint)
   n = 0
-  keys, values = [], []
   for split in ("train", "valid", "test"):
-    res = train_lib.predict(st.eval_step, st.state.params, train_lib.batches(
-        source, ds, "source_temporal", split, train=False), st.mesh, keys=("insemb",))
-    keys.append(res["ins_id"])
-    values.append(res["insemb"])
-    n += len(res["ins_id"])
+    for batch in input_pipeline.iterate(train_lib.batches(
+        source, ds, "source_temporal", split, train=False)):
+      mask = np.asarray(batch["mask"]).reshape(-1)
+      res = st.eval_step(st.state.params, steps.to_device(batch, st.mesh))
+      values = predict.local_rows(res["insemb"])
+      out.add(np.asarray(batch["ins_id"]).reshape(-1)[mask],
+              values.reshape(-1, values.shape[-1])[mask])
+      n += int(mask.sum())
+  tables.finish_export(out)
   dt = time.perf_counter() - t
   print(f"export: {n:,} instances in {dt:.1f} s = {n / dt:,.0f} instances/s")
-  keys, values = np.concatenate(keys), np.concatenate(values)
-  path = f"{workdir}/store"
-  insemb_table.write(path, keys, values, source="source_temporal", source_step=0,
-                     source_config=None, dtype=config.store.dtype)
+  store = tables.Table(path)
+  keys = np.asarray(ds["ins_id"])
+  values, _ = store.lookup(keys)  # the same (quantized) values, in memory
 
   down = config.copy_and_resolve_references()
   down.stage = "downstream"
   results = {}
-  for name, table in (("store", insemb_table.Table(path)),
-                      ("in-memory", input_pipeline.SortedKeyTable(keys, values))):
-    st = train_lib.Stage(down, workdir, f"downstream-{name}", ds, table)
+  for name, table in (("store", tables.Table(path)),
+                      ("in-memory", memory_table.MemoryTable(keys, values))):
+    st = train_lib.Run(down, workdir, f"downstream-{name}", ds, table)
     sec, state = _time_steps(st, st.train_data, _STEPS.value)
     results[name] = sec
     print(f"downstream, InsEmbs from {name:9s}: {1 / sec:6.2f} steps/s "

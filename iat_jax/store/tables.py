@@ -1,6 +1,9 @@
 """The store contract the rest of the package uses: where a source's InsEmb
 table lives, opening it checked against the run, publishing a new version,
-and the lookup protocol the input pipeline consumes.
+the lookup protocol the input pipeline consumes, the parallel resumable
+export (`export_writer` / `finish_export`, `publish_copy`), and tables that a
+training loop writes by upserts keyed by InsID (`Upserts`: the streaming
+stage's store and predictions, the two-pass tables).
 
 The engine behind it is `insemb_table`; callers outside `iat_jax/store/` use
 only this module (and `StoreError`).
