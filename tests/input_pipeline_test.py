@@ -9,6 +9,7 @@ import numpy as np
 
 import data_fixtures
 from iat_jax.data import input_pipeline as ip
+from iat_jax.store import memory_table
 
 
 def _batches(data, n=None, worker_count=0):
@@ -181,7 +182,7 @@ class PipelineTest(parameterized.TestCase):
     values = np.random.default_rng(0).normal(size=(len(keys), 4)).astype(np.float32)
     drop = keys[::3]  # a third of the instances have no InsEmb
 
-    class CountingTable(ip.SortedKeyTable):
+    class CountingTable(memory_table.MemoryTable):
       calls = 0
 
       def lookup(self, k):

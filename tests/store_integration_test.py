@@ -18,6 +18,7 @@ import numpy as np
 import cli_fixtures as cli
 from iat_jax.data import dataset
 from iat_jax.store import insemb_table
+from iat_jax.store import tables
 
 _STAGE = "--config.stage=source_temporal"
 # Small chunks and batches: an export of the tiny dataset is ~60 chunks.
@@ -33,6 +34,28 @@ def _checksum(workdir):
   table = insemb_table.Table(_store(workdir))
   table.verify()
   return len(table), table.metadata["checksum"]
+
+
+class UpsertsTest(absltest.TestCase):
+
+  def test_reads_through_its_buffer_and_flushes_one_version(self):
+    path = os.path.join(tempfile.mkdtemp(), "t")
+    up = tables.Upserts.open_or_create(path, d=2, dtype="float32", source="s",
+                                       fingerprint="f", flush_rows=100)
+    empty = up.table.version
+    up.put(np.array([5, 7], np.uint64), np.array([[1, 1], [2, 2]], np.float32))
+    up.put(np.array([7], np.uint64), np.array([[3, 3]], np.float32))  # later wins
+    values, found = up.lookup(np.array([7, 5, 9], np.uint64))
+    np.testing.assert_array_equal(found, [True, True, False])
+    np.testing.assert_array_equal(values, [[3, 3], [1, 1], [0, 0]])
+    self.assertEqual(insemb_table.Table(path).version, empty)  # nothing durable yet
+    up.flush(step=4)
+    table = insemb_table.Table(path)
+    self.assertEqual((len(table), table.metadata["source_step"]), (2, 4))
+    table.verify()
+    np.testing.assert_array_equal(table.lookup(np.array([7], np.uint64))[0], [[3, 3]])
+    up.put(np.arange(100, 200, dtype=np.uint64), np.ones((100, 2), np.float32))
+    self.assertLen(insemb_table.Table(path), 102)  # flush_rows reached
 
 
 class ExportTest(absltest.TestCase):
