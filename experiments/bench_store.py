@@ -1,31 +1,37 @@
-r"""Benchmark: the InsEmb store (`iat_jax.store.insemb_table`).
+r"""Benchmark: the InsEmb store (`iat_jax.store.insemb_table`) at scale.
 
-1. Export-like write: `insemb_table.write` of N x d float32 InsEmbs whose keys
-   come in random order (as an export produces them), per stored dtype:
-   rows/s, and bytes on disk per row (beside the raw d x bytes_per_value).
-2. Batched lookup of one downstream batch of history keys (batch x L, default
-   512 x 256 = 131,072 keys, all present, drawn at random): keys/s of
-   `Table.lookup` for each --lookup_dtypes, cold (a fresh `Table` whose files
-   were just evicted from the page cache with posix_fadvise, so the first call
-   reads them from disk) and warm (the best and the median of --repeats calls,
-   each on a new batch). Beside it, in the same run and on the same batches,
-   two in-memory numpy ceilings over the float32 rows:
-     numpy lookup:  `SortedKeyTable.lookup` (searchsorted + fancy-index
-                    gather): the same job as the store, all in RAM;
-     numpy gather:  `values[rows]` with the row of each key already known:
-                    the memory-copy floor of any lookup.
-   The ratio printed is store keys/s / ceiling keys/s (target >= 0.25).
+For each --sizes (rows; d=--dim, --dtype), in a fresh subprocess per phase so
+peak RSS (ru_maxrss) is that phase's own:
 
-The machine is usually shared: the load average is printed with the figures.
+1. export: one `ExportWriter` fed synthetic rows in batches of 65,536 (keys
+   are random hashes, values generated per batch, never all in memory), then
+   `merge_export` and `publish`: rows/s of each phase and the writer's peak
+   RSS (target < 2 GiB, independent of size).
+2. lookup of one downstream batch (--batch x --hist_len = 131,072 random
+   present keys) on a `Table` with --cache_bytes: cold (a fresh reader, the
+   files evicted from the page cache with posix_fadvise) and warm (median of
+   --repeats calls after --warmup calls, new keys each), and the reader's
+   peak RSS (target: within 2x between sizes). Beside it, in the same
+   process, the numpy ceiling: `values[rows]` of the same number of random
+   rows of an in-memory float32 [1M, d] array (target ratio >= 0.25 warm).
+3. upsert of --upsert_rows (random: half replaced, half new) into the table:
+   seconds and bytes written, vs the table's bytes (what a full rewrite
+   writes).
 
-  python experiments/bench_store.py --num_rows=1000000 --dim=64
+The machine load (os.getloadavg) is printed with each figure.
+
+  python experiments/bench_store.py --sizes=1000000,10000000 --dtype=int8
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -33,26 +39,39 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from iat_jax.data import input_pipeline
 from iat_jax.store import insemb_table
 
-_N = flags.DEFINE_integer("num_rows", 1_000_000, "Rows N in the table.")
+_SIZES = flags.DEFINE_list("sizes", ["1000000", "10000000"], "Table rows N.")
 _D = flags.DEFINE_integer("dim", 64, "InsEmb width d.")
+_DTYPE = flags.DEFINE_string("dtype", "int8", "Stored dtype.")
 _BATCH = flags.DEFINE_integer("batch", 512, "Downstream batch size.")
 _L = flags.DEFINE_integer("hist_len", 256, "History length L (keys per example).")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Warm lookup calls per variant.")
-_WRITE_DTYPES = flags.DEFINE_list("write_dtypes", ["float32", "bfloat16", "int8"],
-                                  "Dtypes whose write is timed.")
-_LOOKUP_DTYPES = flags.DEFINE_list("lookup_dtypes", ["float32", "int8"],
-                                   "Dtypes whose lookup is timed.")
-_DIR = flags.DEFINE_string("tmp_dir", None,
-                           "Parent of the temporary directory (default: TMPDIR).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed warm lookups.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed lookups before them.")
+_CACHE = flags.DEFINE_integer("cache_bytes", 1 << 30, "Reader cache budget.")
+_UPSERT = flags.DEFINE_integer("upsert_rows", 1_000_000, "Rows of the upsert.")
+_DIR = flags.DEFINE_string("tmp_dir", "/tmp", "Parent of the tables.")
+_PHASE = flags.DEFINE_string("phase", None, "Internal: run one phase.")
+_PATH = flags.DEFINE_string("path", None, "Internal: the table.")
+_ROWS = flags.DEFINE_integer("rows", 0, "Internal: rows of the table.")
 
-_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+_BATCH_ROWS = 65_536
 
 
 def _load() -> str:
-  return "load average %.2f %.2f %.2f (%d cores)" % (*os.getloadavg(), os.cpu_count())
+  return "load %.2f %.2f %.2f (%d cores)" % (*os.getloadavg(), os.cpu_count())
+
+
+def _peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _keys(start: int, n: int) -> np.ndarray:
+  return _sample_keys(np.arange(start, start + n))
+
+
+def _values(start: int, n: int, d: int) -> np.ndarray:
+  return np.random.default_rng(start).standard_normal((n, d), dtype=np.float32)
 
 
 def _evict(path: str) -> None:
@@ -66,71 +85,143 @@ def _evict(path: str) -> None:
         os.close(fd)
 
 
-def _timed(fn, *args):
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(r, f))
+             for r, _, fs in os.walk(path) for f in fs)
+
+
+def _phase_export(path: str, n: int) -> dict:
+  d = _D.value
+  t0 = time.perf_counter()
+  w = insemb_table.ExportWriter(path, "bench", d=d, dtype=_DTYPE.value)
+  for start in range(0, n, _BATCH_ROWS):
+    m = min(_BATCH_ROWS, n - start)
+    w.add(_keys(start, m), _values(start, m, d))
+  w.close()
+  t1 = time.perf_counter()
+  insemb_table.merge_export(path, "bench")
+  t2 = time.perf_counter()
+  insemb_table.publish(path, "bench", source="bench", source_step=0,
+                       source_config=None)
+  t3 = time.perf_counter()
+  return {"write_s": t1 - t0, "merge_s": t2 - t1, "publish_s": t3 - t2,
+          "bytes": _dir_bytes(path), "rss": _peak_rss(), "load": _load()}
+
+
+def _phase_lookup(path: str, n: int) -> dict:
+  q = _BATCH.value * _L.value
+  rng = np.random.default_rng(1)
+  ref = _values(0, 1_000_000, _D.value)  # the numpy ceiling, in this process
+  ref_rows = [rng.integers(0, len(ref), q) for _ in range(_REPEATS.value)]
+  base_rss = _peak_rss()
+  _evict(path)
   t = time.perf_counter()
-  out = fn(*args)
-  return time.perf_counter() - t, out
+  table = insemb_table.Table(path, cache_bytes=_CACHE.value)
+  open_s = time.perf_counter() - t
+  rows = rng.integers(0, n, q)
+  t = time.perf_counter()
+  got, found = table.lookup(_sample_keys(rows))
+  cold = time.perf_counter() - t
+  assert found.all(), "every benchmark key is in the table"
+  for _ in range(_WARMUP.value):
+    table.lookup(_sample_keys(rng.integers(0, n, q)))
+  warm, gather = [], []
+  for r in ref_rows:
+    keys = _sample_keys(rng.integers(0, n, q))
+    t = time.perf_counter()
+    table.lookup(keys)
+    warm.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    ref[r]  # pylint: disable=pointless-statement
+    gather.append(time.perf_counter() - t)
+  del got
+  return {"open_s": open_s, "cold_s": cold, "warm_s": statistics.median(warm),
+          "gather_s": statistics.median(gather), "keys": q,
+          "reader_bytes": table.memory_bytes(), "rss": _peak_rss(),
+          "rss_before_reader": base_rss, "load": _load()}
 
 
-def _rate(n: int, seconds: float) -> str:
-  return f"{n / seconds / 1e6:7.2f} M keys/s ({seconds * 1e3:7.1f} ms)"
+def _sample_keys(rows: np.ndarray) -> np.ndarray:
+  """Row i's InsID: a bijective 64-bit hash of i (unique, uniform)."""
+  k = rows.astype(np.uint64) + np.uint64(1)
+  k *= np.uint64(0x9E3779B97F4A7C15)
+  k ^= k >> np.uint64(29)
+  k *= np.uint64(0xBF58476D1CE4E5B9)
+  k ^= k >> np.uint64(32)
+  return k
+
+
+def _phase_upsert(path: str, n: int) -> dict:
+  m = _UPSERT.value
+  rng = np.random.default_rng(2)
+  old = rng.choice(n, m // 2, replace=False)
+  keys = np.concatenate([_sample_keys(old), _keys(n, m - m // 2)])
+  values = _values(n, m, _D.value)
+  before = _dir_bytes(path)
+  t = time.perf_counter()
+  insemb_table.upsert(path, keys, values)
+  secs = time.perf_counter() - t
+  table = insemb_table.Table(path)
+  assert len(table) == n + m - m // 2
+  return {"upsert_s": secs, "written": _dir_bytes(path) - before,
+          "table_bytes": before, "rss": _peak_rss(), "load": _load(),
+          "segments": max(len(s) for s in table.metadata["shards"])}
+
+
+def _run_phase(phase: str, path: str, n: int) -> dict:
+  out = subprocess.run(
+      [sys.executable, __file__, f"--phase={phase}", f"--path={path}",
+       f"--rows={n}", f"--dim={_D.value}", f"--dtype={_DTYPE.value}",
+       f"--batch={_BATCH.value}", f"--hist_len={_L.value}",
+       f"--repeats={_REPEATS.value}", f"--warmup={_WARMUP.value}",
+       f"--cache_bytes={_CACHE.value}", f"--upsert_rows={_UPSERT.value}"],
+      check=True, capture_output=True, text=True,
+      env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__)))})
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv):
   del argv
-  n, d, q = _N.value, _D.value, _BATCH.value * _L.value
-  rng = np.random.default_rng(0)
-  keys = np.unique(rng.integers(1, 2**64 - 1, int(n * 1.01) + 16, dtype=np.uint64))
-  keys = rng.permutation(keys)[:n]
-  values = rng.standard_normal((n, d), dtype=np.float32)
-  root = tempfile.mkdtemp(prefix="bench_store_", dir=_DIR.value)
-  print(f"store: {n:,} x {d} rows; lookup batch {_BATCH.value} x {_L.value} = "
-        f"{q:,} keys; {_load()}")
-  try:
-    print("\nwrite (keys in random order; includes sort, quantize, sha256, fsync)")
-    for dtype in _WRITE_DTYPES.value:
-      path = os.path.join(root, dtype)
-      secs, _ = _timed(lambda: insemb_table.write(  # pylint: disable=cell-var-from-loop
-          path, keys, values, source="bench", source_step=0, source_config=None,
-          dtype=dtype))
-      disk = insemb_table.Table(path).bytes_on_disk()
-      print(f"  {dtype:9s} {n / secs / 1e6:6.2f} M rows/s ({secs:5.2f} s)   "
-            f"{disk / n:6.1f} B/row on disk (values alone {d * _BYTES[dtype]} B, "
-            f"key 8 B{', scale 4 B' if dtype == 'int8' else ''})")
-
-    batches = [keys[rng.integers(0, n, q)] for _ in range(_REPEATS.value + 1)]
-    mem = input_pipeline.SortedKeyTable(keys, values)
-    rows = [np.searchsorted(mem.keys, b) for b in batches]
-    np_lookup = [_timed(mem.lookup, b)[0] for b in batches[1:]]
-    np_gather = [_timed(lambda r: mem.values[r], r)[0] for r in rows[1:]]
-    print(f"\nlookup of {q:,} keys; {_load()}")
-    print(f"  numpy lookup (in RAM)    warm best {_rate(q, min(np_lookup))}  "
-          f"median {_rate(q, statistics.median(np_lookup))}")
-    print(f"  numpy gather (rows known) warm best {_rate(q, min(np_gather))}  "
-          f"median {_rate(q, statistics.median(np_gather))}")
-    for dtype in _LOOKUP_DTYPES.value:
-      path = os.path.join(root, dtype)
-      if not os.path.exists(path):
-        insemb_table.write(path, keys, values, source="bench", source_step=0,
-                           source_config=None, dtype=dtype)
-      _evict(path)
-      open_s, table = _timed(insemb_table.Table, path)
-      cold, (got, found) = _timed(table.lookup, batches[0])
-      ref, _ = mem.lookup(batches[0])
-      assert found.all(), "every benchmark key is in the table"
-      err = float(np.abs(got - ref).max())
-      warm = [_timed(table.lookup, b)[0] for b in batches[1:]]
-      best, med = min(warm), statistics.median(warm)
-      print(f"  store {dtype:8s} open {open_s * 1e3:6.1f} ms  cold "
-            f"{_rate(q, cold)}  max |err| {err:.2g}")
-      print(f"  store {dtype:8s} warm best {_rate(q, best)}  median {_rate(q, med)}")
-      print(f"    ratio to numpy lookup: best {min(np_lookup) / best:.2f}  median "
-            f"{statistics.median(np_lookup) / med:.2f};  to numpy gather: best "
-            f"{min(np_gather) / best:.2f}  median "
-            f"{statistics.median(np_gather) / med:.2f}")
-    print(f"\n{_load()}")
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
+  if _PHASE.value:
+    fn = {"export": _phase_export, "lookup": _phase_lookup,
+          "upsert": _phase_upsert}[_PHASE.value]
+    print(json.dumps(fn(_PATH.value, _ROWS.value)))
+    return
+  gib = 2.0**30
+  print(f"InsEmb store benchmark: d={_D.value} {_DTYPE.value}, lookup "
+        f"{_BATCH.value}x{_L.value}, cache {_CACHE.value / gib:.2f} GiB; {_load()}",
+        flush=True)
+  for n in map(int, _SIZES.value):
+    root = tempfile.mkdtemp(prefix="bench_store_", dir=_DIR.value)
+    path = os.path.join(root, "t")
+    try:
+      e = _run_phase("export", path, n)
+      total = e["write_s"] + e["merge_s"] + e["publish_s"]
+      print(f"\nN={n:,}: export {n / total / 1e6:.2f} M rows/s ({total:.1f} s: "
+            f"write {e['write_s']:.1f}, merge {e['merge_s']:.1f}, publish "
+            f"{e['publish_s']:.1f}); writer peak RSS {e['rss'] / gib:.2f} GiB; "
+            f"{e['bytes'] / n:.1f} B/row on disk; {e['load']}", flush=True)
+      lk = _run_phase("lookup", path, n)
+      q = lk["keys"]
+      print(f"  lookup {q:,} keys: cold {q / lk['cold_s'] / 1e6:.2f} M keys/s "
+            f"({lk['cold_s'] * 1e3:.0f} ms, open {lk['open_s'] * 1e3:.0f} ms); "
+            f"warm {q / lk['warm_s'] / 1e6:.2f} M keys/s ({lk['warm_s'] * 1e3:.1f} "
+            f"ms); numpy gather at 1M rows {lk['gather_s'] * 1e3:.1f} ms -> warm "
+            f"ratio {lk['gather_s'] / lk['warm_s']:.2f}", flush=True)
+      print(f"  reader: peak RSS {lk['rss'] / gib:.2f} GiB (process before the "
+            f"reader {lk['rss_before_reader'] / gib:.2f} GiB, incl. the 1M-row "
+            f"numpy reference); own accounting {lk['reader_bytes'] / 2**20:.0f} "
+            f"MiB; {lk['load']}", flush=True)
+      if _UPSERT.value and _UPSERT.value < n:
+        u = _run_phase("upsert", path, n)
+        print(f"  upsert {_UPSERT.value:,} rows: {u['upsert_s']:.1f} s, "
+              f"{u['written'] / 2**20:.0f} MiB written vs {u['table_bytes'] / 2**20:.0f} "
+              f"MiB table ({u['written'] / u['table_bytes']:.3f}x a full rewrite); "
+              f"max {u['segments']} segments/shard; peak RSS {u['rss'] / gib:.2f} "
+              f"GiB; {u['load']}", flush=True)
+    finally:
+      shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ For a config (default: the demo config), in one process:
      the compiled train step, steps/s on a fixed device batch, achieved
      FLOP/s as % of the matmul peak, and the process's sys vs user CPU time
      over the timed steps (resource.getrusage); ratios after / before;
-  3. with --store: export throughput of a source model and downstream
-     training with the InsEmb store (`insemb_table.Table`) in the input
+  3. with --store: export throughput of a source model through the store's
+     export (`tables.export_writer` ... `finish_export`) and downstream
+     training with the InsEmb store (`tables.Table`) in the input
      pipeline vs the same InsEmbs in memory (`MemoryTable`);
   4. with --malloc_compare: section 2's `after` steps in two child processes,
      with and without `iat_jax.allocator`'s malloc settings, each printing its
@@ -49,8 +50,8 @@ from iat_jax import allocator
 from iat_jax.data import input_pipeline
 from iat_jax.data import sources
 from iat_jax.models import sequence
-from iat_jax.store import insemb_table
 from iat_jax.store import memory_table
+from iat_jax.store import tables
 from iat_jax.train import cost
 from iat_jax.train import predict
 from iat_jax.train import steps
@@ -193,25 +194,30 @@ def section_store(config, workdir, ds) -> None:
   source = config.copy_and_resolve_references()
   source.stage = "source_temporal"
   st = train_lib.Run(source, workdir, "source_temporal", ds)
-  t = time.perf_counter()
-  keys, values = [], []
-  for split in ("train", "valid", "test"):
-    res = predict.predict(st.eval_step, st.state.params, train_lib.batches(
-        source, ds, "source_temporal", split, train=False), st.mesh,
-        keys=("insemb",))
-    keys.append(res["ins_id"])
-    values.append(res["insemb"])
-  keys, values = np.concatenate(keys), np.concatenate(values)
-  dt = time.perf_counter() - t
-  print(f"\n3. export: {len(keys):,} instances in {dt:.1f} s = "
-        f"{len(keys) / dt:,.0f} instances/s  [{_load()}]")
   path = f"{workdir}/store"
-  insemb_table.write(path, keys, values, source="source_temporal", source_step=0,
-                     source_config=None, dtype=config.store.dtype)
+  t = time.perf_counter()
+  out = tables.export_writer(source, path, source="source_temporal", step=0,
+                             fingerprint=ds.schema.fingerprint)
+  n = 0
+  for split in ("train", "valid", "test"):
+    for batch in input_pipeline.iterate(train_lib.batches(
+        source, ds, "source_temporal", split, train=False)):
+      mask = np.asarray(batch["mask"]).reshape(-1)
+      res = st.eval_step(st.state.params, steps.to_device(batch, st.mesh))
+      values = predict.local_rows(res["insemb"])
+      out.add(np.asarray(batch["ins_id"]).reshape(-1)[mask],
+              values.reshape(-1, values.shape[-1])[mask])
+      n += int(mask.sum())
+  tables.finish_export(out)
+  dt = time.perf_counter() - t
+  print(f"\n3. export through the store: {n:,} instances in {dt:.1f} s = "
+        f"{n / dt:,.0f} instances/s  [{_load()}]")
+  keys = np.asarray(ds["ins_id"])
+  values, _ = tables.Table(path).lookup(keys)  # the same (quantized) values
   down = config.copy_and_resolve_references()
   down.stage = "downstream"
   results = {}
-  for name, table in (("store", insemb_table.Table(path)),
+  for name, table in (("store", tables.Table(path)),
                       ("in-memory", memory_table.MemoryTable(keys, values))):
     st = train_lib.Run(down, workdir, f"downstream-{name}", ds, table)
     it = input_pipeline.iterate(st.train_data)

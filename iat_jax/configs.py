@@ -141,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.store.source = "source_user"
   # Downstream: path of the InsEmb store ("" = <workdir>/stores/<source>).
   c.store.path = ""
+  # Export: rows a process buffers before writing them as one durable chunk
+  # (a killed export resumes from its last chunk).
+  c.store.export_chunk_rows = 1 << 18
 
   c.pipeline = ml_collections.ConfigDict()
   # Models `--mode=pipeline` produces (a subset of iat_jax.stages.PIPELINE);

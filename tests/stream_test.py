@@ -10,7 +10,6 @@ import numpy as np
 from iat_jax.data import input_pipeline as ip
 from iat_jax.metrics import read_jsonl
 from iat_jax.store import insemb_table
-from iat_jax.store import stream_table
 from tests import cli_fixtures as cli
 from tests import data_fixtures
 
@@ -26,14 +25,20 @@ class StreamPipelineTest(absltest.TestCase):
     ds = self.ds
     rank = np.empty(ds.num_rows, np.int64)
     rank[ds["temporal_order"]] = np.arange(ds.num_rows)
-    # Every row's InsEmb slot holds its own timestamp: a leak would show.
-    table = stream_table.StreamTable.open_or_create(
-        os.path.join(tempfile.mkdtemp(), "t"),
-        np.repeat(np.asarray(ds["ts"], np.float32)[:, None], 2, 1), 2)
+    # Every instance's stored InsEmb holds its own timestamp: a leak would show.
+    path = os.path.join(tempfile.mkdtemp(), "t")
+    insemb_table.write(path, np.asarray(ds["ins_id"]),
+                       np.repeat(np.asarray(ds["ts"], np.float32)[:, None], 2, 1),
+                       source="source_stream", source_step=0, source_config=None)
+    table = insemb_table.Table(path)
     seen, visible = set(), 0
     for b in ip.iterate(ip.stream(ds, ("valid", "test"), 8, 6)):
       m, pm = b["mask"], b["past_mask"]
-      fetched = table.read(b["past_row"])[..., 0]
+      np.testing.assert_array_equal(b["past_ins_id"][pm],
+                                    np.asarray(ds["ins_id"])[b["past_row"][pm]])
+      fetched, found = table.lookup(b["past_ins_id"].reshape(-1))
+      self.assertTrue(found.reshape(pm.shape)[pm].all())
+      fetched = fetched.reshape(pm.shape + (2,))[..., 0]
       self.assertTrue((fetched[pm] < np.broadcast_to(b["ts"][:, None], pm.shape)[pm]).all())
       for r in b["past_row"][pm]:
         # Either before the stream, or written by an earlier batch.
@@ -72,7 +77,7 @@ class StreamTrainingTest(absltest.TestCase):
 
   def _store_sha(self, workdir):
     return insemb_table.Table(os.path.join(workdir, "stores", "source_stream")
-                              ).metadata["sha256"]
+                              ).metadata["checksum"]
 
   def test_resume_after_kill_matches_uninterrupted(self):
     ref = self._copy()

@@ -15,6 +15,7 @@ from absl.testing import parameterized
 
 from iat_jax import configs
 from iat_jax import workdir as workdir_lib
+from iat_jax.store import tables
 from tests import cli_fixtures as cli
 from tests import model_fixtures as mf
 
@@ -142,9 +143,9 @@ class PipelineTest(absltest.TestCase):
       train = [r for r in cli.metric_lines(self.workdir, stage) if r["split"] == "train"]
       self.assertNotEmpty(train)
       self.assertTrue(all(r["hist_missing"] == 0 for r in train))
-    for store in ("source_temporal", "source_user"):
-      self.assertTrue(os.path.exists(os.path.join(self.workdir, "stores", store,
-                                                  "MANIFEST.json")))
+    for store in ("source_temporal", "source_user"):  # published OCDBT tables
+      self.assertTrue(tables.is_published(os.path.join(self.workdir, "stores", store),
+                                          store, res["models"][store]["best_step"]))
 
   def test_second_run_trains_nothing(self):
     workdir = cli.copy_of(self.workdir)

@@ -6,6 +6,7 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
+from iat_jax import configs
 from iat_jax.data import dataset
 from iat_jax.store import insemb_table
 from iat_jax.train import two_pass_lib
@@ -23,20 +24,22 @@ class TwoPassTest(absltest.TestCase):
     keep = two_pass_lib.keeper(ds)
     self.assertEqual(set(np.unique(keep)), {0, 1})  # both passes keep some users
     train = np.asarray(ds["split"]) == 0
-    written = []
-    for pass_name, _ in two_pass_lib.PASSES:
-      table = two_pass_lib.pass_table(workdir, "source_user", pass_name, ds, 4)
-      written.append(np.abs(table.read_all()).sum(-1) > 0)
-    np.testing.assert_array_equal(written[0], train & (keep == 0))
-    np.testing.assert_array_equal(written[1], train & (keep == 1))
+    ins = np.asarray(ds["ins_id"])
+    config = configs.base_config()
+    config.model.insemb_dim, config.stage = 4, "source_user"
+    passes = [two_pass_lib.pass_table(config, workdir, "source_user", p, ds).table
+              for p, _ in two_pass_lib.PASSES]
+    for k, table in enumerate(passes):  # each pass stored exactly the rows it keeps
+      _, found = table.lookup(ins)
+      np.testing.assert_array_equal(found, train & (keep == k))
+      self.assertLen(table, int((train & (keep == k)).sum()))
     store = insemb_table.Table(os.path.join(workdir, "stores", "source_user"))
     self.assertEqual(store.metadata["num_rows"], ds.num_rows)
-    values, found = store.lookup(np.asarray(ds["ins_id"]))
+    values, found = store.lookup(ins)
     self.assertTrue(found.all())
-    for k, (pass_name, _) in enumerate(two_pass_lib.PASSES):
+    for k, table in enumerate(passes):
       rows = np.flatnonzero(train & (keep == k))
-      table = two_pass_lib.pass_table(workdir, "source_user", pass_name, ds, 4)
-      np.testing.assert_allclose(values[rows], table.read(rows))
+      np.testing.assert_allclose(values[rows], table.lookup(ins[rows])[0])
 
 
 if __name__ == "__main__":

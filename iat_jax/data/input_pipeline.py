@@ -32,7 +32,7 @@ Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
     labels, mask, and with history: hist_mask, hist_labels, hist_gap
     (+ hist_insemb, or hist_insemb_unique and hist_index, after `LookupInsEmb`);
   host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts,
-    past_row, hist_missing.
+    past_row, past_ins_id, hist_missing.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from iat_jax.data import user_history
 from iat_jax.store import tables
 
 HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts",
-             "past_row", "hist_missing")
+             "past_row", "past_ins_id", "hist_missing")
 
 
 class EpochBatches:
@@ -254,7 +254,8 @@ class UserChunks:
 class ReadStream(grain.transforms.Map):
   """Global row batch [B] -> this process's instances + visible past rows.
 
-  Adds past_row (host; -1 = none) and past_mask [b, K]; with `features`, the
+  Adds past_row (host; -1 = none), past_ins_id (host; 0 = none) and
+  past_mask [b, K]; with `features`, the
   past instances' raw features as past_<name> [b, K, ...] (Method 2).
   """
 
@@ -276,7 +277,9 @@ class ReadStream(grain.transforms.Map):
     mask = past["hist_mask"] & batch["mask"][:, None]
     mask &= self.rank[np.maximum(past["hist_row"], 0)] < batch_start
     prow = np.where(mask, past["hist_row"], 0)
-    batch.update(past_row=np.where(mask, prow, -1), past_mask=mask)
+    ins = np.asarray(self.ds["ins_id"])
+    batch.update(past_row=np.where(mask, prow, -1),
+                 past_ins_id=np.where(mask, ins[prow], np.uint64(0)), past_mask=mask)
     if self.features:
       for name in self.ds.feature_columns():
         batch[f"past_{name}"] = history.gather(self.ds[name], prow, mask)

@@ -1,6 +1,9 @@
 """The store contract the rest of the package uses: where a source's InsEmb
 table lives, opening it checked against the run, publishing a new version,
-and the lookup protocol the input pipeline consumes.
+the lookup protocol the input pipeline consumes, the parallel resumable
+export (`export_writer` / `finish_export`, `publish_copy`), and tables that a
+training loop writes by upserts keyed by InsID (`Upserts`: the streaming
+stage's store and predictions, the two-pass tables).
 
 The engine behind it is `insemb_table`; callers outside `iat_jax/store/` use
 only this module (and `StoreError`).
@@ -8,9 +11,13 @@ only this module (and `StoreError`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Protocol
 
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -64,3 +71,201 @@ def publish(config: ml_collections.ConfigDict, table_path: str, keys: np.ndarray
   return insemb_table.write(table_path, keys, values, source=source,
                             source_step=step, source_config=config.model,
                             dtype=config.store.dtype, dataset=fingerprint)
+
+
+def exists(table_path: str) -> bool:
+  """Whether `table_path` holds a published table (any version)."""
+  try:
+    insemb_table.Table(table_path, cache_bytes=1 << 20)
+  except StoreError:
+    return False
+  return True
+
+
+# ---------------------------------------------------------------------------
+# Parallel, streaming, resumable export (every process writes its own slice).
+
+
+def export_id(source: str, step: int, fingerprint: str, dtype: str, d: int,
+              process_count: int) -> str:
+  """A deterministic id of the export of `source` at checkpoint `step`, so a
+  rerun of a killed export finds its staging and resumes it."""
+  tag = hashlib.sha256(json.dumps([fingerprint, dtype, int(d), int(process_count)]
+                                  ).encode()).hexdigest()[:12]
+  return f"{source}-s{int(step)}-p{int(process_count)}-{tag}"
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+class Export:
+  """This process's part of one export of `source` at checkpoint `step`.
+
+    w = tables.export_writer(config, table_path, source=..., step=...,
+                             fingerprint=...)
+    # feed this process's rows in a deterministic order, dropping or skipping
+    # the first w.done_rows (durable from a killed run) ...
+    w.add(keys, values)
+    tables.finish_export(w)   # every process: close, merge, publish (process 0)
+
+  Rows are written as they come in chunks of --config.store.export_chunk_rows
+  (no process holds more than a chunk); the published content depends only on
+  the rows, not on the process count, chunking or restarts.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, table_path: str, *,
+               source: str, step: int, fingerprint: str,
+               process_index: int | None = None, process_count: int | None = None):
+    self.path, self.source, self.step = table_path, source, int(step)
+    self.fingerprint, self.source_config = fingerprint, config.model
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    d = config.model.insemb_dim
+    self.id = export_id(source, step, fingerprint, config.store.dtype, d,
+                        self.process_count)
+    self._writer = insemb_table.ExportWriter(
+        table_path, self.id, process_index=self.process_index,
+        process_count=self.process_count, d=d, dtype=config.store.dtype,
+        chunk_rows=config.store.export_chunk_rows)
+
+  @property
+  def done_rows(self) -> int:
+    """Rows of this process's stream already durable (from a killed run)."""
+    return self._writer.done_rows
+
+  def skip(self, rows: int) -> None:
+    """The caller starts feeding at row `rows` (<= done_rows) of its stream."""
+    self._writer.skip(rows)
+
+  def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+    """Appends uint64 keys [n] -> float32 values [n, d] (durable rows dropped)."""
+    self._writer.add(keys, values)
+
+
+def export_writer(config: ml_collections.ConfigDict, table_path: str, *,
+                  source: str, step: int, fingerprint: str, **kw) -> Export:
+  """Starts (or resumes) this process's part of an export; see `Export`."""
+  return Export(config, table_path, source=source, step=step,
+                fingerprint=fingerprint, **kw)
+
+
+def finish_export(export: Export) -> None:
+  """On every process: closes its slice, barrier, merges its shards, barrier,
+  process 0 publishes one new version, barrier. Resumable at every point."""
+  export._writer.close()  # pylint: disable=protected-access
+  _barrier(f"export-{export.id}-closed")
+  insemb_table.merge_export(export.path, export.id,
+                            process_index=export.process_index,
+                            process_count=export.process_count)
+  _barrier(f"export-{export.id}-merged")
+  if export.process_index == 0:
+    insemb_table.publish(export.path, export.id, process_count=export.process_count,
+                         source=export.source, source_step=export.step,
+                         source_config=export.source_config,
+                         dataset=export.fingerprint)
+  _barrier(f"export-{export.id}-published")
+
+
+def publish_copy(config: ml_collections.ConfigDict, src: insemb_table.Table,
+                 keys: np.ndarray, table_path: str, *, source: str, step: int,
+                 fingerprint: str) -> None:
+  """Publishes the rows of `keys` [N] found in `src` at `table_path` as
+  `source` at `step` (one process, streamed in export chunks)."""
+  w = export_writer(config, table_path, source=source, step=step,
+                    fingerprint=fingerprint, process_index=0, process_count=1)
+  chunk = config.store.export_chunk_rows
+  start = min(w.done_rows, len(keys))  # every key found: rows = key positions
+  w.skip(start)
+  for lo in range(start, len(keys), chunk):
+    part = np.asarray(keys[lo:lo + chunk])
+    values, found = src.lookup(part)
+    if not found.all():
+      raise StoreError(f"{src.path}: {int((~found).sum())} of the InsIDs to copy "
+                       f"are missing")
+    w.add(part, values)
+  finish_export(w)
+
+
+# ---------------------------------------------------------------------------
+# Tables written while training (streaming, two-pass): upserts keyed by InsID.
+
+
+class Upserts:
+  """A table that a training loop adds rows to, keyed by InsID.
+
+  `put` buffers rows in memory; `flush` upserts the buffer as one new version
+  (`insemb_table.Writer.upsert`): call it before every checkpoint, so what a
+  checkpoint refers to is durable. `lookup` sees every row put so far (the
+  buffer first, then the newest version this writer published).
+  """
+
+  def __init__(self, table_path: str, *, flush_rows: int = 1 << 16,
+               cache_bytes: int = 256 << 20):
+    self.path = table_path
+    self.flush_rows = flush_rows
+    self._writer = insemb_table.Writer(table_path, cache_bytes=cache_bytes)
+    self._keys: list[np.ndarray] = []
+    self._values: list[np.ndarray] = []
+    self._rows = 0
+    self._sorted = None
+
+  @classmethod
+  def open_or_create(cls, table_path: str, *, d: int, dtype: str, source: str,
+                     fingerprint: str, source_config=None, **kw) -> Upserts:
+    """Opens `table_path`, or publishes an empty table there first."""
+    if not exists(table_path):
+      insemb_table.write(table_path, np.zeros(0, np.uint64),
+                         np.zeros((0, d), np.float32), source=source,
+                         source_step=0, source_config=source_config,
+                         dtype=dtype, dataset=fingerprint)
+    return cls(table_path, **kw)
+
+  @property
+  def table(self) -> insemb_table.Table:
+    """The newest version this writer published (without the buffer)."""
+    return self._writer.table
+
+  def put(self, keys: np.ndarray, values: np.ndarray, *,
+          step: int | None = None) -> None:
+    """Buffers uint64 keys [n] -> float32 values [n, d] (later puts win);
+    flushes when the buffer holds flush_rows rows."""
+    keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
+    if not len(keys):
+      return
+    self._keys.append(keys)
+    self._values.append(np.asarray(values, np.float32).reshape(len(keys), -1))
+    self._rows += len(keys)
+    self._sorted = None
+    if self._rows >= self.flush_rows:
+      self.flush(step)
+
+  def _pending(self) -> tuple[np.ndarray, np.ndarray]:
+    """The buffer as (sorted unique keys, values), the latest put of a key."""
+    if self._sorted is None:
+      keys = np.concatenate(self._keys)[::-1]
+      values = np.concatenate(self._values)[::-1]
+      keys, first = np.unique(keys, return_index=True)
+      self._sorted = keys, values[first]
+    return self._sorted
+
+  def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 keys [n] -> (float32 values [n, d], bool found [n])."""
+    keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
+    values, found = self._writer.table.lookup(keys)
+    if self._rows and len(keys):
+      pk, pv = self._pending()
+      pos = np.minimum(np.searchsorted(pk, keys), len(pk) - 1)
+      hit = pk[pos] == keys
+      values[hit] = pv[pos[hit]]
+      found = found | hit
+    return values, found
+
+  def flush(self, step: int | None = None) -> None:
+    """Upserts the buffer as one new version (source_step=step if given)."""
+    if not self._rows:
+      return
+    keys, values = self._pending()
+    self._writer.upsert(keys, values, source_step=step)
+    self._keys, self._values, self._rows, self._sorted = [], [], 0, None

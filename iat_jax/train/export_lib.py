@@ -1,4 +1,18 @@
-"""Export: a trained source model's InsEmbs of every instance -> the store."""
+"""Export: a trained source model's InsEmbs of every instance -> the store.
+
+Parallel, streaming and resumable: every process runs the eval step over the
+batches of every split (sharded by process, as in evaluation) and writes the
+InsEmbs of its own slice of each batch, taken from the host-side batch it read
+and the addressable part of the step's output (no gather), into its part of
+the export (`tables.export_writer`) in durable chunks; then all processes
+merge and process 0 publishes one new table version (`tables.finish_export`).
+
+The batch order is deterministic, so a killed export, rerun, finds the rows
+each process already made durable and skips the batches they cover (every
+process skips the same leading batches, so the collectives of the eval step
+still match); the published content is the same as an uninterrupted export's.
+An export whose version is published (`tables.is_published`) is a no-op.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +26,11 @@ import numpy as np
 
 from iat_jax import stages
 from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import input_pipeline
 from iat_jax.data import schema as schema_lib
 from iat_jax.store import tables
 from iat_jax.train import predict
+from iat_jax.train import steps
 from iat_jax.train import train_lib
 from iat_jax.train import two_pass_lib
 
@@ -24,9 +40,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
   """Writes the InsEmb of every instance (train, valid, test) of `ds`.
 
   Runs the best checkpoint of stage `name` (config.stage must be a source
-  stage) forward over all splits, sharded like evaluation, and publishes one
-  new table version (two-pass source_user: merged with the InsEmbs the passes
-  stored, see `two_pass_lib`). Returns the store path.
+  stage) forward over all splits and publishes one new table version
+  (two-pass source_user: train instances take the InsEmbs the passes stored,
+  see `two_pass_lib`). Returns the store path.
   """
   if not stages.get(config.stage).exports:
     raise ValueError(f"--config.stage={config.stage!r}: export needs a source stage "
@@ -38,29 +54,52 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
   if tables.is_published(path, config.stage, step):
     logging.info("export %s: already done (step %d)", path, step)
     return path
-  keys, values = [], []
+  out = tables.export_writer(config, path, source=config.stage, step=step,
+                             fingerprint=ds.schema.fingerprint)
+  passes = two_pass_lib.PassTables(config, workdir, name, ds) if two_pass else None
+  seq = [(split, i, data) for split in schema_lib.SPLITS
+         for data in [train_lib.batches(config, ds, config.stage, split, train=False)]
+         for i in range(len(data))]
+  first, rows = _durable_batches(out.done_rows, seq)
+  if first:
+    logging.info("export %s: resuming at batch %d of %d (%d rows durable here)",
+                 path, first, len(seq), out.done_rows)
+  out.skip(rows)
   for split in schema_lib.SPLITS:
-    data = train_lib.batches(config, ds, config.stage, split, train=False)
-    res = predict.predict(st.eval_step, params, data, st.mesh, keys=("insemb",))
-    keys.append(res["ins_id"])
-    values.append(res["insemb"])
-    logging.info("export %s: %s split, %d instances", name, split, len(res["ins_id"]))
-  keys, values = np.concatenate(keys), np.concatenate(values)
-  if two_pass:  # train rows from the passes that kept them, in row order
-    by_row = np.zeros((ds.num_rows, values.shape[1]), np.float32)
-    by_row[_rows_of(ds, keys)] = values
-    keys = np.asarray(ds["ins_id"])
-    values = two_pass_lib.merged_insembs(config, workdir, name, ds, by_row)
-  if jax.process_index() == 0:
-    tables.publish(config, path, keys, values, source=config.stage, step=step,
-                   fingerprint=ds.schema.fingerprint)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("export")
+    todo = [i for s, i, _ in seq[first:] if s == split]
+    if not todo:
+      continue
+    data = [d for s, _, d in seq if s == split][0]
+    it = input_pipeline.iterate(data[todo[0]:])
+    for _ in todo:
+      batch = next(it)
+      mask = np.asarray(batch["mask"]).reshape(-1)
+      keys = np.asarray(batch["ins_id"]).reshape(-1)[mask]
+      if passes is not None and split == "train":  # the passes' stored InsEmbs
+        values = passes.lookup(keys, np.asarray(batch["row"]).reshape(-1)[mask])
+      else:
+        res = st.eval_step(params, steps.to_device(batch, st.mesh))
+        values = predict.local_rows(res["insemb"])
+        values = values.reshape(-1, values.shape[-1])[mask]
+      out.add(keys, values)
+    logging.info("export %s: %s split done", name, split)
+  tables.finish_export(out)
   return path
 
 
-def _rows_of(ds: dataset_lib.Dataset, keys: np.ndarray) -> np.ndarray:
-  """Dataset rows of InsIDs [n] (every key must be in the dataset)."""
-  ins = np.asarray(ds["ins_id"])
-  order = np.argsort(ins)
-  return order[np.searchsorted(ins, keys, sorter=order)]
+def _durable_batches(done_rows: int, seq) -> tuple[int, int]:
+  """(first batch to compute, rows of this process before it): the leading
+  batches whose rows every process has durable."""
+  first, rows = 0, 0
+  for _, i, data in seq:
+    n = int(np.asarray(data[i]["mask"]).sum())
+    if rows + n > done_rows:
+      break
+    first, rows = first + 1, rows + n
+  if jax.process_count() > 1:
+    firsts = multihost_utils.process_allgather(np.int64(first))
+    common = int(np.min(firsts))
+    if common < first:
+      rows = sum(int(np.asarray(d[i]["mask"]).sum()) for _, i, d in seq[:common])
+      first = common
+  return first, rows

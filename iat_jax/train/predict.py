@@ -17,6 +17,17 @@ def device_gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array sharded over its leading axis, in
+  the order of the process-local batch it was made from (no communication)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  parts = {}
+  for shard in x.addressable_shards:  # replicas over other mesh axes: once
+    parts.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)])
+
+
 def host_gather(x: np.ndarray) -> np.ndarray:
   """Concatenates every process's numpy slice [n_p, ...] (uint64 kept exact)."""
   if jax.process_count() == 1:

@@ -7,27 +7,37 @@ training) in timestamp order, batches mixing users. For each instance:
 
   1. fetch the InsEmbs of its user's K newest strictly-earlier instances
      that were processed in an earlier batch (or precede the stream) --
-     Method 1 reads them from the stream table, Method 2
+     Method 1 looks them up by InsID in the stage's store, Method 2
      (`stream.mode='recompute'`) recomputes them from raw features
      with the current parameters, forward only;
   2. run the SIT over [current, past...] (stop-gradient on the past), predict
      from position 0 and take one optimizer step -- the predictions, made
      before the step, are the stream's progressive evaluation;
-  3. write the new InsEmb and the prediction back, so later batches see it.
+  3. write the new InsEmb back keyed by InsID (and the prediction), so later
+     batches see it.
 
-Rows start from the user-order source's exported table. Every step's writes
-land before its checkpoint, and a batch never reads rows of its own or later
-batches, so a run killed anywhere and resumed rewrites exactly what the
-uninterrupted run wrote. Staleness (Method 1) is reported every log step: the
-mean cosine similarity between the fetched InsEmbs of a sample and their
-recomputation with the current parameters. At the end the table is published
-as an `insemb_table` version (source "source_stream") for downstream models.
+The stage's store is the OCDBT table at tables.path(config, workdir,
+"source_stream"): a fresh stream publishes a copy of `init_from`'s exported
+table there once (streamed in chunks, source "source_stream"), then every
+step's new InsEmbs are upserted into it keyed by InsID (`tables.Upserts`:
+buffered in memory, read through the buffer, and flushed as one new version
+before every checkpoint). The progressive predictions go the same way into a
+small side table <stage dir>/preds keyed by InsID (they are metrics, not
+InsEmbs). A batch never reads rows of its own or later batches, and what a
+checkpoint refers to is durable, so a run killed anywhere and resumed
+rewrites exactly what the uninterrupted run wrote (rows a killed run flushed
+past its last checkpoint are rewritten with the same values before any batch
+reads them). Staleness (Method 1) is reported every log step: the mean cosine
+similarity between the fetched InsEmbs of a sample and their recomputation
+with the current parameters. Downstream models read the store's newest
+version, which after the last step holds every streamed instance's InsEmb.
 """
 
 from __future__ import annotations
 
 import os
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,19 +48,30 @@ from iat_jax import metrics as metrics_lib
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
-from iat_jax.store import stream_table
 from iat_jax.store import tables
 from iat_jax.train import train_lib
 
 _STALENESS_SAMPLE = 256
 
 
-def _initial_values(config, workdir: str, ds: dataset_lib.Dataset) -> np.ndarray:
-  """InsEmbs [N, d] of every row from the batch-trained source's store."""
-  table = tables.open_checked(config, workdir, config.stream.init_from,
-                              ds.schema.fingerprint)
-  values, _ = table.lookup(np.asarray(ds["ins_id"]))
-  return values
+def _open_store(config, workdir: str, ds: dataset_lib.Dataset) -> tables.Upserts:
+  """The stage's store: on a fresh stream, a copy of init_from's table."""
+  path = tables.path(config, workdir, config.stage)
+  init_path = tables.path(config, workdir, config.stream.init_from)
+  if path == init_path:
+    raise ValueError(f"--config.store.path={config.store.path!r}: the streaming "
+                     f"stage writes its own store; leave store.path empty")
+  init = tables.open_checked(config, workdir, config.stream.init_from,
+                             ds.schema.fingerprint)
+  copy_id = tables.export_id(config.stage, init.metadata["source_step"],
+                             ds.schema.fingerprint, config.store.dtype, init.dim, 1)
+  if not (tables.exists(path) and
+          tables.Table(path).metadata.get("export_id") == copy_id):
+    logging.info("stream: copying %s into %s", init_path, path)
+    tables.publish_copy(config, init, np.asarray(ds["ins_id"]), path,
+                        source=config.stage, step=init.metadata["source_step"],
+                        fingerprint=ds.schema.fingerprint)
+  return tables.Upserts(path)
 
 
 class _Staleness:
@@ -95,15 +116,17 @@ def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
     raise NotImplementedError("streaming training runs in one process (it may "
                               "use all of that host's devices)")
   recompute = config.stream.mode == "recompute"
-  table = stream_table.StreamTable.open_or_create(
-      os.path.join(workdir_lib.stage_dir(workdir, name), "stream_table"),
-      _initial_values(config, workdir, ds), ds.schema.num_tasks)
+  store = _open_store(config, workdir, ds)
+  preds = tables.Upserts.open_or_create(
+      os.path.join(workdir_lib.stage_dir(workdir, name), "preds"),
+      d=ds.schema.num_tasks, dtype="float32", source=f"{config.stage}/preds",
+      fingerprint=ds.schema.fingerprint)
   data = input_pipeline.stream(ds, tuple(config.stream.splits), config.batch_size,
                                config.stream.k, features=recompute)
 
   def fill(batch):
     if not recompute:
-      batch["past_insemb"] = table.read(batch["past_row"])
+      batch["past_insemb"] = _past_insembs(store, batch)
     return batch
 
   st = train_lib.Run(config, workdir, name, ds, train_data=data, fill=fill,
@@ -125,25 +148,42 @@ def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
 
     def write_back(step, state, batch, aux):
       mask = batch["mask"]
-      table.write(batch["row"][mask], np.asarray(aux["insemb"])[mask],
-                  np.asarray(aux["probs"])[mask])
+      store.put(batch["ins_id"][mask], np.asarray(aux["insemb"])[mask], step=step)
+      preds.put(batch["ins_id"][mask], np.asarray(aux["probs"])[mask], step=step)
       if staleness is not None and step % config.log_every == 0:
-        writer.write(step, "stream",
-                     {"staleness_cosine": staleness(state.params, batch)})
+        writer.write(step, "stream", {"staleness_cosine": staleness(state.params, batch)})
+
+    def flush(step):  # everything the checkpoint refers to is durable
+      store.flush(step)
+      preds.flush(step)
 
     state = train_lib.run_loop(st, state, it, start, writer, after_step=write_back,
-                               validate=False)
-    results = {split: _progressive(ds, table, split) if split in config.stream.splits
+                               before_checkpoint=flush, validate=False)
+    flush(st.num_steps)
+    results = {split: _progressive(ds, preds, split) if split in config.stream.splits
                else {} for split in ("valid", "test")}
-    tables.publish(config, tables.path(config, workdir, config.stage),
-                   np.asarray(ds["ins_id"]), table.read_all(), source=config.stage,
-                   step=st.num_steps, fingerprint=ds.schema.fingerprint)
     return train_lib.finish(st, writer, {**results, "best_step": st.num_steps, **cost})
 
 
-def _progressive(ds: dataset_lib.Dataset, table: stream_table.StreamTable,
+def _past_insembs(store: tables.Upserts, batch) -> np.ndarray:
+  """float32 [b, K, d]: the stored InsEmbs of the visible past (zeros elsewhere)."""
+  keys, mask = batch["past_ins_id"], batch["past_mask"]
+  values, found = store.lookup(keys.reshape(-1))
+  missing = mask.reshape(-1) & ~found
+  if missing.any():
+    raise tables.StoreError(f"{store.path}: {int(missing.sum())} past instances "
+                            f"have no stored InsEmb")
+  values[~mask.reshape(-1)] = 0.0
+  return values.reshape(keys.shape + (-1,))
+
+
+def _progressive(ds: dataset_lib.Dataset, preds: tables.Upserts,
                  split: str) -> dict[str, float]:
   """Metrics of the predictions made before each instance's own step."""
   rows = np.sort(ds.split_rows(split))
+  probs, found = preds.lookup(np.asarray(ds["ins_id"])[rows])
+  if not found.all():
+    raise tables.StoreError(f"{preds.path}: {int((~found).sum())} {split} "
+                            f"instances have no stream prediction")
   return metrics_lib.task_metrics(ds.schema.tasks, np.asarray(ds["labels"][rows]),
-                                  table.read_preds(rows))
+                                  probs)

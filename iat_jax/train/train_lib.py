@@ -177,7 +177,7 @@ def resume(st: Run, writer: metrics_lib.Writer, it) -> tuple[Any, int]:
 
 
 def run_loop(st: Run, state, it, start: int, writer: metrics_lib.Writer, *,
-             after_step=None, validate: bool = True):
+             after_step=None, before_checkpoint=None, validate: bool = True):
   """Steps start+1..num_steps: log, validate, checkpoint; stop on NaN/SIGTERM.
 
   Args:
@@ -188,6 +188,8 @@ def run_loop(st: Run, state, it, start: int, writer: metrics_lib.Writer, *,
     writer: metrics writer.
     after_step: optional `f(step, state, batch, aux)`, run before the
       step's checkpoint (the streaming stage writes InsEmbs back there).
+    before_checkpoint: optional `f(step)`, run right before each checkpoint
+      is saved (tables written while training make their writes durable).
     validate: evaluate on valid every config.eval_every steps and at the
       end, keeping the best params.
 
@@ -222,6 +224,8 @@ def run_loop(st: Run, state, it, start: int, writer: metrics_lib.Writer, *,
         writer.write(step, "valid", valid)
         st.ckpts.save_best(step, state.params, _finite(valid))
       if step % config.checkpoint_every == 0 or last or preempt.requested:
+        if before_checkpoint is not None:
+          before_checkpoint(step)
         st.ckpts.save(step, state, it)
       if preempt.requested:
         st.ckpts.wait()
@@ -245,7 +249,7 @@ def finish(st: Run, writer: metrics_lib.Writer, results: dict) -> dict:
 
 def train(config: ml_collections.ConfigDict, workdir: str, name: str,
           ds: dataset_lib.Dataset, table=None, *, train_data=None,
-          after_step=None) -> dict:
+          after_step=None, before_checkpoint=None) -> dict:
   """Trains config.stage into <workdir>/<name>; resumes from its checkpoints.
 
   Args:
@@ -254,6 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
     train_data: batches to train on instead of the stage's default order.
     after_step: `f(step, state, batch, aux)` with aux {'probs', 'insemb'}
       of the step's forward pass (see `run_loop`).
+    before_checkpoint: `f(step)` before each checkpoint (see `run_loop`).
 
   Returns:
     The stage's results dict (also written to results.json).
@@ -266,7 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
     it = input_pipeline.iterate(st.train_data, config.worker_count)
     state, start = resume(st, writer, it)
     cost = st.cost()
-    state = run_loop(st, state, it, start, writer, after_step=after_step)
+    state = run_loop(st, state, it, start, writer, after_step=after_step,
+                     before_checkpoint=before_checkpoint)
     best_step, params = st.ckpts.restore_best(checkpointing.abstract(state.params))
     return finish(st, writer, {"valid": st.evaluate(params, "valid"),
                                "test": st.evaluate(params, "test"),

@@ -6,9 +6,12 @@ first get theirs from a barely trained model. Two passes fix that: pass
 half of the users; pass "reversed" visits them in descending order and keeps
 those of the other half, which it visits late. Every train instance gets
 exactly one InsEmb, each written by the pass in which its user came late
-(`keeper`). The tables of both passes live under <workdir>/<name>/<pass>/;
-`export` merges them (train instances) with the normal pass's best model's
-InsEmbs of the valid and test instances, and publishes one table version.
+(`keeper`). Each pass upserts the InsEmbs it keeps, keyed by InsID, into its
+own OCDBT table <workdir>/<name>/<pass>/insembs (`tables.Upserts`; flushed
+before every checkpoint, so a resumed pass rewrites identical rows). `export`
+streams them (train instances, looked up per batch) together with the normal
+pass's best model's InsEmbs of the valid and test instances into one table
+version.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
-from iat_jax.store import stream_table
+from iat_jax.store import tables
 from iat_jax.train import train_lib
 
 # (pass name, chunk order); pass k keeps the rows whose keeper is k.
@@ -33,12 +36,13 @@ def keeper(ds: dataset_lib.Dataset) -> np.ndarray:
   return (np.asarray(ds["user_index"]) < ds.schema.num_users // 2).astype(np.int8)
 
 
-def pass_table(workdir: str, name: str, pass_name: str, ds,
-               dim: int) -> stream_table.StreamTable:
-  """The InsEmbs [N, d] one pass stored (zeros for rows it does not keep)."""
-  return stream_table.StreamTable.open_or_create(
-      os.path.join(workdir, name, pass_name, "insembs"),
-      np.zeros((ds.num_rows, dim), np.float32), ds.schema.num_tasks)
+def pass_table(config, workdir: str, name: str, pass_name: str,
+               ds) -> tables.Upserts:
+  """The InsEmbs one pass stored (only the rows it keeps), keyed by InsID."""
+  return tables.Upserts.open_or_create(
+      os.path.join(workdir, name, pass_name, "insembs"), d=config.model.insemb_dim,
+      dtype="float32", source=f"{config.stage}/{pass_name}",
+      fingerprint=ds.schema.fingerprint)
 
 
 def train_user_order(config: ml_collections.ConfigDict, workdir: str, name: str,
@@ -57,7 +61,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
     raise NotImplementedError("two-pass training runs in one process")
   keep = keeper(ds)
   for k, (pass_name, order) in enumerate(PASSES):
-    table = pass_table(workdir, name, pass_name, ds, config.model.insemb_dim)
+    table = pass_table(config, workdir, name, pass_name, ds)
     data = train_lib.batches(config, ds, config.stage, "train", train=True,
                              order=order)
 
@@ -65,24 +69,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
       del step, state
       rows = batch["row"]
       mine = batch["mask"] & (keep[np.maximum(rows, 0)] == k)
-      table.write(rows[mine], np.asarray(aux["insemb"])[mine],
-                  np.asarray(aux["probs"])[mine])
+      table.put(batch["ins_id"][mine], np.asarray(aux["insemb"])[mine])
 
     sub = os.path.join(name, pass_name)
     if not workdir_lib.is_complete(workdir_lib.stage_dir(workdir, sub)):
-      train_lib.train(config, workdir, sub, ds, train_data=data, after_step=write_back)
+      train_lib.train(config, workdir, sub, ds, train_data=data, after_step=write_back,
+                      before_checkpoint=lambda step, table=table: table.flush(step))
+    table.flush()
   out = workdir_lib.load_results(workdir_lib.stage_dir(workdir, os.path.join(name, "normal")))
   workdir_lib.write_results(workdir_lib.stage_dir(workdir, name), out)
   return out
 
 
-def merged_insembs(config, workdir: str, name: str, ds, exported: np.ndarray) -> np.ndarray:
-  """[N, d]: train rows from the keeping pass's table, other rows `exported`."""
-  keep = keeper(ds)
-  train_rows = np.asarray(ds["split"]) == 0
-  out = np.array(exported, np.float32)
-  for k, (pass_name, _) in enumerate(PASSES):
-    rows = np.flatnonzero(train_rows & (keep == k))
-    table = pass_table(workdir, name, pass_name, ds, config.model.insemb_dim)
-    out[rows] = table.read(rows)
-  return out
+class PassTables:
+  """Looks up train instances' InsEmbs in the table of the pass keeping each."""
+
+  def __init__(self, config, workdir: str, name: str, ds):
+    self.keep = keeper(ds)
+    self.tables = [pass_table(config, workdir, name, p, ds).table for p, _ in PASSES]
+
+  def lookup(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32 [n, d] of train instances with InsIDs keys [n] at dataset rows [n].
+
+    Raises:
+      StoreError: the keeping pass did not store some of them.
+    """
+    out = np.zeros((len(keys), self.tables[0].dim), np.float32)
+    for k, table in enumerate(self.tables):
+      mine = self.keep[rows] == k
+      values, found = table.lookup(keys[mine])
+      if not found.all():
+        raise tables.StoreError(
+            f"{table.path}: pass {PASSES[k][0]} stored no InsEmb for "
+            f"{int((~found).sum())} of its train instances; rerun its training")
+      out[mine] = values
+    return out

@@ -1,0 +1,138 @@
+"""The OCDBT store in the package: parallel, resumable export by `--mode=export`.
+
+(Streaming and two-pass write-back: stream_test.py, two_pass_test.py;
+downstream reads: train_test.py's pipeline tests.)
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+import numpy as np
+
+from iat_jax.data import dataset
+from iat_jax.store import insemb_table
+from iat_jax.store import tables
+from tests import cli_fixtures as cli
+
+_STAGE = "--config.stage=source_temporal"
+# Small chunks and batches: an export of the tiny dataset is ~60 chunks.
+_EXPORT = (_STAGE, "--config.store.export_chunk_rows=16",
+           "--config.eval_batch_size=16")
+
+
+def _store(workdir):
+  return os.path.join(workdir, "stores", "source_temporal")
+
+
+def _checksum(workdir):
+  table = insemb_table.Table(_store(workdir))
+  table.verify()
+  return len(table), table.metadata["checksum"]
+
+
+class UpsertsTest(absltest.TestCase):
+
+  def test_reads_through_its_buffer_and_flushes_one_version(self):
+    path = os.path.join(tempfile.mkdtemp(), "t")
+    up = tables.Upserts.open_or_create(path, d=2, dtype="float32", source="s",
+                                       fingerprint="f", flush_rows=100)
+    empty = up.table.version
+    up.put(np.array([5, 7], np.uint64), np.array([[1, 1], [2, 2]], np.float32))
+    up.put(np.array([7], np.uint64), np.array([[3, 3]], np.float32))  # later wins
+    values, found = up.lookup(np.array([7, 5, 9], np.uint64))
+    np.testing.assert_array_equal(found, [True, True, False])
+    np.testing.assert_array_equal(values, [[3, 3], [1, 1], [0, 0]])
+    self.assertEqual(insemb_table.Table(path).version, empty)  # nothing durable yet
+    up.flush(step=4)
+    table = insemb_table.Table(path)
+    self.assertEqual((len(table), table.metadata["source_step"]), (2, 4))
+    table.verify()
+    np.testing.assert_array_equal(table.lookup(np.array([7], np.uint64))[0], [[3, 3]])
+    up.put(np.arange(100, 200, dtype=np.uint64), np.ones((100, 2), np.float32))
+    self.assertLen(insemb_table.Table(path), 102)  # flush_rows reached
+
+
+class ExportTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.trained = os.path.join(tempfile.mkdtemp(), "w")
+    cli.run_main(cls.trained, "train", _STAGE)
+    cls.ref = cls._copy()
+    cli.run_main(cls.ref, "export", *_EXPORT)
+    cls.ref_sum = _checksum(cls.ref)
+    cls.ds = dataset.Dataset(os.path.join(cli.DATA, "synthetic"))
+
+  @classmethod
+  def _copy(cls):
+    workdir = os.path.join(tempfile.mkdtemp(), "w")
+    shutil.copytree(cls.trained, workdir)
+    return workdir
+
+  def test_exports_every_instance_and_is_a_noop_when_done(self):
+    self.assertEqual(self.ref_sum[0], self.ds.num_rows)
+    _, found = insemb_table.Table(_store(self.ref)).lookup(np.asarray(self.ds["ins_id"]))
+    self.assertTrue(found.all())
+    gen = insemb_table.Table(_store(self.ref)).version
+    out = cli.run_main(self.ref, "export", *_EXPORT)
+    self.assertIn("already done", out.stderr)
+    self.assertEqual(insemb_table.Table(_store(self.ref)).version, gen)
+
+  def test_two_processes_export_the_same_table(self):
+    workdir = self._copy()
+    launcher = os.path.join(cli.REPO, "launch", "local.py")
+    cli.run([sys.executable, launcher, "--num_processes=2", "--",
+             *cli.main_args(workdir, "export", *_EXPORT)])
+    self.assertEqual(_checksum(workdir), self.ref_sum)
+
+  def test_killed_export_resumes_to_the_same_table(self):
+    workdir = self._copy()
+    path = _store(workdir)
+    # A previous version, which must stay readable throughout.
+    keys = np.asarray(self.ds["ins_id"])[:100]
+    old = insemb_table.write(path, keys, np.ones((100, 4), np.float32),
+                             source="source_temporal", source_step=-1,
+                             source_config=None, dataset=self.ds.schema.fingerprint)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iat_jax.main", *cli.main_args(workdir, "export", *_EXPORT)],
+        cwd=cli.REPO, env=cli.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True)
+    try:
+      self._wait_for_chunk(path, 3, proc)
+    finally:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    table = insemb_table.Table(path)
+    self.assertEqual((table.version, table.metadata["source_step"]), (old, -1))
+    table.verify()
+    out = cli.run_main(workdir, "export", *_EXPORT)
+    self.assertIn("resuming at batch", out.stderr)  # durable chunks were kept
+    self.assertEqual(_checksum(workdir), self.ref_sum)
+    self.assertEqual(insemb_table.Table(path, version=old).metadata["source_step"], -1)
+
+  def _wait_for_chunk(self, path, chunk, proc):
+    """Waits until process 0's staging holds a durable chunk `chunk`."""
+    deadline = time.time() + 600
+    staging = os.path.join(path, "staging")
+    while time.time() < deadline:
+      if proc.poll() is not None:
+        raise AssertionError(f"export ended before the kill (exit {proc.returncode})"
+                             f": {proc.stderr.read()[-3000:]}")
+      ids = os.listdir(staging) if os.path.isdir(staging) else []
+      if ids and os.path.exists(os.path.join(staging, ids[0], "p0", "manifest.ocdbt")):
+        kv = insemb_table._open(path, sub=f"staging/{ids[0]}/p0")  # pylint: disable=protected-access
+        if kv.read(f"c{chunk:06d}/done").result().state == "value":
+          return
+      time.sleep(0.02)
+    raise AssertionError("timed out waiting for the export's chunks")
+
+
+if __name__ == "__main__":
+  absltest.main()
