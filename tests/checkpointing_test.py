@@ -83,7 +83,7 @@ class CheckpointsTest(absltest.TestCase):
   def test_best_tracking(self):
     ckpts = checkpointing.Checkpoints(self.dir, keep=2, best_metric=METRIC)
     target = checkpointing.abstract(_state(self.mesh, 0.0)["params"])
-    with self.assertRaisesRegex(FileNotFoundError, "no best checkpoint"):
+    with self.assertRaisesRegex(checkpointing.CheckpointError, "no best checkpoint"):
       ckpts.restore_best(target)
     for step, auc in ((1, 0.6), (2, 0.7), (3, 0.65)):
       ckpts.save_best(step, _state(self.mesh, float(step))["params"],

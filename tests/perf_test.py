@@ -18,9 +18,9 @@ from iat_jax.data import input_pipeline
 from iat_jax.data import history
 from iat_jax.models import sequence
 from iat_jax.store import memory_table
+from tests import cli_fixtures as cli
 
-import cli_fixtures
-import model_fixtures as mf
+from tests import model_fixtures as mf
 
 TOL = 1e-5
 _OPT = []
@@ -156,7 +156,7 @@ class PipelineTest(absltest.TestCase):
 
 
 def _tiny_run_config():
-  path = os.path.join(cli_fixtures.REPO, "experiments", "configs", "tiny.py")
+  path = os.path.join(cli.REPO, "experiments", "configs", "tiny.py")
   spec = importlib.util.spec_from_file_location("tiny_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -168,7 +168,7 @@ class DedupedHistoryTest(absltest.TestCase):
   def test_downstream_same_outputs_and_gradients(self):
     config = _tiny_run_config()
     config.model.iat.layers = 2
-    schema = mf.tiny_schema()
+    schema = mf.SCHEMA
     l, d = config.model.hist_len, config.model.insemb_dim
     dense = mf.downstream_batch(schema, d, l=l, b=5,
                                 num_gap_buckets=config.model.num_gap_buckets)
@@ -207,13 +207,13 @@ class AllocatorTest(absltest.TestCase):
     return line.split("allocator settings at start:", 1)[1].strip()
 
   def _run(self, **env):
-    base = {k: v for k, v in cli_fixtures.ENV.items()
+    base = {k: v for k, v in cli.ENV.items()
             if k not in (*allocator.SETTINGS, allocator.OPT_OUT, allocator.MARKER)}
     with tempfile.TemporaryDirectory() as workdir:
       return subprocess.run(
           [sys.executable, "-m", "iat_jax.main",
-           *cli_fixtures.main_args(workdir, "train", self.BAD_STAGE)],
-          cwd=cli_fixtures.REPO, env={**base, **env}, capture_output=True,
+           *cli.main_args(workdir, "train", self.BAD_STAGE)],
+          cwd=cli.REPO, env={**base, **env}, capture_output=True,
           text=True, timeout=300)
 
   def test_child_starts_with_the_settings(self):

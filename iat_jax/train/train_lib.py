@@ -138,7 +138,7 @@ class Run:
     self.eval_step = steps.make_eval_step(
         self.model, self.shardings.params, self.mesh, self.rules,
         outputs=("probs", "insemb") if stages.get(config.stage).exports else ("probs",))
-    check_memory(self.train_step, config, name)
+    check_memory(self.train_step.first, config, name)
     self.ckpts = checkpointing.Checkpoints(self.dir, config.keep_checkpoints,
                                            f"auc/{ds.schema.tasks[0]}")
 
