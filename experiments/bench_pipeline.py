@@ -47,9 +47,9 @@ from iat_jax.store import memory_table
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_ML_DIR = flags.DEFINE_string(
-    "movielens_dir", os.path.join(_ROOT, "..", "shared", "data", "ml-100k"),
-    "Directory of the ML-100K files (skipped if absent).")
+_ML_DIR = flags.DEFINE_string("movielens_dir",
+                              os.path.join(_ROOT, "..", "shared", "data", "ml-100k"),
+                              "Directory of the ML-100K files (skipped if absent).")
 _N = flags.DEFINE_integer("synthetic_instances", 1_000_000, "Synthetic instances N.")
 _F = flags.DEFINE_integer("synthetic_fields", 100, "Synthetic categorical fields F.")
 _BUDGET = flags.DEFINE_float("budget_s", 5.0, "Timed seconds per pipeline.")
@@ -90,8 +90,7 @@ def _build_synthetic(tmp: str) -> dataset_lib.Dataset:
   n, f = _N.value, _F.value
   out = os.path.join(tmp, "synthetic")
   t0 = time.perf_counter()
-  synthetic.build(out, num_instances=n, num_categorical=f,
-                  num_users=max(n // 100, 1))
+  synthetic.build(out, num_instances=n, num_categorical=f, num_users=max(n // 100, 1))
   s = time.perf_counter() - t0
   print(f"build synthetic: {n:,} instances x {f} categorical fields, "
         f"{max(n // 100, 1):,} users in {s:.1f} s, {n / s:,.0f} instances/s  "
@@ -128,30 +127,62 @@ def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
   table = memory_table.MemoryTable(keys, values)
   store = os.path.join(tmp, f"store-{ds.schema.dataset}")
   if not _PIPES.value or any("store" in p for p in _PIPES.value):
-    insemb_table.write(store, keys, values, source="bench", source_step=0,
+    insemb_table.write(store,
+                       keys,
+                       values,
+                       source="bench",
+                       source_step=0,
                        source_config=None)
   epochs = 1000  # never runs out within the budget
   pipes = {
-      "temporal": lambda: input_pipeline.temporal(
-          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs),
-      "user_ordered": lambda: input_pipeline.user_ordered(
-          ds, "train", _USERS, _T, num_epochs=epochs),
-      "history": lambda: input_pipeline.temporal(
-          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
-          history_len=_L),
-      "history+emb": lambda: input_pipeline.temporal(
-          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
-          history_len=_L, table=table),
-      "history+store": lambda: input_pipeline.temporal(
-          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
-          history_len=_L, table=insemb_table.Table(store)),
+      "temporal":
+          lambda: input_pipeline.temporal(
+              ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs),
+      "user_ordered":
+          lambda: input_pipeline.user_ordered(
+              ds, "train", _USERS, _T, num_epochs=epochs),
+      "history":
+          lambda: input_pipeline.temporal(ds,
+                                          "train",
+                                          _BATCH,
+                                          shuffle_window=_WINDOW,
+                                          num_epochs=epochs,
+                                          history_len=_L),
+      "history+emb":
+          lambda: input_pipeline.temporal(ds,
+                                          "train",
+                                          _BATCH,
+                                          shuffle_window=_WINDOW,
+                                          num_epochs=epochs,
+                                          history_len=_L,
+                                          table=table),
+      "history+store":
+          lambda: input_pipeline.temporal(ds,
+                                          "train",
+                                          _BATCH,
+                                          shuffle_window=_WINDOW,
+                                          num_epochs=epochs,
+                                          history_len=_L,
+                                          table=insemb_table.Table(store)),
       # As training reads them on one process: distinct InsEmbs + an index.
-      "hist+emb/uniq": lambda: input_pipeline.temporal(
-          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
-          history_len=_L, table=table, compact=True),
-      "hist+store/uniq": lambda: input_pipeline.temporal(
-          ds, "train", _BATCH, shuffle_window=_WINDOW, num_epochs=epochs,
-          history_len=_L, table=insemb_table.Table(store), compact=True),
+      "hist+emb/uniq":
+          lambda: input_pipeline.temporal(ds,
+                                          "train",
+                                          _BATCH,
+                                          shuffle_window=_WINDOW,
+                                          num_epochs=epochs,
+                                          history_len=_L,
+                                          table=table,
+                                          compact=True),
+      "hist+store/uniq":
+          lambda: input_pipeline.temporal(ds,
+                                          "train",
+                                          _BATCH,
+                                          shuffle_window=_WINDOW,
+                                          num_epochs=epochs,
+                                          history_len=_L,
+                                          table=insemb_table.Table(store),
+                                          compact=True),
   }
   return {k: v for k, v in pipes.items() if not _PIPES.value or k in _PIPES.value}
 
@@ -183,14 +214,18 @@ def _lookup_before(table, batch: dict) -> dict:
   out[mask] = values
   hit = np.zeros_like(mask)
   hit[mask] = found
-  batch.update(hist_insemb=out, hist_mask=hit,
+  batch.update(hist_insemb=out,
+               hist_mask=hit,
                hist_missing=np.int64(len(found) - found.sum()))
   return batch
 
 
 def _lookup_ratio(ds: dataset_lib.Dataset, tables: dict, batches: int = 20) -> None:
   """LookupInsEmb alone, before vs after, interleaved on the same batches."""
-  data = input_pipeline.temporal(ds, "train", _BATCH, shuffle_window=_WINDOW,
+  data = input_pipeline.temporal(ds,
+                                 "train",
+                                 _BATCH,
+                                 shuffle_window=_WINDOW,
                                  history_len=_L)
   hist = [data[i] for i in range(min(batches, len(data)))]
   for name, table in tables.items():
@@ -230,11 +265,12 @@ def _profile(make, batches: int) -> None:
     where = f"{os.path.basename(path)}:{line}({func})" if line else func
     print(f"      {own / total:5.1%} own {own:.3f} s cum {cum:.3f} s "
           f"{calls:6d} calls  {where}")
-  ours = [(k, v) for k, v in st.items()
+  ours = [(k, v)
+          for k, v in st.items()
           if os.path.basename(k[0]) in ("input_pipeline.py", "history.py")]
   print("    cumulative, input_pipeline.py / history.py:")
-  for (path, line, func), (_, calls, own, cum, _) in sorted(
-      ours, key=lambda kv: -kv[1][3])[:8]:
+  for (path, line, func), (_, calls, own, cum,
+                           _) in sorted(ours, key=lambda kv: -kv[1][3])[:8]:
     print(f"      {cum / total:5.1%} cum {cum:.3f} s  "
           f"{os.path.basename(path)}:{line}({func})")
 

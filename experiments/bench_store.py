@@ -86,8 +86,8 @@ def _evict(path: str) -> None:
 
 
 def _dir_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(r, f))
-             for r, _, fs in os.walk(path) for f in fs)
+  return sum(
+      os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
 def _phase_export(path: str, n: int) -> dict:
@@ -101,11 +101,16 @@ def _phase_export(path: str, n: int) -> dict:
   t1 = time.perf_counter()
   insemb_table.merge_export(path, "bench")
   t2 = time.perf_counter()
-  insemb_table.publish(path, "bench", source="bench", source_step=0,
-                       source_config=None)
+  insemb_table.publish(path, "bench", source="bench", source_step=0, source_config=None)
   t3 = time.perf_counter()
-  return {"write_s": t1 - t0, "merge_s": t2 - t1, "publish_s": t3 - t2,
-          "bytes": _dir_bytes(path), "rss": _peak_rss(), "load": _load()}
+  return {
+      "write_s": t1 - t0,
+      "merge_s": t2 - t1,
+      "publish_s": t3 - t2,
+      "bytes": _dir_bytes(path),
+      "rss": _peak_rss(),
+      "load": _load()
+  }
 
 
 def _phase_lookup(path: str, n: int) -> dict:
@@ -135,10 +140,17 @@ def _phase_lookup(path: str, n: int) -> dict:
     ref[r]  # pylint: disable=pointless-statement
     gather.append(time.perf_counter() - t)
   del got
-  return {"open_s": open_s, "cold_s": cold, "warm_s": statistics.median(warm),
-          "gather_s": statistics.median(gather), "keys": q,
-          "reader_bytes": table.memory_bytes(), "rss": _peak_rss(),
-          "rss_before_reader": base_rss, "load": _load()}
+  return {
+      "open_s": open_s,
+      "cold_s": cold,
+      "warm_s": statistics.median(warm),
+      "gather_s": statistics.median(gather),
+      "keys": q,
+      "reader_bytes": table.memory_bytes(),
+      "rss": _peak_rss(),
+      "rss_before_reader": base_rss,
+      "load": _load()
+  }
 
 
 def _sample_keys(rows: np.ndarray) -> np.ndarray:
@@ -163,63 +175,86 @@ def _phase_upsert(path: str, n: int) -> dict:
   secs = time.perf_counter() - t
   table = insemb_table.Table(path)
   assert len(table) == n + m - m // 2
-  return {"upsert_s": secs, "written": _dir_bytes(path) - before,
-          "table_bytes": before, "rss": _peak_rss(), "load": _load(),
-          "segments": max(len(s) for s in table.metadata["shards"])}
+  return {
+      "upsert_s": secs,
+      "written": _dir_bytes(path) - before,
+      "table_bytes": before,
+      "rss": _peak_rss(),
+      "load": _load(),
+      "segments": max(len(s) for s in table.metadata["shards"])
+  }
 
 
 def _run_phase(phase: str, path: str, n: int) -> dict:
   out = subprocess.run(
-      [sys.executable, __file__, f"--phase={phase}", f"--path={path}",
-       f"--rows={n}", f"--dim={_D.value}", f"--dtype={_DTYPE.value}",
-       f"--batch={_BATCH.value}", f"--hist_len={_L.value}",
-       f"--repeats={_REPEATS.value}", f"--warmup={_WARMUP.value}",
-       f"--cache_bytes={_CACHE.value}", f"--upsert_rows={_UPSERT.value}"],
-      check=True, capture_output=True, text=True,
-      env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
-          os.path.abspath(__file__)))})
+      [
+          sys.executable, __file__, f"--phase={phase}", f"--path={path}", f"--rows={n}",
+          f"--dim={_D.value}", f"--dtype={_DTYPE.value}", f"--batch={_BATCH.value}",
+          f"--hist_len={_L.value}", f"--repeats={_REPEATS.value}",
+          f"--warmup={_WARMUP.value}", f"--cache_bytes={_CACHE.value}",
+          f"--upsert_rows={_UPSERT.value}"
+      ],
+      check=True,
+      capture_output=True,
+      text=True,
+      env={
+          **os.environ, "PYTHONPATH":
+              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      })
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv):
   del argv
   if _PHASE.value:
-    fn = {"export": _phase_export, "lookup": _phase_lookup,
-          "upsert": _phase_upsert}[_PHASE.value]
+    fn = {
+        "export": _phase_export,
+        "lookup": _phase_lookup,
+        "upsert": _phase_upsert
+    }[_PHASE.value]
     print(json.dumps(fn(_PATH.value, _ROWS.value)))
     return
   gib = 2.0**30
-  print(f"InsEmb store benchmark: d={_D.value} {_DTYPE.value}, lookup "
-        f"{_BATCH.value}x{_L.value}, cache {_CACHE.value / gib:.2f} GiB; {_load()}",
-        flush=True)
+  print(
+      f"InsEmb store benchmark: d={_D.value} {_DTYPE.value}, lookup "
+      f"{_BATCH.value}x{_L.value}, cache {_CACHE.value / gib:.2f} GiB; {_load()}",
+      flush=True)
   for n in map(int, _SIZES.value):
     root = tempfile.mkdtemp(prefix="bench_store_", dir=_DIR.value)
     path = os.path.join(root, "t")
     try:
       e = _run_phase("export", path, n)
       total = e["write_s"] + e["merge_s"] + e["publish_s"]
-      print(f"\nN={n:,}: export {n / total / 1e6:.2f} M rows/s ({total:.1f} s: "
-            f"write {e['write_s']:.1f}, merge {e['merge_s']:.1f}, publish "
-            f"{e['publish_s']:.1f}); writer peak RSS {e['rss'] / gib:.2f} GiB; "
-            f"{e['bytes'] / n:.1f} B/row on disk; {e['load']}", flush=True)
+      print(
+          f"\nN={n:,}: export {n / total / 1e6:.2f} M rows/s ({total:.1f} s: "
+          f"write {e['write_s']:.1f}, merge {e['merge_s']:.1f}, publish "
+          f"{e['publish_s']:.1f}); writer peak RSS {e['rss'] / gib:.2f} GiB; "
+          f"{e['bytes'] / n:.1f} B/row on disk; {e['load']}",
+          flush=True)
       lk = _run_phase("lookup", path, n)
       q = lk["keys"]
-      print(f"  lookup {q:,} keys: cold {q / lk['cold_s'] / 1e6:.2f} M keys/s "
-            f"({lk['cold_s'] * 1e3:.0f} ms, open {lk['open_s'] * 1e3:.0f} ms); "
-            f"warm {q / lk['warm_s'] / 1e6:.2f} M keys/s ({lk['warm_s'] * 1e3:.1f} "
-            f"ms); numpy gather at 1M rows {lk['gather_s'] * 1e3:.1f} ms -> warm "
-            f"ratio {lk['gather_s'] / lk['warm_s']:.2f}", flush=True)
-      print(f"  reader: peak RSS {lk['rss'] / gib:.2f} GiB (process before the "
-            f"reader {lk['rss_before_reader'] / gib:.2f} GiB, incl. the 1M-row "
-            f"numpy reference); own accounting {lk['reader_bytes'] / 2**20:.0f} "
-            f"MiB; {lk['load']}", flush=True)
+      print(
+          f"  lookup {q:,} keys: cold {q / lk['cold_s'] / 1e6:.2f} M keys/s "
+          f"({lk['cold_s'] * 1e3:.0f} ms, open {lk['open_s'] * 1e3:.0f} ms); "
+          f"warm {q / lk['warm_s'] / 1e6:.2f} M keys/s ({lk['warm_s'] * 1e3:.1f} "
+          f"ms); numpy gather at 1M rows {lk['gather_s'] * 1e3:.1f} ms -> warm "
+          f"ratio {lk['gather_s'] / lk['warm_s']:.2f}",
+          flush=True)
+      print(
+          f"  reader: peak RSS {lk['rss'] / gib:.2f} GiB (process before the "
+          f"reader {lk['rss_before_reader'] / gib:.2f} GiB, incl. the 1M-row "
+          f"numpy reference); own accounting {lk['reader_bytes'] / 2**20:.0f} "
+          f"MiB; {lk['load']}",
+          flush=True)
       if _UPSERT.value and _UPSERT.value < n:
         u = _run_phase("upsert", path, n)
-        print(f"  upsert {_UPSERT.value:,} rows: {u['upsert_s']:.1f} s, "
-              f"{u['written'] / 2**20:.0f} MiB written vs {u['table_bytes'] / 2**20:.0f} "
-              f"MiB table ({u['written'] / u['table_bytes']:.3f}x a full rewrite); "
-              f"max {u['segments']} segments/shard; peak RSS {u['rss'] / gib:.2f} "
-              f"GiB; {u['load']}", flush=True)
+        print(
+            f"  upsert {_UPSERT.value:,} rows: {u['upsert_s']:.1f} s, "
+            f"{u['written'] / 2**20:.0f} MiB written vs {u['table_bytes'] / 2**20:.0f} "
+            f"MiB table ({u['written'] / u['table_bytes']:.3f}x a full rewrite); "
+            f"max {u['segments']} segments/shard; peak RSS {u['rss'] / gib:.2f} "
+            f"GiB; {u['load']}",
+            flush=True)
     finally:
       shutil.rmtree(root, ignore_errors=True)
 

@@ -30,8 +30,7 @@ from iat_jax.data import synthetic
 
 _N = flags.DEFINE_integer("num_instances", 10_000_000, "Instances N.")
 _F = flags.DEFINE_integer("num_categorical", 100, "Categorical fields F.")
-_USERS = flags.DEFINE_integer(
-    "num_users", 0, "Users (0: num_instances // 100).")
+_USERS = flags.DEFINE_integer("num_users", 0, "Users (0: num_instances // 100).")
 _CHUNK = flags.DEFINE_integer("chunk_rows", 500_000, "Rows per write chunk.")
 _DIR = flags.DEFINE_string("tmp_dir", None,
                            "Parent of the temporary directory (default: TMPDIR).")
@@ -92,8 +91,11 @@ def main(argv) -> None:
     out = os.path.join(tmp, "ds")
     with _AnonPeak() as anon:
       t0 = time.perf_counter()
-      synthetic.build(out, num_instances=n, num_categorical=fc,
-                      num_users=users, chunk_rows=_CHUNK.value)
+      synthetic.build(out,
+                      num_instances=n,
+                      num_categorical=fc,
+                      num_users=users,
+                      chunk_rows=_CHUNK.value)
       build_s = time.perf_counter() - t0
     nbytes = _dir_bytes(out)
     shutil.rmtree(out)

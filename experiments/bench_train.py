@@ -90,7 +90,7 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     t = time.perf_counter()
     dot(a, a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 @contextlib.contextmanager
@@ -105,12 +105,20 @@ def every_row(enabled: bool):
     return
   temporal = input_pipeline.temporal
   input_pipeline.temporal = lambda *a, **k: temporal(*a, **{**k, "compact": False})
-  classes = {"TransformerEncoder": sequence.TransformerEncoder,
-             "LongerEncoder": sequence.LongerEncoder}
+  classes = {
+      "TransformerEncoder": sequence.TransformerEncoder,
+      "LongerEncoder": sequence.LongerEncoder
+  }
   # Same names and fields, query_only defaulting to False (make_encoder
   # constructs them by these module-level names).
-  full = {n: type(n, (c,), {"__annotations__": {"query_only": bool},
-                             "query_only": False}) for n, c in classes.items()}
+  full = {
+      n: type(n, (c,), {
+          "__annotations__": {
+              "query_only": bool
+          },
+          "query_only": False
+      }) for n, c in classes.items()
+  }
   for n, c in full.items():
     setattr(sequence, n, c)
   try:
@@ -133,8 +141,8 @@ class _StepBench:
     self.batch = steps.to_device(self.run.train_data[0], self.run.mesh)
     self.state = self.run.state
     self.faults = self.timed = 0
-    self.instances = (c.users_per_batch * c.data.user_chunk_len
-                      if stage == "source_user" else c.batch_size)
+    self.instances = (c.users_per_batch *
+                      c.data.user_chunk_len if stage == "source_user" else c.batch_size)
     self._step()
 
   def _step(self):
@@ -164,8 +172,9 @@ def section_steps(config, workdir, ds, peak: float) -> None:
         f"{_STEPS.value} steps x {_ROUNDS.value} interleaved rounds, best kept  "
         f"[{_load()}]")
   for stage in _STAGES.value:
-    benches = {v: _StepBench(config, workdir, stage, ds, table, v)
-               for v in _VARIANTS.value}
+    benches = {
+        v: _StepBench(config, workdir, stage, ds, table, v) for v in _VARIANTS.value
+    }
     best = {v: (float("inf"), 0.0, 0.0) for v in benches}
     user = {v: 0.0 for v in benches}
     sys_t = {v: 0.0 for v in benches}
@@ -196,17 +205,21 @@ def section_store(config, workdir, ds) -> None:
   st = train_lib.Run(source, workdir, "source_temporal", ds)
   path = f"{workdir}/store"
   t = time.perf_counter()
-  out = tables.export_writer(source, path, source="source_temporal", step=0,
+  out = tables.export_writer(source,
+                             path,
+                             source="source_temporal",
+                             step=0,
                              fingerprint=ds.schema.fingerprint)
   n = 0
   for split in ("train", "valid", "test"):
-    for batch in input_pipeline.iterate(train_lib.batches(
-        source, ds, "source_temporal", split, train=False)):
+    for batch in input_pipeline.iterate(
+        train_lib.batches(source, ds, "source_temporal", split, train=False)):
       mask = np.asarray(batch["mask"]).reshape(-1)
       res = st.eval_step(st.state.params, steps.to_device(batch, st.mesh))
       values = predict.local_rows(res["insemb"])
-      out.add(np.asarray(batch["ins_id"]).reshape(-1)[mask],
-              values.reshape(-1, values.shape[-1])[mask])
+      out.add(
+          np.asarray(batch["ins_id"]).reshape(-1)[mask],
+          values.reshape(-1, values.shape[-1])[mask])
       n += int(mask.sum())
   tables.finish_export(out)
   dt = time.perf_counter() - t
@@ -239,16 +252,23 @@ def section_store(config, workdir, ds) -> None:
 def section_malloc(argv_flags: list[str]) -> None:
   print(f"\n4. sys vs user time, `after` train steps, with and without "
         f"{allocator.SETTINGS}  [{_load()}]")
-  base = {k: v for k, v in os.environ.items()
-          if k not in (*allocator.SETTINGS, allocator.MARKER, allocator.OPT_OUT)}
-  for name, env in (("default glibc", {**base, allocator.OPT_OUT: "1"}),
-                    ("allocator.SETTINGS", allocator.environ(base))):
-    cmd = [sys.executable, os.path.abspath(__file__), *argv_flags,
-           "--variants=after", "--nostore", "--nomalloc_compare"]
+  base = {
+      k: v
+      for k, v in os.environ.items()
+      if k not in (*allocator.SETTINGS, allocator.MARKER, allocator.OPT_OUT)
+  }
+  for name, env in (("default glibc", {
+      **base, allocator.OPT_OUT: "1"
+  }), ("allocator.SETTINGS", allocator.environ(base))):
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__), *argv_flags, "--variants=after", "--nostore",
+        "--nomalloc_compare"
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [l for l in out.stdout.splitlines() if "sys/user" in l]
-    print(f"  {name}:" + ("".join(f"\n  {l}" for l in lines) if lines
-                          else f" failed: {out.stderr[-2000:]}"))
+    print(f"  {name}:" + ("".join(
+        f"\n  {l}" for l in lines) if lines else f" failed: {out.stderr[-2000:]}"))
 
 
 def main(argv) -> None:

@@ -87,13 +87,19 @@ def fit_lr(ids: np.ndarray, dense: np.ndarray, y: np.ndarray, num_ids: int,
     r = (p - y) / n
     grad = np.concatenate([
         np.bincount(flat, weights=np.repeat(r, ids.shape[1]), minlength=num_ids),
-        dense.T @ r, [r.sum()]])
+        dense.T @ r, [r.sum()]
+    ])
     grad[:-1] += l2 * w[:-1]
     return loss, grad
 
   w0 = np.zeros(num_ids + d + 1)
-  return scipy.optimize.minimize(loss_and_grad, w0, jac=True, method="L-BFGS-B",
-                                 options={"maxiter": 500}).x
+  return scipy.optimize.minimize(loss_and_grad,
+                                 w0,
+                                 jac=True,
+                                 method="L-BFGS-B",
+                                 options={
+                                     "maxiter": 500
+                                 }).x
 
 
 def predict(w: np.ndarray, ids: np.ndarray, dense: np.ndarray,
@@ -149,8 +155,12 @@ def main(argv):
     for t, task in enumerate(s.tasks):
       pop = metrics.auc(y[test, t], video_rate[test, t])
       onehot, l2_a = lr_floor(ids_onehot, no_dense, y[:, t], split, size_onehot)
-      dense = np.stack([logit(user_rate[:, t]), logit(video_rate[:, t]),
-                        np.log1p(n_user), np.log1p(n_video)], 1)
+      dense = np.stack([
+          logit(user_rate[:, t]),
+          logit(video_rate[:, t]),
+          np.log1p(n_user),
+          np.log1p(n_video)
+      ], 1)
       rates, l2_b = lr_floor(ids_ctx, dense, y[:, t], split, size_ctx)
       print(f"{task:<10} {pop:>10.4f} {onehot:>10.4f} {rates:>10.4f}"
             f"   ({l2_a:g} / {l2_b:g})")

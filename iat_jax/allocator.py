@@ -59,8 +59,8 @@ def ensure() -> None:
   already re-executed (the marker), or not glibc. Otherwise never returns.
   """
   env = os.environ
-  if (env.get(OPT_OUT, "") not in ("", "0") or env.get(MARKER)
-      or not missing(env) or not applies()):
+  if (env.get(OPT_OUT, "") not in ("", "0") or env.get(MARKER) or not missing(env) or
+      not applies()):
     return
   new = {**environ(env), MARKER: "1"}
   sys.stdout.flush()

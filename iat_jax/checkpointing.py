@@ -44,13 +44,17 @@ class Checkpoints:
     self.ckpt = ocp.CheckpointManager(
         os.path.join(directory, "ckpt"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data_iter": grain.checkpoint.CheckpointHandler()})
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data_iter": grain.checkpoint.CheckpointHandler()
+        })
     self.best = ocp.CheckpointManager(
         os.path.join(directory, "best"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
-            best_mode="max", keep_checkpoints_without_metrics=False),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1,
+                                             create=True,
+                                             best_fn=lambda m: m[best_metric],
+                                             best_mode="max",
+                                             keep_checkpoints_without_metrics=False),
         item_handlers={"params": ocp.StandardCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -59,16 +63,19 @@ class Checkpoints:
   def save(self, step: int, state: Any, data_iter: Any) -> None:
     if step in self.ckpt.all_steps():
       return
-    self.ckpt.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter)))
+    self.ckpt.save(step,
+                   args=ocp.args.Composite(
+                       state=ocp.args.StandardSave(state),
+                       data_iter=grain.checkpoint.CheckpointSave(data_iter)))
 
   def restore(self, abstract_state: Any, data_iter: Any, step: int | None = None):
     """Restores state (onto the shardings in `abstract_state`) and the iterator."""
     step = self.ckpt.latest_step() if step is None else step
-    out = self.ckpt.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    out = self.ckpt.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
     return out["state"]
 
   def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, int]:
@@ -87,9 +94,9 @@ class Checkpoints:
         state = self.restore(abstract_state, data_iter, step)
       except Exception as e:  # pylint: disable=broad-except
         failed.append(step)
-        logging.warning("checkpoint %s does not restore (%s); falling back to an "
-                        "earlier one", os.path.join(self.ckpt.directory, str(step)),
-                        _reason(e))
+        logging.warning(
+            "checkpoint %s does not restore (%s); falling back to an "
+            "earlier one", os.path.join(self.ckpt.directory, str(step)), _reason(e))
         continue
       for bad in failed:
         self._set_aside(bad)
@@ -121,8 +128,11 @@ class Checkpoints:
     """Offers params evaluated at `step`; kept only if best so far."""
     if step in self.best.all_steps():
       return
-    self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-                   metrics={k: float(v) for k, v in metrics.items()})
+    self.best.save(step,
+                   args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                   metrics={
+                       k: float(v) for k, v in metrics.items()
+                   })
 
   def restore_best(self, abstract_params: Any) -> tuple[int, Any]:
     """(step, params) of the best checkpoint; CheckpointError naming best/ and
@@ -134,8 +144,9 @@ class Checkpoints:
       raise CheckpointError(f"no best checkpoint in {where}; train this stage "
                             f"(--mode=train) before evaluating or exporting it")
     try:
-      out = self.best.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params)))
+      out = self.best.restore(
+          step,
+          args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
     except Exception as e:  # pylint: disable=broad-except
       stage = os.path.dirname(where)
       raise CheckpointError(

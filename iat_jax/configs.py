@@ -72,9 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Hand-crafted behaviour sequence length S.
   c.data.seq_len = 32
   # Synthetic generator knobs (see iat_jax.data.synthetic.build).
-  c.data.synthetic = ml_collections.ConfigDict(dict(
-      num_users=2000, num_instances=200_000, num_categorical=32, num_dense=8,
-      num_tasks=2))
+  c.data.synthetic = ml_collections.ConfigDict(
+      dict(num_users=2000,
+           num_instances=200_000,
+           num_categorical=32,
+           num_dense=8,
+           num_tasks=2))
   # User-order chunk length T (the SIT has no T-sized params).
   c.data.user_chunk_len = 16
 
@@ -178,46 +181,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("data.source", sources.SOURCES)
   sources.get(config.data.source).validate(config.data)
   for flag in ("batch_size", "users_per_batch", "data.user_chunk_len",
-               "eval_batch_size", "model.hist_len", "stream.k",
-               "num_epochs", "data.seq_len", "log_every", "checkpoint_every",
-               "keep_checkpoints"):
+               "eval_batch_size", "model.hist_len", "stream.k", "num_epochs",
+               "data.seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
     need(_get(config, flag) > 0, flag, f"must be > 0, got {_get(config, flag)}")
   for flag in ("data.seq_len", "model.hist_len", "data.user_chunk_len", "stream.k"):
-    need(_get(config, flag) <= MAX_LEN, flag,
-         f"{_get(config, flag)} is above the limit of {MAX_LEN} (it sizes position "
-         f"tables and [batch, length, width] activations)")
+    need(
+        _get(config, flag) <= MAX_LEN, flag,
+        f"{_get(config, flag)} is above the limit of {MAX_LEN} (it sizes position "
+        f"tables and [batch, length, width] activations)")
   need(config.eval_every >= 0, "eval_every", "must be >= 0")
   one_of("store.dtype", tables.DTYPES)
   one_of("store.source", stages.SOURCES)
   one_of("stream.mode", STREAM_MODES)
-  need(set(config.stream.splits) <= {"valid", "test"} and config.stream.splits,
-       "stream.splits", f"{config.stream.splits} must be a non-empty subset of "
-       "('valid', 'test'): streaming continues after batch training")
+  need(
+      set(config.stream.splits) <= {"valid", "test"} and config.stream.splits,
+      "stream.splits", f"{config.stream.splits} must be a non-empty subset of "
+      "('valid', 'test'): streaming continues after batch training")
   unknown = set(config.pipeline.models) - set(stages.PIPELINE)
-  need(bool(config.pipeline.models) and not unknown, "pipeline.models",
-       f"{sorted(unknown) or 'none'}: must be a non-empty subset of "
-       f"{tuple(stages.PIPELINE)}")
-  need(len(config.mesh_shape) == len(config.mesh_axes), "mesh_shape",
-       f"{tuple(config.mesh_shape)} must have one size per axis of "
-       f"--config.mesh_axes={tuple(config.mesh_axes)}")
-  need(list(config.mesh_shape).count(-1) <= 1, "mesh_shape",
-       f"at most one -1 in {tuple(config.mesh_shape)}")
+  need(
+      bool(config.pipeline.models) and not unknown, "pipeline.models",
+      f"{sorted(unknown) or 'none'}: must be a non-empty subset of "
+      f"{tuple(stages.PIPELINE)}")
+  need(
+      len(config.mesh_shape) == len(config.mesh_axes), "mesh_shape",
+      f"{tuple(config.mesh_shape)} must have one size per axis of "
+      f"--config.mesh_axes={tuple(config.mesh_axes)}")
+  need(
+      list(config.mesh_shape).count(-1) <= 1, "mesh_shape",
+      f"at most one -1 in {tuple(config.mesh_shape)}")
   axes = set(config.mesh_axes)
   for name, axis in config.logical_axis_rules:
     need(axis is None or axis in axes, "logical_axis_rules",
          f"{name!r} -> {axis!r}: not an axis of --config.mesh_axes={tuple(axes)}")
   if "model" in config.mesh_axes:
     model_axis = config.mesh_shape[list(config.mesh_axes).index("model")]
-    need(model_axis == -1 or config.model.vocab_pad_multiple % model_axis == 0,
-         "model.vocab_pad_multiple",
-         f"must be divisible by the model mesh axis ({model_axis}) so embedding "
-         f"rows split evenly")
+    need(
+        model_axis == -1 or config.model.vocab_pad_multiple % model_axis == 0,
+        "model.vocab_pad_multiple",
+        f"must be divisible by the model mesh axis ({model_axis}) so embedding "
+        f"rows split evenly")
   for key, allowed in models.CHOICES.items():
     one_of(f"model.{key}", allowed)
-  need(config.model.interaction != "rankmixer"
-       or config.model.mixer_token_dim % config.model.mixer_tokens == 0,
-       "model.mixer_token_dim", f"{config.model.mixer_token_dim} must be divisible "
-       f"by --config.model.mixer_tokens={config.model.mixer_tokens}")
+  need(
+      config.model.interaction != "rankmixer" or
+      config.model.mixer_token_dim % config.model.mixer_tokens == 0,
+      "model.mixer_token_dim", f"{config.model.mixer_token_dim} must be divisible "
+      f"by --config.model.mixer_tokens={config.model.mixer_tokens}")
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -19,7 +19,8 @@ def maybe_initialize(config: ml_collections.ConfigDict) -> None:
   kwargs = {}
   if config.coordinator_address:
     kwargs = dict(coordinator_address=config.coordinator_address,
-                  num_processes=config.num_processes, process_id=config.process_id)
+                  num_processes=config.num_processes,
+                  process_id=config.process_id)
   # CPU processes talk through gloo (no-op for GPU / TPU backends).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)

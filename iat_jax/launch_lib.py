@@ -18,7 +18,8 @@ def main_command(main_args: Sequence[str], python: str | None = None) -> list[st
   return [python or sys.executable, "-m", "iat_jax.main", *main_args]
 
 
-def distributed_flags(coordinator_address: str = "", num_processes: int = 0,
+def distributed_flags(coordinator_address: str = "",
+                      num_processes: int = 0,
                       process_id: int = -1) -> list[str]:
   """Flags that make iat_jax.main call jax.distributed.initialize.
 
@@ -29,18 +30,21 @@ def distributed_flags(coordinator_address: str = "", num_processes: int = 0,
   if coordinator_address:
     if not 0 <= process_id < num_processes:
       raise ValueError(f"process_id={process_id} is not in [0, {num_processes})")
-    out += [f"--config.coordinator_address={coordinator_address}",
-            f"--config.num_processes={num_processes}",
-            f"--config.process_id={process_id}"]
+    out += [
+        f"--config.coordinator_address={coordinator_address}",
+        f"--config.num_processes={num_processes}", f"--config.process_id={process_id}"
+    ]
   return out
 
 
 def local_commands(num_processes: int, port: int,
                    main_args: Sequence[str]) -> list[list[str]]:
   """One command per process of an N-process run on localhost."""
-  return [main_command([*main_args, *distributed_flags(f"localhost:{port}",
-                                                       num_processes, i)])
-          for i in range(num_processes)]
+  return [
+      main_command(
+          [*main_args, *distributed_flags(f"localhost:{port}", num_processes, i)])
+      for i in range(num_processes)
+  ]
 
 
 def shell_join(cmd: Sequence[str]) -> str:

@@ -46,7 +46,9 @@ from iat_jax.train import trainers
 MODES = ("train", "evaluate", "export", "pipeline")
 WRITING_MODES = ("train", "export", "pipeline")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+_CONFIG = config_flags.DEFINE_config_file("config",
+                                          None,
+                                          "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs.")
 _MODE = flags.DEFINE_enum("mode", "pipeline", MODES, "What to run.")
@@ -87,8 +89,8 @@ def user_error(e: BaseException) -> str | None:
     if "No space left on device" in str(e):  # ENOSPC as TensorStore reports it
       return (f"no space left on device writing under --workdir={_WORKDIR.value}; "
               f"{_OS_ADVICE[errno.ENOSPC]}")
-    if isinstance(e, ValueError) and (str(e).startswith("--config.") or type(e)
-                                      .__name__ in ("DataError", "StoreError")):
+    if isinstance(e, ValueError) and (str(e).startswith("--config.") or
+                                      type(e).__name__ in ("DataError", "StoreError")):
       return str(e)
     e, seen = e.__cause__ or e.__context__, seen + 1
   return None
@@ -121,8 +123,10 @@ def _run(config, workdir: str, mode: str) -> None:
   if mode == "train":
     trainers.train(config, workdir, config.stage, ds, table)
   elif mode == "evaluate":
-    print(json.dumps(train_lib.evaluate_stage(config, workdir, config.stage, ds, table),
-                     indent=1, sort_keys=True))
+    print(
+        json.dumps(train_lib.evaluate_stage(config, workdir, config.stage, ds, table),
+                   indent=1,
+                   sort_keys=True))
   else:
     print(export_lib.export(config, workdir, config.stage, ds))
 
@@ -138,8 +142,8 @@ def main(argv) -> None:
   try:
     configs.validate(config)
     distributed.maybe_initialize(config)
-    logging.info("process %d/%d, devices %s", jax.process_index(),
-                 jax.process_count(), jax.devices())
+    logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
+                 jax.devices())
     configs.validate_devices(config, jax.device_count())
     # One writer per workdir: process 0 holds the lock for the whole job (the
     # other processes of a jax.distributed job write only under its control).
@@ -165,8 +169,11 @@ def _parse_flags(argv):
     fail(f"{e}; see --helpfull")
   except (AttributeError, KeyError) as e:  # ml_collections: no such config field
     key = str(e).strip("\"' ")
-    bad = [a.split("=")[0] for a in argv[1:]
-           if a.startswith("--config.") and re.search(rf"\b{re.escape(key)}\b", a)]
+    bad = [
+        a.split("=")[0]
+        for a in argv[1:]
+        if a.startswith("--config.") and re.search(rf"\b{re.escape(key)}\b", a)
+    ]
     flag = bad[0] if bad else f"--config.{key}"
     fail(f"{flag}: {key!r} is not a field of the config; check the spelling "
          f"against the config file and iat_jax/configs.py:base_config")

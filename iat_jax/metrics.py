@@ -93,8 +93,7 @@ class Writer:
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     if not self.active:
       return
-    row = {"step": int(step), "split": split,
-           **{k: float(v) for k, v in values.items()}}
+    row = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(row, sort_keys=True) + "\n")
     if self._tb is None:
@@ -112,7 +111,10 @@ class Writer:
 class Progress:
   """Logs loss, steps/s, instances/s and ETA every `every` steps."""
 
-  def __init__(self, total_steps: int, instances_per_step: int, every: int,
+  def __init__(self,
+               total_steps: int,
+               instances_per_step: int,
+               every: int,
                first_step: int = 0):
     self.total = total_steps
     self.per_step = instances_per_step

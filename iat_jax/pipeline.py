@@ -53,8 +53,9 @@ def open_store(config: ml_collections.ConfigDict, workdir: str, ds):
 def steps(config: ml_collections.ConfigDict) -> list[stages.PipelineModel]:
   """The PIPELINE models of config.pipeline.models and of their sources."""
   wanted = set(config.pipeline.models)
-  wanted |= {m.source for name, m in stages.PIPELINE.items()
-             if name in wanted and m.source}
+  wanted |= {
+      m.source for name, m in stages.PIPELINE.items() if name in wanted and m.source
+  }
   return [m for name, m in stages.PIPELINE.items() if name in wanted]
 
 
@@ -110,8 +111,10 @@ def format_table(results: dict, tasks) -> str:
     test = r["test"]
     cells = [name]
     cells += [f"{test[f'{m}/{t}']:.5f}" for t in tasks for m in ("auc", "logloss")]
-    cells += [f"{100 * (test[f'auc/{t}'] / base[f'auc/{t}'] - 1):+.2f}%"
-              if base else "-" for t in tasks]
+    cells += [
+        f"{100 * (test[f'auc/{t}'] / base[f'auc/{t}'] - 1):+.2f}%" if base else "-"
+        for t in tasks
+    ]
     cells += [f"{r['params']:,}", f"{r['flops_per_batch']:.3g}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -51,9 +51,10 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1),
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} "
                      f"devices, have {len(devices)}")
-  return jax.make_mesh(
-      tuple(shape), tuple(axis_names),
-      axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices)
+  return jax.make_mesh(tuple(shape),
+                       tuple(axis_names),
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                       devices=devices)
 
 
 @contextlib.contextmanager

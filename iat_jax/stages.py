@@ -55,22 +55,45 @@ def _frozen(cls) -> ModelFn:
 
 
 def _stream_model(config, schema) -> nn.Module:
-  return source.StreamSource(ml_collections.FrozenConfigDict(config.model), schema,
+  return source.StreamSource(ml_collections.FrozenConfigDict(config.model),
+                             schema,
                              mode=config.stream.mode)
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("base", _frozen(ranker.Ranker), "temporal", exports=False, reads=None,
-          trainer="loop"),
-    Stage("source_temporal", _frozen(source.TemporalSource), "temporal",
-          exports=True, reads=None, trainer="loop"),
-    Stage("source_user", _frozen(source.UserSource), "user_chunks", exports=True,
-          reads=None, trainer="user_order"),
-    Stage("source_stream", _stream_model, "stream", exports=True,
-          reads="stream.init_from", trainer="stream"),
-    Stage("downstream", _frozen(iat.Downstream), "history", exports=False,
-          reads="store.source", trainer="loop"),
-)}
+STAGES: dict[str, Stage] = {
+    s.name: s for s in (
+        Stage("base",
+              _frozen(ranker.Ranker),
+              "temporal",
+              exports=False,
+              reads=None,
+              trainer="loop"),
+        Stage("source_temporal",
+              _frozen(source.TemporalSource),
+              "temporal",
+              exports=True,
+              reads=None,
+              trainer="loop"),
+        Stage("source_user",
+              _frozen(source.UserSource),
+              "user_chunks",
+              exports=True,
+              reads=None,
+              trainer="user_order"),
+        Stage("source_stream",
+              _stream_model,
+              "stream",
+              exports=True,
+              reads="stream.init_from",
+              trainer="stream"),
+        Stage("downstream",
+              _frozen(iat.Downstream),
+              "history",
+              exports=False,
+              reads="store.source",
+              trainer="loop"),
+    )
+}
 
 # Stages whose InsEmbs a downstream model can read.
 SOURCES = tuple(name for name, s in STAGES.items() if s.exports)
@@ -85,13 +108,15 @@ class PipelineModel:
 
 
 # In the order the pipeline runs them.
-PIPELINE: dict[str, PipelineModel] = {m.name: m for m in (
-    PipelineModel("base", "base"),
-    PipelineModel("source_temporal", "source_temporal"),
-    PipelineModel("temporal_iat", "downstream", "source_temporal"),
-    PipelineModel("source_user", "source_user"),
-    PipelineModel("user_iat", "downstream", "source_user"),
-)}
+PIPELINE: dict[str, PipelineModel] = {
+    m.name: m for m in (
+        PipelineModel("base", "base"),
+        PipelineModel("source_temporal", "source_temporal"),
+        PipelineModel("temporal_iat", "downstream", "source_temporal"),
+        PipelineModel("source_user", "source_user"),
+        PipelineModel("user_iat", "downstream", "source_user"),
+    )
+}
 
 
 def get(name: str) -> Stage:

@@ -40,8 +40,9 @@ from iat_jax.sweeps import runner
 def define_flags() -> None:
   """The command-line flags (defined only when run, so importing this module
   next to iat_jax.main in one process does not clash with its flags)."""
-  flags.DEFINE_string("config", None, "Config file[:arg], as for iat_jax.main, "
-                      "that defines get_sweep(name).")
+  flags.DEFINE_string(
+      "config", None, "Config file[:arg], as for iat_jax.main, "
+      "that defines get_sweep(name).")
   flags.DEFINE_string("sweep", None, "Name passed to the file's get_sweep.")
   flags.DEFINE_string("workdir", None, "Sweep directory.")
   flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1 of every point.", lower_bound=1)
@@ -49,12 +50,14 @@ def define_flags() -> None:
                     "'commands': print one command per run, run nothing.")
   flags.DEFINE_enum("mode", "pipeline", ["pipeline"],
                     "Mode of every run (a sweep collects pipeline results).")
-  flags.DEFINE_string("data_cache", "", "Dataset cache root ('' = DIR/data); seed "
-                      "k uses <root>/seed<k>: synthetic data depend on the seed.")
-  flags.DEFINE_string("sources_from", "", "A point directory of another sweep or "
-                      "table run on the same data: seed k's runs read their source "
-                      "models and stores from <dir>/seed<k> instead of training "
-                      "them (for sweeps of downstream-only knobs).")
+  flags.DEFINE_string(
+      "data_cache", "", "Dataset cache root ('' = DIR/data); seed "
+      "k uses <root>/seed<k>: synthetic data depend on the seed.")
+  flags.DEFINE_string(
+      "sources_from", "", "A point directory of another sweep or "
+      "table run on the same data: seed k's runs read their source "
+      "models and stores from <dir>/seed<k> instead of training "
+      "them (for sweeps of downstream-only knobs).")
   flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
@@ -64,8 +67,7 @@ def main(argv: Sequence[str]) -> None:
   data_cache = f.data_cache or os.path.join(f.workdir, "data")
   jobs = [(report.run_dir(f.workdir, p, s),
            runner.command(f.config, f.workdir, p, s, data_cache, argv[1:], f.mode,
-                          f.sources_from))
-          for p in points for s in range(f.seeds)]
+                          f.sources_from)) for p in points for s in range(f.seeds)]
   runner.execute(jobs, f.workdir, points, f.seeds, emit=f.emit)
 
 

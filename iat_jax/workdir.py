@@ -105,9 +105,10 @@ class WriterLock:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
       if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        logging.warning("workdir %s is not writable (%s): running without its "
-                        "writer lock; anything this run writes there will fail",
-                        self.workdir, e.strerror)
+        logging.warning(
+            "workdir %s is not writable (%s): running without its "
+            "writer lock; anything this run writes there will fail", self.workdir,
+            e.strerror)
         return self
       raise
     try:
@@ -122,9 +123,10 @@ class WriterLock:
             f"--workdir") from None
       os.close(fd)
       if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-        logging.warning("workdir %s: its filesystem does not support flock (%s): "
-                        "running WITHOUT the one-writer guarantee; do not start "
-                        "a second run on it", self.workdir, e.strerror)
+        logging.warning(
+            "workdir %s: its filesystem does not support flock (%s): "
+            "running WITHOUT the one-writer guarantee; do not start "
+            "a second run on it", self.workdir, e.strerror)
         return self
       raise
     info = (f"pid {os.getpid()} on host {socket.gethostname()}, started "

@@ -34,8 +34,10 @@ flags.mark_flags_as_required(["coordinator_address", "num_processes", "process_i
 def command(coordinator_address: str, num_processes: int, process_id: int,
             main_args: list[str]) -> list[str]:
   """This host's `python -m iat_jax.main` command line."""
-  return launch_lib.main_command([*main_args, *launch_lib.distributed_flags(
-      coordinator_address, num_processes, process_id)])
+  return launch_lib.main_command([
+      *main_args,
+      *launch_lib.distributed_flags(coordinator_address, num_processes, process_id)
+  ])
 
 
 def main(argv: list[str]) -> None:

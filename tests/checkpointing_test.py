@@ -23,8 +23,12 @@ def _state(mesh, scale: float):
   """A small sharded pytree standing in for a train state."""
   w = jax.device_put(scale * jnp.arange(24.0).reshape(8, 3),
                      NamedSharding(mesh, P("data")))
-  return {"params": {"w": w}, "step": jax.device_put(jnp.int32(scale),
-                                                      sharding.replicated(mesh))}
+  return {
+      "params": {
+          "w": w
+      },
+      "step": jax.device_put(jnp.int32(scale), sharding.replicated(mesh))
+  }
 
 
 class CheckpointsTest(absltest.TestCase):
@@ -86,8 +90,11 @@ class CheckpointsTest(absltest.TestCase):
     with self.assertRaisesRegex(checkpointing.CheckpointError, "no best checkpoint"):
       ckpts.restore_best(target)
     for step, auc in ((1, 0.6), (2, 0.7), (3, 0.65)):
-      ckpts.save_best(step, _state(self.mesh, float(step))["params"],
-                      {METRIC: auc, "logloss/click": 0.5})
+      ckpts.save_best(step,
+                      _state(self.mesh, float(step))["params"], {
+                          METRIC: auc,
+                          "logloss/click": 0.5
+                      })
     ckpts.save_best(2, _state(self.mesh, 99.0)["params"], {METRIC: 0.99})  # no-op
     ckpts.wait()
     step, params = ckpts.restore_best(target)

@@ -30,19 +30,28 @@ SESSION = os.environ.get("IAT_TEST_SESSION") or tempfile.mkdtemp(prefix="iat-tes
 os.makedirs(SESSION, exist_ok=True)
 DATA = tempfile.mkdtemp(prefix="iat-tiny-data-")
 JAX_CACHE = os.path.join(SESSION, "jax-cache")
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
-       "JAX_COMPILATION_CACHE_DIR": JAX_CACHE,
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-       "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+ENV = {
+    **os.environ, "XLA_FLAGS": "",
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": JAX_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"
+}
 
 
 def main_args(workdir, mode, *overrides, config=TINY):
-  return [f"--config={config}", f"--workdir={workdir}", f"--mode={mode}",
-          f"--config.data.cache_dir={DATA}", *overrides]
+  return [
+      f"--config={config}", f"--workdir={workdir}", f"--mode={mode}",
+      f"--config.data.cache_dir={DATA}", *overrides
+  ]
 
 
 def run(cmd, check=True):
-  proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True,
+  proc = subprocess.run(cmd,
+                        cwd=REPO,
+                        env=ENV,
+                        capture_output=True,
+                        text=True,
                         timeout=900)
   if check and proc.returncode:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
@@ -50,14 +59,19 @@ def run(cmd, check=True):
 
 
 def run_main(workdir, mode, *overrides, check=True):
-  return run([sys.executable, "-m", "iat_jax.main",
-              *main_args(workdir, mode, *overrides)], check)
+  return run(
+      [sys.executable, "-m", "iat_jax.main", *main_args(workdir, mode, *overrides)],
+      check)
 
 
 def start_main(workdir, *overrides):
   return subprocess.Popen(
       [sys.executable, "-m", "iat_jax.main", *main_args(workdir, "train", *overrides)],
-      cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      cwd=REPO,
+      env=ENV,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True)
 
 
 def metric_lines(workdir, stage="base"):

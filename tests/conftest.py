@@ -53,10 +53,14 @@ def pytest_configure(config):
   if not _wants_pipeline(config.args):
     return
   log = open(os.path.join(os.environ["IAT_TEST_SESSION"], "prebuild.log"), "w")
-  _prebuild = subprocess.Popen(
-      [sys.executable, "-c",
-       "from tests import cli_fixtures; cli_fixtures.shared_pipeline()"],
-      cwd=_REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  _prebuild = subprocess.Popen([
+      sys.executable, "-c",
+      "from tests import cli_fixtures; cli_fixtures.shared_pipeline()"
+  ],
+                               cwd=_REPO,
+                               stdout=log,
+                               stderr=subprocess.STDOUT,
+                               start_new_session=True)
 
 
 def pytest_unconfigure(config):

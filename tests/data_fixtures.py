@@ -14,17 +14,25 @@ from iat_jax.data import schema as schema_lib
 def tiny_schema(seq_len: int = 6) -> schema_lib.Schema:
   """The schema of every test's tiny data: 3 categorical fields (item,
   category, ctx), 1 multi-hot, 2 dense, 2 tasks; the model tests use it too."""
-  return schema_lib.Schema(
-      dataset="tiny", categorical=(schema_lib.Categorical("item", 50),
-                                   schema_lib.Categorical("category", 8),
-                                   schema_lib.Categorical("ctx", 5)),
-      multi_hot=(schema_lib.MultiHot("tags", 9, 3),), dense=("x", "y"),
-      tasks=("click", "buy"), seq_len=seq_len, seq_item_field="item",
-      seq_category_field="category", num_actions=3, fingerprint="tiny")
+  return schema_lib.Schema(dataset="tiny",
+                           categorical=(schema_lib.Categorical("item", 50),
+                                        schema_lib.Categorical("category", 8),
+                                        schema_lib.Categorical("ctx", 5)),
+                           multi_hot=(schema_lib.MultiHot("tags", 9, 3),),
+                           dense=("x", "y"),
+                           tasks=("click", "buy"),
+                           seq_len=seq_len,
+                           seq_item_field="item",
+                           seq_category_field="category",
+                           num_actions=3,
+                           fingerprint="tiny")
 
 
-def make_dataset(path: str, num_users: int = 23, seed: int = 0,
-                 max_rows_per_user: int = 40, chunks: int = 3) -> dataset.Dataset:
+def make_dataset(path: str,
+                 num_users: int = 23,
+                 seed: int = 0,
+                 max_rows_per_user: int = 40,
+                 chunks: int = 3) -> dataset.Dataset:
   """Writes a random dataset to `path`: users with 1..max rows, ~1/3 ts ties."""
   rng = np.random.default_rng(seed)
   per_user = rng.integers(1, max_rows_per_user + 1, num_users)
@@ -35,14 +43,17 @@ def make_dataset(path: str, num_users: int = 23, seed: int = 0,
   ins = hashing.ins_ids(uid, ts, item, np.arange(n))
   o = np.lexsort((ins, ts, uid))
   uid, ts, item, ins = uid[o], ts[o], item[o], ins[o]
-  cols = dict(
-      uid=uid, ts=ts, ins_id=ins,
-      cat=np.stack([item, item % 7 + 1, rng.integers(0, 5, n)], 1).astype(np.int32),
-      dense=rng.normal(size=(n, 2)).astype(np.float32),
-      labels=(rng.random((n, 2)) < 0.3).astype(np.float32),
-      mh_tags=rng.integers(0, 9, (n, 3)).astype(np.int32),
-      item=item.astype(np.int32), category=(item % 7 + 1).astype(np.int32),
-      action=rng.integers(1, 3, n).astype(np.int32))
+  cols = dict(uid=uid,
+              ts=ts,
+              ins_id=ins,
+              cat=np.stack(
+                  [item, item % 7 + 1, rng.integers(0, 5, n)], 1).astype(np.int32),
+              dense=rng.normal(size=(n, 2)).astype(np.float32),
+              labels=(rng.random((n, 2)) < 0.3).astype(np.float32),
+              mh_tags=rng.integers(0, 9, (n, 3)).astype(np.int32),
+              item=item.astype(np.int32),
+              category=(item % 7 + 1).astype(np.int32),
+              action=rng.integers(1, 3, n).astype(np.int32))
   schema = tiny_schema()
   bounds = np.searchsorted(uid, uid[np.linspace(0, n - 1, chunks + 1).astype(int)])
   bounds[-1] = n

@@ -19,8 +19,10 @@ class TwoProcessTest(absltest.TestCase):
     args = ("--config.eval_every=0", "--config.checkpoint_every=12")
     multi = tempfile.mkdtemp()
     launcher = os.path.join(cli.REPO, "launch", "local.py")
-    cli.run([sys.executable, launcher, "--num_processes=2", "--",
-             *cli.main_args(multi, "train", *args)])
+    cli.run([
+        sys.executable, launcher, "--num_processes=2", "--",
+        *cli.main_args(multi, "train", *args)
+    ])
     one = [r for r in cli.metric_lines(single) if r["split"] == "train"]
     two = [r for r in cli.metric_lines(multi) if r["split"] == "train"]
     self.assertEqual([r["step"] for r in one], [r["step"] for r in two])

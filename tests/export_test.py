@@ -55,7 +55,8 @@ class ExportTest(absltest.TestCase):
     self.assertEqual(sorted(os.listdir(self.path)), versions)
 
   def test_evaluate_matches_training_results(self):
-    got = train_lib.evaluate_stage(self.config, self.workdir, "source_temporal", self.ds)
+    got = train_lib.evaluate_stage(self.config, self.workdir, "source_temporal",
+                                   self.ds)
     self.assertEqual(got["best_step"], self.results["best_step"])
     for split in ("valid", "test"):
       for name, value in self.results[split].items():

@@ -53,15 +53,16 @@ class PipelineTest(parameterized.TestCase):
       self.assertFalse((got == rows).all())
       for w in range(0, len(rows), 32):
         self.assertCountEqual(got[w:w + 32], rows[w:w + 32])
-    self.assertFalse((ip.window_shuffle(rows, 32, 5, 0)
-                      == ip.window_shuffle(rows, 32, 5, 1)).all())
+    self.assertFalse((ip.window_shuffle(rows, 32, 5,
+                                        0) == ip.window_shuffle(rows, 32, 5, 1)).all())
 
   def test_epochs_cover_split_once_each(self):
     ds = self.ds
     batches = _batches(ip.temporal(ds, "train", 16, shuffle_window=64, num_epochs=2))
     per_epoch = len(batches) // 2
     for e in range(2):
-      rows = np.concatenate([b["row"] for b in batches[e * per_epoch:(e + 1) * per_epoch]])
+      rows = np.concatenate(
+          [b["row"] for b in batches[e * per_epoch:(e + 1) * per_epoch]])
       rows = rows[rows >= 0]
       np.testing.assert_array_equal(np.sort(rows), np.sort(ds.split_rows("train")))
 
@@ -87,15 +88,18 @@ class PipelineTest(parameterized.TestCase):
     ds = self.ds
     users = {}
     for order in ("users", "reversed"):
-      rows = np.concatenate([b["row"][b["mask"]] for b in _batches(
-          ip.user_ordered(ds, "train", 4, 8, order=order))])
+      rows = np.concatenate([
+          b["row"][b["mask"]]
+          for b in _batches(ip.user_ordered(ds, "train", 4, 8, order=order))
+      ])
       np.testing.assert_array_equal(np.sort(rows), np.sort(ds.split_rows("train")))
       u = ds["user_index"][rows]
       users[order] = u
       # Within a user, time order; across users, monotone in the given order.
       step = np.diff(u)
       self.assertTrue((step >= 0).all() if order == "users" else (step <= 0).all())
-    np.testing.assert_array_equal(np.unique(users["users"]), np.unique(users["reversed"]))
+    np.testing.assert_array_equal(np.unique(users["users"]),
+                                  np.unique(users["reversed"]))
     with self.assertRaisesRegex(ValueError, "chunk order"):
       ip.user_ordered(ds, "train", 4, 8, order="random")
 
@@ -162,8 +166,10 @@ class PipelineTest(parameterized.TestCase):
   @parameterized.parameters(("temporal", 2), ("user", 2), ("history", 4))
   def test_process_shards_are_disjoint_and_complete(self, kind, count):
     whole = _batches(_pipeline(self.ds, kind))
-    parts = [_batches(_pipeline(self.ds, kind, process_index=p, process_count=count))
-             for p in range(count)]
+    parts = [
+        _batches(_pipeline(self.ds, kind, process_index=p, process_count=count))
+        for p in range(count)
+    ]
     for i, b in enumerate(whole):
       for k in ("row", "mask", "cat"):
         np.testing.assert_array_equal(

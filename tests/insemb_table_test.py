@@ -54,14 +54,18 @@ def _data(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   return keys, values
 
 
-def _write(path, keys, values, dtype="float32", step=0, source="source_temporal",
-           **kw):
-  return insemb_table.write(path, keys, values, source=source, source_step=step,
-                            source_config={"d": values.shape[1]}, dtype=dtype, **kw)
+def _write(path, keys, values, dtype="float32", step=0, source="source_temporal", **kw):
+  return insemb_table.write(path,
+                            keys,
+                            values,
+                            source=source,
+                            source_step=step,
+                            source_config={"d": values.shape[1]},
+                            dtype=dtype,
+                            **kw)
 
 
-def child_export(path: str, process_index: int, process_count: int,
-                 phase: str) -> None:
+def child_export(path: str, process_index: int, process_count: int, phase: str) -> None:
   """Run in subprocesses: one process's part of the test export.
 
   phase "all" (1 process): add, close, merge, publish; "write" / "merge": one
@@ -70,27 +74,38 @@ def child_export(path: str, process_index: int, process_count: int,
   keys, values = _data(_EXPORT_ROWS, _EXPORT_DIM, seed=7)
   mine = slice(process_index, None, process_count)
   if phase in ("all", "write"):
-    w = insemb_table.ExportWriter(path, "e1", process_index=process_index,
-                                  process_count=process_count, d=_EXPORT_DIM,
-                                  dtype="int8", chunk_rows=_EXPORT_CHUNK)
+    w = insemb_table.ExportWriter(path,
+                                  "e1",
+                                  process_index=process_index,
+                                  process_count=process_count,
+                                  d=_EXPORT_DIM,
+                                  dtype="int8",
+                                  chunk_rows=_EXPORT_CHUNK)
     for start in range(0, _EXPORT_ROWS // process_count, 4096):  # batches
       w.add(keys[mine][start:start + 4096], values[mine][start:start + 4096])
     w.close()
   if phase in ("all", "merge"):
-    insemb_table.merge_export(path, "e1", process_index=process_index,
+    insemb_table.merge_export(path,
+                              "e1",
+                              process_index=process_index,
                               process_count=process_count)
   if phase == "all":
-    insemb_table.publish(path, "e1", source="source_user", source_step=3,
+    insemb_table.publish(path,
+                         "e1",
+                         source="source_user",
+                         source_step=3,
                          source_config=None)
 
 
 def _child(path: str, process_index: int, process_count: int, phase: str):
-  return subprocess.Popen(
-      [sys.executable, "-c",
-       "import sys; sys.path[:0] = [sys.argv[1]]; "
-       "from tests import insemb_table_test as t; "
-       "t.child_export(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])",
-       _ROOT, path, str(process_index), str(process_count), phase])
+  return subprocess.Popen([
+      sys.executable, "-c", "import sys; sys.path[:0] = [sys.argv[1]]; "
+      "from tests import insemb_table_test as t; "
+      "t.child_export(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])",
+      _ROOT, path,
+      str(process_index),
+      str(process_count), phase
+  ])
 
 
 class InsEmbTableTest(parameterized.TestCase):
@@ -125,19 +140,19 @@ class InsEmbTableTest(parameterized.TestCase):
       bound = np.abs(want).max(axis=1, keepdims=True) / 254
       self.assertTrue((err <= bound * _INT8_SLACK).all(), (err / bound).max())
       self.assertGreater((err / bound).max(), 0.9)  # the bound is tight
-      self.assertTrue((np.abs(got) <= np.abs(want).max(1, keepdims=True)
-                       * _INT8_SLACK).all())
+      self.assertTrue((np.abs(got)
+                       <= np.abs(want).max(1, keepdims=True) * _INT8_SLACK).all())
     # Same hits as the in-memory table, for present and absent keys.
-    query = np.concatenate([keys[idx[:1000]], rng.integers(0, 2**64 - 1, 1000,
-                                                           dtype=np.uint64)])
+    query = np.concatenate(
+        [keys[idx[:1000]],
+         rng.integers(0, 2**64 - 1, 1000, dtype=np.uint64)])
     _, ref_found = memory_table.MemoryTable(keys, values).lookup(query)
     np.testing.assert_array_equal(table.lookup(query)[1], ref_found)
 
   def test_cache_budget_eviction_and_threads(self):
     keys, values = _data(20_000, 16, seed=11)  # 79 blocks of 256 rows
     _write(self.dir, keys, values, dtype="bfloat16", shard_bits=2)
-    want = values.astype(insemb_table.DTYPES["bfloat16"].numpy_dtype).astype(
-        np.float32)
+    want = values.astype(insemb_table.DTYPES["bfloat16"].numpy_dtype).astype(np.float32)
     budget = 64 << 10  # ~7 blocks of 8.2 KB, plus the 4 indexes
     table = insemb_table.Table(self.dir, cache_bytes=budget)
     rng = np.random.default_rng(12)
@@ -145,11 +160,13 @@ class InsEmbTableTest(parameterized.TestCase):
       idx = rng.integers(0, len(keys), 3_000)
       np.testing.assert_array_equal(table.lookup(keys[idx])[0], want[idx])
       self.assertLessEqual(table.memory_bytes(), budget)
+
     def worker(seed):
       r = np.random.default_rng(seed)
       for _ in range(10):
         idx = r.integers(0, len(keys), 500)
         np.testing.assert_array_equal(table.lookup(keys[idx])[0], want[idx])
+
     with futures.ThreadPoolExecutor(4) as pool:
       list(pool.map(worker, range(4)))
     self.assertLessEqual(table.memory_bytes(), budget)
@@ -223,8 +240,13 @@ class InsEmbTableTest(parameterized.TestCase):
     keys, values = _data(500, 12, seed=4)
     cfg = ml_collections.ConfigDict({"name": "din", "insemb_dim": 12})
     before = datetime.datetime.now(datetime.timezone.utc)
-    insemb_table.write(self.dir, keys, values, source="source_user",
-                       source_step=1234, source_config=cfg, dtype="int8",
+    insemb_table.write(self.dir,
+                       keys,
+                       values,
+                       source="source_user",
+                       source_step=1234,
+                       source_config=cfg,
+                       dtype="int8",
                        dataset="build-1")
     table = insemb_table.Table(self.dir)
     m = table.metadata
@@ -280,8 +302,11 @@ class InsEmbTableTest(parameterized.TestCase):
     w.add(keys, values)
     w.close()
     with self.assertRaisesRegex(insemb_table.StoreError, "not merged yet"):
-      insemb_table.publish(os.path.join(self.dir, "db"), "x", source="s",
-                           source_step=0, source_config=None)
+      insemb_table.publish(os.path.join(self.dir, "db"),
+                           "x",
+                           source="s",
+                           source_step=0,
+                           source_config=None)
     # Missing and corrupt pieces of a table.
     path = os.path.join(self.dir, "t")
     tkeys, tvalues = _data(5_000, 8, seed=5)
@@ -372,8 +397,8 @@ class InsEmbTableTest(parameterized.TestCase):
     self.assertLessEqual(max(len(s) for s in table.metadata["shards"]), 4)
     fresh = os.path.join(self.dir, "fresh")
     _write(fresh, keys, np.stack([want[k] for k in keys.tolist()]), shard_bits=2)
-    self.assertEqual(insemb_table.Table(fresh).metadata["checksum"],
-                     table.metadata["checksum"])
+    self.assertEqual(
+        insemb_table.Table(fresh).metadata["checksum"], table.metadata["checksum"])
     # A writer whose version is stale fails instead of losing an update.
     stale = insemb_table.Writer(self.dir)
     writer.upsert(keys[:3], values[:3])
@@ -392,8 +417,8 @@ class InsEmbTableTest(parameterized.TestCase):
       self.assertTrue(found.all())
       np.testing.assert_array_equal(got, old_values[idx])
       newest = insemb_table.Table(path).metadata
-      self.assertIn((newest["source_step"], newest["num_rows"]),
-                    [(1, len(old_keys)), (3, _EXPORT_ROWS)])
+      self.assertIn((newest["source_step"], newest["num_rows"]), [(1, len(old_keys)),
+                                                                  (3, _EXPORT_ROWS)])
 
     kills, staging = 0, os.path.join(path, "staging", "e1", "p0")
     for attempt in range(3):  # kill at random points, then let it finish
@@ -431,8 +456,7 @@ class InsEmbTableTest(parameterized.TestCase):
     self.assertEqual(done.metadata["checksum"], fresh.metadata["checksum"])
     self.assertEqual(done.metadata["num_rows"], _EXPORT_ROWS)
     idx = rng.integers(0, _EXPORT_ROWS, 50_000)
-    np.testing.assert_array_equal(done.lookup(keys[idx])[0],
-                                  fresh.lookup(keys[idx])[0])
+    np.testing.assert_array_equal(done.lookup(keys[idx])[0], fresh.lookup(keys[idx])[0])
     old = insemb_table.Table(path, old_gen)  # the previous version is kept
     np.testing.assert_array_equal(old.lookup(old_keys)[0], old_values)
 
@@ -441,11 +465,19 @@ class InsEmbTableTest(parameterized.TestCase):
     for phase in ("write", "merge"):  # each phase ends at a barrier
       children = [_child(two, p, 2, phase) for p in range(2)]
       self.assertEqual([c.wait(timeout=120) for c in children], [0, 0])
-    gen = insemb_table.publish(two, "e1", process_count=2, source="source_user",
-                               source_step=3, source_config=None)
-    self.assertEqual(insemb_table.publish(two, "e1", process_count=2,
-                                          source="source_user", source_step=3,
-                                          source_config=None), gen)  # idempotent
+    gen = insemb_table.publish(two,
+                               "e1",
+                               process_count=2,
+                               source="source_user",
+                               source_step=3,
+                               source_config=None)
+    self.assertEqual(
+        insemb_table.publish(two,
+                             "e1",
+                             process_count=2,
+                             source="source_user",
+                             source_step=3,
+                             source_config=None), gen)  # idempotent
     one = os.path.join(self.dir, "one")
     child_export(one, 0, 1, "all")
     a, b = insemb_table.Table(two), insemb_table.Table(one)
@@ -453,8 +485,9 @@ class InsEmbTableTest(parameterized.TestCase):
     self.assertEqual(len(a), _EXPORT_ROWS)
     a.verify()
     keys, _ = _data(_EXPORT_ROWS, _EXPORT_DIM, seed=7)
-    np.testing.assert_array_equal(a.lookup(keys[:20_000])[0],
-                                  b.lookup(keys[:20_000])[0])
+    np.testing.assert_array_equal(
+        a.lookup(keys[:20_000])[0],
+        b.lookup(keys[:20_000])[0])
 
 
 class EstimateTest(absltest.TestCase):
@@ -479,12 +512,20 @@ class EstimateTest(absltest.TestCase):
   def test_cli_on_a_real_table(self):
     path = os.path.join(self.create_tempdir().full_path, "t")
     n = 3 * 4096
-    insemb_table.write(path, *_data(n, 32, seed=10), source="source_temporal",
-                       source_step=5, source_config=None, dtype="bfloat16")
-    out = subprocess.run(
-        [sys.executable, "-m", "iat_jax.store.estimate", "--instances_per_day=3e8",
-         "--retention_days=730", "--dim=64", "--dtype=float32", f"--store={path}"],
-        cwd=_ROOT, check=True, capture_output=True, text=True).stdout
+    insemb_table.write(path,
+                       *_data(n, 32, seed=10),
+                       source="source_temporal",
+                       source_step=5,
+                       source_config=None,
+                       dtype="bfloat16")
+    out = subprocess.run([
+        sys.executable, "-m", "iat_jax.store.estimate", "--instances_per_day=3e8",
+        "--retention_days=730", "--dim=64", "--dtype=float32", f"--store={path}"
+    ],
+                         cwd=_ROOT,
+                         check=True,
+                         capture_output=True,
+                         text=True).stdout
     self.assertIn("56.1 TB", out)
     self.assertIn("28.0 TB", out)
     self.assertIn("14.0 TB", out)

@@ -24,39 +24,69 @@ from iat_jax.data import sources
 
 _REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 KUAIRAND_DIR = os.environ.get(
-    "IAT_KUAIRAND", os.path.join(_REPO, "..", "shared", "data",
-                                 "kuairand-pure-0425-0508"))
+    "IAT_KUAIRAND",
+    os.path.join(_REPO, "..", "shared", "data", "kuairand-pure-0425-0508"))
 _LOG = "log_standard_4_25_to_5_08_pure.csv"
 _T0 = 1650812741436  # 2022-04-25 (a Monday) 23:05:41 +08:00, in ms
 
 
 def _user_row(uid, degree="full_active", fans="[100,1k)", feat4="1.0"):
-  profile = [degree, "0", "-124", "1", "514", "500+", "150", fans, "34",
-             "[30,60)", "799", "730+"]
-  onehot = ["1", "1", "29", "949", feat4, "0", "0", "14", "135", "6", "3", "0",
-            "0.0", "1.0", "0.0", "0.0", "0.0", "0.0"]
-  return ",".join([str(uid)] + [f'"{v}"' if "," in v else v
-                                for v in profile + onehot])
+  profile = [
+      degree, "0", "-124", "1", "514", "500+", "150", fans, "34", "[30,60)", "799",
+      "730+"
+  ]
+  onehot = [
+      "1", "1", "29", "949", feat4, "0", "0", "14", "135", "6", "3", "0", "0.0", "1.0",
+      "0.0", "0.0", "0.0", "0.0"
+  ]
+  return ",".join([str(uid)] + [f'"{v}"' if "," in v else v for v in profile + onehot])
 
 
-_USERS = "\n".join([",".join(kuairand.USER_COLUMNS), _user_row(0),
-                    _user_row(1, "high_active", "[1,10)", ""),
-                    _user_row(5, "low_active", "0", "3.0")]) + "\n"
+_USERS = "\n".join([
+    ",".join(kuairand.USER_COLUMNS),
+    _user_row(0),
+    _user_row(1, "high_active", "[1,10)", ""),
+    _user_row(5, "low_active", "0", "3.0")
+]) + "\n"
 _VIDEOS = ",".join(kuairand.VIDEO_COLUMNS) + "\n" + (
     "0,7349781,NORMAL,2022-04-10,LongImport,0.0,87433.0,720.0,1280.0,91,9.0,39\n"
     '1,2103883,AD,2022-04-09,Kmovie,0.0,,720.0,1280.0,63,,"2,39"\n'
     "2,7349781,NORMAL,,Web,0.0,9233.0,720.0,1280.0,66,4.0,\n")
 
 
-def _log_row(user, video, dt_ms=0, *, click=0, like=0, follow=0, long_view=0,
-             play=0, duration=8000, tab=1, date=20220425, hourmin=2300):
+def _log_row(user,
+             video,
+             dt_ms=0,
+             *,
+             click=0,
+             like=0,
+             follow=0,
+             long_view=0,
+             play=0,
+             duration=8000,
+             tab=1,
+             date=20220425,
+             hourmin=2300):
   """One log line; time = _T0 + dt_ms; outcome columns as given."""
-  values = dict(user_id=user, video_id=video, date=date, hourmin=hourmin,
-                time_ms=_T0 + dt_ms, is_click=click, is_like=like,
-                is_follow=follow, is_comment=0, is_forward=0, is_hate=0,
-                long_view=long_view, play_time_ms=play, duration_ms=duration,
-                profile_stay_time=0, comment_stay_time=0, is_profile_enter=0,
-                is_rand=0, tab=tab)
+  values = dict(user_id=user,
+                video_id=video,
+                date=date,
+                hourmin=hourmin,
+                time_ms=_T0 + dt_ms,
+                is_click=click,
+                is_like=like,
+                is_follow=follow,
+                is_comment=0,
+                is_forward=0,
+                is_hate=0,
+                long_view=long_view,
+                play_time_ms=play,
+                duration_ms=duration,
+                profile_stay_time=0,
+                comment_stay_time=0,
+                is_profile_enter=0,
+                is_rand=0,
+                tab=tab)
   return ",".join(str(values[c]) for c in kuairand.LOG_COLUMNS)
 
 
@@ -91,8 +121,7 @@ def _write(directory, files):
 
 
 def _files(rows=_ROWS, **override):
-  files = {kuairand.USERS_FILE: _USERS, kuairand.VIDEOS_FILE: _VIDEOS,
-           _LOG: _log(rows)}
+  files = {kuairand.USERS_FILE: _USERS, kuairand.VIDEOS_FILE: _VIDEOS, _LOG: _log(rows)}
   files.update(override)
   return files
 
@@ -144,11 +173,10 @@ class SmallFilesTest(absltest.TestCase):
     self.assertEqual(s.dataset, "kuairand-pure")
     self.assertEqual(s.tasks, ("is_click", "long_view", "is_like"))
     self.assertEqual((s.num_rows, s.num_users), (9, 3))
-    self.assertEqual(set(s.sources), {_LOG, kuairand.USERS_FILE,
-                                      kuairand.VIDEOS_FILE})
+    self.assertEqual(set(s.sources), {_LOG, kuairand.USERS_FILE, kuairand.VIDEOS_FILE})
     np.testing.assert_array_equal(ds["uid"], [0, 0, 0, 0, 1, 1, 1, 5, 5])
-    np.testing.assert_array_equal(ds["ts"][:4], (_T0 + np.array(
-        [0, 400, 5000, 3_600_000])) // 1000)
+    np.testing.assert_array_equal(ds["ts"][:4],
+                                  (_T0 + np.array([0, 400, 5000, 3_600_000])) // 1000)
     for i, f in enumerate(s.categorical):
       col = ds["cat"][:, i]
       self.assertTrue(((col >= 0) & (col < f.vocab_size)).all(), f.name)
@@ -173,9 +201,10 @@ class SmallFilesTest(absltest.TestCase):
     np.testing.assert_array_equal(ds["category"], _cat(ds, "first_tag"))
     self.assertEqual(cat("video_type", 0, 1), 1)  # AD < NORMAL
     # Video 1 has no video_duration: the log's duration_ms (8 s) stands in.
-    np.testing.assert_allclose(
-        ds["dense"][_row(ds, 0, 1), s.dense.index("log_duration_s")],
-        np.log1p(8.0), rtol=1e-6)
+    np.testing.assert_allclose(ds["dense"][_row(ds, 0, 1),
+                                           s.dense.index("log_duration_s")],
+                               np.log1p(8.0),
+                               rtol=1e-6)
     # Profile fields: quoted ranges parse; "" is missing; "1.0" != "3.0".
     fans = _cat(ds, "fans_user_num_range")
     self.assertEqual(len({fans[0], fans[4], fans[7]}), 3)
@@ -202,15 +231,16 @@ class SmallFilesTest(absltest.TestCase):
     self.assertCountEqual(ds["seq_item"][third, :2], [1, 2])
     self.assertEqual(ds["seq_item"][fourth, 0], 3)
     self.assertCountEqual(ds["seq_item"][fourth, 1:3], [1, 2])
-    rates = ds["dense"][:, [ds.schema.dense.index(f"earlier_{t}_rate")
-                            for t in ("click", "long_view", "like")]]
+    rates = ds["dense"][:, [
+        ds.schema.dense.index(f"earlier_{t}_rate")
+        for t in ("click", "long_view", "like")
+    ]]
     np.testing.assert_allclose(rates[tie], 0)
     np.testing.assert_allclose(rates[third], [1.0, 0.5, 0.5])
     np.testing.assert_allclose(rates[fourth], [2 / 3, 1 / 3, 1 / 3], rtol=1e-6)
     self.assertEqual(_cat(ds, "earlier_clicks")[fourth], 2)  # log2(1 + 2) + 1
     # User 1's two rows at 7000 ms are ties of each other.
-    twins = np.flatnonzero((np.asarray(ds["uid"]) == 1)
-                           & (np.asarray(ds["item"]) == 3))
+    twins = np.flatnonzero((np.asarray(ds["uid"]) == 1) & (np.asarray(ds["item"]) == 3))
     np.testing.assert_array_equal(ds["seq_item"][twins, 1:], 0)
     np.testing.assert_array_equal(ds["seq_item"][twins, 0], 2)
     _check_seq(self, ds, range(ds.num_rows))
@@ -233,13 +263,13 @@ class SmallFilesTest(absltest.TestCase):
     files["log_standard_4_08_to_4_21_pure.csv"] = _log(_ROWS[:5])
     files["log_standard_4_22_to_5_08_pure.csv"] = _log(_ROWS[4:])
     files["log_random_4_22_to_5_08_pure.csv"] = _log(_ROWS[:1])  # not read
-    two = dataset.Dataset(kuairand.build(_write(split, files),
-                                         os.path.join(split, "out"), 4))
+    two = dataset.Dataset(
+        kuairand.build(_write(split, files), os.path.join(split, "out"), 4))
     self.assertEqual(two.num_rows, one.num_rows)
     self.assertCountEqual(two.schema.sources, [
-        "log_standard_4_08_to_4_21_pure.csv",
-        "log_standard_4_22_to_5_08_pure.csv", kuairand.USERS_FILE,
-        kuairand.VIDEOS_FILE])
+        "log_standard_4_08_to_4_21_pure.csv", "log_standard_4_22_to_5_08_pure.csv",
+        kuairand.USERS_FILE, kuairand.VIDEOS_FILE
+    ])
     np.testing.assert_array_equal(two["ins_id"], ins)
     np.testing.assert_array_equal(two["cat"], cat)
     np.testing.assert_array_equal(two["labels"], labels)
@@ -249,16 +279,15 @@ class SmallFilesTest(absltest.TestCase):
     and the features of that user's strictly later rows."""
     base = self.build()
     feature_cols = base.feature_columns()
-    ref = {k: np.asarray(base[k]).copy() for k in feature_cols + ("ins_id", "ts",
-                                                                  "uid")}
+    ref = {k: np.asarray(base[k]).copy() for k in feature_cols + ("ins_id", "ts", "uid")}
     rng = np.random.default_rng(0)
     outcome_idx = [kuairand.LOG_COLUMNS.index(c) for c in kuairand.OUTCOME_COLUMNS]
     for line in (0, 1, 4, 7, 9):  # includes a tie row and a repeat's twin
       fields = _ROWS[line].split(",")
       for k in outcome_idx:
         name = kuairand.LOG_COLUMNS[k]
-        fields[k] = str(1 - int(fields[k]) if name.startswith("is_")
-                        or name == "long_view" else int(rng.integers(1, 10**6)))
+        fields[k] = str(1 - int(fields[k]) if name.startswith("is_") or name ==
+                        "long_view" else int(rng.integers(1, 10**6)))
       rows = list(_ROWS)
       rows[line] = ",".join(fields)
       _write(self.data, {_LOG: _log(rows)})
@@ -296,8 +325,7 @@ class SmallFilesTest(absltest.TestCase):
 
   def test_config_names_the_source(self):
     spec = importlib.util.spec_from_file_location(
-        "kuairand_config", os.path.join(_REPO, "experiments", "configs",
-                                        "kuairand.py"))
+        "kuairand_config", os.path.join(_REPO, "experiments", "configs", "kuairand.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for arg in (None, "runlocal"):
@@ -327,13 +355,12 @@ class BadInputTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("field_count", _ROWS[0] + ",7", "line 3", "got 20"),
       ("short", _ROWS[0].rsplit(",", 1)[0], "line 3", "got 18"),
-      ("non_numeric", _ROWS[0].replace("1650812741436", "1650812741x36"),
-       "line 3", "time_ms '1650812741x36'"),
+      ("non_numeric", _ROWS[0].replace(
+          "1650812741436", "1650812741x36"), "line 3", "time_ms '1650812741x36'"),
       ("negative", "-" + _ROWS[0], "line 3", "user_id '-0'"),
-      ("float", _ROWS[0].replace(",8000,", ",8000.0,"), "line 3",
-       "duration_ms '8000.0'"),
-      ("empty_field", _ROWS[0].replace(",8000,", ",,"), "line 3",
-       "duration_ms ''"),
+      ("float", _ROWS[0].replace(",8000,",
+                                 ",8000.0,"), "line 3", "duration_ms '8000.0'"),
+      ("empty_field", _ROWS[0].replace(",8000,", ",,"), "line 3", "duration_ms ''"),
       ("blank_line", "", "line 3", "got 1"),
       ("not_binary", _log_row(0, 0, click=2), "line 3", "is_click 2 is not 0 or 1"),
       ("tab", _log_row(0, 0, tab=15), "line 3", "tab 15 is outside 0..14"),
@@ -348,8 +375,8 @@ class BadInputTest(parameterized.TestCase):
     self.assert_fails(_files(rows), _LOG, *expected)
 
   def test_bad_header_and_empty_log(self):
-    self.assert_fails(_files(**{_LOG: _log(_ROWS).replace("tab", "page", 1)}),
-                      _LOG, "line 1", "header")
+    self.assert_fails(_files(**{_LOG: _log(_ROWS).replace("tab", "page", 1)}), _LOG,
+                      "line 1", "header")
     self.assert_fails(_files(**{_LOG: _header() + "\n\n"}), _LOG, "empty log")
 
   def test_error_names_the_right_file(self):
@@ -359,8 +386,8 @@ class BadInputTest(parameterized.TestCase):
 
   def test_bad_users_and_videos(self):
     twice = _USERS + _user_row(0) + "\n"
-    self.assert_fails(_files(**{kuairand.USERS_FILE: twice}),
-                      kuairand.USERS_FILE, "line 5", "already listed on line 2")
+    self.assert_fails(_files(**{kuairand.USERS_FILE: twice}), kuairand.USERS_FILE,
+                      "line 5", "already listed on line 2")
     self.assert_fails(
         _files(**{kuairand.USERS_FILE: _USERS.replace('"[1,10)"', "[1,10)")}),
         kuairand.USERS_FILE, "line 3", "expected 31")
@@ -369,8 +396,8 @@ class BadInputTest(parameterized.TestCase):
     for bad, expected in (("2022-04-10", "2022-13-10"), ("87433.0", "long"),
                           ("9.0", "nine"), (",39\n", ",3x\n")):
       videos = _VIDEOS.replace(bad, expected, 1)
-      self.assert_fails(_files(**{kuairand.VIDEOS_FILE: videos}),
-                        kuairand.VIDEOS_FILE, "line 2", repr(expected.strip(",\n")))
+      self.assert_fails(_files(**{kuairand.VIDEOS_FILE: videos}), kuairand.VIDEOS_FILE,
+                        "line 2", repr(expected.strip(",\n")))
 
   def test_missing_file(self):
     message = self.assert_fails({}, "log_standard_*_pure.csv", self.data)
@@ -407,11 +434,17 @@ class DownloadTest(absltest.TestCase):
     tmp = self.create_tempdir().full_path
     data_dir = os.path.join(tmp, "kr")
     url = "http://127.0.0.1:9/KuaiRand-Pure.tar.gz"  # discard port: refused
-    proc = subprocess.run(
-        [sys.executable, "-m", "iat_jax.data.kuairand", "--download",
-         f"--url={url}", f"--data_dir={data_dir}", "--timeout=5"],
-        cwd=_REPO, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": _REPO})
+    proc = subprocess.run([
+        sys.executable, "-m", "iat_jax.data.kuairand", "--download", f"--url={url}",
+        f"--data_dir={data_dir}", "--timeout=5"
+    ],
+                          cwd=_REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=60,
+                          env={
+                              **os.environ, "PYTHONPATH": _REPO
+                          })
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn(url, proc.stderr)
     self.assertIn("tar -xzf KuaiRand-Pure.tar.gz", proc.stderr)
@@ -431,8 +464,8 @@ class KuaiRandExtractTest(absltest.TestCase):
     self.assertEqual((s.num_rows, s.num_users), (222_869, 25_156))
     self.assertEqual(s.split_sizes, (178_295, 22_287, 22_287))
     self.assertLen(np.unique(ds["item"]), 6_361)
-    np.testing.assert_allclose(np.asarray(ds["labels"]).mean(0),
-                               [0.449, 0.316, 0.0174], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(ds["labels"]).mean(0), [0.449, 0.316, 0.0174],
+                               atol=1e-3)
     split, ts = np.asarray(ds["split"]), np.asarray(ds["ts"])
     self.assertLessEqual(ts[split == 0].max(), ts[split == 1].min())
     self.assertLessEqual(ts[split == 1].max(), ts[split == 2].min())

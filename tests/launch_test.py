@@ -11,13 +11,21 @@ from iat_jax import launch_lib
 from tests import cli_fixtures as cli
 
 LAUNCH = os.path.join(cli.REPO, "launch")
-MAIN_ARGS = ["--config=experiments/configs/tiny.py", "--workdir=/shared/iat",
-             "--mode=train"]
+MAIN_ARGS = [
+    "--config=experiments/configs/tiny.py", "--workdir=/shared/iat", "--mode=train"
+]
 
 
 def run(cmd, env=None, check=True):
-  proc = subprocess.run(cmd, cwd=cli.REPO, env={**cli.ENV, **(env or {})},
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(cmd,
+                        cwd=cli.REPO,
+                        env={
+                            **cli.ENV,
+                            **(env or {})
+                        },
+                        capture_output=True,
+                        text=True,
+                        timeout=120)
   if check and proc.returncode:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
   return proc
@@ -29,16 +37,26 @@ def lines(proc):
 
 class TpuPodTest(absltest.TestCase):
 
-  ENV = {"DRY_RUN": "1", "PROJECT": "my-proj", "ZONE": "us-central2-b",
-         "TPU_NAME": "iat-v4", "BUCKET": "gs://my-bucket/runs", "RUN_NAME": "demo"}
+  ENV = {
+      "DRY_RUN": "1",
+      "PROJECT": "my-proj",
+      "ZONE": "us-central2-b",
+      "TPU_NAME": "iat-v4",
+      "BUCKET": "gs://my-bucket/runs",
+      "RUN_NAME": "demo"
+  }
 
   def ssh_prefix(self):
-    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "iat-v4",
-            "--zone=us-central2-b", "--project=my-proj", "--worker=all"]
+    return [
+        "gcloud", "compute", "tpus", "tpu-vm", "ssh", "iat-v4", "--zone=us-central2-b",
+        "--project=my-proj", "--worker=all"
+    ]
 
   def test_runs_main_on_every_worker(self):
-    proc = run(["bash", "launch/tpu_pod.sh", "--", "--config.num_epochs=2",
-                "--config.model.mlp_dims=(16, 8)"], self.ENV)
+    proc = run([
+        "bash", "launch/tpu_pod.sh", "--", "--config.num_epochs=2",
+        "--config.model.mlp_dims=(16, 8)"
+    ], self.ENV)
     (cmd,) = lines(proc)
     self.assertEqual(cmd[:-1], self.ssh_prefix())
     self.assertTrue(cmd[-1].startswith("--command="))
@@ -49,17 +67,23 @@ class TpuPodTest(absltest.TestCase):
         "python3", "-m", "iat_jax.main", "--config=experiments/configs/demo.py",
         "--workdir=/tmp/iat-bucket/runs/demo", "--mode=pipeline",
         "--config.distributed=True", "--config.num_epochs=2",
-        "--config.model.mlp_dims=(16, 8)"])
+        "--config.model.mlp_dims=(16, 8)"
+    ])
 
   def test_create_and_setup_then_run(self):
-    env = {**self.ENV, "DRY_RUN": "0", "ACCELERATOR": "v5litepod-16",
-           "RUNTIME_VERSION": "v2-alpha-tpuv5-lite", "REPO_URL": "https://x/iat.git"}
+    env = {
+        **self.ENV, "DRY_RUN": "0",
+        "ACCELERATOR": "v5litepod-16",
+        "RUNTIME_VERSION": "v2-alpha-tpuv5-lite",
+        "REPO_URL": "https://x/iat.git"
+    }
     proc = run(["bash", "launch/tpu_pod.sh", "--dry_run", "--create", "--setup"], env)
     create, setup, main = lines(proc)
     self.assertEqual(create, [
         "gcloud", "compute", "tpus", "tpu-vm", "create", "iat-v4",
         "--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v5litepod-16",
-        "--version=v2-alpha-tpuv5-lite"])
+        "--version=v2-alpha-tpuv5-lite"
+    ])
     self.assertEqual(setup[:-1], self.ssh_prefix())
     self.assertIn("git clone https://x/iat.git iat-jax", setup[-1])
     self.assertIn("--config.distributed=True", main[-1])
@@ -75,14 +99,19 @@ class TpuPodTest(absltest.TestCase):
 class SlurmTest(absltest.TestCase):
 
   def test_srun_command(self):
-    env = {"DRY_RUN": "1", "CONFIG": "experiments/configs/tiny.py",
-           "WORKDIR": "/shared/iat", "GPUS_PER_NODE": "4"}
+    env = {
+        "DRY_RUN": "1",
+        "CONFIG": "experiments/configs/tiny.py",
+        "WORKDIR": "/shared/iat",
+        "GPUS_PER_NODE": "4"
+    }
     proc = run(["bash", "launch/slurm.sbatch", "--config.num_epochs=2"], env)
     (cmd,) = lines(proc)
     self.assertEqual(cmd, [
         "srun", "--kill-on-bad-exit=1", "--ntasks-per-node=4", "python", "-m",
         "iat_jax.main", "--config=experiments/configs/tiny.py", "--workdir=/shared/iat",
-        "--mode=pipeline", "--config.distributed=True", "--config.num_epochs=2"])
+        "--mode=pipeline", "--config.distributed=True", "--config.num_epochs=2"
+    ])
 
   def test_sbatch_header(self):
     with open(os.path.join(LAUNCH, "slurm.sbatch")) as f:
@@ -95,23 +124,31 @@ class SlurmTest(absltest.TestCase):
 class MultihostTest(absltest.TestCase):
 
   def test_dry_run_passes_the_distributed_flags(self):
-    proc = run([sys.executable, "launch/multihost.py", "--coordinator_address=10.0.0.1:1234",
-                "--num_processes=4", "--process_id=2", "--dry_run", "--", *MAIN_ARGS])
+    proc = run([
+        sys.executable, "launch/multihost.py", "--coordinator_address=10.0.0.1:1234",
+        "--num_processes=4", "--process_id=2", "--dry_run", "--", *MAIN_ARGS
+    ])
     (cmd,) = lines(proc)
     self.assertEqual(cmd, [
         sys.executable, "-m", "iat_jax.main", *MAIN_ARGS, "--config.distributed=True",
         "--config.coordinator_address=10.0.0.1:1234", "--config.num_processes=4",
-        "--config.process_id=2"])
+        "--config.process_id=2"
+    ])
 
   def test_bad_process_id(self):
-    proc = run([sys.executable, "launch/multihost.py", "--coordinator_address=h:1",
-                "--num_processes=2", "--process_id=2", "--dry_run"], check=False)
+    proc = run([
+        sys.executable, "launch/multihost.py", "--coordinator_address=h:1",
+        "--num_processes=2", "--process_id=2", "--dry_run"
+    ],
+               check=False)
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("process_id=2 is not in [0, 2)", proc.stderr)
 
   def test_launch_lib_builds_local_py_commands(self):
-    proc = run([sys.executable, "launch/local.py", "--num_processes=2", "--port=4321",
-                "--dry_run", "--", *MAIN_ARGS])
+    proc = run([
+        sys.executable, "launch/local.py", "--num_processes=2", "--port=4321",
+        "--dry_run", "--", *MAIN_ARGS
+    ])
     self.assertEqual(lines(proc), launch_lib.local_commands(2, 4321, MAIN_ARGS))
 
 

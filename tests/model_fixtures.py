@@ -50,8 +50,10 @@ def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
   return c
 
 
-def make_model(stage: str, config: ml_collections.ConfigDict | None = None,
-               schema: schema_lib.Schema = SCHEMA, **model_overrides) -> nn.Module:
+def make_model(stage: str,
+               config: ml_collections.ConfigDict | None = None,
+               schema: schema_lib.Schema = SCHEMA,
+               **model_overrides) -> nn.Module:
   """`stages.make_model` of `stage` on the tiny schema and config (+ overrides)."""
   if config is None:
     config = tiny_config(**model_overrides)
@@ -60,8 +62,10 @@ def make_model(stage: str, config: ml_collections.ConfigDict | None = None,
   return stages.make_model(config, schema, stage)
 
 
-def stage_batch(stage: str, config: ml_collections.ConfigDict | None = None,
-                schema: schema_lib.Schema = SCHEMA, seed: int = 0) -> dict:
+def stage_batch(stage: str,
+                config: ml_collections.ConfigDict | None = None,
+                schema: schema_lib.Schema = SCHEMA,
+                seed: int = 0) -> dict:
   """A random batch in `stage`'s order with the tiny config's shapes."""
   config = config or tiny_config()
   m = config.model
@@ -72,34 +76,38 @@ def stage_batch(stage: str, config: ml_collections.ConfigDict | None = None,
     return user_batch(schema, bu=2, t=config.data.user_chunk_len, seed=seed)
   if order == "stream":
     return stream_batch(schema, d=m.insemb_dim, k=config.stream.k, seed=seed)
-  return downstream_batch(schema, d=m.insemb_dim, l=m.hist_len,
-                          num_gap_buckets=m.num_gap_buckets, seed=seed)
+  return downstream_batch(schema,
+                          d=m.insemb_dim,
+                          l=m.hist_len,
+                          num_gap_buckets=m.num_gap_buckets,
+                          seed=seed)
 
 
-def instance_features(rng: np.random.Generator, schema: schema_lib.Schema,
-                      lead: tuple[int, ...], prefix: str = "") -> dict:
+def instance_features(rng: np.random.Generator,
+                      schema: schema_lib.Schema,
+                      lead: tuple[int, ...],
+                      prefix: str = "") -> dict:
   """Random per-instance features with leading dims `lead`."""
   b = {}
-  b[prefix + "cat"] = np.stack(
-      [rng.integers(0, f.vocab_size, lead) for f in schema.categorical],
-      -1).astype(np.int32)
+  b[prefix +
+    "cat"] = np.stack([rng.integers(0, f.vocab_size, lead) for f in schema.categorical],
+                      -1).astype(np.int32)
   for f in schema.multi_hot:
-    b[prefix + f"mh_{f.name}"] = rng.integers(
-        0, f.vocab_size, lead + (f.max_len,)).astype(np.int32)
-  b[prefix + "dense"] = rng.normal(size=lead + (len(schema.dense),)).astype(
-      np.float32)
+    b[prefix + f"mh_{f.name}"] = rng.integers(0, f.vocab_size,
+                                              lead + (f.max_len,)).astype(np.int32)
+  b[prefix + "dense"] = rng.normal(size=lead + (len(schema.dense),)).astype(np.float32)
   s = schema.seq_len
   n_valid = rng.integers(0, s + 1, lead)
   valid = np.arange(s) < n_valid[..., None]
   b[prefix + "seq_item"] = np.where(
-      valid, rng.integers(1, schema.vocab_size(schema.seq_item_field),
-                          lead + (s,)), 0).astype(np.int32)
+      valid, rng.integers(1, schema.vocab_size(schema.seq_item_field), lead + (s,)),
+      0).astype(np.int32)
   b[prefix + "seq_category"] = np.where(
-      valid, rng.integers(1, schema.vocab_size(schema.seq_category_field),
-                          lead + (s,)), 0).astype(np.int32)
-  b[prefix + "seq_action"] = np.where(
-      valid, rng.integers(1, schema.num_actions, lead + (s,)), 0).astype(
-          np.int32)
+      valid, rng.integers(1, schema.vocab_size(schema.seq_category_field), lead + (s,)),
+      0).astype(np.int32)
+  b[prefix + "seq_action"] = np.where(valid,
+                                      rng.integers(1, schema.num_actions, lead + (s,)),
+                                      0).astype(np.int32)
   return b
 
 
@@ -107,26 +115,29 @@ def base_batch(schema: schema_lib.Schema, b: int = 4, seed: int = 0) -> dict:
   """Batch for 'base' / 'source_temporal': leading dims [B]."""
   rng = np.random.default_rng(seed)
   batch = instance_features(rng, schema, (b,))
-  batch["labels"] = rng.integers(0, 2, (b, schema.num_tasks)).astype(
-      np.float32)
+  batch["labels"] = rng.integers(0, 2, (b, schema.num_tasks)).astype(np.float32)
   batch["mask"] = np.ones((b,), bool)
   return batch
 
 
-def user_batch(schema: schema_lib.Schema, bu: int = 2, t: int = 4,
+def user_batch(schema: schema_lib.Schema,
+               bu: int = 2,
+               t: int = 4,
                seed: int = 0) -> dict:
   """Batch for 'source_user': leading dims [B_users, T]; last user padded."""
   rng = np.random.default_rng(seed)
   batch = instance_features(rng, schema, (bu, t))
-  batch["labels"] = rng.integers(0, 2, (bu, t, schema.num_tasks)).astype(
-      np.float32)
+  batch["labels"] = rng.integers(0, 2, (bu, t, schema.num_tasks)).astype(np.float32)
   mask = np.ones((bu, t), bool)
   mask[-1, t - 1:] = False  # a dummy instance at the end of the last chunk
   batch["mask"] = mask
   return batch
 
 
-def stream_batch(schema: schema_lib.Schema, d: int, b: int = 4, k: int = 3,
+def stream_batch(schema: schema_lib.Schema,
+                 d: int,
+                 b: int = 4,
+                 k: int = 3,
                  seed: int = 0) -> dict:
   """Batch for 'source_stream': [B] + past_insemb [B, K, d] + past_* raw."""
   rng = np.random.default_rng(seed)
@@ -138,8 +149,12 @@ def stream_batch(schema: schema_lib.Schema, d: int, b: int = 4, k: int = 3,
   return batch
 
 
-def downstream_batch(schema: schema_lib.Schema, d: int, l: int = 6, b: int = 4,
-                     num_gap_buckets: int = 8, seed: int = 0) -> dict:
+def downstream_batch(schema: schema_lib.Schema,
+                     d: int,
+                     l: int = 6,
+                     b: int = 4,
+                     num_gap_buckets: int = 8,
+                     seed: int = 0) -> dict:
   """Batch for 'downstream': [B] + hist_* [B, L, ...]; row 0 has no history."""
   rng = np.random.default_rng(seed)
   batch = base_batch(schema, b, seed)
@@ -147,17 +162,15 @@ def downstream_batch(schema: schema_lib.Schema, d: int, l: int = 6, b: int = 4,
   mask = np.arange(l)[None] < n_valid[:, None]
   batch["hist_insemb"] = rng.normal(size=(b, l, d)).astype(np.float32)
   batch["hist_mask"] = mask
-  batch["hist_labels"] = rng.integers(0, 2, (b, l, schema.num_tasks)).astype(
-      np.float32)
-  batch["hist_gap"] = np.where(
-      mask, rng.integers(1, num_gap_buckets, (b, l)), 0).astype(np.int32)
+  batch["hist_labels"] = rng.integers(0, 2, (b, l, schema.num_tasks)).astype(np.float32)
+  batch["hist_gap"] = np.where(mask, rng.integers(1, num_gap_buckets, (b, l)),
+                               0).astype(np.int32)
   return batch
 
 
 def jit(fn, **kwargs):
   """`jax.jit` at XLA backend optimization level 0 (halves CPU compile time)."""
-  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0},
-                 **kwargs)
+  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kwargs)
 
 
 def abstract_params(model, batch: dict):

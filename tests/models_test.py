@@ -23,8 +23,7 @@ D = mf.tiny_config().model.insemb_dim  # InsEmb width d
 L = mf.tiny_config().model.hist_len  # IAT history length L
 ATOL = 1e-6
 # Per-instance feature keys (the prefix 'past_' selects the past instances').
-FEATURE_KEYS = ("cat", "mh_tags", "dense", "seq_item", "seq_category",
-                "seq_action")
+FEATURE_KEYS = ("cat", "mh_tags", "dense", "seq_item", "seq_category", "seq_action")
 
 
 def _perturbed(batch, keys, where, seed=1):
@@ -68,11 +67,15 @@ class EncoderTest(parameterized.TestCase):
 
   @parameterized.parameters("din", "transformer", "longer")
   def test_padding_is_ignored_and_empty_is_finite(self, name):
-    block = sequence.encoder_config(name, width=8, heads=2, layers=1, ffn_mult=2,
-                                    din_mlp=(8,), longer_merge=3,
+    block = sequence.encoder_config(name,
+                                    width=8,
+                                    heads=2,
+                                    layers=1,
+                                    ffn_mult=2,
+                                    din_mlp=(8,),
+                                    longer_merge=3,
                                     longer_recent_k=2)
-    enc = sequence.make_encoder(block, max_len=7, dropout_rate=0.0,
-                                dtype=jnp.float32)
+    enc = sequence.make_encoder(block, max_len=7, dropout_rate=0.0, dtype=jnp.float32)
     rng = np.random.default_rng(0)
     query = rng.normal(size=(3, 5)).astype(np.float32)
     seq = rng.normal(size=(3, 7, 6)).astype(np.float32)
@@ -87,8 +90,7 @@ class EncoderTest(parameterized.TestCase):
     out = np.asarray(fn(params, query, seq, mask, profile))
     _assert_finite(out)
     noise = rng.normal(size=seq.shape).astype(np.float32) * 10
-    out2 = fn(params, query, np.where(mask[..., None], seq, noise), mask,
-              profile)
+    out2 = fn(params, query, np.where(mask[..., None], seq, noise), mask, profile)
     np.testing.assert_allclose(out, out2, atol=ATOL)
     # A valid position does matter.
     seq3 = seq.copy()
@@ -102,8 +104,8 @@ class BaseModelTest(parameterized.TestCase):
   # The trunk with 'transformer' / 'longer' runs in DownstreamTest.
   @parameterized.named_parameters(
       ("din", dict(seq=dict(encoder="din"))),
-      ("mlp_noseq_bf16", dict(seq=dict(encoder="none"), interaction="mlp",
-                              dtype="bfloat16")),
+      ("mlp_noseq_bf16",
+       dict(seq=dict(encoder="none"), interaction="mlp", dtype="bfloat16")),
   )
   def test_forward_backward(self, overrides):
     model = mf.make_model("base", **overrides)
@@ -113,8 +115,7 @@ class BaseModelTest(parameterized.TestCase):
     self.assertEqual(out["logits"].shape, (4, SCHEMA.num_tasks))
     self.assertEqual(out["logits"].dtype, jnp.float32)
     _assert_finite((loss, out, grads))
-    self.assertGreater(
-        np.abs(grads["trunk"]["embed"]["embedding"]).max(), 0.0)
+    self.assertGreater(np.abs(grads["trunk"]["embed"]["embedding"]).max(), 0.0)
     self.assertEqual(params["trunk"]["embed"]["embedding"].dtype, jnp.float32)
 
   def test_dropout(self):
@@ -127,8 +128,9 @@ class BaseModelTest(parameterized.TestCase):
     r1, r2 = jax.random.key(1), jax.random.key(2)
     np.testing.assert_array_equal(fn(params, batch, r1, train=False),
                                   fn(params, batch, r2, train=False))
-    self.assertGreater(np.abs(fn(params, batch, r1, train=True)
-                              - fn(params, batch, r2, train=True)).max(), 1e-4)
+    self.assertGreater(
+        np.abs(fn(params, batch, r1, train=True) -
+               fn(params, batch, r2, train=True)).max(), 1e-4)
 
   def test_bad_names(self):
     with self.assertRaisesRegex(ValueError, "--config.stage: 'bogus'.*'base'"):
@@ -159,8 +161,8 @@ class UserSourceTest(parameterized.TestCase):
     self.assertEqual(out["logits"].shape, (2, 5, 2))
     self.assertEqual(out["insemb"].shape, (2, 5, D))
     _assert_finite(grads)
-    self.assertGreater(np.abs(grads["sit"]["block_0"]["attn"]["query"][
-        "kernel"]).max(), 0.0)
+    self.assertGreater(
+        np.abs(grads["sit"]["block_0"]["attn"]["query"]["kernel"]).max(), 0.0)
 
   @parameterized.parameters(0, 2, 3)
   def test_causality(self, t):
@@ -169,10 +171,12 @@ class UserSourceTest(parameterized.TestCase):
     other = _perturbed(self.batch, FEATURE_KEYS + ("labels", "mask"), later)
     out = self.fwd(self.params, other)
     for k in ("logits", "sit_out", "insemb"):
-      np.testing.assert_allclose(out[k][:, :t + 1], self.out[k][:, :t + 1],
-                                 atol=ATOL, err_msg=k)
-    self.assertGreater(np.abs(out["sit_out"][0, t + 1:] -
-                              self.out["sit_out"][0, t + 1:]).max(), 1e-4)
+      np.testing.assert_allclose(out[k][:, :t + 1],
+                                 self.out[k][:, :t + 1],
+                                 atol=ATOL,
+                                 err_msg=k)
+    self.assertGreater(
+        np.abs(out["sit_out"][0, t + 1:] - self.out["sit_out"][0, t + 1:]).max(), 1e-4)
 
   def test_dummy_instances_change_nothing_real(self):
     batch = dict(self.batch)
@@ -184,24 +188,24 @@ class UserSourceTest(parameterized.TestCase):
     out = self.fwd(self.params, _perturbed(batch, FEATURE_KEYS, ~mask))
     for k in ("logits", "sit_out"):
       np.testing.assert_allclose(np.asarray(out[k])[mask],
-                                 np.asarray(base[k])[mask], atol=ATOL)
+                                 np.asarray(base[k])[mask],
+                                 atol=ATOL)
 
   def test_insemb_is_pre_sit_compression(self):
     e = mf.jit(lambda p, b: self.model.apply(
-        {"params": p}, b, n_lead=2,
-        method=source.UserSource.embed_instances))(self.params, self.batch)
+        {"params": p}, b, n_lead=2, method=source.UserSource.embed_instances))(
+            self.params, self.batch)
     np.testing.assert_allclose(self.out["insemb"],
-                               np.asarray(e).reshape(2, 5, -1), atol=ATOL)
+                               np.asarray(e).reshape(2, 5, -1),
+                               atol=ATOL)
     np.testing.assert_array_equal(self.out["insemb"], self.out["compressed"])
-    self.assertGreater(
-        np.abs(self.out["insemb"] - self.out["sit_out"]).max(), 1e-3)
+    self.assertGreater(np.abs(self.out["insemb"] - self.out["sit_out"]).max(), 1e-3)
 
   def test_insemb_after_sit_switch(self):
     model = mf.make_model("source_user", insemb_after_sit=True)
     out = _forward(model)(self.params, self.batch)
     np.testing.assert_array_equal(out["insemb"], out["sit_out"])
-    np.testing.assert_allclose(out["sit_out"], self.out["sit_out"],
-                               atol=ATOL)
+    np.testing.assert_allclose(out["sit_out"], self.out["sit_out"], atol=ATOL)
 
   def test_stream_form_matches_user_order(self):
     """SIT over [cur, newest..oldest] == user-order SIT at the last position.
@@ -214,10 +218,10 @@ class UserSourceTest(parameterized.TestCase):
     batch["past_insemb"] = self.out["compressed"][0:1, 3::-1]
     batch["past_mask"] = np.ones((1, 4), bool)
     out = _forward(stream)(self.params, batch)
-    np.testing.assert_allclose(out["logits"][0], self.out["logits"][0, 4],
-                               atol=1e-5)
+    np.testing.assert_allclose(out["logits"][0], self.out["logits"][0, 4], atol=1e-5)
     np.testing.assert_allclose(out["sit_out"][0, 0],
-                               self.out["sit_out"][0, 4], atol=1e-5)
+                               self.out["sit_out"][0, 4],
+                               atol=1e-5)
 
 
 class StreamSourceTest(parameterized.TestCase):
@@ -233,20 +237,20 @@ class StreamSourceTest(parameterized.TestCase):
 
   def test_fetched_entries_drive_position_zero(self):
     valid = self.batch["past_mask"]
-    out = self.fwd(self.params, _perturbed(self.batch, ("past_insemb",),
-                                           valid))
+    out = self.fwd(self.params, _perturbed(self.batch, ("past_insemb",), valid))
     diff = np.abs(out["logits"] - self.out["logits"]).max(-1)
     self.assertLess(diff[0], ATOL)  # row 0 has no valid past
     self.assertTrue(np.all(diff[1:] > 1e-5), diff)
 
   def test_masked_fetched_entries_are_ignored(self):
-    out = self.fwd(self.params, _perturbed(
-        self.batch, ("past_insemb",), ~self.batch["past_mask"]))
+    out = self.fwd(self.params,
+                   _perturbed(self.batch, ("past_insemb",), ~self.batch["past_mask"]))
     for k in ("logits", "insemb"):
       np.testing.assert_allclose(out[k], self.out[k], atol=ATOL)
     valid = np.concatenate([np.ones((4, 1), bool), self.batch["past_mask"]], 1)
     np.testing.assert_allclose(np.asarray(out["sit_out"])[valid],
-                               self.out["sit_out"][valid], atol=ATOL)
+                               self.out["sit_out"][valid],
+                               atol=ATOL)
 
   @parameterized.parameters(1, 2, 3)
   def test_entry_sees_only_older_entries(self, p):
@@ -271,8 +275,8 @@ class StreamSourceTest(parameterized.TestCase):
       b = dict(self.batch, past_insemb=past, dense=dense)
       return model.apply({"params": params}, b)["logits"].sum()
 
-    g_past, g_dense = mf.jit(jax.grad(f, argnums=(0, 1)))(
-        self.batch["past_insemb"], self.batch["dense"])
+    g_past, g_dense = mf.jit(jax.grad(f, argnums=(0, 1)))(self.batch["past_insemb"],
+                                                          self.batch["dense"])
     np.testing.assert_array_equal(g_past, np.zeros_like(g_past))
     self.assertGreater(np.abs(g_dense).min(), 0.0)
 
@@ -290,14 +294,20 @@ class StreamSourceTest(parameterized.TestCase):
       out = model.apply({"params": params}, b)
       return out["logits"].sum(), out
 
-    (_, out), (g_past, g_dense) = mf.jit(
-        jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
-            batch["past_dense"], batch["dense"])
-    e_past = mf.jit(lambda p, b: model.apply(
-        {"params": p}, b, prefix="past_", n_lead=2,
-        method=source.StreamSource.embed_instances))(params, batch)
+    (_, out), (g_past,
+               g_dense) = mf.jit(jax.value_and_grad(f, argnums=(0, 1),
+                                                    has_aux=True))(batch["past_dense"],
+                                                                   batch["dense"])
+    e_past = mf.jit(
+        lambda p, b: model.apply({"params": p},
+                                 b,
+                                 prefix="past_",
+                                 n_lead=2,
+                                 method=source.StreamSource.embed_instances))(params,
+                                                                              batch)
     np.testing.assert_allclose(out["past_insemb"],
-                               np.asarray(e_past).reshape(4, 3, -1), atol=ATOL)
+                               np.asarray(e_past).reshape(4, 3, -1),
+                               atol=ATOL)
     np.testing.assert_array_equal(g_past, np.zeros_like(g_past))
     self.assertGreater(np.abs(g_dense).min(), 0.0)
     _assert_finite(out)
@@ -310,12 +320,11 @@ class DownstreamTest(parameterized.TestCase):
       ("longer", dict(iat=dict(encoder="longer"), seq=dict(encoder="longer"))),
       ("din", dict(iat=dict(encoder="din"), seq=dict(encoder="din"))),
       # Switches, on a cheaper trunk (DIN behaviour encoder).
-      ("after_interaction", dict(iat_after_interaction=True,
-                                 seq=dict(encoder="din"))),
+      ("after_interaction", dict(iat_after_interaction=True, seq=dict(encoder="din"))),
       ("id_query", dict(iat_query="id", seq=dict(encoder="din"))),
       ("no_label_side", dict(use_label_side=False, seq=dict(encoder="din"))),
-      ("no_other_side", dict(use_other_side=False, interaction="mlp",
-                             seq=dict(encoder="din"))),
+      ("no_other_side",
+       dict(use_other_side=False, interaction="mlp", seq=dict(encoder="din"))),
   )
   def test_forward_backward_and_padding(self, overrides):
     model = mf.make_model("downstream", **overrides)
@@ -325,22 +334,20 @@ class DownstreamTest(parameterized.TestCase):
     step = _loss_grads(model)
     (loss, out), grads = step(params, batch)
     _assert_finite((loss, out, grads))
-    self.assertGreater(np.abs(grads["iat"]["encoder"]["seq_proj"][
-        "kernel"]).max(), 0.0)
+    self.assertGreater(np.abs(grads["iat"]["encoder"]["seq_proj"]["kernel"]).max(), 0.0)
     # Masked history slots change nothing.
     hist_keys = ("hist_insemb", "hist_labels", "hist_gap")
-    (_, out2), _ = step(params, _perturbed(batch, hist_keys,
-                                           ~batch["hist_mask"]))
+    (_, out2), _ = step(params, _perturbed(batch, hist_keys, ~batch["hist_mask"]))
     np.testing.assert_allclose(out2["logits"], out["logits"], atol=ATOL)
     # Valid history slots do matter (rows 1.. have history).
-    (_, out3), _ = step(params, _perturbed(batch, ("hist_insemb",),
-                                           batch["hist_mask"]))
+    (_, out3), _ = step(params, _perturbed(batch, ("hist_insemb",), batch["hist_mask"]))
     diff = np.abs(out3["logits"] - out["logits"]).max(-1)
     self.assertLess(diff[0], ATOL)
     self.assertTrue(np.all(diff[1:] > 1e-6), diff)
     # All-masked history everywhere.
-    (loss4, out4), grads4 = step(
-        params, dict(batch, hist_mask=np.zeros_like(batch["hist_mask"])))
+    (loss4,
+     out4), grads4 = step(params,
+                          dict(batch, hist_mask=np.zeros_like(batch["hist_mask"])))
     _assert_finite((loss4, out4, grads4))
 
 
@@ -362,18 +369,18 @@ class CostTest(absltest.TestCase):
     num_fields = len(SCHEMA.categorical) + len(SCHEMA.multi_hot) + fd
     chunk = -(-(num_fields * e + w) // t)
     f = c.ffn_mult * dt
-    mixer = t * chunk * dt + t * dt + c.mixer_layers * (
-        2 * 2 * dt + t * (dt * f + f + f * dt + dt))
+    mixer = t * chunk * dt + t * dt + c.mixer_layers * (2 * 2 * dt + t *
+                                                        (dt * f + f + f * dt + dt))
     big_d, d, hid = t * dt, c.insemb_dim, c.decompress_hidden
     compress = big_d * d + d
     decompress = d * hid + hid + hid * big_d + big_d
     heads = big_d * nt + nt
     self.assertEqual(
-        cost.param_counts(params),
-        {"embedding": emb,
-         "dense": emb_dense + din + mixer + compress + decompress + heads,
-         "total": emb + emb_dense + din + mixer + compress + decompress
-                  + heads})
+        cost.param_counts(params), {
+            "embedding": emb,
+            "dense": emb_dense + din + mixer + compress + decompress + heads,
+            "total": emb + emb_dense + din + mixer + compress + decompress + heads
+        })
 
   def test_flops_positive_and_grow_with_batch(self):
     model = mf.make_model("base")

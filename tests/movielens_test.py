@@ -24,19 +24,20 @@ from iat_jax.data import movielens
 _REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 _SHARED = os.path.join(_REPO, "..", "shared", "data")
 ML100K_DIR = os.environ.get("IAT_MOVIELENS_100K", os.path.join(_SHARED, "ml-100k"))
-ML1M_DIR = os.environ.get("IAT_MOVIELENS_1M",
-                          os.path.join(_SHARED, "ml-1m-users1-2999"))
+ML1M_DIR = os.environ.get("IAT_MOVIELENS_1M", os.path.join(_SHARED,
+                                                           "ml-1m-users1-2999"))
 
 _USERS_1M = "1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117-1234\n"
 _MOVIES_1M = ("1::Toy Story (1995)::Animation|Children's|Comedy\n"
               "2::Misérables, Les (1995)::Drama|Musical\n"
               "3::Café au Lait (1993)::Comedy\n").encode("latin-1")
-_RATINGS_1M = ("1::1::5::978300760\n"
-               "1::2::3::978300760\n"  # same second as line 1: not its past
-               "1::3::4::978300800\n"
-               "2::1::1::978300000\n"
-               "2::3::5::978400000\n"
-               "3::2::2::978300100\n")
+_RATINGS_1M = (
+    "1::1::5::978300760\n"
+    "1::2::3::978300760\n"  # same second as line 1: not its past
+    "1::3::4::978300800\n"
+    "2::1::1::978300000\n"
+    "2::3::5::978400000\n"
+    "3::2::2::978300100\n")
 _USERS_100K = "1|24|M|technician|85711\n2|53|F|other|94043\n3|7|M|student|T8H1N\n"
 _RATINGS_100K = "1\t1\t5\t100\n2\t2\t3\t200\n1\t2\t4\t300\n3\t1\t1\t400\n"
 
@@ -59,8 +60,7 @@ def _write(directory, files):
 
 
 def _files_1m(**override):
-  files = {"users.dat": _USERS_1M, "movies.dat": _MOVIES_1M,
-           "ratings.dat": _RATINGS_1M}
+  files = {"users.dat": _USERS_1M, "movies.dat": _MOVIES_1M, "ratings.dat": _RATINGS_1M}
   files.update(override)
   return files
 
@@ -77,8 +77,8 @@ def _expected_seq(ds, row):
   ts = np.asarray(ds["ts"][lo:hi])
   earlier = np.flatnonzero(ts < ts[-1])[::-1][:ds.schema.seq_len] + lo
   pad = ds.schema.seq_len - len(earlier)
-  return (np.pad(ds["item"][earlier], (0, pad)),
-          np.pad(ds["action"][earlier], (0, pad)))
+  return (np.pad(ds["item"][earlier], (0, pad)), np.pad(ds["action"][earlier],
+                                                        (0, pad)))
 
 
 def _check_seq(test, ds, rows):
@@ -118,7 +118,9 @@ class SmallFilesTest(absltest.TestCase):
     self.assertEqual(ds["category"][rows_movie2[0]], genre("Drama"))
     np.testing.assert_array_equal(
         ds["mh_genres"][np.flatnonzero(ds["action"][:] == 1)[0]],
-        [genre("Animation"), genre("Children's"), genre("Comedy"), 0, 0, 0])
+        [genre("Animation"),
+         genre("Children's"),
+         genre("Comedy"), 0, 0, 0])
     self.assertEqual(cat["gender"][0], 2)  # F
     self.assertEqual(cat["age"][-1], movielens.AGE_CODES.index(25) + 1)
     self.assertEqual(cat["occupation"][-1], 16)  # code 15
@@ -199,8 +201,7 @@ class BadInputTest(parameterized.TestCase):
 
   def test_bad_encoding(self):
     bad = b"1\t1\t5\t100\n2\t2\t3\t200\n3\t\xe9\t1\t1\n"
-    self.assert_fails(_files_100k(u_data=bad), "u.data, line 3", "bad encoding",
-                      "0xe9")
+    self.assert_fails(_files_100k(u_data=bad), "u.data, line 3", "bad encoding", "0xe9")
     self.assert_fails(_files_1m(**{"ratings.dat": b"1::1::5::1\n\xff\n"}),
                       "ratings.dat, line 2", "bad encoding")
     self.assert_fails(_files_100k(u_user=b"1|24|M|technician|85711\n2|5\xff|F|x|1\n"),
@@ -217,8 +218,8 @@ class BadInputTest(parameterized.TestCase):
 
   def test_bad_users_and_movies(self):
     twice = "1::F::1::10::48067\n1::M::18::1::1\n"
-    self.assert_fails(_files_1m(**{"users.dat": twice}),
-                      "users.dat, line 2", "already listed on line 1")
+    self.assert_fails(_files_1m(**{"users.dat": twice}), "users.dat, line 2",
+                      "already listed on line 1")
     self.assert_fails(_files_1m(**{"users.dat": "1::F::2::10::48067\n"}),
                       "users.dat, line 1", "age code 2")
     self.assert_fails(_files_1m(**{"movies.dat": "1::A (1990)::Noir\n"}),
@@ -316,10 +317,14 @@ class DownloadTest(absltest.TestCase):
   def test_command_offline_names_url(self):
     tmp = self.create_tempdir().full_path
     data_dir = os.path.join(tmp, "ml")
-    proc = subprocess.run(
-        [sys.executable, "-m", "iat_jax.data.movielens", "--download=ml-100k",
-         f"--data_dir={data_dir}", "--timeout=10"],
-        cwd=_REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([
+        sys.executable, "-m", "iat_jax.data.movielens", "--download=ml-100k",
+        f"--data_dir={data_dir}", "--timeout=10"
+    ],
+                          cwd=_REPO,
+                          capture_output=True,
+                          text=True,
+                          timeout=60)
     if proc.returncode == 0:  # network available: the files must be there
       self.assertTrue(os.path.isfile(os.path.join(data_dir, "u.data")))
       return

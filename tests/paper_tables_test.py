@@ -32,10 +32,15 @@ TASKS = ("click", "conversion")
 
 
 def run_tables(workdir, *args, extra=FAST):
-  proc = subprocess.run(
-      [sys.executable, SCRIPT, f"--config={cli.TINY}", f"--workdir={workdir}", *args,
-       "--", *extra], cwd=cli.REPO, env=ENV, capture_output=True, text=True,
-      timeout=900)
+  proc = subprocess.run([
+      sys.executable, SCRIPT, f"--config={cli.TINY}", f"--workdir={workdir}", *args,
+      "--", *extra
+  ],
+                        cwd=cli.REPO,
+                        env=ENV,
+                        capture_output=True,
+                        text=True,
+                        timeout=900)
   if proc.returncode:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
   return proc
@@ -45,18 +50,28 @@ def table_lines(workdir):
   """The Markdown table of DIR/report.md as lists of cells."""
   with open(os.path.join(workdir, "report.md")) as f:
     text = f.read()
-  rows = [[c.strip() for c in line.strip().strip("|").split("|")]
-          for line in text.splitlines() if line.startswith("|")]
+  rows = [[c.strip()
+           for c in line.strip().strip("|").split("|")]
+          for line in text.splitlines()
+          if line.startswith("|")]
   return text, rows[0], rows[2:]
 
 
 def fake_run(workdir, point, seed, aucs):
   """A results.json: model -> test AUC (logloss 1 - AUC, 1000 params, 2e6 FLOPs)."""
-  models = {m: {split: {f"{k}/{t}": (a if k == "auc" else 1 - a)
-                        for t in TASKS for k in ("auc", "logloss")}
-                for split in ("valid", "test")} | {"params": 1000,
-                                                   "flops_per_batch": 2e6}
-            for m, a in aucs.items()}
+  models = {
+      m: {
+          split: {
+              f"{k}/{t}": (a if k == "auc" else 1 - a)
+              for t in TASKS
+              for k in ("auc", "logloss")
+          }
+          for split in ("valid", "test")
+      } | {
+          "params": 1000,
+          "flops_per_batch": 2e6
+      } for m, a in aucs.items()
+  }
   cli.write_run(workdir, point, seed, models)
 
 
@@ -64,28 +79,43 @@ class PlanTest(absltest.TestCase):
 
   def test_table1(self):
     points, rows = tables.plan("table1", ["din", "transformer"])
-    self.assertEqual(points, [{"model.seq.encoder": "din"},
-                              {"model.seq.encoder": "transformer"}])
+    self.assertEqual(points, [{
+        "model.seq.encoder": "din"
+    }, {
+        "model.seq.encoder": "transformer"
+    }])
     self.assertLen(rows, 10)
-    self.assertEqual(rows[2], {"label": "din / temporal_iat", "point": points[0],
-                               "model": "temporal_iat", "ref": (points[0], "base"),
-                               "group": "din", "series": "temporal_iat"})
+    self.assertEqual(
+        rows[2], {
+            "label": "din / temporal_iat",
+            "point": points[0],
+            "model": "temporal_iat",
+            "ref": (points[0], "base"),
+            "group": "din",
+            "series": "temporal_iat"
+        })
     self.assertIsNone(rows[5]["ref"])  # transformer / base
     with self.assertRaisesRegex(ValueError, "--encoders.*rnn"):
       tables.plan("table1", ["din", "rnn"])
 
   def test_table4(self):
     points, rows = tables.plan("table4", ablations=["iat_query", "label_side"])
-    self.assertEqual(points, [
-        {"model.seq.encoder": "transformer"},
-        {"model.seq.encoder": "transformer", "model.iat_query": "id"},
-        {"model.seq.encoder": "transformer", "model.use_label_side": False}])
+    self.assertEqual(points, [{
+        "model.seq.encoder": "transformer"
+    }, {
+        "model.seq.encoder": "transformer",
+        "model.iat_query": "id"
+    }, {
+        "model.seq.encoder": "transformer",
+        "model.use_label_side": False
+    }])
     # The full point is table1's transformer point: one DIR serves both.
     self.assertEqual(report.point_name(points[0]),
                      report.point_name(tables.plan("table1")[0][2]))
-    self.assertEqual([r["label"] for r in rows],
-                     ["base (no IAT)", "full user-order IAT", "ID-based query",
-                      "without label side info"])
+    self.assertEqual([r["label"] for r in rows], [
+        "base (no IAT)", "full user-order IAT", "ID-based query",
+        "without label side info"
+    ])
     self.assertEqual(rows[3]["ref"], (points[0], "user_iat"))
     all_points, _ = tables.plan("table4")
     self.assertLen(all_points, 6)
@@ -98,8 +128,13 @@ class PlanTest(absltest.TestCase):
     full_dir = os.path.join("W", report.point_name(tables.FULL))
     self.assertEqual(runs, [((), ""), (tables.ABLATION_FLAGS, ""),
                             (tables.ABLATION_FLAGS, full_dir)])
-    cmd = runner.command("c.py", "W", points[2], 1, "D", runs[2][0],
-                        sources_from=runs[2][1])
+    cmd = runner.command("c.py",
+                         "W",
+                         points[2],
+                         1,
+                         "D",
+                         runs[2][0],
+                         sources_from=runs[2][1])
     self.assertIn(f"--config.pipeline.sources_from={full_dir}/seed1", cmd)
     self.assertEqual(tables.point_runs("table1", points[:2], "W"), [((), "")] * 2)
 
@@ -134,11 +169,13 @@ class StatsTest(absltest.TestCase):
   def test_paired_changes_skip_unpaired_seeds(self):
     full, abl = {"model.seq.encoder": "transformer"}, {"model.iat_query": "id"}
     name, ref = report.point_name(abl), report.point_name(full)
-    test = {(ref, 0, "user_iat", "click", "auc"): 0.5,
-            (ref, 1, "user_iat", "click", "auc"): 0.8,
-            (name, 0, "user_iat", "click", "auc"): 0.51,
-            (name, 1, "user_iat", "click", "auc"): 0.78,
-            (name, 2, "user_iat", "click", "auc"): 0.9}  # no seed-2 reference
+    test = {
+        (ref, 0, "user_iat", "click", "auc"): 0.5,
+        (ref, 1, "user_iat", "click", "auc"): 0.8,
+        (name, 0, "user_iat", "click", "auc"): 0.51,
+        (name, 1, "user_iat", "click", "auc"): 0.78,
+        (name, 2, "user_iat", "click", "auc"): 0.9
+    }  # no seed-2 reference
     row = {"point": abl, "model": "user_iat", "ref": (full, "user_iat")}
     got = tables.paired_changes(test, row, "click")
     self.assertLen(got, 2)
@@ -155,16 +192,22 @@ class ReportTest(absltest.TestCase):
     # interval 3 ± 2.48 excludes 0); temporal_iat gains +1%, -1%, 0% (mean 0).
     # transformer: seed 2 never ran.
     for seed, (gain, tgain) in enumerate(((2, 1), (3, -1), (4, 0))):
-      aucs = {"base": 0.6, "source_temporal": 0.6, "source_user": 0.6,
-              "temporal_iat": 0.6 * (1 + tgain / 100), "user_iat": 0.6 * (1 + gain / 100)}
+      aucs = {
+          "base": 0.6,
+          "source_temporal": 0.6,
+          "source_user": 0.6,
+          "temporal_iat": 0.6 * (1 + tgain / 100),
+          "user_iat": 0.6 * (1 + gain / 100)
+      }
       fake_run(workdir, points[0], seed, aucs)
       if seed < 2:
         fake_run(workdir, points[1], seed, aucs)
     rows = report.report(workdir, points, seeds=3)
     text = tables.write_report(workdir, "table1", "tiny.py", 3, rows, table_rows)
     _, head, body = table_lines(workdir)
-    self.assertEqual(head[:5], ["model", "AUC click", "logloss click",
-                                "ΔAUC click vs base (%)", "Δ click ≠ 0"])
+    self.assertEqual(head[:5], [
+        "model", "AUC click", "logloss click", "ΔAUC click vs base (%)", "Δ click ≠ 0"
+    ])
     self.assertEqual(head[-3:], ["params", "FLOPs/batch", "seeds"])
     self.assertLen(head, 1 + 4 * len(TASKS) + 3)
     cells = {r[0]: dict(zip(head, r)) for r in body}
@@ -197,7 +240,8 @@ class ReportTest(absltest.TestCase):
                      "-1.000 ± n/a")
     self.assertEqual(cells["InsEmb stored after SIT"]["Δ click ≠ 0"], "n/a")
     self.assertEqual(cells["full user-order IAT"]["ΔAUC click vs full (%)"], "—")
-    self.assertTrue(cells["base (no IAT)"]["ΔAUC click vs full (%)"].startswith("-3.226"))
+    self.assertTrue(
+        cells["base (no IAT)"]["ΔAUC click vs full (%)"].startswith("-3.226"))
 
 
 class TablesRunTest(absltest.TestCase):
@@ -218,9 +262,9 @@ class TablesRunTest(absltest.TestCase):
     self.assertIn("4 runs, 0 complete, 4 to run", first.stderr)
     text, head, body = table_lines(workdir)
     self.assertIn("| din / user_iat |", first.stdout)
-    self.assertEqual([r[0] for r in body],
-                     [f"{e} / {m}" for e in ("din", "transformer")
-                      for m in tables.MODELS])
+    self.assertEqual(
+        [r[0] for r in body],
+        [f"{e} / {m}" for e in ("din", "transformer") for m in tables.MODELS])
     self.assertLen(head, 1 + 4 * len(TASKS) + 3)
     for r in body:
       self.assertLen(r, len(head))
@@ -233,8 +277,7 @@ class TablesRunTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(workdir, "results.csv")))
 
     # Table 4 reuses table1's transformer runs as its full model.
-    second = run_tables(workdir, "--table=table4", "--ablations=iat_query",
-                        "--seeds=2")
+    second = run_tables(workdir, "--table=table4", "--ablations=iat_query", "--seeds=2")
     self.assertIn("4 runs, 2 complete, 2 to run", second.stderr)
     # The ablation trained only user_iat, on the full run's source_user.
     ablation = report.run_dir(workdir, {**tables.FULL, "model.iat_query": "id"}, 1)
@@ -244,8 +287,8 @@ class TablesRunTest(absltest.TestCase):
     self.assertEqual(res["sources_from"], report.run_dir(workdir, tables.FULL, 1))
     self.assertFalse(os.path.exists(os.path.join(ablation, "stores")))
     _, head, body = table_lines(workdir)
-    self.assertEqual([r[0] for r in body], ["base (no IAT)", "full user-order IAT",
-                                            "ID-based query"])
+    self.assertEqual([r[0] for r in body],
+                     ["base (no IAT)", "full user-order IAT", "ID-based query"])
     self.assertIn("ΔAUC conversion vs full (%)", head)
     self.assertRegex(body[2][head.index("Δ click ≠ 0")], "^(yes|no)$")
     self.assertGreater(

@@ -53,11 +53,21 @@ def _encoders(kind, num_layers):
         8, num_heads=2, num_layers=num_layers, max_len=8, query_only=q)
   elif kind == "longer":
     make = lambda q: sequence.LongerEncoder(  # noqa: E731
-        8, num_heads=2, num_layers=num_layers, merge=2, recent_k=2, max_len=8,
+        8,
+        num_heads=2,
+        num_layers=num_layers,
+        merge=2,
+        recent_k=2,
+        max_len=8,
         query_only=q)
   else:  # longer without merge
     make = lambda q: sequence.LongerEncoder(  # noqa: E731
-        8, num_heads=2, num_layers=num_layers, merge=1, recent_k=3, max_len=8,
+        8,
+        num_heads=2,
+        num_layers=num_layers,
+        merge=1,
+        recent_k=3,
+        max_len=8,
         query_only=q)
   return make(True), make(False)
 
@@ -70,20 +80,21 @@ def _assert_trees_close(test, a, b):
 
 class QueryOnlyLastBlockTest(parameterized.TestCase):
 
-  @parameterized.parameters(("transformer", 1), ("transformer", 2),
-                            ("longer", 0), ("longer_nomerge", 2))
+  @parameterized.parameters(("transformer", 1), ("transformer", 2), ("longer", 0),
+                            ("longer_nomerge", 2))
   def test_same_function_outputs_and_gradients(self, kind, num_layers):
     fast, full = _encoders(kind, num_layers)
     query, seq, mask, profile = _encoder_inputs()
     params = jax.jit(full.init)(jax.random.PRNGKey(1), query, seq, mask, profile)
-    params_fast = jax.jit(fast.init)(jax.random.PRNGKey(1), query, seq, mask,
-                                     profile)
+    params_fast = jax.jit(fast.init)(jax.random.PRNGKey(1), query, seq, mask, profile)
     _assert_trees_close(self, params, params_fast)  # same tree, same init
 
     def loss(model):
+
       def f(p, q, s):
         out = model.apply(p, q, s, mask, profile)
         return jnp.sum(out * jnp.arange(out.shape[-1])), out
+
       return f
 
     g_fast, out_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2),
@@ -102,7 +113,8 @@ class QueryOnlyLastBlockTest(parameterized.TestCase):
     apply = jax.jit(fast.apply)
     np.testing.assert_allclose(apply(params, query, seq, mask),
                                apply(params, query, noisy, mask),
-                               rtol=TOL, atol=TOL)
+                               rtol=TOL,
+                               atol=TOL)
 
 
 def _lookup_reference(table, batch):
@@ -113,8 +125,11 @@ def _lookup_reference(table, batch):
   out[mask] = values
   hit = np.zeros_like(mask)
   hit[mask] = found
-  return {"hist_insemb": out, "hist_mask": hit,
-          "hist_missing": np.int64(len(found) - found.sum())}
+  return {
+      "hist_insemb": out,
+      "hist_mask": hit,
+      "hist_missing": np.int64(len(found) - found.sum())
+  }
 
 
 class PipelineTest(absltest.TestCase):
@@ -138,8 +153,8 @@ class PipelineTest(absltest.TestCase):
     self.assertNotIn("hist_insemb", compact)
     u = len(compact["hist_insemb_unique"])
     self.assertEqual(u & (u - 1), 0)  # a power of two
-    np.testing.assert_array_equal(
-        compact["hist_insemb_unique"][compact["hist_index"]], want["hist_insemb"])
+    np.testing.assert_array_equal(compact["hist_insemb_unique"][compact["hist_index"]],
+                                  want["hist_insemb"])
     np.testing.assert_array_equal(compact["hist_mask"], want["hist_mask"])
     self.assertEqual(compact["hist_missing"], want["hist_missing"])
 
@@ -170,7 +185,10 @@ class DedupedHistoryTest(absltest.TestCase):
     config.model.iat.layers = 2
     schema = mf.SCHEMA
     l, d = config.model.hist_len, config.model.insemb_dim
-    dense = mf.downstream_batch(schema, d, l=l, b=5,
+    dense = mf.downstream_batch(schema,
+                                d,
+                                l=l,
+                                b=5,
                                 num_gap_buckets=config.model.num_gap_buckets)
     rng = np.random.default_rng(3)
     unique = np.zeros((64, d), np.float32)
@@ -187,7 +205,7 @@ class DedupedHistoryTest(absltest.TestCase):
 
     def loss(p, batch):
       out = model.apply(p, batch)
-      return jnp.sum(out["logits"] ** 2), out
+      return jnp.sum(out["logits"]**2), out
 
     (_, a), ga = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, dense)
     (_, b), gb = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, compact)
@@ -202,19 +220,30 @@ class AllocatorTest(absltest.TestCase):
   BAD_STAGE = "--config.stage=no_such_stage"  # fails right after the log line
 
   def _started_with(self, proc):
-    (line,) = [l for l in proc.stderr.splitlines()
-               if "allocator settings at start:" in l]
+    (line,) = [
+        l for l in proc.stderr.splitlines() if "allocator settings at start:" in l
+    ]
     return line.split("allocator settings at start:", 1)[1].strip()
 
   def _run(self, **env):
-    base = {k: v for k, v in cli.ENV.items()
-            if k not in (*allocator.SETTINGS, allocator.OPT_OUT, allocator.MARKER)}
+    base = {
+        k: v
+        for k, v in cli.ENV.items()
+        if k not in (*allocator.SETTINGS, allocator.OPT_OUT, allocator.MARKER)
+    }
     with tempfile.TemporaryDirectory() as workdir:
-      return subprocess.run(
-          [sys.executable, "-m", "iat_jax.main",
-           *cli.main_args(workdir, "train", self.BAD_STAGE)],
-          cwd=cli.REPO, env={**base, **env}, capture_output=True,
-          text=True, timeout=300)
+      return subprocess.run([
+          sys.executable, "-m", "iat_jax.main",
+          *cli.main_args(workdir, "train", self.BAD_STAGE)
+      ],
+                            cwd=cli.REPO,
+                            env={
+                                **base,
+                                **env
+                            },
+                            capture_output=True,
+                            text=True,
+                            timeout=300)
 
   def test_child_starts_with_the_settings(self):
     if not allocator.applies():
@@ -227,16 +256,19 @@ class AllocatorTest(absltest.TestCase):
     if not allocator.applies():
       self.skipTest("not glibc")
     own = self._run(MALLOC_MMAP_MAX_="7")
-    self.assertEqual(self._started_with(own), str(
-        {"MALLOC_MMAP_MAX_": "7",
-         "MALLOC_TRIM_THRESHOLD_": allocator.SETTINGS["MALLOC_TRIM_THRESHOLD_"]}))
+    self.assertEqual(
+        self._started_with(own),
+        str({
+            "MALLOC_MMAP_MAX_": "7",
+            "MALLOC_TRIM_THRESHOLD_": allocator.SETTINGS["MALLOC_TRIM_THRESHOLD_"]
+        }))
     out = self._run(IAT_JAX_KEEP_MALLOC="1")
     self.assertEqual(self._started_with(out), str({allocator.OPT_OUT: "1"}))
 
   def test_environ(self):
     self.assertEqual(allocator.environ({"A": "1"}), {**allocator.SETTINGS, "A": "1"})
-    self.assertEqual(allocator.environ({"MALLOC_MMAP_MAX_": "3"})["MALLOC_MMAP_MAX_"],
-                     "3")
+    self.assertEqual(
+        allocator.environ({"MALLOC_MMAP_MAX_": "3"})["MALLOC_MMAP_MAX_"], "3")
     self.assertEqual(allocator.environ({allocator.OPT_OUT: "1"}),
                      {allocator.OPT_OUT: "1"})
 

@@ -29,11 +29,10 @@ class StepsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("user_iat", ("user_iat",), ["source_user", "user_iat"]),
-      ("temporal_iat_and_base", ("temporal_iat", "base"),
-       ["base", "source_temporal", "temporal_iat"]),
+      ("temporal_iat_and_base",
+       ("temporal_iat", "base"), ["base", "source_temporal", "temporal_iat"]),
       ("source_alone", ("source_user",), ["source_user"]),
-      ("source_and_its_iat", ("user_iat", "source_user"),
-       ["source_user", "user_iat"]),
+      ("source_and_its_iat", ("user_iat", "source_user"), ["source_user", "user_iat"]),
   )
   def test_selection_pulls_in_sources_in_pipeline_order(self, models, want):
     config = mf.tiny_config()
@@ -98,8 +97,12 @@ class OpenStoreTest(absltest.TestCase):
     cls.values = np.random.default_rng(0).normal(
         size=(len(cls.keys), cls.config.model.insemb_dim)).astype(np.float32)
     cls.path = tables.path(cls.config, cls.workdir, "source_temporal")
-    tables.publish(cls.config, cls.path, cls.keys, cls.values,
-                   source="source_temporal", step=3,
+    tables.publish(cls.config,
+                   cls.path,
+                   cls.keys,
+                   cls.values,
+                   source="source_temporal",
+                   step=3,
                    fingerprint=cls.ds.schema.fingerprint)
 
   def test_only_the_history_order_reads_a_store(self):
@@ -121,8 +124,8 @@ class OpenStoreTest(absltest.TestCase):
     self.assertTrue(tables.is_published(self.path, "source_temporal", 3))
     self.assertFalse(tables.is_published(self.path, "source_temporal", 4))
     self.assertFalse(tables.is_published(self.path, "source_user", 3))
-    self.assertFalse(tables.is_published(os.path.join(self.workdir, "none"),
-                                         "source_temporal", 3))
+    self.assertFalse(
+        tables.is_published(os.path.join(self.workdir, "none"), "source_temporal", 3))
 
   def test_mismatched_store_names_the_flag(self):
     config = mf.tiny_config()

@@ -99,19 +99,26 @@ class WriterLockTest(_Reference):
     workdir = self.copy_reference()
     os.remove(os.path.join(workdir, "base", "results.json"))
     shutil.rmtree(os.path.join(workdir, "base", "ckpt", "24"))
+
     def files():
-      return {os.path.relpath(os.path.join(d, f), workdir)
-              for d, _, fs in os.walk(workdir) for f in fs}
+      return {
+          os.path.relpath(os.path.join(d, f), workdir)
+          for d, _, fs in os.walk(workdir)
+          for f in fs
+      }
+
     before = files() | {workdir_lib.LOCK_NAME}
     metrics = open(os.path.join(workdir, "base", "metrics.jsonl")).read()
     with workdir_lib.WriterLock(workdir):  # this test process is the writer
       for mode in ("train", "export", "pipeline"):
-        proc = cli.run_main(workdir, mode, "--config.stage=source_temporal",
+        proc = cli.run_main(workdir,
+                            mode,
+                            "--config.stage=source_temporal",
                             check=False)
         self.assert_error_line(proc, workdir, f"pid {os.getpid()}")
         self.assertEqual(files(), before, mode)
-        self.assertEqual(open(os.path.join(workdir, "base", "metrics.jsonl")).read(),
-                         metrics)
+        self.assertEqual(
+            open(os.path.join(workdir, "base", "metrics.jsonl")).read(), metrics)
     # A reader (evaluate) of a finished stage is not refused.
     with workdir_lib.WriterLock(self.reference):
       out = cli.run_main(self.reference, "evaluate").stdout
@@ -208,9 +215,9 @@ class CheckpointFallbackTest(absltest.TestCase):
     self.check_fallback("garbage_metadata")
 
   def test_none_restores_names_the_directory_and_moves_nothing(self):
-    with self.assertRaisesRegex(checkpointing.CheckpointError,
-                                rf"no checkpoint in {self.dir}/ckpt restores.*"
-                                rf"delete {self.dir} to train this stage afresh"):
+    with self.assertRaisesRegex(
+        checkpointing.CheckpointError, rf"no checkpoint in {self.dir}/ckpt restores.*"
+        rf"delete {self.dir} to train this stage afresh"):
       self.restore([1, 2, 3], "truncated_array")
     self.assertEqual(sorted(os.listdir(os.path.join(self.dir, "ckpt"))),
                      ["1", "2", "3"])
@@ -219,9 +226,9 @@ class CheckpointFallbackTest(absltest.TestCase):
     _damage(os.path.join(self.dir, "best", "3"), "truncated_array")
     ckpts = checkpointing.Checkpoints(self.dir, keep=3, best_metric="auc")
     try:
-      with self.assertRaisesRegex(checkpointing.CheckpointError,
-                                  rf"best checkpoint {self.dir}/best/3 does not "
-                                  rf"restore .*delete {self.dir} to retrain"):
+      with self.assertRaisesRegex(
+          checkpointing.CheckpointError, rf"best checkpoint {self.dir}/best/3 does not "
+          rf"restore .*delete {self.dir} to retrain"):
         ckpts.restore_best(checkpointing.abstract(self.state))
     finally:
       ckpts.close()
@@ -244,8 +251,7 @@ class ResumeFallbackCliTest(_Reference):
 
   def test_damaged_best_fails_naming_it(self):
     workdir = self.copy_reference()
-    _damage(glob.glob(os.path.join(workdir, "base", "best", "*"))[0],
-            "truncated_array")
+    _damage(glob.glob(os.path.join(workdir, "base", "best", "*"))[0], "truncated_array")
     proc = cli.run_main(workdir, "evaluate", check=False)
     self.assert_error_line(proc, f"{workdir}/base/best/", "does not restore",
                            f"delete {workdir}/base to retrain")
@@ -280,8 +286,13 @@ class SizeBoundsTest(_Reference):
     workdir = tempfile.mkdtemp()
     proc = subprocess.run(
         [sys.executable, "-m", "iat_jax.main", *cli.main_args(workdir, "train")],
-        cwd=cli.REPO, env={**cli.ENV, "IAT_JAX_MEMORY_BYTES": "100000"},
-        capture_output=True, text=True, timeout=600)
+        cwd=cli.REPO,
+        env={
+            **cli.ENV, "IAT_JAX_MEMORY_BYTES": "100000"
+        },
+        capture_output=True,
+        text=True,
+        timeout=600)
     self.assert_error_line(proc, "train step of base needs", "--config.batch_size",
                            "IAT_JAX_MEMORY_BYTES")
     self.assertFalse(os.path.exists(os.path.join(workdir, "base", "metrics.jsonl")))
@@ -293,22 +304,30 @@ class SizeBoundsTest(_Reference):
 class ErrorLineTest(_Reference):
 
   def test_unknown_config_key(self):
-    proc = cli.run_main(tempfile.mkdtemp(), "train", "--config.no_such_key=1",
+    proc = cli.run_main(tempfile.mkdtemp(),
+                        "train",
+                        "--config.no_such_key=1",
                         check=False)
     self.assert_error_line(proc, "--config.no_such_key", "not a field")
 
   def test_mesh_checked_against_devices_before_the_dataset(self):
     cache = tempfile.mkdtemp()
-    proc = cli.run_main(tempfile.mkdtemp(), "train", "--config.mesh_shape=(3,1)",
-                        f"--config.data.cache_dir={cache}", check=False)
+    proc = cli.run_main(tempfile.mkdtemp(),
+                        "train",
+                        "--config.mesh_shape=(3,1)",
+                        f"--config.data.cache_dir={cache}",
+                        check=False)
     self.assert_error_line(proc, "--config.mesh_shape", "needs 3 devices")
     self.assertEqual(os.listdir(cache), [])
 
   def test_non_finite_loss_without_checkpoint(self):
     workdir = tempfile.mkdtemp()
-    proc = cli.run_main(workdir, "train", "--config.optimizer.learning_rate=1e38",
+    proc = cli.run_main(workdir,
+                        "train",
+                        "--config.optimizer.learning_rate=1e38",
                         "--config.optimizer.grad_clip_norm=0",
-                        "--config.optimizer.warmup_steps=0", check=False)
+                        "--config.optimizer.warmup_steps=0",
+                        check=False)
     line = self.assert_error_line(proc, "non-finite loss", "learning_rate")
     self.assertNotIn("step None", line)
     self.assertRegex(line, r"no checkpoint saved yet|last good checkpoint: step \d+")

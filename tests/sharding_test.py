@@ -25,6 +25,7 @@ def _step_fn(model):
   """(params, batch) -> (outputs, grads, params after one SGD step)."""
 
   def step(params, batch):
+
     def loss(p):
       out = model.apply({"params": p}, batch, train=True)
       bce = optax.sigmoid_binary_cross_entropy(out["logits"], batch["labels"])
@@ -63,8 +64,8 @@ class ShardedModelTest(parameterized.TestCase):
     mesh = sharding.make_mesh((4, 2))
     rules = RULES
     dev_batch = steps.to_device(batch, mesh)
-    state, state_shardings = steps.create_state(
-        model, optax.sgd(LR), dev_batch, 0, mesh, rules)
+    state, state_shardings = steps.create_state(model, optax.sgd(LR), dev_batch, 0,
+                                                mesh, rules)
     params, shardings = state.params, state_shardings.params
 
     # The shared embedding table is row-split over 'model', replicated over
@@ -72,21 +73,19 @@ class ShardedModelTest(parameterized.TestCase):
     table = params["trunk"]["embed"]["embedding"]
     _, rows = embedding.table_layout(SCHEMA, cfg.vocab_pad_multiple)
     self.assertEqual(table.shape, (rows, cfg.embed_dim))
-    self.assertEqual(shardings["trunk"]["embed"]["embedding"].spec,
-                     P("model", None))
+    self.assertEqual(shardings["trunk"]["embed"]["embedding"].spec, P("model", None))
     self.assertEqual({s.data.shape for s in table.addressable_shards},
                      {(rows // 2, cfg.embed_dim)})
     self.assertLen(table.addressable_shards, 8)
     kernel = params["heads"]["logits"]["kernel"]
-    self.assertEqual({s.data.shape for s in kernel.addressable_shards},
-                     {kernel.shape})
+    self.assertEqual({s.data.shape for s in kernel.addressable_shards}, {kernel.shape})
 
     step = _step_fn(model)
     with sharding.mesh_context(mesh, rules):
-      sharded = mf.jit(
-          step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-          out_shardings=(sharding.batch_sharding(mesh), shardings,
-                         shardings))(params, dev_batch)
+      sharded = mf.jit(step,
+                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                       out_shardings=(sharding.batch_sharding(mesh), shardings,
+                                      shardings))(params, dev_batch)
     self.assertEqual(sharded[2]["trunk"]["embed"]["embedding"].sharding.spec,
                      P("model", None))
 
@@ -102,8 +101,7 @@ class ShardedModelTest(parameterized.TestCase):
 
     jax.tree_util.tree_map_with_path(check, jax.device_get(sharded),
                                      jax.device_get(single))
-    self.assertGreater(
-        np.abs(single[1]["trunk"]["embed"]["embedding"]).max(), 0.0)
+    self.assertGreater(np.abs(single[1]["trunk"]["embed"]["embedding"]).max(), 0.0)
     self.assertTrue(np.all(np.isfinite(single[0]["logits"])))
 
 

@@ -32,11 +32,11 @@ class StepsTest(absltest.TestCase):
     cls.batch["row"] = np.arange(16)  # a host-only key: never reaches the model
     cls.dev_batch = steps.to_device(cls.batch, cls.mesh)
     tx = steps.make_optimizer(cls.config, NUM_STEPS)
-    cls.state, cls.shardings = steps.create_state(
-        cls.model, tx, cls.dev_batch, cls.config.seed, cls.mesh, cls.rules)
+    cls.state, cls.shardings = steps.create_state(cls.model, tx, cls.dev_batch,
+                                                  cls.config.seed, cls.mesh, cls.rules)
     cls.host_state = jax.device_get(cls.state)
-    cls.eval_step = staticmethod(steps.make_eval_step(
-        cls.model, cls.shardings.params, cls.mesh, cls.rules))
+    cls.eval_step = staticmethod(
+        steps.make_eval_step(cls.model, cls.shardings.params, cls.mesh, cls.rules))
 
   def fresh_state(self):
     """A copy of the initial state (a train step donates the one it gets)."""
@@ -63,8 +63,7 @@ class StepsTest(absltest.TestCase):
     self.assertEqual({s.data.shape for s in table.addressable_shards},
                      {(table.shape[0] // 2, table.shape[1])})
     kernel = state.params["heads"]["logits"]["kernel"]
-    self.assertEqual({s.data.shape for s in kernel.addressable_shards},
-                     {kernel.shape})
+    self.assertEqual({s.data.shape for s in kernel.addressable_shards}, {kernel.shape})
     adam = state.opt_state[-1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
     self.assertEqual(adam.mu["trunk"]["embed"]["embedding"].sharding.spec,
                      P("model", None))
@@ -81,13 +80,17 @@ class StepsTest(absltest.TestCase):
     self.assertEqual(set(out), {"probs"})
     self.assertEqual(out["probs"].shape, (16, SCHEMA.num_tasks))
     self.assertEqual(out["probs"].sharding.spec, P("data"))
-    want = jax.nn.sigmoid(self.model.apply(
-        {"params": self.host_state.params}, steps.model_inputs(self.batch))["logits"])
+    want = jax.nn.sigmoid(
+        self.model.apply({"params": self.host_state.params},
+                         steps.model_inputs(self.batch))["logits"])
     np.testing.assert_allclose(np.asarray(out["probs"]), want, atol=1e-5)
 
   def test_train_step_decreases_loss_on_a_fixed_batch(self):
-    train_step = steps.make_train_step(self.model, self.shardings, self.mesh,
-                                       self.rules, aux=("probs",))
+    train_step = steps.make_train_step(self.model,
+                                       self.shardings,
+                                       self.mesh,
+                                       self.rules,
+                                       aux=("probs",))
     state = self.fresh_state()
     before = jax.device_get(self.eval_step(state.params, self.dev_batch)["probs"])
     losses = []

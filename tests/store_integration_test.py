@@ -22,8 +22,7 @@ from tests import cli_fixtures as cli
 
 _STAGE = "--config.stage=source_temporal"
 # Small chunks and batches: an export of the tiny dataset is ~60 chunks.
-_EXPORT = (_STAGE, "--config.store.export_chunk_rows=16",
-           "--config.eval_batch_size=16")
+_EXPORT = (_STAGE, "--config.store.export_chunk_rows=16", "--config.eval_batch_size=16")
 
 
 def _store(workdir):
@@ -40,8 +39,12 @@ class UpsertsTest(absltest.TestCase):
 
   def test_reads_through_its_buffer_and_flushes_one_version(self):
     path = os.path.join(tempfile.mkdtemp(), "t")
-    up = tables.Upserts.open_or_create(path, d=2, dtype="float32", source="s",
-                                       fingerprint="f", flush_rows=100)
+    up = tables.Upserts.open_or_create(path,
+                                       d=2,
+                                       dtype="float32",
+                                       source="s",
+                                       fingerprint="f",
+                                       flush_rows=100)
     empty = up.table.version
     up.put(np.array([5, 7], np.uint64), np.array([[1, 1], [2, 2]], np.float32))
     up.put(np.array([7], np.uint64), np.array([[3, 3]], np.float32))  # later wins
@@ -78,7 +81,8 @@ class ExportTest(absltest.TestCase):
 
   def test_exports_every_instance_and_is_a_noop_when_done(self):
     self.assertEqual(self.ref_sum[0], self.ds.num_rows)
-    _, found = insemb_table.Table(_store(self.ref)).lookup(np.asarray(self.ds["ins_id"]))
+    _, found = insemb_table.Table(_store(self.ref)).lookup(np.asarray(
+        self.ds["ins_id"]))
     self.assertTrue(found.all())
     gen = insemb_table.Table(_store(self.ref)).version
     out = cli.run_main(self.ref, "export", *_EXPORT)
@@ -88,8 +92,10 @@ class ExportTest(absltest.TestCase):
   def test_two_processes_export_the_same_table(self):
     workdir = self._copy()
     launcher = os.path.join(cli.REPO, "launch", "local.py")
-    cli.run([sys.executable, launcher, "--num_processes=2", "--",
-             *cli.main_args(workdir, "export", *_EXPORT)])
+    cli.run([
+        sys.executable, launcher, "--num_processes=2", "--",
+        *cli.main_args(workdir, "export", *_EXPORT)
+    ])
     self.assertEqual(_checksum(workdir), self.ref_sum)
 
   def test_killed_export_resumes_to_the_same_table(self):
@@ -97,13 +103,22 @@ class ExportTest(absltest.TestCase):
     path = _store(workdir)
     # A previous version, which must stay readable throughout.
     keys = np.asarray(self.ds["ins_id"])[:100]
-    old = insemb_table.write(path, keys, np.ones((100, 4), np.float32),
-                             source="source_temporal", source_step=-1,
-                             source_config=None, dataset=self.ds.schema.fingerprint)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "iat_jax.main", *cli.main_args(workdir, "export", *_EXPORT)],
-        cwd=cli.REPO, env=cli.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True)
+    old = insemb_table.write(path,
+                             keys,
+                             np.ones((100, 4), np.float32),
+                             source="source_temporal",
+                             source_step=-1,
+                             source_config=None,
+                             dataset=self.ds.schema.fingerprint)
+    proc = subprocess.Popen([
+        sys.executable, "-m", "iat_jax.main",
+        *cli.main_args(workdir, "export", *_EXPORT)
+    ],
+                            cwd=cli.REPO,
+                            env=cli.ENV,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE,
+                            text=True)
     try:
       self._wait_for_chunk(path, 3, proc)
     finally:

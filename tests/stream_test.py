@@ -27,9 +27,12 @@ class StreamPipelineTest(absltest.TestCase):
     rank[ds["temporal_order"]] = np.arange(ds.num_rows)
     # Every instance's stored InsEmb holds its own timestamp: a leak would show.
     path = os.path.join(tempfile.mkdtemp(), "t")
-    insemb_table.write(path, np.asarray(ds["ins_id"]),
+    insemb_table.write(path,
+                       np.asarray(ds["ins_id"]),
                        np.repeat(np.asarray(ds["ts"], np.float32)[:, None], 2, 1),
-                       source="source_stream", source_step=0, source_config=None)
+                       source="source_stream",
+                       source_step=0,
+                       source_config=None)
     table = insemb_table.Table(path)
     seen, visible = set(), 0
     for b in ip.iterate(ip.stream(ds, ("valid", "test"), 8, 6)):
@@ -39,7 +42,8 @@ class StreamPipelineTest(absltest.TestCase):
       fetched, found = table.lookup(b["past_ins_id"].reshape(-1))
       self.assertTrue(found.reshape(pm.shape)[pm].all())
       fetched = fetched.reshape(pm.shape + (2,))[..., 0]
-      self.assertTrue((fetched[pm] < np.broadcast_to(b["ts"][:, None], pm.shape)[pm]).all())
+      self.assertTrue((fetched[pm] < np.broadcast_to(b["ts"][:, None],
+                                                     pm.shape)[pm]).all())
       for r in b["past_row"][pm]:
         # Either before the stream, or written by an earlier batch.
         self.assertTrue(ds["split"][r] == 0 or r in seen)
@@ -47,8 +51,10 @@ class StreamPipelineTest(absltest.TestCase):
       visible += int(pm.sum())
       seen.update(b["row"][m].tolist())
     self.assertGreater(visible, 0)
-    self.assertEqual(seen, set(np.concatenate([ds.split_rows("valid"),
-                                               ds.split_rows("test")]).tolist()))
+    self.assertEqual(
+        seen,
+        set(np.concatenate([ds.split_rows("valid"),
+                            ds.split_rows("test")]).tolist()))
 
   def test_same_batch_instances_do_not_see_each_other(self):
     ds = self.ds
@@ -76,8 +82,8 @@ class StreamTrainingTest(absltest.TestCase):
     return cli.copy_of(self.base)
 
   def _store_sha(self, workdir):
-    return insemb_table.Table(os.path.join(workdir, "stores", "source_stream")
-                              ).metadata["checksum"]
+    return insemb_table.Table(os.path.join(workdir, "stores",
+                                           "source_stream")).metadata["checksum"]
 
   def test_resume_after_kill_matches_uninterrupted(self):
     ref = self._copy()
@@ -93,8 +99,8 @@ class StreamTrainingTest(absltest.TestCase):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     cli.run_main(workdir, "train", *self.args)
-    self.assertEqual(read_jsonl(os.path.join(workdir, "source_stream", "metrics.jsonl")),
-                     rows)
+    self.assertEqual(
+        read_jsonl(os.path.join(workdir, "source_stream", "metrics.jsonl")), rows)
     self.assertEqual(self._store_sha(workdir), self._store_sha(ref))
 
   def test_recompute_method_runs(self):

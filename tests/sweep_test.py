@@ -31,10 +31,15 @@ ENV = cli.ENV
 
 
 def run_sweep(workdir, *args, extra=FAST):
-  proc = subprocess.run(
-      [sys.executable, "-m", "iat_jax.sweep", f"--config={cli.TINY}",
-       f"--workdir={workdir}", *args, "--", *extra],
-      cwd=cli.REPO, env=ENV, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run([
+      sys.executable, "-m", "iat_jax.sweep", f"--config={cli.TINY}",
+      f"--workdir={workdir}", *args, "--", *extra
+  ],
+                        cwd=cli.REPO,
+                        env=ENV,
+                        capture_output=True,
+                        text=True,
+                        timeout=900)
   if proc.returncode:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")
   return proc
@@ -80,8 +85,11 @@ class PointsTest(absltest.TestCase):
 
   def test_point_names_and_flag_values(self):
     self.assertEqual(report.point_name({"model.sit_layers": 2}), "model.sit_layers=2")
-    self.assertEqual(report.point_name({"model.mlp_dims": (16, 8), "data.dir": "a/b c"}),
-                     "model.mlp_dims=16-8,data.dir=a_b_c")
+    self.assertEqual(
+        report.point_name({
+            "model.mlp_dims": (16, 8),
+            "data.dir": "a/b c"
+        }), "model.mlp_dims=16-8,data.dir=a_b_c")
     self.assertEqual(report.point_name({}), "default")
     self.assertEqual(runner.flag_value((8,)), "(8,)")
     self.assertEqual(runner.flag_value((16, 8)), "(16,8)")
@@ -95,12 +103,15 @@ class PointsTest(absltest.TestCase):
       self.assertLen(tiny, 2, name)
       self.assertGreaterEqual(len(demo), 3, name)
       self.assertLen({k for p in tiny + demo for k in p}, 1, name)
-    self.assertEqual(runner.get_points(PAPER, "history_len"),
-                     [{"model.hist_len": v} for v in (4, 8, 16, 32, 64)])
-    self.assertEqual(runner.get_points(DEMO, "sit_depth"),
-                     [{"model.sit_layers": v} for v in (0, 1, 2, 4, 8)])
-    self.assertEqual(runner.get_points(DEMO, "history_len"),
-                     [{"model.hist_len": v} for v in (1, 16, 64, 256, 1024)])
+    self.assertEqual(runner.get_points(PAPER, "history_len"), [{
+        "model.hist_len": v
+    } for v in (4, 8, 16, 32, 64)])
+    self.assertEqual(runner.get_points(DEMO, "sit_depth"), [{
+        "model.sit_layers": v
+    } for v in (0, 1, 2, 4, 8)])
+    self.assertEqual(runner.get_points(DEMO, "history_len"), [{
+        "model.hist_len": v
+    } for v in (1, 16, 64, 256, 1024)])
 
   def test_unknown_sweep_lists_the_known(self):
     with self.assertRaisesRegex(ValueError, r"'nope'.*chunk_len.*sit_depth"):
@@ -117,7 +128,10 @@ class PointsTest(absltest.TestCase):
 
   def test_emit_commands(self):
     workdir = os.path.join(tempfile.mkdtemp(), "sweep")
-    out = run_sweep(workdir, "--sweep=sit_depth", "--seeds=2", "--emit=commands",
+    out = run_sweep(workdir,
+                    "--sweep=sit_depth",
+                    "--seeds=2",
+                    "--emit=commands",
                     extra=["--config.num_epochs=1"]).stdout
     lines = out.strip().splitlines()
     self.assertLen(lines, 4)
@@ -129,16 +143,25 @@ class PointsTest(absltest.TestCase):
       self.assertEqual(argv[3:], [
           f"--config={cli.TINY}", f"--workdir={run}", "--mode=pipeline",
           f"--config.data.cache_dir={data}", "--config.num_epochs=1",
-          f"--config.model.sit_layers={layers}", f"--config.seed={seed}"])
+          f"--config.model.sit_layers={layers}", f"--config.seed={seed}"
+      ])
     self.assertFalse(os.path.exists(workdir))
 
 
 def fake_results(workdir, point, seed, flops, gain, noise):
   """A pipeline results.json whose user_iat AUC is base + gain + noise."""
+
   def model(auc, loss):
-    return {split: {"auc/click": auc, "logloss/click": loss}
-            for split in ("valid", "test")} | {"params": int(flops),
-                                               "flops_per_batch": flops}
+    return {
+        split: {
+            "auc/click": auc,
+            "logloss/click": loss
+        } for split in ("valid", "test")
+    } | {
+        "params": int(flops),
+        "flops_per_batch": flops
+    }
+
   models = {m: model(0.6, 0.5) for m in MODELS}
   models["user_iat"] = model(0.6 + gain + noise, 0.5 - gain)
   cli.write_run(workdir, point, seed, models)
@@ -167,8 +190,13 @@ class ReportTest(absltest.TestCase):
 
   def test_categorical_sweep_with_a_missing_run(self):
     workdir = tempfile.mkdtemp()
-    points = [{"model.seq.encoder": "din", "model.hist_len": 4},
-              {"model.seq.encoder": "transformer", "model.hist_len": 8}]
+    points = [{
+        "model.seq.encoder": "din",
+        "model.hist_len": 4
+    }, {
+        "model.seq.encoder": "transformer",
+        "model.hist_len": 8
+    }]
     for p in points:
       for seed in (0, 1):
         if (p["model.hist_len"], seed) != (8, 1):
@@ -197,23 +225,27 @@ class SweepRunTest(absltest.TestCase):
     self.assertLen(rows, 2 * 2 * 5 * 2 * 2 * 2)
     self.assertEqual(list(rows[0]), [
         "point", "model.iat.layers", "seed", "model", "split", "task", "metric",
-        "value", "params", "flops_per_batch"])
-    per_run = collections.Counter((r["point"], r["model.iat.layers"], r["seed"])
-                                  for r in rows)
-    self.assertEqual(per_run, {(f"model.iat.layers={v}", str(v), str(s)): 40
-                               for v in (1, 2) for s in (0, 1)})
+        "value", "params", "flops_per_batch"
+    ])
+    per_run = collections.Counter(
+        (r["point"], r["model.iat.layers"], r["seed"]) for r in rows)
+    self.assertEqual(
+        per_run,
+        {(f"model.iat.layers={v}", str(v), str(s)): 40 for v in (1, 2) for s in (0, 1)})
     self.assertEqual({r["model"] for r in rows}, MODELS)
     self.assertEqual({(r["split"], r["task"], r["metric"]) for r in rows},
-                     {(s, t, m) for s in ("valid", "test")
-                      for t in ("click", "conversion") for m in ("auc", "logloss")})
+                     {(s, t, m)
+                      for s in ("valid", "test")
+                      for t in ("click", "conversion")
+                      for m in ("auc", "logloss")})
     for r in rows:
       self.assertTrue(math.isfinite(float(r["value"])))
       self.assertGreater(float(r["flops_per_batch"]), 0)
 
     plots = os.path.join(workdir, "plots")
-    names = [f"test_{m}_{t}.png" for m in ("auc", "logloss")
-             for t in ("click", "conversion")] + ["scaling_flops.png",
-                                                  "scaling_params.png"]
+    names = [
+        f"test_{m}_{t}.png" for m in ("auc", "logloss") for t in ("click", "conversion")
+    ] + ["scaling_flops.png", "scaling_params.png"]
     for name in names:
       img = image.imread(os.path.join(plots, name))
       self.assertGreater(img.shape[0], 200, name)
@@ -232,8 +264,10 @@ class SweepRunTest(absltest.TestCase):
     victim = os.path.join(workdir, "model.iat.layers=2", "seed1")
     os.remove(os.path.join(victim, "results.json"))
     shutil.rmtree(os.path.join(victim, "user_iat"))
-    others = [os.path.join(workdir, f"model.iat.layers={v}", f"seed{s}", "results.json")
-              for v, s in ((1, 0), (1, 1), (2, 0))]
+    others = [
+        os.path.join(workdir, f"model.iat.layers={v}", f"seed{s}", "results.json")
+        for v, s in ((1, 0), (1, 1), (2, 0))
+    ]
     mtimes = [os.stat(p).st_mtime_ns for p in others]
     second = run_sweep(workdir, *args)
     self.assertIn("4 runs, 3 complete, 1 to run", second.stderr)

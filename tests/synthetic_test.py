@@ -14,14 +14,26 @@ from iat_jax.data import synthetic
 
 # About 40 rows per user, so a block is ~800 users and the base build has three
 # blocks; seq_len is short so that sequences fill up.
-_BASE = dict(seed=3, num_users=2000, num_instances=80_000, num_categorical=40,
-             num_dense=10, num_tasks=3, num_items=800, num_categories=20,
-             seq_len=8, vocab_size=500)
-_SMALL = dict(seed=1, num_users=300, num_instances=12_000, num_categorical=24,
-              num_items=300, num_categories=10, vocab_size=300)
-_ROW_COLUMNS = ("uid", "ts", "ins_id", "cat", "dense", "labels",
-                "mh_item_tags", "mh_query_terms", "item", "category", "action",
-                "seq_item", "seq_category", "seq_action", "hist_end")
+_BASE = dict(seed=3,
+             num_users=2000,
+             num_instances=80_000,
+             num_categorical=40,
+             num_dense=10,
+             num_tasks=3,
+             num_items=800,
+             num_categories=20,
+             seq_len=8,
+             vocab_size=500)
+_SMALL = dict(seed=1,
+              num_users=300,
+              num_instances=12_000,
+              num_categorical=24,
+              num_items=300,
+              num_categories=10,
+              vocab_size=300)
+_ROW_COLUMNS = ("uid", "ts", "ins_id", "cat", "dense", "labels", "mh_item_tags",
+                "mh_query_terms", "item", "category", "action", "seq_item",
+                "seq_category", "seq_action", "hist_end")
 
 
 def _assert_same(test, a: dataset.Dataset, b: dataset.Dataset) -> None:
@@ -54,10 +66,10 @@ def _context_gap(ds: dataset.Dataset, field: str, task: int = 0) -> float:
   pos = np.bincount(key[past], y[past], minlength=nu * vocab)
   ucnt = np.bincount(ui[past], minlength=nu)
   upos = np.bincount(ui[past], y[past], minlength=nu)
-  vrate = (np.bincount(v[fut], y[fut], minlength=vocab)
-           / np.maximum(np.bincount(v[fut], minlength=vocab), 1))
-  ufut = (np.bincount(ui[fut], y[fut], minlength=nu)
-          / np.maximum(np.bincount(ui[fut], minlength=nu), 1))
+  vrate = (np.bincount(v[fut], y[fut], minlength=vocab) /
+           np.maximum(np.bincount(v[fut], minlength=vocab), 1))
+  ufut = (np.bincount(ui[fut], y[fut], minlength=nu) /
+          np.maximum(np.bincount(ui[fut], minlength=nu), 1))
   ok = fut & (cnt[key] >= 3)
   score = pos[key] / np.maximum(cnt[key], 1) - upos[ui] / np.maximum(ucnt[ui], 1)
   resid = y - ufut[ui] - vrate[v]  # Within-user, value-centred.
@@ -101,9 +113,14 @@ class SyntheticTest(absltest.TestCase):
   def test_shapes_and_ranges(self):
     ds, s = self.ds, self.ds.schema
     n = s.num_rows
-    shapes = {"cat": (n, len(s.categorical)), "dense": (n, len(s.dense)),
-              "labels": (n, s.num_tasks), "mh_item_tags": (n, 4),
-              "mh_query_terms": (n, 4), "seq_item": (n, s.seq_len)}
+    shapes = {
+        "cat": (n, len(s.categorical)),
+        "dense": (n, len(s.dense)),
+        "labels": (n, s.num_tasks),
+        "mh_item_tags": (n, 4),
+        "mh_query_terms": (n, 4),
+        "seq_item": (n, s.seq_len)
+    }
     for name, shape in shapes.items():
       self.assertEqual(ds[name].shape, shape, msg=name)
     cat = np.asarray(ds["cat"])
@@ -112,8 +129,8 @@ class SyntheticTest(absltest.TestCase):
     # Hashed fields spread over their vocabulary.
     self.assertGreater(len(np.unique(cat[:, s.categorical_index("city")])), 50)
     np.testing.assert_array_equal(ds["item"], cat[:, s.categorical_index("item_id")])
-    np.testing.assert_array_equal(ds["category"],
-                                  cat[:, s.categorical_index("category")])
+    np.testing.assert_array_equal(ds["category"], cat[:,
+                                                      s.categorical_index("category")])
     labels = np.asarray(ds["labels"])
     self.assertTrue(np.isin(labels, (0.0, 1.0)).all())
     click, conv = labels[:, 0], labels[:, 1]
@@ -137,8 +154,8 @@ class SyntheticTest(absltest.TestCase):
     uid, ts, ins = (np.asarray(ds[k]) for k in ("uid", "ts", "ins_id"))
     same = uid[1:] == uid[:-1]
     self.assertTrue((uid[1:] >= uid[:-1]).all())
-    self.assertTrue((~same | (ts[1:] > ts[:-1])
-                     | ((ts[1:] == ts[:-1]) & (ins[1:] > ins[:-1]))).all())
+    self.assertTrue((~same | (ts[1:] > ts[:-1]) | ((ts[1:] == ts[:-1]) &
+                                                   (ins[1:] > ins[:-1]))).all())
     self.assertEqual(ds.schema.num_users, len(np.unique(uid)))
     # Slates give same-time rows (ties) within users.
     self.assertGreater((same & (ts[1:] == ts[:-1])).sum(), 1000)
@@ -174,8 +191,12 @@ class SyntheticTest(absltest.TestCase):
       self.assertFalse(np.array_equal(self.ds[name], other[name]), msg=name)
 
   def test_named_columns_do_not_depend_on_widths(self):
-    narrow = self._build("narrow", **{**_BASE, "num_categorical": 20,
-                                      "num_dense": 4, "num_tasks": 2})
+    narrow = self._build(
+        "narrow", **{
+            **_BASE, "num_categorical": 20,
+            "num_dense": 4,
+            "num_tasks": 2
+        })
     np.testing.assert_array_equal(narrow["cat"][:, :17], self.ds["cat"][:, :17])
     np.testing.assert_array_equal(narrow["dense"], self.ds["dense"][:, :4])
     np.testing.assert_array_equal(narrow["labels"], self.ds["labels"][:, :2])
@@ -185,8 +206,10 @@ class SyntheticTest(absltest.TestCase):
     # Users click and convert more in the contexts they favoured before (a
     # signal in past instances' features + labels, not in the behaviour
     # sequence); the control field (network) carries no personal preference.
-    gaps = {(f, task): _context_gap(self.ds, f, task)
-            for f in ("surface", "device", "campaign") for task in (0, 1)}
+    gaps = {
+        (f, task): _context_gap(self.ds, f, task)
+        for f in ("surface", "device", "campaign") for task in (0, 1)
+    }
     self.assertGreater(np.mean(list(gaps.values())), 0.01, msg=gaps)
     for f in ("surface", "campaign"):
       for task in (0, 1):
@@ -205,8 +228,12 @@ class SyntheticTest(absltest.TestCase):
     self.assertEqual(dataset.Dataset(path).schema.sources["seed"], "2")
 
   def test_thousand_fields(self):
-    ds = self._build("wide", num_users=50, num_instances=2000,
-                     num_categorical=1000, num_dense=20, num_tasks=4)
+    ds = self._build("wide",
+                     num_users=50,
+                     num_instances=2000,
+                     num_categorical=1000,
+                     num_dense=20,
+                     num_tasks=4)
     s = ds.schema
     self.assertEqual(ds["cat"].shape, (2000, 1000))
     self.assertLen({f.name for f in s.categorical}, 1000)
@@ -217,8 +244,12 @@ class SyntheticTest(absltest.TestCase):
     self.assertEqual(ds["labels"].shape, (2000, 4))
 
   def test_fewer_instances_than_users(self):
-    ds = self._build("sparse", num_users=500, num_instances=100,
-                     num_categorical=2, num_dense=0, num_tasks=1)
+    ds = self._build("sparse",
+                     num_users=500,
+                     num_instances=100,
+                     num_categorical=2,
+                     num_dense=0,
+                     num_tasks=1)
     self.assertEqual(ds.num_rows, 100)
     self.assertLessEqual(ds.schema.num_users, 100)
     self.assertEqual(ds["cat"].shape, (100, 2))
@@ -227,15 +258,16 @@ class SyntheticTest(absltest.TestCase):
     with self.assertRaises(ValueError):
       synthetic.build(os.path.join(self.dir, "bad"), num_categorical=1)
     with self.assertRaises(ValueError):
-      synthetic.build(os.path.join(self.dir, "bad"), num_items=5,
-                      num_categories=10)
+      synthetic.build(os.path.join(self.dir, "bad"), num_items=5, num_categories=10)
 
   def test_command_line(self):
     out = os.path.join(self.dir, "cli")
-    subprocess.run(
-        [sys.executable, "-m", "iat_jax.data.synthetic", f"--out={out}",
-         "--num_instances=500", "--num_users=20", "--num_categorical=8"],
-        check=True, capture_output=True)
+    subprocess.run([
+        sys.executable, "-m", "iat_jax.data.synthetic", f"--out={out}",
+        "--num_instances=500", "--num_users=20", "--num_categorical=8"
+    ],
+                   check=True,
+                   capture_output=True)
     ds = dataset.Dataset(out)
     self.assertEqual(ds["cat"].shape, (500, 8))
 

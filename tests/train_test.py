@@ -74,17 +74,19 @@ class TrainCliTest(absltest.TestCase):
 
   def test_non_finite_loss_stops_with_step(self):
     workdir = tempfile.mkdtemp()
-    proc = cli.run_main(workdir, "train", "--config.optimizer.learning_rate=1e38",
+    proc = cli.run_main(workdir,
+                        "train",
+                        "--config.optimizer.learning_rate=1e38",
                         "--config.optimizer.grad_clip_norm=0",
-                        "--config.optimizer.warmup_steps=0", check=False)
+                        "--config.optimizer.warmup_steps=0",
+                        check=False)
     self.assertNotEqual(proc.returncode, 0)
     self.assertRegex(proc.stderr, r"non-finite loss \S+ at step \d+")
     self.assertFalse(workdir_lib.is_complete(os.path.join(workdir, "base")))
 
   def test_bad_flag_is_named_before_any_work(self):
     workdir = tempfile.mkdtemp()
-    proc = cli.run_main(workdir, "train", "--config.model.seq.encoder=rnn",
-                        check=False)
+    proc = cli.run_main(workdir, "train", "--config.model.seq.encoder=rnn", check=False)
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("--config.model.seq.encoder", proc.stderr)
     self.assertEqual(os.listdir(workdir), [])  # validated before the dataset
@@ -136,16 +138,20 @@ class PipelineTest(absltest.TestCase):
     self.assertEqual(set(res["models"]), MODELS)
     for r in res["models"].values():
       for split in ("valid", "test"):
-        self.assertEqual(set(r[split]), {"auc/click", "auc/conversion",
-                                         "logloss/click", "logloss/conversion"})
+        self.assertEqual(
+            set(r[split]),
+            {"auc/click", "auc/conversion", "logloss/click", "logloss/conversion"})
       self.assertGreater(r["flops_per_batch"], 0)
     for stage in ("temporal_iat", "user_iat"):  # every history InsID was exported
-      train = [r for r in cli.metric_lines(self.workdir, stage) if r["split"] == "train"]
+      train = [
+          r for r in cli.metric_lines(self.workdir, stage) if r["split"] == "train"
+      ]
       self.assertNotEmpty(train)
       self.assertTrue(all(r["hist_missing"] == 0 for r in train))
     for store in ("source_temporal", "source_user"):  # published OCDBT tables
-      self.assertTrue(tables.is_published(os.path.join(self.workdir, "stores", store),
-                                          store, res["models"][store]["best_step"]))
+      self.assertTrue(
+          tables.is_published(os.path.join(self.workdir, "stores", store), store,
+                              res["models"][store]["best_step"]))
 
   def test_second_run_trains_nothing(self):
     workdir = cli.copy_of(self.workdir)
@@ -165,14 +171,17 @@ class PipelineTest(absltest.TestCase):
     self.assertEqual(again["models"]["source_user"],
                      self.results["models"]["source_user"])
     for name, value in self.results["models"]["user_iat"]["test"].items():
-      self.assertAlmostEqual(again["models"]["user_iat"]["test"][name], value,
-                             places=5, msg=name)
-    self.assertEqual(set(os.listdir(reuse)) & {"stores", "source_user", "base"},
-                     set())
+      self.assertAlmostEqual(again["models"]["user_iat"]["test"][name],
+                             value,
+                             places=5,
+                             msg=name)
+    self.assertEqual(set(os.listdir(reuse)) & {"stores", "source_user", "base"}, set())
     # A workdir without the source model is refused, naming the flag.
-    proc = cli.run_main(tempfile.mkdtemp(), "pipeline",
+    proc = cli.run_main(tempfile.mkdtemp(),
+                        "pipeline",
                         "--config.pipeline.models=('temporal_iat',)",
-                        f"--config.pipeline.sources_from={reuse}", check=False)
+                        f"--config.pipeline.sources_from={reuse}",
+                        check=False)
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("--config.pipeline.sources_from", proc.stderr)
 

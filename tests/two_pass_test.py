@@ -27,8 +27,10 @@ class TwoPassTest(absltest.TestCase):
     ins = np.asarray(ds["ins_id"])
     config = configs.base_config()
     config.model.insemb_dim, config.stage = 4, "source_user"
-    passes = [two_pass_lib.pass_table(config, workdir, "source_user", p, ds).table
-              for p, _ in two_pass_lib.PASSES]
+    passes = [
+        two_pass_lib.pass_table(config, workdir, "source_user", p, ds).table
+        for p, _ in two_pass_lib.PASSES
+    ]
     for k, table in enumerate(passes):  # each pass stored exactly the rows it keeps
       _, found = table.lookup(ins)
       np.testing.assert_array_equal(found, train & (keep == k))

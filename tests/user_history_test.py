@@ -22,7 +22,8 @@ class UserHistoryTest(absltest.TestCase):
     for i in rows:
       same = np.flatnonzero(ds["uid"][:] == ds["uid"][i])
       earlier = same[ds["ts"][same] < ds["ts"][i]]
-      want = earlier[np.lexsort((ds["ins_id"][earlier], ds["ts"][earlier]))][::-1][:length]
+      want = earlier[np.lexsort(
+          (ds["ins_id"][earlier], ds["ts"][earlier]))][::-1][:length]
       m = hist["hist_mask"][i]
       np.testing.assert_array_equal(hist["hist_row"][i][m], want)
       np.testing.assert_array_equal(hist["hist_ts"][i][m], ds["ts"][want])
@@ -36,7 +37,8 @@ class UserHistoryTest(absltest.TestCase):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
     self.assertTrue((b["hist_ts"][b["hist_mask"]]
-                     < np.broadcast_to(ds["ts"][:, None], b["hist_mask"].shape)[b["hist_mask"]]).all())
+                     < np.broadcast_to(ds["ts"][:, None],
+                                       b["hist_mask"].shape)[b["hist_mask"]]).all())
 
   def test_arbitrary_requests(self):
     ds = self.ds

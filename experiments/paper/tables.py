@@ -48,22 +48,31 @@ FULL = {"model.seq.encoder": "transformer"}
 # name -> (the paper's label, overrides of the full model, whether the switch
 # changes the source model; the others reuse the full point's source models).
 ABLATIONS = {
-    "insemb_after_sit": ("InsEmb stored after SIT", {"model.insemb_after_sit": True},
-                         True),
-    "label_side": ("without label side info", {"model.use_label_side": False},
-                   False),
-    "iat_query": ("ID-based query", {"model.iat_query": "id"}, False),
-    "after_interaction": ("IAT token after the feature interaction",
-                          {"model.iat_after_interaction": True}, False),
-    "other_side": ("without other side info", {"model.use_other_side": False},
-                   False),
+    "insemb_after_sit": ("InsEmb stored after SIT", {
+        "model.insemb_after_sit": True
+    }, True),
+    "label_side": ("without label side info", {
+        "model.use_label_side": False
+    }, False),
+    "iat_query": ("ID-based query", {
+        "model.iat_query": "id"
+    }, False),
+    "after_interaction": ("IAT token after the feature interaction", {
+        "model.iat_after_interaction": True
+    }, False),
+    "other_side": ("without other side info", {
+        "model.use_other_side": False
+    }, False),
 }
 # An ablation point trains only its table row (and its source model if needed).
 ABLATION_FLAGS = ("--config.pipeline.models=('user_iat',)",)
 
 
-def plan(table: str, encoders: Sequence[str] = ENCODERS,
-         ablations: Sequence[str] = tuple(ABLATIONS)) -> tuple[list[dict], list[dict]]:
+def plan(
+    table: str,
+    encoders: Sequence[str] = ENCODERS,
+    ablations: Sequence[str] = tuple(ABLATIONS)
+) -> tuple[list[dict], list[dict]]:
   """The sweep points of a table and its rows.
 
   Returns:
@@ -75,10 +84,14 @@ def plan(table: str, encoders: Sequence[str] = ENCODERS,
     if bad or not encoders:
       raise ValueError(f"--encoders: {bad or 'none'}; allowed: {ENCODERS}")
     points = [{"model.seq.encoder": e} for e in encoders]
-    rows = [{"label": f"{e} / {m}", "point": p, "model": m,
-             "ref": None if m == "base" else (p, "base"),
-             "group": e if m in CHART_MODELS else None, "series": m}
-            for e, p in zip(encoders, points) for m in MODELS]
+    rows = [{
+        "label": f"{e} / {m}",
+        "point": p,
+        "model": m,
+        "ref": None if m == "base" else (p, "base"),
+        "group": e if m in CHART_MODELS else None,
+        "series": m
+    } for e, p in zip(encoders, points) for m in MODELS]
     return points, rows
   if table == "table4":
     bad = [a for a in ablations if a not in ABLATIONS]
@@ -86,13 +99,29 @@ def plan(table: str, encoders: Sequence[str] = ENCODERS,
       raise ValueError(f"--ablations: {bad or 'none'}; allowed: {list(ABLATIONS)}")
     points = [FULL] + [{**FULL, **ABLATIONS[a][1]} for a in ablations]
     ref = (FULL, "user_iat")
-    rows = [{"label": "base (no IAT)", "point": FULL, "model": "base", "ref": ref,
-             "group": None, "series": None},
-            {"label": "full user-order IAT", "point": FULL, "model": "user_iat",
-             "ref": None, "group": None, "series": None}]
-    rows += [{"label": ABLATIONS[a][0], "point": p, "model": "user_iat", "ref": ref,
-              "group": ABLATIONS[a][0], "series": "user_iat"}
-             for a, p in zip(ablations, points[1:])]
+    rows = [{
+        "label": "base (no IAT)",
+        "point": FULL,
+        "model": "base",
+        "ref": ref,
+        "group": None,
+        "series": None
+    }, {
+        "label": "full user-order IAT",
+        "point": FULL,
+        "model": "user_iat",
+        "ref": None,
+        "group": None,
+        "series": None
+    }]
+    rows += [{
+        "label": ABLATIONS[a][0],
+        "point": p,
+        "model": "user_iat",
+        "ref": ref,
+        "group": ABLATIONS[a][0],
+        "series": "user_iat"
+    } for a, p in zip(ablations, points[1:])]
     return points, rows
   raise ValueError(f"unknown table {table!r}")
 
@@ -141,26 +170,37 @@ def summarize(rows: Sequence[dict], table_rows: Sequence[dict]) -> list[dict]:
 
   rows: iat_jax.sweeps.report.collect's rows.
   """
-  test = {(r["point"], r["seed"], r["model"], r["task"], r["metric"]): r["value"]
-          for r in rows if r["split"] == "test"}
+  test = {
+      (r["point"], r["seed"], r["model"], r["task"], r["metric"]): r["value"]
+      for r in rows
+      if r["split"] == "test"
+  }
   cost = {(r["point"], r["model"]): (r["params"], r["flops_per_batch"]) for r in rows}
   tasks = list(dict.fromkeys(r["task"] for r in rows))
   out = []
   for row in table_rows:
     name, per_task = report.point_name(row["point"]), {}
     for task in tasks:
-      values = {metric: [v for (p, _, m, t, mt), v in test.items()
-                         if (p, m, t, mt) == (name, row["model"], task, metric)]
-                for metric in ("auc", "logloss")}
-      per_task[task] = {metric: stats.mean_ci(v) if v else (math.nan, math.nan)
-                     for metric, v in values.items()}
+      values = {
+          metric: [
+              v
+              for (p, _, m, t, mt), v in test.items()
+              if (p, m, t, mt) == (name, row["model"], task, metric)
+          ] for metric in ("auc", "logloss")
+      }
+      per_task[task] = {
+          metric: stats.mean_ci(v) if v else (math.nan, math.nan)
+          for metric, v in values.items()
+      }
       per_task[task]["n"] = len(values["auc"])
       if row["ref"] is not None:
         changes = paired_changes(test, row, task)
-        per_task[task]["change"] = (stats.mean_ci(changes) if changes
-                                 else (math.nan, math.nan))
-    out.append({**row, "tasks": per_task,
-                "cost": cost.get((name, row["model"]), (math.nan, math.nan))})
+        per_task[task]["change"] = (stats.mean_ci(changes) if changes else
+                                    (math.nan, math.nan))
+    out.append({
+        **row, "tasks": per_task,
+        "cost": cost.get((name, row["model"]), (math.nan, math.nan))
+    })
   return out
 
 
@@ -169,8 +209,7 @@ def markdown(summary: Sequence[dict], ref_name: str) -> str:
   tasks = list(summary[0]["tasks"])
   head = ["model"]
   for t in tasks:
-    head += [f"AUC {t}", f"logloss {t}", f"ΔAUC {t} vs {ref_name} (%)",
-             f"Δ {t} ≠ 0"]
+    head += [f"AUC {t}", f"logloss {t}", f"ΔAUC {t} vs {ref_name} (%)", f"Δ {t} ≠ 0"]
   head += ["params", "FLOPs/batch", "seeds"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for s in summary:
@@ -182,11 +221,18 @@ def markdown(summary: Sequence[dict], ref_name: str) -> str:
         cells += ["—", "—"]
       else:
         verdict = stats.excludes_zero(*st["change"])
-        cells += [fmt(*st["change"], 3, sign=True),
-                  {None: "n/a", True: "yes", False: "no"}[verdict]]
+        cells += [
+            fmt(*st["change"], 3, sign=True), {
+                None: "n/a",
+                True: "yes",
+                False: "no"
+            }[verdict]
+        ]
     params, flops = s["cost"]
-    cells += ["—" if math.isnan(params) else f"{params:,}", f"{flops:.3g}",
-              str(max(st["n"] for st in s["tasks"].values()))]
+    cells += [
+        "—" if math.isnan(params) else f"{params:,}", f"{flops:.3g}",
+        str(max(st["n"] for st in s["tasks"].values()))
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -200,15 +246,22 @@ def plot_changes(summary: Sequence[dict], path: str, title: str) -> None:
   groups = list(dict.fromkeys(s["group"] for s in charted))
   series = list(dict.fromkeys(s["series"] for s in charted))
   tasks = list(summary[0]["tasks"])
-  fig, axes = plt.subplots(1, len(tasks), squeeze=False, figsize=(
-      len(tasks) * max(3.5, 1.2 + 1.1 * len(groups)), 4.4))
+  fig, axes = plt.subplots(1,
+                           len(tasks),
+                           squeeze=False,
+                           figsize=(len(tasks) * max(3.5, 1.2 + 1.1 * len(groups)),
+                                    4.4))
   width = 0.8 / len(series)
   for ax, task in zip(axes[0], tasks):
     for j, name in enumerate(series):
-      bars = {s["group"]: s["tasks"][task]["change"] for s in charted
-              if s["series"] == name}
-      xs = [i + (j - (len(series) - 1) / 2) * width for i, g in enumerate(groups)
-            if g in bars]
+      bars = {
+          s["group"]: s["tasks"][task]["change"] for s in charted if s["series"] == name
+      }
+      xs = [
+          i + (j - (len(series) - 1) / 2) * width
+          for i, g in enumerate(groups)
+          if g in bars
+      ]
       mean = [bars[g][0] for g in groups if g in bars]
       err = [0.0 if math.isnan(bars[g][1]) else bars[g][1] for g in groups if g in bars]
       ax.bar(xs, mean, width, yerr=err, capsize=3, label=name)
@@ -233,8 +286,8 @@ def write_report(workdir: str, table: str, config_arg: str, seeds: int,
   title = (f"{table}: paired relative test-AUC change vs {ref_name}, mean and 95% "
            f"t-interval over seeds")
   plot_changes(summary, os.path.join(workdir, chart), title)
-  missing = sorted({s["label"] for s in summary
-                    for st in s["tasks"].values() if st["n"] < seeds})
+  missing = sorted(
+      {s["label"] for s in summary for st in s["tasks"].values() if st["n"] < seeds})
   what = ("Table 1: base sequence encoder x {base, temporal IAT, user-order IAT}"
           if table == "table1" else
           "Table 4: ablations of the user-order IAT (transformer encoder)")
@@ -250,7 +303,8 @@ def write_report(workdir: str, table: str, config_arg: str, seeds: int,
       "seed). Params and FLOPs per batch of the row's own model.", "",
       markdown(summary, ref_name), "",
       *([f"Missing runs (left out): {', '.join(missing)}.", ""] if missing else []),
-      f"![{title}]({chart})", ""])
+      f"![{title}]({chart})", ""
+  ])
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(text)
   return text
@@ -278,14 +332,24 @@ def main(argv: Sequence[str]) -> None:
   runner.check_points(f.config, points, f"--table={f.table}")
   data_cache = f.data_cache or os.path.join(f.workdir, "data")
   jobs = [(report.run_dir(f.workdir, p, s),
-           runner.command(f.config, f.workdir, p, s, data_cache,
-                         [*extra, *argv[1:]], sources_from=sources_from))
-          for p, (extra, sources_from) in zip(points, point_runs(
-              f.table, points, f.workdir))
+           runner.command(f.config,
+                          f.workdir,
+                          p,
+                          s,
+                          data_cache, [*extra, *argv[1:]],
+                          sources_from=sources_from))
+          for p, (extra,
+                  sources_from) in zip(points, point_runs(f.table, points, f.workdir))
           for s in range(f.seeds)]
-  runner.execute(jobs, f.workdir, points, f.seeds, emit=f.emit, what="tables",
-                 on_rows=lambda rows: print(write_report(
-                     f.workdir, f.table, f.config, f.seeds, rows, table_rows)))
+  runner.execute(
+      jobs,
+      f.workdir,
+      points,
+      f.seeds,
+      emit=f.emit,
+      what="tables",
+      on_rows=lambda rows: print(
+          write_report(f.workdir, f.table, f.config, f.seeds, rows, table_rows)))
 
 
 if __name__ == "__main__":

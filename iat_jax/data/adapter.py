@@ -55,7 +55,11 @@ def hash_sources(data_dir: str, names: list[str], seq_len: int,
   """
   paths = {name: os.path.join(data_dir, name) for name in names}
   sources = {name: _sha256(p) for name, p in paths.items()}
-  key = json.dumps({"sources": sources, "seq_len": seq_len, "version": version},
+  key = json.dumps({
+      "sources": sources,
+      "seq_len": seq_len,
+      "version": version
+  },
                    sort_keys=True)
   return paths, sources, hashlib.sha256(key.encode()).hexdigest()
 
@@ -131,7 +135,8 @@ def bad_int_lines(text: bytes, sep: int, num_fields: int) -> np.ndarray:
   return np.concatenate([
       np.searchsorted(nl, np.flatnonzero(~allowed[b])),
       np.flatnonzero(count[nl] - count[starts] != num_fields - 1),
-      np.searchsorted(nl, seps[(field_len == 0) | (field_len > MAX_DIGITS)])])
+      np.searchsorted(nl, seps[(field_len == 0) | (field_len > MAX_DIGITS)])
+  ])
 
 
 def int_line_error(path: str, lineno: int, line: str, fields: list[str],
@@ -229,8 +234,7 @@ def earlier_rows(uid: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, ...]:
 # Writing.
 
 
-def write(out_dir: str, schema: schema_lib.Schema,
-          cols: dict[str, np.ndarray]) -> None:
+def write(out_dir: str, schema: schema_lib.Schema, cols: dict[str, np.ndarray]) -> None:
   """Writes `cols` as the dataset `out_dir`, in chunks of whole users.
 
   Args:
@@ -268,8 +272,8 @@ def define_flags(data_help: str) -> None:
   flags.mark_flag_as_required("data_dir")
 
 
-def main(argv: list[str], usage: str,
-         archive: Callable[[flags.FlagValues], tuple[str, str]],
+def main(argv: list[str], usage: str, archive: Callable[[flags.FlagValues], tuple[str,
+                                                                                  str]],
          build: Callable[[str, str, int], str]) -> None:
   """Downloads (if --download) and builds (if --out_dir) a dataset.
 

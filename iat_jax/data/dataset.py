@@ -55,7 +55,9 @@ class DataError(ValueError):
 def row_shapes(schema: schema_lib.Schema) -> dict[str, tuple[tuple[int, ...], type]]:
   """Per-row shape and dtype of every column a data source must provide."""
   shapes = {
-      "uid": ((), np.int64), "ts": ((), np.int64), "ins_id": ((), np.uint64),
+      "uid": ((), np.int64),
+      "ts": ((), np.int64),
+      "ins_id": ((), np.uint64),
       "cat": ((len(schema.categorical),), np.int32),
       "dense": ((len(schema.dense),), np.float32),
       "labels": ((schema.num_tasks,), np.float32),
@@ -70,7 +72,8 @@ def row_shapes(schema: schema_lib.Schema) -> dict[str, tuple[tuple[int, ...], ty
 def is_complete(path: str, fingerprint: str) -> bool:
   """True if `path` holds a finished dataset built from the same inputs."""
   try:
-    return schema_lib.Schema.load(schema_lib.schema_path(path)).fingerprint == fingerprint
+    return schema_lib.Schema.load(
+        schema_lib.schema_path(path)).fingerprint == fingerprint
   except (OSError, ValueError, KeyError, TypeError):
     return False
 
@@ -89,8 +92,12 @@ class Writer:
   changes at `path`.
   """
 
-  def __init__(self, path: str, schema: schema_lib.Schema, num_rows: int,
-               train_fraction: float = 0.8, valid_fraction: float = 0.1):
+  def __init__(self,
+               path: str,
+               schema: schema_lib.Schema,
+               num_rows: int,
+               train_fraction: float = 0.8,
+               valid_fraction: float = 0.1):
     self.path = os.path.abspath(path)
     self.schema = schema
     self.num_rows = num_rows
@@ -103,9 +110,13 @@ class Writer:
     shapes.update({f"seq_{n}": ((schema.seq_len,), np.int32) for n in _SEQ})
     shapes.update({"user_index": ((), np.int32), "hist_end": ((), np.int64)})
     self.cols = {
-        name: np.lib.format.open_memmap(
-            os.path.join(self.tmp, name + ".npy"), mode="w+", dtype=dtype,
-            shape=(num_rows,) + shape) for name, (shape, dtype) in shapes.items()}
+        name:
+            np.lib.format.open_memmap(os.path.join(self.tmp, name + ".npy"),
+                                      mode="w+",
+                                      dtype=dtype,
+                                      shape=(num_rows,) + shape)
+        for name, (shape, dtype) in shapes.items()
+    }
     self.written = 0
     self.num_users = 0
     self.last = None  # (uid, ts, ins_id) of the last row written
@@ -158,8 +169,9 @@ class Writer:
     if self.last is not None and uid[0] <= self.last[0]:
       raise DataError(f"user {uid[0]} starts a chunk but is not after user "
                       f"{self.last[0]}: chunks must hold whole users in order")
-    key_ok = (uid[1:] > uid[:-1]) | ((uid[1:] == uid[:-1]) & (
-        (ts[1:] > ts[:-1]) | ((ts[1:] == ts[:-1]) & (ins[1:] > ins[:-1]))))
+    key_ok = (uid[1:] > uid[:-1]) | ((uid[1:] == uid[:-1]) & ((ts[1:] > ts[:-1]) |
+                                                              ((ts[1:] == ts[:-1]) &
+                                                               (ins[1:] > ins[:-1]))))
     if not key_ok.all():
       bad = int(np.flatnonzero(~key_ok)[0]) + 1
       raise DataError(f"rows not strictly sorted by (uid, ts, ins_id) at chunk "
@@ -177,10 +189,10 @@ class Writer:
         value = lo[c] if lo[c] < 0 else hi[c]
         raise DataError(f"field {self.schema.categorical[c].name}: id {value} "
                         f"outside [0, {vocab[c]})")
-    limits = [(f"mh_{f.name}", f.vocab_size) for f in self.schema.multi_hot] + [
-        ("item", self.schema.vocab_size(self.schema.seq_item_field)),
-        ("category", self.schema.vocab_size(self.schema.seq_category_field)),
-        ("action", self.schema.num_actions)]
+    limits = [(f"mh_{f.name}", f.vocab_size) for f in self.schema.multi_hot
+             ] + [("item", self.schema.vocab_size(self.schema.seq_item_field)),
+                  ("category", self.schema.vocab_size(self.schema.seq_category_field)),
+                  ("action", self.schema.num_actions)]
     for name, vocab in limits:
       v = np.asarray(chunk[name])
       if v.size and (v.min() < 0 or v.max() >= vocab):
@@ -205,14 +217,18 @@ class Writer:
     np.save(os.path.join(self.tmp, "user_offsets.npy"),
             np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
     bounds = tuple((int(ts[order[k]]), int(ins[order[k]]))
-                   for k in (n_train, n_train + n_valid) if k < n)
+                   for k in (n_train, n_train + n_valid)
+                   if k < n)
     for col in self.cols.values():
       col.flush()
     self.cols.clear()
-    schema = self.schema.__class__(**{
-        **self.schema.__dict__, "num_rows": n, "num_users": self.num_users,
-        "split_sizes": (n_train, n_valid, n - n_train - n_valid),
-        "split_boundaries": bounds})
+    schema = self.schema.__class__(
+        **{
+            **self.schema.__dict__, "num_rows": n,
+            "num_users": self.num_users,
+            "split_sizes": (n_train, n_valid, n - n_train - n_valid),
+            "split_boundaries": bounds
+        })
     schema.save(schema_lib.schema_path(self.tmp))
     _publish(self.tmp, self.path)
     logging.info("wrote dataset %s: %d rows, %d users, splits %s", self.path, n,
@@ -249,8 +265,7 @@ class Dataset:
 
   def __getitem__(self, name: str) -> np.ndarray:
     if name not in self._cols:
-      self._cols[name] = np.load(os.path.join(self.path, name + ".npy"),
-                                 mmap_mode="r")
+      self._cols[name] = np.load(os.path.join(self.path, name + ".npy"), mmap_mode="r")
     return self._cols[name]
 
   def __getstate__(self):  # memmaps are re-opened in worker processes
@@ -272,11 +287,13 @@ class Dataset:
 
   def feature_columns(self) -> tuple[str, ...]:
     """Names of the per-row columns a model reads."""
-    return (("cat", "dense") + tuple(f"mh_{f.name}" for f in self.schema.multi_hot)
-            + tuple(f"seq_{n}" for n in _SEQ))
+    return (("cat", "dense") + tuple(f"mh_{f.name}" for f in self.schema.multi_hot) +
+            tuple(f"seq_{n}" for n in _SEQ))
 
   def read(self, rows: np.ndarray, names) -> dict[str, np.ndarray]:
     """Gathers columns at `rows` (int [...]): {name: [..., per-row shape]}."""
     flat = np.asarray(rows).reshape(-1)
-    return {n: np.asarray(self[n][flat]).reshape(np.shape(rows) + self[n].shape[1:])
-            for n in names}
+    return {
+        n: np.asarray(self[n][flat]).reshape(np.shape(rows) + self[n].shape[1:])
+        for n in names
+    }

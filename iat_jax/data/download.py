@@ -63,8 +63,7 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
                         f"an empty or new --data_dir")
   parent = os.path.dirname(data_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(data_dir) + ".download-",
-                         dir=parent)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(data_dir) + ".download-", dir=parent)
   try:
     archive = os.path.join(tmp, os.path.basename(url) or "archive.zip")
     logging.info("downloading %s", url)
@@ -74,8 +73,8 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
         shutil.copyfileobj(r, f)
     except urllib.error.HTTPError as e:
       raise DownloadError(f"cannot download {url}: the server answered HTTP "
-                          f"{e.code} {e.reason}. "
-                          + _by_hand(url, data_dir, marker)) from None
+                          f"{e.code} {e.reason}. " +
+                          _by_hand(url, data_dir, marker)) from None
     except (urllib.error.URLError, OSError) as e:
       reason = getattr(e, "reason", e)
       raise DownloadError(f"cannot download {url}: the network is unreachable "
@@ -90,8 +89,8 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
           t.extractall(unpacked, filter="data")  # no links out, no ".."
     except (zipfile.BadZipFile, tarfile.TarError) as e:
       raise DownloadError(f"{url} is not a valid zip or tar archive ({e})") from None
-    src = next((root for root, _, files in sorted(os.walk(unpacked))
-                if marker in files), None)
+    src = next(
+        (root for root, _, files in sorted(os.walk(unpacked)) if marker in files), None)
     if src is None:
       raise DownloadError(f"{url} holds no {marker}")
     if os.path.isdir(data_dir):

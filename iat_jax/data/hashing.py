@@ -79,7 +79,9 @@ def string_ids(values) -> np.ndarray:
   """
   uniq, inverse = np.unique(np.asarray(values, dtype=object).astype(str),
                             return_inverse=True)
-  digests = np.array(
-      [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(),
-                      "little") for u in uniq], dtype=np.uint64)
+  digests = np.array([
+      int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little")
+      for u in uniq
+  ],
+                     dtype=np.uint64)
   return digests[inverse]

@@ -49,8 +49,8 @@ from iat_jax.data import schema as schema_lib
 from iat_jax.data import user_history
 from iat_jax.store import tables
 
-HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts",
-             "past_row", "past_ins_id", "hist_missing")
+HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts", "past_row",
+             "past_ins_id", "hist_missing")
 
 
 class EpochBatches:
@@ -279,15 +279,21 @@ class ReadStream(grain.transforms.Map):
     prow = np.where(mask, past["hist_row"], 0)
     ins = np.asarray(self.ds["ins_id"])
     batch.update(past_row=np.where(mask, prow, -1),
-                 past_ins_id=np.where(mask, ins[prow], np.uint64(0)), past_mask=mask)
+                 past_ins_id=np.where(mask, ins[prow], np.uint64(0)),
+                 past_mask=mask)
     if self.features:
       for name in self.ds.feature_columns():
         batch[f"past_{name}"] = history.gather(self.ds[name], prow, mask)
     return batch
 
 
-def stream(ds: dataset_lib.Dataset, splits: tuple[str, ...], batch_size: int,
-           past_len: int, *, features: bool = False, process_index: int = 0,
+def stream(ds: dataset_lib.Dataset,
+           splits: tuple[str, ...],
+           batch_size: int,
+           past_len: int,
+           *,
+           features: bool = False,
+           process_index: int = 0,
            process_count: int = 1) -> grain.MapDataset:
   """Time-ordered batches over `splits` (consecutive in time), see ReadStream.
 
@@ -305,9 +311,12 @@ def stream(ds: dataset_lib.Dataset, splits: tuple[str, ...], batch_size: int,
   return grain.MapDataset.source(source).map(read)
 
 
-def _assemble(source: EpochBatches, read: grain.transforms.Map,
-              ds: dataset_lib.Dataset, history_len: int | None,
-              num_gap_buckets: int, table: tables.Lookup | None,
+def _assemble(source: EpochBatches,
+              read: grain.transforms.Map,
+              ds: dataset_lib.Dataset,
+              history_len: int | None,
+              num_gap_buckets: int,
+              table: tables.Lookup | None,
               compact: bool = False) -> grain.MapDataset:
   data = grain.MapDataset.source(source).map(read)
   if history_len is not None:
@@ -317,7 +326,9 @@ def _assemble(source: EpochBatches, read: grain.transforms.Map,
   return data
 
 
-def iterate(data: grain.MapDataset, worker_count: int = 0, read_threads: int = 2,
+def iterate(data: grain.MapDataset,
+            worker_count: int = 0,
+            read_threads: int = 2,
             prefetch: int = 4) -> grain.DatasetIterator:
   """A checkpointable iterator over `data`.
 
@@ -330,17 +341,24 @@ def iterate(data: grain.MapDataset, worker_count: int = 0, read_threads: int = 2
     read_threads: threads preparing batches in this process.
     prefetch: batches prepared ahead.
   """
-  it = data.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                              prefetch_buffer_size=prefetch))
+  it = data.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
   if worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
 
 
-def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
-             seed: int = 0, shuffle_window: int = 0, num_epochs: int = 1,
-             process_index: int = 0, process_count: int = 1,
-             history_len: int | None = None, num_gap_buckets: int = 16,
+def temporal(ds: dataset_lib.Dataset,
+             split: str,
+             batch_size: int,
+             *,
+             seed: int = 0,
+             shuffle_window: int = 0,
+             num_epochs: int = 1,
+             process_index: int = 0,
+             process_count: int = 1,
+             history_len: int | None = None,
+             num_gap_buckets: int = 16,
              table: tables.Lookup | None = None,
              compact: bool = False) -> grain.MapDataset:
   """Time-ordered batches of one split.
@@ -372,10 +390,17 @@ def temporal(ds: dataset_lib.Dataset, split: str, batch_size: int, *,
 CHUNK_ORDERS = ("shuffle", "users", "reversed")
 
 
-def user_ordered(ds: dataset_lib.Dataset, split: str, users_per_batch: int,
-                 chunk_len: int, *, seed: int = 0, order: str = "shuffle",
-                 num_epochs: int = 1, process_index: int = 0,
-                 process_count: int = 1, history_len: int | None = None,
+def user_ordered(ds: dataset_lib.Dataset,
+                 split: str,
+                 users_per_batch: int,
+                 chunk_len: int,
+                 *,
+                 seed: int = 0,
+                 order: str = "shuffle",
+                 num_epochs: int = 1,
+                 process_index: int = 0,
+                 process_count: int = 1,
+                 history_len: int | None = None,
                  num_gap_buckets: int = 16,
                  table: tables.Lookup | None = None) -> grain.MapDataset:
   """User-chunk batches [B_users / process_count, T] of one split.
@@ -389,8 +414,10 @@ def user_ordered(ds: dataset_lib.Dataset, split: str, users_per_batch: int,
     raise ValueError(f"chunk order {order!r} is not one of {CHUNK_ORDERS}")
   chunks = UserChunks.build(ds, split, chunk_len)
   n = len(chunks.start)
-  fixed = {"users": np.arange(n),
-           "reversed": np.lexsort((np.arange(n), -chunks.user))}.get(order)
+  fixed = {
+      "users": np.arange(n),
+      "reversed": np.lexsort((np.arange(n), -chunks.user))
+  }.get(order)
 
   def epoch_order(epoch: int) -> np.ndarray:
     if fixed is not None:

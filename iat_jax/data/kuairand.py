@@ -104,32 +104,27 @@ URL = "https://zenodo.org/records/10439422/files/KuaiRand-Pure.tar.gz"
 LOG_GLOB = "log_standard_*_pure.csv"
 USERS_FILE = "user_features_pure.csv"
 VIDEOS_FILE = "video_features_basic_pure.csv"
-LOG_COLUMNS = (
-    "user_id", "video_id", "date", "hourmin", "time_ms", "is_click", "is_like",
-    "is_follow", "is_comment", "is_forward", "is_hate", "long_view",
-    "play_time_ms", "duration_ms", "profile_stay_time", "comment_stay_time",
-    "is_profile_enter", "is_rand", "tab")
-OUTCOME_COLUMNS = (
-    "is_click", "is_like", "is_follow", "is_comment", "is_forward", "is_hate",
-    "long_view", "play_time_ms", "profile_stay_time", "comment_stay_time",
-    "is_profile_enter")
-USER_FIELDS = (
-    "user_active_degree", "follow_user_num_range", "fans_user_num_range",
-    "friend_user_num_range", "register_days_range") + tuple(
-        f"onehot_feat{k}" for k in range(18))
-USER_COLUMNS = (
-    "user_id", "user_active_degree", "is_lowactive_period", "is_live_streamer",
-    "is_video_author", "follow_user_num", "follow_user_num_range",
-    "fans_user_num", "fans_user_num_range", "friend_user_num",
-    "friend_user_num_range", "register_days", "register_days_range") + tuple(
-        f"onehot_feat{k}" for k in range(18))
-VIDEO_COLUMNS = (
-    "video_id", "author_id", "video_type", "upload_dt", "upload_type",
-    "visible_status", "video_duration", "server_width", "server_height",
-    "music_id", "music_type", "tag")
+LOG_COLUMNS = ("user_id", "video_id", "date", "hourmin", "time_ms", "is_click",
+               "is_like", "is_follow", "is_comment", "is_forward", "is_hate",
+               "long_view", "play_time_ms", "duration_ms", "profile_stay_time",
+               "comment_stay_time", "is_profile_enter", "is_rand", "tab")
+OUTCOME_COLUMNS = ("is_click", "is_like", "is_follow", "is_comment", "is_forward",
+                   "is_hate", "long_view", "play_time_ms", "profile_stay_time",
+                   "comment_stay_time", "is_profile_enter")
+USER_FIELDS = ("user_active_degree", "follow_user_num_range", "fans_user_num_range",
+               "friend_user_num_range", "register_days_range") + tuple(
+                   f"onehot_feat{k}" for k in range(18))
+USER_COLUMNS = ("user_id", "user_active_degree", "is_lowactive_period",
+                "is_live_streamer", "is_video_author", "follow_user_num",
+                "follow_user_num_range", "fans_user_num", "fans_user_num_range",
+                "friend_user_num", "friend_user_num_range", "register_days",
+                "register_days_range") + tuple(f"onehot_feat{k}" for k in range(18))
+VIDEO_COLUMNS = ("video_id", "author_id", "video_type", "upload_dt", "upload_type",
+                 "visible_status", "video_duration", "server_width", "server_height",
+                 "music_id", "music_type", "tag")
 TASKS = ("is_click", "long_view", "is_like")
-_BINARY = ("is_click", "is_like", "is_follow", "is_comment", "is_forward",
-           "is_hate", "long_view", "is_profile_enter", "is_rand")
+_BINARY = ("is_click", "is_like", "is_follow", "is_comment", "is_forward", "is_hate",
+           "long_view", "is_profile_enter", "is_rand")
 _COL = {name: k for k, name in enumerate(LOG_COLUMNS)}
 _TAB_VOCAB = 16
 _GAP_VOCAB = 24
@@ -141,15 +136,14 @@ _MIN_TAGS = 4
 _MAX_REPEATS = 1024  # request_id = time_ms * 1024 + rank among repeats
 _UPLOAD_DT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
-
 # ---------------------------------------------------------------------------
 # Files.
 
 
 def log_files(data_dir: str) -> list[str]:
   """Names of the standard logs in `data_dir`, sorted; checks the other files."""
-  logs = sorted(os.path.basename(p)
-                for p in glob.glob(os.path.join(data_dir, LOG_GLOB)))
+  logs = sorted(
+      os.path.basename(p) for p in glob.glob(os.path.join(data_dir, LOG_GLOB)))
   if not logs:
     raise dataset.DataError(
         f"no KuaiRand log in {data_dir}: expected {LOG_GLOB} (KuaiRand-Pure); "
@@ -209,15 +203,18 @@ def _parse_users(path: str) -> dict:
   """Users file -> {"id": int64 [U], field: (int32 ids [U], vocab) per USER_FIELDS}."""
   rows = _read_csv(path, USER_COLUMNS)
   col = {name: k for k, name in enumerate(USER_COLUMNS)}
-  ids = np.array([adapter.parse_int(path, i, "user_id", r[0])
-                  for i, r in enumerate(rows, 2)], dtype=np.int64)
+  ids = np.array(
+      [adapter.parse_int(path, i, "user_id", r[0]) for i, r in enumerate(rows, 2)],
+      dtype=np.int64)
   adapter.check_unique(path, ids, "user", 2)
   out = {"id": ids}
   for name in USER_FIELDS:
     values = [r[col[name]].strip() for r in rows]
     if name.startswith("onehot_feat"):  # "1.0" and "1" are the same value
-      values = ["" if v == "" else repr(_number(path, i, name, v))
-                for i, v in enumerate(values, 2)]
+      values = [
+          "" if v == "" else repr(_number(path, i, name, v))
+          for i, v in enumerate(values, 2)
+      ]
     out[name] = _ranks(values)
   return out
 
@@ -228,8 +225,9 @@ def _parse_videos(path: str) -> dict:
   field: (int32 ids [V], vocab) for video_type, upload_type, music_type}."""
   rows = _read_csv(path, VIDEO_COLUMNS)
   col = {name: k for k, name in enumerate(VIDEO_COLUMNS)}
-  out = {k: [] for k in ("id", "author", "upload_day", "duration_s", "tags",
-                         "music_type")}
+  out = {
+      k: [] for k in ("id", "author", "upload_day", "duration_s", "tags", "music_type")
+  }
   for i, r in enumerate(rows, 2):
     f = dict(zip(VIDEO_COLUMNS, r))
     out["id"].append(adapter.parse_int(path, i, "video_id", f["video_id"]))
@@ -300,8 +298,8 @@ def _parse_log(path: str) -> np.ndarray:
   hourmin = values[:, _COL["hourmin"]]
   checks.append(("hourmin", (hourmin // 100 > 23) | (hourmin % 100 > 59),
                  "is not a time of day hhmm"))
-  checks.append(("tab", values[:, _COL["tab"]] >= _TAB_VOCAB - 1,
-                 f"is outside 0..{_TAB_VOCAB - 2}"))
+  checks.append(("tab", values[:, _COL["tab"]]
+                 >= _TAB_VOCAB - 1, f"is outside 0..{_TAB_VOCAB - 2}"))
   for name, wrong, why in checks:
     if wrong.any():
       k = int(np.flatnonzero(wrong)[0])
@@ -321,7 +319,8 @@ def _dates_to_days(dates: np.ndarray, where) -> np.ndarray:
   days = np.empty(len(uniq), dtype=np.int64)
   for k, d in enumerate(uniq):
     try:
-      days[k] = datetime.date(int(d) // 10000, int(d) // 100 % 100,
+      days[k] = datetime.date(int(d) // 10000,
+                              int(d) // 100 % 100,
                               int(d) % 100).toordinal()
     except ValueError:
       k = int(np.flatnonzero(dates == d)[0])
@@ -372,8 +371,8 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
   n = len(uid)
   o = np.lexsort((np.arange(n), time_ms, video, uid))
   run = np.ones(n, dtype=bool)
-  run[1:] = ((uid[o][1:] != uid[o][:-1]) | (video[o][1:] != video[o][:-1])
-             | (time_ms[o][1:] != time_ms[o][:-1]))
+  run[1:] = ((uid[o][1:] != uid[o][:-1]) | (video[o][1:] != video[o][:-1]) |
+             (time_ms[o][1:] != time_ms[o][:-1]))
   rank = np.empty(n, dtype=np.int64)
   rank[o] = np.arange(n) - np.maximum.accumulate(np.where(run, np.arange(n), 0))
   if rank.max() >= _MAX_REPEATS:
@@ -395,8 +394,8 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
     csum = np.concatenate([[0], np.cumsum(x)])
     return csum[hist_end] - csum[user_start]
 
-  n_click, n_long, n_like = (earlier_sum(c[t]) for t in ("is_click", "long_view",
-                                                          "is_like"))
+  n_click, n_long, n_like = (
+      earlier_sum(c[t]) for t in ("is_click", "long_view", "is_like"))
   rate = lambda k: np.where(has_prev, k / np.maximum(earlier, 1), 0.0)
 
   max_tags = max(_MIN_TAGS, max(len(t) for t in videos["tags"]))
@@ -430,24 +429,33 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
       ("tab", _TAB_VOCAB, c["tab"] + 1),
       ("hour", 25, c["hourmin"] // 100 + 1),
       ("weekday", 8, (day - 1) % 7 + 1),  # ordinal 1 was a Monday
-      ("gap", _GAP_VOCAB, np.where(
-          has_prev, _log2_bucket(minutes, 2, _GAP_VOCAB), 1)),
+      ("gap", _GAP_VOCAB, np.where(has_prev, _log2_bucket(minutes, 2, _GAP_VOCAB), 1)),
       ("earlier_count", _COUNT_VOCAB, _log2_bucket(earlier, 1, _COUNT_VOCAB)),
       ("earlier_clicks", _COUNT_VOCAB, _log2_bucket(n_click, 1, _COUNT_VOCAB)),
       ("earlier_long_views", _COUNT_VOCAB, _log2_bucket(n_long, 1, _COUNT_VOCAB)),
       ("earlier_likes", _COUNT_VOCAB, _log2_bucket(n_like, 1, _COUNT_VOCAB)),
   ]
-  dense = np.stack([np.log1p(earlier), np.log1p(gap_s / 3600.0), rate(n_click),
-                    rate(n_long), rate(n_like), np.log1p(duration_s)], axis=1)
+  dense = np.stack([
+      np.log1p(earlier),
+      np.log1p(gap_s / 3600.0),
+      rate(n_click),
+      rate(n_long),
+      rate(n_like),
+      np.log1p(duration_s)
+  ],
+                   axis=1)
   engaged = c["is_follow"] | c["is_comment"] | c["is_forward"]
   action = 1 + c["is_click"] + 2 * c["long_view"] + 4 * c["is_like"] + 8 * engaged
   cols = {
-      "uid": uid, "ts": ts, "ins_id": ins,
+      "uid": uid,
+      "ts": ts,
+      "ins_id": ins,
       "cat": np.stack([v for _, _, v in fields], axis=1).astype(np.int32),
       "dense": dense.astype(np.float32),
       "labels": np.stack([c[t] for t in TASKS], axis=1).astype(np.float32),
       "mh_tags": tag_table[vpos],
-      "item": video_id, "category": first_tag.astype(np.int32),
+      "item": video_id,
+      "category": first_tag.astype(np.int32),
       "action": action.astype(np.int32),
   }
   schema = schema_lib.Schema(
@@ -456,8 +464,12 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
       multi_hot=(schema_lib.MultiHot("tags", tag_vocab, max_tags),),
       dense=("log_earlier_count", "log_gap_hours", "earlier_click_rate",
              "earlier_long_view_rate", "earlier_like_rate", "log_duration_s"),
-      tasks=TASKS, seq_len=seq_len, seq_item_field="video_id",
-      seq_category_field="first_tag", num_actions=17, sources=dict(sources),
+      tasks=TASKS,
+      seq_len=seq_len,
+      seq_item_field="video_id",
+      seq_category_field="first_tag",
+      num_actions=17,
+      sources=dict(sources),
       fingerprint=fingerprint)
   return cols, schema
 
@@ -500,8 +512,8 @@ def build(data_dir: str, out_dir: str, seq_len: int = 50) -> str:
 
 
 def main(argv: list[str]) -> None:
-  adapter.main(argv, "give --download and/or --out_dir",
-               lambda f: (f.url, USERS_FILE), build)
+  adapter.main(argv, "give --download and/or --out_dir", lambda f: (f.url, USERS_FILE),
+               build)
 
 
 def _define_flags() -> None:

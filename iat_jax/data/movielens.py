@@ -75,24 +75,22 @@ from iat_jax.data import schema as schema_lib
 VERSION = "movielens-adapter-2"
 # Archive name -> (URL, ratings file that marks an unpacked copy).
 ARCHIVES = {
-    "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip",
-                "u.data"),
-    "ml-1m": ("https://files.grouplens.org/datasets/movielens/ml-1m.zip",
-              "ratings.dat"),
+    "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip", "u.data"),
+    "ml-1m":
+        ("https://files.grouplens.org/datasets/movielens/ml-1m.zip", "ratings.dat"),
 }
 # Genre vocabulary: ML-100K's u.genre order; ML-1M uses the same names except
 # "unknown". Genre id = index + 1.
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
-          "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror",
-          "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
-OCCUPATIONS_100K = (
-    "administrator", "artist", "doctor", "educator", "engineer", "entertainment",
-    "executive", "healthcare", "homemaker", "lawyer", "librarian", "marketing",
-    "none", "other", "programmer", "retired", "salesman", "scientist", "student",
-    "technician", "writer")
+          "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical",
+          "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+OCCUPATIONS_100K = ("administrator", "artist", "doctor", "educator", "engineer",
+                    "entertainment", "executive", "healthcare", "homemaker", "lawyer",
+                    "librarian", "marketing", "none", "other", "programmer", "retired",
+                    "salesman", "scientist", "student", "technician", "writer")
 AGE_CODES = (1, 18, 25, 35, 45, 50, 56)  # ML-1M: code = lower bound of bucket
-_YEAR_EDGES = (1940, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996,
-               1997, 1998, 1999, 2000, 2001)
+_YEAR_EDGES = (1940, 1950, 1960, 1970, 1980, 1985, 1990, 1993, 1995, 1996, 1997, 1998,
+               1999, 2000, 2001)
 _GAP_VOCAB = 24
 _COUNT_VOCAB = 16
 _MIN_GENRES = 6
@@ -198,8 +196,8 @@ def _parse_movies(path: str, fmt: _Format) -> dict[str, np.ndarray]:
   """Movies file -> {"id": int [M], "year": int [M] (0 unknown), "genres": list}."""
   is_1m = fmt.name == "movielens-1m"
   names = (("movie id", "title", "genres") if is_1m else
-           ("movie id", "title", "release date", "video release date", "url")
-           + tuple(f"genre flag {g}" for g in GENRES))
+           ("movie id", "title", "release date", "video release date", "url") +
+           tuple(f"genre flag {g}" for g in GENRES))
   ids, years, genres = [], [], []
   for i, line in enumerate(_read_lines(path, "latin-1"), 1):
     f = _split(path, i, line, fmt.sep, names)
@@ -227,8 +225,11 @@ def _parse_movies(path: str, fmt: _Format) -> dict[str, np.ndarray]:
       genres.append([k + 1 for k, x in enumerate(flags_) if x == "1"])
     years.append(year)
   adapter.check_unique(path, ids, "movie", 1)
-  return {"id": np.asarray(ids, dtype=np.int64),
-          "year": np.asarray(years, dtype=np.int64), "genres": genres}
+  return {
+      "id": np.asarray(ids, dtype=np.int64),
+      "year": np.asarray(years, dtype=np.int64),
+      "genres": genres
+  }
 
 
 _RATING_FIELDS = ("user id", "movie id", "rating", "timestamp")
@@ -257,8 +258,8 @@ def _parse_ratings(path: str, sep: bytes) -> np.ndarray:
   bad_lines = []
   if sep != b"\t":  # a tab would pass for a separator once `sep` is replaced
     pre = np.frombuffer(text, dtype=np.uint8)
-    bad_lines.append(np.searchsorted(np.flatnonzero(pre == 10),
-                                     np.flatnonzero(pre == 9)))
+    bad_lines.append(
+        np.searchsorted(np.flatnonzero(pre == 10), np.flatnonzero(pre == 9)))
     text = text.replace(sep, b"\t")
   bad_lines.append(adapter.bad_int_lines(text, ord("\t"), len(_RATING_FIELDS)))
   bad = np.concatenate(bad_lines)
@@ -273,17 +274,16 @@ def _parse_ratings(path: str, sep: bytes) -> np.ndarray:
   out = np.flatnonzero((rating < 1) | (rating > 5))
   if out.size:
     k = int(out[0])
-    raise dataset.DataError(
-        f"{path}, line {k + 1}: rating {rating[k]} outside 1..5 "
-        f"({out.size} such lines)")
+    raise dataset.DataError(f"{path}, line {k + 1}: rating {rating[k]} outside 1..5 "
+                            f"({out.size} such lines)")
   return values
 
 
 def _check_duplicates(path: str, user, movie, ts) -> None:
   line = np.arange(1, len(ts) + 1)
   o = np.lexsort((line, ts, movie, user))
-  same = ((user[o][1:] == user[o][:-1]) & (movie[o][1:] == movie[o][:-1])
-          & (ts[o][1:] == ts[o][:-1]))
+  same = ((user[o][1:] == user[o][:-1]) & (movie[o][1:] == movie[o][:-1]) &
+          (ts[o][1:] == ts[o][:-1]))
   if same.any():
     pairs = np.flatnonzero(same)
     k = pairs[np.argmin(line[o][pairs + 1])]
@@ -304,8 +304,8 @@ def _id_vocab(n: int) -> int:
   return 1 << max(4, int(np.ceil(np.log2(4 * n + 1))))
 
 
-def _instances(fmt: _Format, paths: dict[str, str], users, movies,
-               ratings: np.ndarray, seq_len: int, sources: dict[str, str],
+def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.ndarray,
+               seq_len: int, sources: dict[str, str],
                fingerprint: str) -> tuple[dict[str, np.ndarray], schema_lib.Schema]:
   """Joins, sorts and featurizes the ratings.
 
@@ -324,8 +324,7 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies,
   uid, movie, rating, ts = (ratings[:, k] for k in range(4))
   where = lambda k: f"{rpath}, line {k + 1}"
   upos = adapter.lookup(where, uid, users["id"], "user", fmt.users, "rating lines")
-  mpos = adapter.lookup(where, movie, movies["id"], "movie", fmt.movies,
-                        "rating lines")
+  mpos = adapter.lookup(where, movie, movies["id"], "movie", fmt.movies, "rating lines")
   _check_duplicates(rpath, uid, movie, ts)
 
   line = np.arange(1, len(ts) + 1)
@@ -337,8 +336,8 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies,
   earlier = hist_end - user_start
   has_prev = earlier > 0
   csum = np.concatenate([[0], np.cumsum(rating)])
-  mean_prev = np.where(has_prev, (csum[hist_end] - csum[user_start])
-                       / np.maximum(earlier, 1) - 3.5, 0.0)
+  mean_prev = np.where(
+      has_prev, (csum[hist_end] - csum[user_start]) / np.maximum(earlier, 1) - 3.5, 0.0)
 
   max_genres = max(_MIN_GENRES, max(len(g) for g in movies["genres"]))
   genre_table = np.zeros((len(movies["id"]), max_genres), dtype=np.int32)
@@ -348,13 +347,16 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies,
   year_id = np.where(year > 0, np.searchsorted(_YEAR_EDGES, year, side="right") + 1, 0)
   zips = users["zip"]
   zip_vocab = _id_vocab(len(set(zips)))
-  zip_ids = np.where(zips != "", hashing.hash_to_vocab(
-      hashing.string_ids(zips), zip_vocab, _ZIP_SALT), 0)
+  zip_ids = np.where(
+      zips != "", hashing.hash_to_vocab(hashing.string_ids(zips), zip_vocab, _ZIP_SALT),
+      0)
   minutes = gap_s // 60
-  gap_id = np.where(has_prev, np.minimum(
-      np.floor(np.log2(1.0 + minutes)).astype(np.int64) + 2, _GAP_VOCAB - 1), 1)
-  count_id = np.minimum(np.floor(np.log2(1.0 + earlier)).astype(np.int64) + 1,
-                        _COUNT_VOCAB - 1)
+  gap_id = np.where(
+      has_prev,
+      np.minimum(np.floor(np.log2(1.0 + minutes)).astype(np.int64) + 2, _GAP_VOCAB - 1),
+      1)
+  count_id = np.minimum(
+      np.floor(np.log2(1.0 + earlier)).astype(np.int64) + 1, _COUNT_VOCAB - 1)
   # Users and movies are closed sets: exact ids (their row in users/movies + 1),
   # since hashing 1,682 movies into even 4x as many buckets merged ~10% of them.
   user_vocab, movie_vocab = len(users["id"]) + 1, len(movies["id"]) + 1
@@ -375,25 +377,36 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies,
       ("earlier_count", _COUNT_VOCAB, count_id),
   )
   dense = np.stack([
-      np.log1p(earlier), np.log1p(gap_s / 3600.0),
-      np.where(year > 0, (year - 1990) / 10.0, 0.0), mean_prev], axis=1)
+      np.log1p(earlier),
+      np.log1p(gap_s / 3600.0),
+      np.where(year > 0, (year - 1990) / 10.0, 0.0), mean_prev
+  ],
+                   axis=1)
   cols = {
-      "uid": uid, "ts": ts, "ins_id": ins,
+      "uid": uid,
+      "ts": ts,
+      "ins_id": ins,
       "cat": np.stack([v for _, _, v in fields], axis=1).astype(np.int32),
       "dense": dense.astype(np.float32),
       "labels": np.stack([rating >= 4, rating == 5], axis=1).astype(np.float32),
       "mh_genres": genre_table[mpos],
-      "item": movie_id.astype(np.int32), "category": first_genre.astype(np.int32),
+      "item": movie_id.astype(np.int32),
+      "category": first_genre.astype(np.int32),
       "action": rating.astype(np.int32),
   }
   schema = schema_lib.Schema(
       dataset=fmt.name,
       categorical=tuple(schema_lib.Categorical(name, v) for name, v, _ in fields),
-      multi_hot=(schema_lib.MultiHot("genres", len(GENRES) + 1, max_genres),),
+      multi_hot=(schema_lib.MultiHot("genres",
+                                     len(GENRES) + 1, max_genres),),
       dense=("log_earlier_count", "log_gap_hours", "release_year_norm",
              "earlier_mean_rating"),
-      tasks=("like", "love"), seq_len=seq_len, seq_item_field="movie_id",
-      seq_category_field="first_genre", num_actions=6, sources=dict(sources),
+      tasks=("like", "love"),
+      seq_len=seq_len,
+      seq_item_field="movie_id",
+      seq_category_field="first_genre",
+      num_actions=6,
+      sources=dict(sources),
       fingerprint=fingerprint)
   return cols, schema
 

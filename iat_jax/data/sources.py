@@ -68,24 +68,27 @@ def _dir_name(data: DataConfig) -> str:
   return os.path.basename(os.path.normpath(data.dir))
 
 
-register(Source(
-    name="synthetic",
-    subdir=lambda data: "synthetic",
-    build=lambda data, out, seed: synthetic.build(
-        out, seed=seed, seq_len=data.seq_len, **data.synthetic),
-    validate=lambda data: None))
+register(
+    Source(name="synthetic",
+           subdir=lambda data: "synthetic",
+           build=lambda data, out, seed: synthetic.build(
+               out, seed=seed, seq_len=data.seq_len, **data.synthetic),
+           validate=lambda data: None))
 
-register(Source(
-    name="movielens",
-    subdir=_dir_name,
-    build=lambda data, out, seed: movielens.build(data.dir, out, seq_len=data.seq_len),
-    validate=lambda data: need_dir(data, "movielens")))
+register(
+    Source(name="movielens",
+           subdir=_dir_name,
+           build=lambda data, out, seed: movielens.build(
+               data.dir, out, seq_len=data.seq_len),
+           validate=lambda data: need_dir(data, "movielens")))
 
-register(Source(
-    name="kuairand",
-    subdir=_dir_name,
-    build=lambda data, out, seed: kuairand.build(data.dir, out, seq_len=data.seq_len),
-    validate=lambda data: need_dir(data, "kuairand")))
+register(
+    Source(name="kuairand",
+           subdir=_dir_name,
+           build=lambda data, out, seed: kuairand.build(
+               data.dir, out, seq_len=data.seq_len),
+           validate=lambda data: need_dir(data, "kuairand")))
+
 
 def dataset_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where the preprocessed dataset of the run `config` lives."""

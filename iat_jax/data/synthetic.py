@@ -84,7 +84,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 import zlib
 
@@ -111,17 +110,31 @@ _DRIFT = 0.8
 
 # name -> raw cardinality (None: depends on the knobs, see `_Tables`).
 _NAMED_CARD = {
-    "item_id": None, "category": None, "surface": 6, "device": 4,
-    "campaign": 16, "position": 10, "hour": 24, "age": 8, "gender": 3,
-    "city": 200, "seller": None, "brand": None, "price_bucket": 20,
-    "weekday": 7, "network": 5, "os": 4, "segment": 16}
+    "item_id": None,
+    "category": None,
+    "surface": 6,
+    "device": 4,
+    "campaign": 16,
+    "position": 10,
+    "hour": 24,
+    "age": 8,
+    "gender": 3,
+    "city": 200,
+    "seller": None,
+    "brand": None,
+    "price_bucket": 20,
+    "weekday": 7,
+    "network": 5,
+    "os": 4,
+    "segment": 16
+}
 _NAMED = tuple(_NAMED_CARD)
 # Context fields with a hidden per-user preference: (name, cardinality).
 _SENSITIVE = (("surface", 6), ("device", 4), ("campaign", 16), ("hour6", 4))
 _PREF_SIZE = sum(c for _, c in _SENSITIVE)
 _PREF_OFFSET = np.cumsum([0] + [c for _, c in _SENSITIVE])[:-1]
-_DENSE = ("price_z", "discount", "relevance", "item_pop", "hour_sin",
-          "hour_cos", "log_position", "tenure")
+_DENSE = ("price_z", "discount", "relevance", "item_pop", "hour_sin", "hour_cos",
+          "log_position", "tenure")
 # Request-context bases of the generic cross fields.
 _CROSS_BASES = ("surface", "device", "campaign", "position", "hour", "network")
 _GENERIC_KINDS = ("req_noise", "req_noise", "req_cross", "item_attr")  # Mix.
@@ -148,8 +161,8 @@ class Config:
     """Raises ValueError on knobs the generator cannot honour."""
     if self.seed < 0:
       raise ValueError("seed must be >= 0")
-    if min(self.num_users, self.num_instances, self.num_tasks,
-           self.num_categories, self.days, self.seq_len) < 1:
+    if min(self.num_users, self.num_instances, self.num_tasks, self.num_categories,
+           self.days, self.seq_len) < 1:
       raise ValueError(f"knobs must be positive: {self}")
     if self.num_categorical < 2:
       raise ValueError("num_categorical must be >= 2 (item_id and category)")
@@ -164,8 +177,7 @@ class Config:
 
   def fingerprint(self) -> str:
     """sha256 of the knobs and the generator version (not of chunk_rows)."""
-    blob = json.dumps({"version": VERSION, **dataclasses.asdict(self)},
-                      sort_keys=True)
+    blob = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
   def users_per_block(self) -> int:
@@ -179,7 +191,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _zipf(n: int, a: float) -> np.ndarray:
-  p = 1.0 / (np.arange(n) + 1.0) ** a
+  p = 1.0 / (np.arange(n) + 1.0)**a
   return p / p.sum()
 
 
@@ -200,17 +212,19 @@ class _Tables:
     c, i, k = cfg.num_categories, cfg.num_items, _LATENT
     rng = np.random.default_rng([cfg.seed, 0])
     self.cat_mean = rng.standard_normal((c, k))
-    item_cat = np.concatenate(
-        [np.arange(c), rng.choice(c, i - c, p=_zipf(c, 0.7))])
+    item_cat = np.concatenate([np.arange(c), rng.choice(c, i - c, p=_zipf(c, 0.7))])
     self.item_cat = rng.permutation(item_cat)
-    self.item_vec = (self.cat_mean[self.item_cat]
-                     + 0.7 * rng.standard_normal((i, k))) / np.sqrt(1.49)
+    self.item_vec = (self.cat_mean[self.item_cat] + 0.7 * rng.standard_normal(
+        (i, k))) / np.sqrt(1.49)
     self.item_bias = 0.5 * rng.standard_normal(i)
     self.item_pop = rng.permutation(_zipf(i, 0.9))
     cat_logprice = 3.0 + rng.standard_normal(c)
     self.item_logprice = cat_logprice[self.item_cat] + 0.5 * rng.standard_normal(i)
-    self.raw_card = dict(_NAMED_CARD, item_id=i, category=c,
-                         seller=i // 20 + 1, brand=i // 50 + 1)
+    self.raw_card = dict(_NAMED_CARD,
+                         item_id=i,
+                         category=c,
+                         seller=i // 20 + 1,
+                         brand=i // 50 + 1)
     self.item_seller = rng.integers(0, self.raw_card["seller"], i)
     self.item_brand = rng.integers(0, self.raw_card["brand"], i)
     ntags = rng.integers(1, 5, i)
@@ -219,9 +233,9 @@ class _Tables:
     tag_ids = hashing.hash_to_vocab(tag_raw, cfg.vocab_size,
                                     _salt(cfg.seed, "item_tags"))
     self.item_tags = np.where(np.arange(4) < ntags[:, None], tag_ids, 0)
-    self.term_table = hashing.hash_to_vocab(
-        np.arange(c * _NUM_TAGS + _NUM_TERMS), cfg.vocab_size,
-        _salt(cfg.seed, "query_terms"))
+    self.term_table = hashing.hash_to_vocab(np.arange(c * _NUM_TAGS + _NUM_TERMS),
+                                            cfg.vocab_size,
+                                            _salt(cfg.seed, "query_terms"))
     # Popularity-weighted item sampling within a category.
     self.item_order = np.argsort(self.item_cat, kind="stable")
     pop_sorted = self.item_pop[self.item_order]
@@ -239,17 +253,18 @@ class _Tables:
     hours = np.arange(24)
     self.g_hour = 0.2 * np.cos(2 * np.pi * (hours - 20) / 24)
     self.g_pos = -0.12 * np.arange(10)
-    self.hour_cdf = np.cumsum(_normalize(
-        0.3 + np.exp(np.cos(2 * np.pi * (hours - 20) / 24))))
+    self.hour_cdf = np.cumsum(
+        _normalize(0.3 + np.exp(np.cos(2 * np.pi * (hours - 20) / 24))))
     self.age_cdf = np.cumsum(_zipf(8, 0.3))
     self.city_cdf = np.cumsum(_zipf(200, 1.0))
     self.campaign_cdf = np.cumsum(_zipf(16, 0.8))
     self.network_cdf = np.cumsum(_zipf(5, 1.2))
     # Hash tables of the named fields (item_id and category are not hashed).
     self.table = {
-        name: hashing.hash_to_vocab(np.arange(self.raw_card[name]),
-                                    cfg.vocab_size, _salt(cfg.seed, name))
-        for name in _NAMED[2:]}
+        name:
+            hashing.hash_to_vocab(np.arange(self.raw_card[name]), cfg.vocab_size,
+                                  _salt(cfg.seed, name)) for name in _NAMED[2:]
+    }
     self.table["item_id"] = np.arange(1, i + 1, dtype=np.int32)
     self.table["category"] = np.arange(1, c + 1, dtype=np.int32)
     self._generic_fields(cfg)
@@ -276,7 +291,7 @@ class _Tables:
       skew = rng.uniform(1.0, 3.0)
       bins = (np.arange(_NOISE_BINS) + 0.5) / _NOISE_BINS
       names.append(f"req_noise_{col:04d}")
-      tables.append((card * bins ** skew).astype(np.int64))
+      tables.append((card * bins**skew).astype(np.int64))
       col += 1
     # Cross fields, grouped by their base field: base * m + U[0, m).
     self.cross_src = np.arange(self.gen_cross) * len(_CROSS_BASES) // max(
@@ -285,12 +300,11 @@ class _Tables:
       base_card = self.raw_card[_CROSS_BASES[self.cross_src[j]]]
       m = int(rng.integers(1, _CROSS_BINS + 1))
       names.append(f"req_cross_{col:04d}")
-      tables.append((np.arange(base_card)[:, None] * m
-                     + np.arange(_CROSS_BINS) * m // _CROSS_BINS).reshape(-1))
+      tables.append((np.arange(base_card)[:, None] * m +
+                     np.arange(_CROSS_BINS) * m // _CROSS_BINS).reshape(-1))
       col += 1
     # Item attributes: a random value per item bucket.
-    self.item_bucket = rng.integers(0, _ITEM_BUCKETS, cfg.num_items,
-                                    dtype=np.uint32)
+    self.item_bucket = rng.integers(0, _ITEM_BUCKETS, cfg.num_items, dtype=np.uint32)
     for _ in range(self.gen_item):
       card = int(np.exp(rng.uniform(np.log(2), np.log(1000))))
       names.append(f"item_attr_{col:04d}")
@@ -298,11 +312,11 @@ class _Tables:
       col += 1
     self.gen_names = tuple(names)
     sizes = np.array([len(x) for x in tables], dtype=np.int64)
-    self.gen_offset = np.concatenate([[0], np.cumsum(sizes)])[:-1].astype(
-        np.uint32)
-    self.gen_table = np.concatenate(
-        [hashing.hash_to_vocab(x, cfg.vocab_size, _salt(cfg.seed, name))
-         for x, name in zip(tables, names)] or [np.zeros(1, np.int32)])
+    self.gen_offset = np.concatenate([[0], np.cumsum(sizes)])[:-1].astype(np.uint32)
+    self.gen_table = np.concatenate([
+        hashing.hash_to_vocab(x, cfg.vocab_size, _salt(cfg.seed, name))
+        for x, name in zip(tables, names)
+    ] or [np.zeros(1, np.int32)])
     gd = max(cfg.num_dense - len(_DENSE), 0)
     self.dense_src = rng.integers(0, len(_DENSE), gd)
     self.dense_w = rng.uniform(0.0, 1.0, gd).astype(np.float32)
@@ -328,17 +342,23 @@ def make_schema(cfg: Config, tables: _Tables | None = None) -> schema_lib.Schema
   cats += [schema_lib.Categorical(n, cfg.vocab_size) for n in tables.gen_names]
   dense = _DENSE[:cfg.num_dense] + tuple(
       f"dense_{k:03d}" for k in range(len(_DENSE), cfg.num_dense))
-  tasks = ("click", "conversion") + tuple(
-      f"task_{k}" for k in range(2, cfg.num_tasks))
+  tasks = ("click", "conversion") + tuple(f"task_{k}" for k in range(2, cfg.num_tasks))
   sources = {"generator": VERSION}
   sources.update({k: str(v) for k, v in dataclasses.asdict(cfg).items()})
-  return schema_lib.Schema(
-      dataset="synthetic", categorical=tuple(cats),
-      multi_hot=(schema_lib.MultiHot("item_tags", cfg.vocab_size, 4),
-                 schema_lib.MultiHot("query_terms", cfg.vocab_size, 4)),
-      dense=dense, tasks=tasks[:cfg.num_tasks], seq_len=cfg.seq_len,
-      seq_item_field="item_id", seq_category_field="category", num_actions=4,
-      sources=sources, fingerprint=cfg.fingerprint())
+  return schema_lib.Schema(dataset="synthetic",
+                           categorical=tuple(cats),
+                           multi_hot=(schema_lib.MultiHot("item_tags", cfg.vocab_size,
+                                                          4),
+                                      schema_lib.MultiHot("query_terms", cfg.vocab_size,
+                                                          4)),
+                           dense=dense,
+                           tasks=tasks[:cfg.num_tasks],
+                           seq_len=cfg.seq_len,
+                           seq_item_field="item_id",
+                           seq_category_field="category",
+                           num_actions=4,
+                           sources=sources,
+                           fingerprint=cfg.fingerprint())
 
 
 def user_counts(cfg: Config) -> np.ndarray:
@@ -357,8 +377,8 @@ def _segment_starts(lu: np.ndarray) -> np.ndarray:
   return new
 
 
-def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray,
-               row0: int, out: dict[str, np.ndarray]) -> None:
+def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray, row0: int,
+               out: dict[str, np.ndarray]) -> None:
   """Generates the rows of one user block into `out` (views [n, ...]).
 
   Args:
@@ -398,17 +418,15 @@ def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray,
   r_hour = _cdf_sample(t.hour_cdf, rng.random(r))
   ts_rel = day * 86400 + r_hour * 3600 + rng.integers(0, 3600, r)
   ts_rel = np.sort((ru.astype(np.int64) << 32) | ts_rel) & 0xFFFFFFFF
-  r_surface = np.where(rng.random(r) < 0.4, fav_surface[ru],
-                       rng.integers(0, 6, r))
-  r_device = np.where(rng.random(r) < 0.6, main_device[ru],
-                      rng.integers(0, 4, r))
+  r_surface = np.where(rng.random(r) < 0.4, fav_surface[ru], rng.integers(0, 6, r))
+  r_device = np.where(rng.random(r) < 0.6, main_device[ru], rng.integers(0, 4, r))
   r_os = (r_device + (rng.random(r) < 0.1) * rng.integers(1, 4, r)) % 4
   r_network = _cdf_sample(t.network_cdf, rng.random(r))
   # Interest drift: Brownian motion sampled at the request times.
   first = _segment_starts(ru)
   prev = np.where(first, start_day[ru] * 86400, np.roll(ts_rel, 1))
-  incr = (_DRIFT * np.sqrt((ts_rel - prev) / span))[:, None] * (
-      rng.standard_normal((r, k)))
+  incr = (_DRIFT * np.sqrt((ts_rel - prev) / span))[:, None] * (rng.standard_normal(
+      (r, k)))
   cs = np.cumsum(incr, axis=0)
   base = (cs - incr)[first]  # Cumulative sum before each user's first request.
   z_req = z0[ru] + cs - base[np.cumsum(first) - 1]
@@ -426,8 +444,8 @@ def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray,
   explore = rng.random(n) < 0.3
   cat = np.where(explore, _cdf_sample(t.cat_cdf, rng.random(n)), cat)
   target = t.cat_cum0[cat] + rng.random(n) * t.cat_total[cat]
-  pos = np.clip(np.searchsorted(t.pop_cum, target, side="right"),
-                t.cat_start[cat], t.cat_end[cat] - 1)
+  pos = np.clip(np.searchsorted(t.pop_cum, target, side="right"), t.cat_start[cat],
+                t.cat_end[cat] - 1)
   item = t.item_order[pos]
   # InsIDs, then the final row order (uid, ts, ins_id).
   uid = users[lu]
@@ -452,12 +470,11 @@ def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray,
   aff = np.einsum("nk,nk->n", z, t.item_vec[item]) / np.sqrt(k)
   ctx_vals = (surface, device, campaign, hour // 6)
   pref_u = sum(pref[lu, off + v] for off, v in zip(_PREF_OFFSET, ctx_vals))
-  logit_click = (-2.5 + aff + 0.5 * t.item_bias[item] + 0.8 * pref_u
-                 + ubias[lu] + t.g_surface[surface] + t.g_device[device]
-                 + t.g_campaign[campaign] + t.g_hour[hour] + t.g_pos[position]
-                 + t.g_age[age[lu]])
-  logit_conv = (-2.4 + 0.6 * aff + 1.2 * pref_u - price_sens[lu] * price_z
-                + 0.5 * ubias[lu] + 1.6 * discount)
+  logit_click = (-2.5 + aff + 0.5 * t.item_bias[item] + 0.8 * pref_u + ubias[lu] +
+                 t.g_surface[surface] + t.g_device[device] + t.g_campaign[campaign] +
+                 t.g_hour[hour] + t.g_pos[position] + t.g_age[age[lu]])
+  logit_conv = (-2.4 + 0.6 * aff + 1.2 * pref_u - price_sens[lu] * price_z +
+                0.5 * ubias[lu] + 1.6 * discount)
   click = rng.random(n) < _sigmoid(logit_click)
   conv = click & (rng.random(n) < _sigmoid(logit_conv))
   # Query terms: mostly from the shown item's category.
@@ -475,15 +492,27 @@ def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray,
   out["category"][:] = cat + 1
   out["action"][:] = 1 + click + conv
   out["mh_item_tags"][:] = t.item_tags[item]
-  out["mh_query_terms"][:] = np.where(np.arange(4) < nterms[:, None],
-                                      t.term_table[term_raw], 0)
-  raw = {"item_id": item, "category": cat, "surface": surface,
-         "device": device, "campaign": campaign, "position": position,
-         "hour": hour, "age": age[lu], "gender": gender[lu],
-         "city": city[lu], "seller": t.item_seller[item],
-         "brand": t.item_brand[item], "price_bucket": price_bucket,
-         "weekday": weekday, "network": r_network[req_of_row],
-         "os": r_os[req_of_row], "segment": segment[lu]}
+  out["mh_query_terms"][:] = np.where(
+      np.arange(4) < nterms[:, None], t.term_table[term_raw], 0)
+  raw = {
+      "item_id": item,
+      "category": cat,
+      "surface": surface,
+      "device": device,
+      "campaign": campaign,
+      "position": position,
+      "hour": hour,
+      "age": age[lu],
+      "gender": gender[lu],
+      "city": city[lu],
+      "seller": t.item_seller[item],
+      "brand": t.item_brand[item],
+      "price_bucket": price_bucket,
+      "weekday": weekday,
+      "network": r_network[req_of_row],
+      "os": r_os[req_of_row],
+      "segment": segment[lu]
+  }
   f_named = min(cfg.num_categorical, len(_NAMED))
   for f, name in enumerate(_NAMED[:f_named]):
     out["cat"][:, f] = t.table[name][raw[name]]
@@ -492,23 +521,25 @@ def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray,
   dense = np.stack([
       price_z, 2.0 * discount, relevance,
       np.log(t.item_pop[item] * cfg.num_items) / 2.0,
-      np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24),
-      np.log1p(position), tenure], axis=1).astype(np.float32)
+      np.sin(2 * np.pi * hour / 24),
+      np.cos(2 * np.pi * hour / 24),
+      np.log1p(position), tenure
+  ],
+                   axis=1).astype(np.float32)
   nd = min(cfg.num_dense, len(_DENSE))
   out["dense"][:, :nd] = dense[:, :nd]
   if cfg.num_dense > nd:
     drng = np.random.default_rng([cfg.seed, 12, block])
     w = t.dense_w
-    out["dense"][:, nd:] = (w * dense[:, t.dense_src] + np.sqrt(1 - w * w)
-                            * drng.standard_normal((n, len(w)), np.float32))
+    out["dense"][:, nd:] = (w * dense[:, t.dense_src] +
+                            np.sqrt(1 - w * w) * drng.standard_normal(
+                                (n, len(w)), np.float32))
   labels = [click, conv]
   if cfg.num_tasks > 2:
     trng = np.random.default_rng([cfg.seed, 13, block])
     feats = np.stack([aff, pref_u, -price_sens[lu] * price_z], axis=1)
-    extra = (t.task_bias + feats @ t.task_w.T
-             + 0.5 * (logit_conv + 2.4)[:, None])
-    labels += list((click[:, None] & (trng.random(extra.shape)
-                                      < _sigmoid(extra))).T)
+    extra = (t.task_bias + feats @ t.task_w.T + 0.5 * (logit_conv + 2.4)[:, None])
+    labels += list((click[:, None] & (trng.random(extra.shape) < _sigmoid(extra))).T)
   out["labels"][:] = np.stack(labels[:cfg.num_tasks], axis=1)
 
 
@@ -544,11 +575,20 @@ def _gen_generic(t: _Tables, block: int, out: np.ndarray, item: np.ndarray,
       np.take(t.gen_table, idx, out=o[:, nr:], mode="clip")
 
 
-def build(out_dir: str, *, seed: int = 0, num_users: int = 2000,
-          num_instances: int = 200_000, num_categorical: int = 32,
-          num_dense: int = 8, num_tasks: int = 2, num_items: int = 5000,
-          num_categories: int = 50, days: int = 30, seq_len: int = 32,
-          vocab_size: int = 1000, chunk_rows: int = 500_000) -> str:
+def build(out_dir: str,
+          *,
+          seed: int = 0,
+          num_users: int = 2000,
+          num_instances: int = 200_000,
+          num_categorical: int = 32,
+          num_dense: int = 8,
+          num_tasks: int = 2,
+          num_items: int = 5000,
+          num_categories: int = 50,
+          days: int = 30,
+          seq_len: int = 32,
+          vocab_size: int = 1000,
+          chunk_rows: int = 500_000) -> str:
   """Writes a synthetic dataset to `out_dir` (a no-op if already built).
 
   Args:
@@ -570,10 +610,16 @@ def build(out_dir: str, *, seed: int = 0, num_users: int = 2000,
   Returns:
     out_dir.
   """
-  cfg = Config(seed=seed, num_users=num_users, num_instances=num_instances,
-               num_categorical=num_categorical, num_dense=num_dense,
-               num_tasks=num_tasks, num_items=num_items,
-               num_categories=num_categories, days=days, seq_len=seq_len,
+  cfg = Config(seed=seed,
+               num_users=num_users,
+               num_instances=num_instances,
+               num_categorical=num_categorical,
+               num_dense=num_dense,
+               num_tasks=num_tasks,
+               num_items=num_items,
+               num_categories=num_categories,
+               days=days,
+               seq_len=seq_len,
                vocab_size=vocab_size)
   cfg.validate()
   if dataset.is_complete(out_dir, cfg.fingerprint()):
@@ -595,8 +641,10 @@ def build(out_dir: str, *, seed: int = 0, num_users: int = 2000,
       while end < nblocks and rows + block_rows[end] <= chunk_rows:
         rows += int(block_rows[end])
         end += 1
-      chunk = {name: np.empty((rows,) + shape, dtype)
-               for name, (shape, dtype) in shapes.items()}
+      chunk = {
+          name: np.empty((rows,) + shape, dtype)
+          for name, (shape, dtype) in shapes.items()
+      }
       lo = 0
       for b in range(blk, end):
         users = np.arange(b * upb, min((b + 1) * upb, cfg.num_users))
@@ -604,8 +652,9 @@ def build(out_dir: str, *, seed: int = 0, num_users: int = 2000,
         users, c = users[c > 0], c[c > 0]
         hi = lo + int(c.sum())
         if hi > lo:
-          _gen_block(tables, b, users, c, done + lo,
-                     {name: col[lo:hi] for name, col in chunk.items()})
+          _gen_block(tables, b, users, c, done + lo, {
+              name: col[lo:hi] for name, col in chunk.items()
+          })
         lo = hi
       writer.append(chunk)
       del chunk
@@ -614,8 +663,8 @@ def build(out_dir: str, *, seed: int = 0, num_users: int = 2000,
       elapsed = time.time() - t0
       if elapsed >= next_log or done == cfg.num_instances:
         rate = done / max(elapsed, 1e-9)
-        logging.info("synthetic: %d / %d instances (%.0f /s, ETA %.0f s)",
-                     done, cfg.num_instances, rate,
+        logging.info("synthetic: %d / %d instances (%.0f /s, ETA %.0f s)", done,
+                     cfg.num_instances, rate,
                      (cfg.num_instances - done) / max(rate, 1e-9))
         next_log = elapsed + 10.0
   logging.info("synthetic: built %s in %.1f s", out_dir, time.time() - t0)
@@ -629,8 +678,7 @@ def main(argv) -> None:
   """absl main: builds the dataset the flags describe (see `run`)."""
   del argv
   fl = flags.FLAGS
-  build(fl.out, chunk_rows=fl.chunk_rows,
-        **{name: getattr(fl, name) for name in _KNOBS})
+  build(fl.out, chunk_rows=fl.chunk_rows, **{name: getattr(fl, name) for name in _KNOBS})
 
 
 def run() -> None:

@@ -33,10 +33,13 @@ class UserHistory:
 
   def _fields(self, rows: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     ds = self.ds
-    return {"hist_row": np.where(mask, rows, -1), "hist_mask": mask,
-            "hist_ins_id": history.gather(ds["ins_id"], rows, mask),
-            "hist_ts": history.gather(ds["ts"], rows, mask),
-            "hist_labels": history.gather(ds["labels"], rows, mask)}
+    return {
+        "hist_row": np.where(mask, rows, -1),
+        "hist_mask": mask,
+        "hist_ins_id": history.gather(ds["ins_id"], rows, mask),
+        "hist_ts": history.gather(ds["ts"], rows, mask),
+        "hist_labels": history.gather(ds["labels"], rows, mask)
+    }
 
   def before_rows(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
     """Newest `length` strictly-earlier instances of each request row.
@@ -54,7 +57,8 @@ class UserHistory:
                                        self.ds.user_start(rows), length)
     return self._fields(hrows, mask)
 
-  def before(self, uids: np.ndarray, ts: np.ndarray, length: int) -> dict[str, np.ndarray]:
+  def before(self, uids: np.ndarray, ts: np.ndarray,
+             length: int) -> dict[str, np.ndarray]:
     """Newest `length` instances of user uids[i] with timestamp < ts[i].
 
     Args:

@@ -67,7 +67,11 @@ class MultiHeadAttention(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_q: Array, x_kv: Array, mask: Array, *,
+  def __call__(self,
+               x_q: Array,
+               x_kv: Array,
+               mask: Array,
+               *,
                train: bool = False) -> Array:
     qkv = self.qkv_features or x_q.shape[-1]
     out = self.out_features or x_q.shape[-1]
@@ -77,14 +81,15 @@ class MultiHeadAttention(nn.Module):
     dh = qkv // self.num_heads
 
     def proj(x, name):
-      y = layers.dense(qkv, dtype=self.dtype, axes=("embed", "heads"),
-                       name=name)(x)
+      y = layers.dense(qkv, dtype=self.dtype, axes=("embed", "heads"), name=name)(x)
       return y.reshape(y.shape[:-1] + (self.num_heads, dh))
 
     q = proj(x_q, "query")  # [..., Q, H, dh]
     k = proj(x_kv, "key")  # [..., K, H, dh]
     v = proj(x_kv, "value")  # [..., K, H, dh]
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k,
+    logits = jnp.einsum("...qhd,...khd->...hqk",
+                        q,
+                        k,
                         preferred_element_type=jnp.float32)
     logits = logits.astype(jnp.float32) / math.sqrt(dh)
     m = mask[..., None, :, :]  # heads axis
@@ -93,8 +98,7 @@ class MultiHeadAttention(nn.Module):
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
     y = jnp.einsum("...hqk,...khd->...qhd", probs.astype(self.dtype), v)
     y = y.reshape(y.shape[:-2] + (qkv,))
-    return layers.dense(out, dtype=self.dtype, axes=("heads", "embed"),
-                        name="out")(y)
+    return layers.dense(out, dtype=self.dtype, axes=("heads", "embed"), name="out")(y)
 
 
 class TransformerBlock(nn.Module):
@@ -124,22 +128,29 @@ class TransformerBlock(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, kv: Array | None = None, *,
-               train: bool = False, num_queries: int | None = None) -> Array:
+  def __call__(self,
+               x: Array,
+               mask: Array,
+               kv: Array | None = None,
+               *,
+               train: bool = False,
+               num_queries: int | None = None) -> Array:
     width = x.shape[-1]
     n = num_queries
     if kv is None:  # self-attention: every token is a key, rows [:n] query
       kv_in = layers.layer_norm(dtype=self.dtype, name="ln_attn")(x)
       h = kv_in if n is None else kv_in[..., :n, :]  # LayerNorm is per token
     else:
-      h = layers.layer_norm(dtype=self.dtype, name="ln_attn")(
-          x if n is None else x[..., :n, :])
+      h = layers.layer_norm(dtype=self.dtype,
+                            name="ln_attn")(x if n is None else x[..., :n, :])
       kv_in = layers.layer_norm(dtype=self.dtype, name="ln_kv")(kv)
     if n is not None:
       x = x[..., :n, :]
       mask = mask[..., :n, :]  # a broadcast (size-1) query axis stays 1
-    y = MultiHeadAttention(self.num_heads, out_features=width,
-                           dropout_rate=self.dropout_rate, dtype=self.dtype,
+    y = MultiHeadAttention(self.num_heads,
+                           out_features=width,
+                           dropout_rate=self.dropout_rate,
+                           dtype=self.dtype,
                            name="attn")(h, kv_in, mask, train=train)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     h = layers.layer_norm(dtype=self.dtype, name="ln_ffn")(x)

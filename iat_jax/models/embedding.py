@@ -34,8 +34,8 @@ from iat_jax.models import layers
 Array = jax.Array
 
 
-def table_layout(schema: schema_lib.Schema, pad_multiple: int = 1
-                 ) -> tuple[dict[str, int], int]:
+def table_layout(schema: schema_lib.Schema,
+                 pad_multiple: int = 1) -> tuple[dict[str, int], int]:
   """Row offsets of every block of the shared table, and its padded size.
 
   Returns:
@@ -72,8 +72,7 @@ class FeatureEmbedding(nn.Module):
     offsets, rows = table_layout(s, self.vocab_pad_multiple)
     table = self.param(
         "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(0.05),
-                                     ("vocab", "embed")),
+        nn.with_logical_partitioning(nn.initializers.normal(0.05), ("vocab", "embed")),
         (rows, e), jnp.float32)
 
     # Every id of the instance, shifted into its block, gathered at once.
@@ -115,12 +114,12 @@ class FeatureEmbedding(nn.Module):
       # Each dense field x_f becomes its own token x_f * w_f + b_f.
       scale = self.param(
           "dense_scale",
-          nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                       (None, "embed")), (fd, e), jnp.float32)
+          nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+          (fd, e), jnp.float32)
       bias = self.param(
           "dense_bias",
-          nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                       (None, "embed")), (fd, e), jnp.float32)
+          nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, "embed")),
+          (fd, e), jnp.float32)
       x = batch["dense"].astype(self.dtype)[..., None]
       tokens.append(x * scale.astype(self.dtype) + bias.astype(self.dtype))
     fields = jnp.concatenate(tokens, axis=-2)
@@ -129,10 +128,15 @@ class FeatureEmbedding(nn.Module):
     item_col = s.categorical_index(s.seq_item_field)
     cat_col = s.categorical_index(s.seq_category_field)
     return {
-        "fields": fields,
-        "seq": jnp.concatenate([seq_item, seq_cat, seq_act], axis=-1),
-        "seq_mask": batch["seq_item"] > 0,
-        "candidate": jnp.concatenate(
-            [fields[..., item_col, :], fields[..., cat_col, :]], axis=-1),
-        "item": fields[..., item_col, :],
+        "fields":
+            fields,
+        "seq":
+            jnp.concatenate([seq_item, seq_cat, seq_act], axis=-1),
+        "seq_mask":
+            batch["seq_item"] > 0,
+        "candidate":
+            jnp.concatenate([fields[..., item_col, :], fields[..., cat_col, :]],
+                            axis=-1),
+        "item":
+            fields[..., item_col, :],
     }

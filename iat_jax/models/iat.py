@@ -59,11 +59,16 @@ class IATBranch(nn.Module):
   schema: schema_lib.Schema
 
   @nn.compact
-  def __call__(self, tokens: dict[str, Array], batch: Batch, *,
+  def __call__(self,
+               tokens: dict[str, Array],
+               batch: Batch,
+               *,
                train: bool = False) -> Array:
     c = self.config
     dtype = layers.compute_dtype(c.dtype)
-    adapt = layers.MLP((c.adapt_dim, c.adapt_dim), act="gelu", dtype=dtype,
+    adapt = layers.MLP((c.adapt_dim, c.adapt_dim),
+                       act="gelu",
+                       dtype=dtype,
                        name="adapt")
     if "hist_insemb_unique" in batch:  # distinct InsEmbs [U, d] + index [B, L]
       # The same per-token MLP, once per distinct InsEmb, then gathered.
@@ -73,13 +78,13 @@ class IATBranch(nn.Module):
       parts = [adapt(batch["hist_insemb"].astype(dtype), train=train)]  # [B, L, d]
     b = batch["hist_mask"].shape[0]
     if c.use_label_side:
-      parts.append(layers.dense(c.side_dim, dtype=dtype, name="label_embed")(
-          batch["hist_labels"].astype(dtype)))
+      parts.append(
+          layers.dense(c.side_dim, dtype=dtype,
+                       name="label_embed")(batch["hist_labels"].astype(dtype)))
     if c.use_other_side:
       table = self.param(
           "embedding",
-          nn.with_logical_partitioning(nn.initializers.normal(0.05),
-                                       (None, "embed")),
+          nn.with_logical_partitioning(nn.initializers.normal(0.05), (None, "embed")),
           (c.num_gap_buckets, c.side_dim), jnp.float32)
       gap = jnp.clip(batch["hist_gap"], 0, c.num_gap_buckets - 1)
       parts.append(jnp.take(table, gap, axis=0).astype(dtype))
@@ -87,18 +92,21 @@ class IATBranch(nn.Module):
     ins_tokens = layers.constrain(ins_tokens, "batch", None, None)
 
     if c.iat_query == "compress":
-      cand = jnp.concatenate([tokens["fields"].reshape(b, -1),
-                              tokens["seq"].reshape(b, -1)], axis=-1)
-      query = layers.MLP((c.iat_query_dim, c.iat_query_dim), act="gelu",
-                         dtype=dtype, name="query")(cand, train=train)
+      cand = jnp.concatenate(
+          [tokens["fields"].reshape(b, -1), tokens["seq"].reshape(b, -1)], axis=-1)
+      query = layers.MLP((c.iat_query_dim, c.iat_query_dim),
+                         act="gelu",
+                         dtype=dtype,
+                         name="query")(cand, train=train)
     elif c.iat_query == "id":
       query = tokens["item"]
     else:
-      raise ValueError(
-          f"unknown iat_query {c.iat_query!r}; allowed: {QUERY_MODES}")
+      raise ValueError(f"unknown iat_query {c.iat_query!r}; allowed: {QUERY_MODES}")
 
-    encoder = sequence.make_encoder(c.iat, max_len=c.hist_len,
-                                    dropout_rate=c.dropout_rate, dtype=dtype,
+    encoder = sequence.make_encoder(c.iat,
+                                    max_len=c.hist_len,
+                                    dropout_rate=c.dropout_rate,
+                                    dtype=dtype,
                                     module_name="encoder")
     mask = batch["hist_mask"].astype(bool)
     return encoder(query, ins_tokens, mask, None, train=train)
@@ -120,14 +128,12 @@ class Downstream(nn.Module):
     dtype = layers.compute_dtype(c.dtype)
     trunk = ranker.RankerTrunk(c, self.schema, name="trunk")
     tokens = trunk.tokens(ranker.trunk_inputs(batch, self.schema), train=train)
-    iat_token = IATBranch(c, self.schema, name="iat")(tokens, batch,
-                                                      train=train)
+    iat_token = IATBranch(c, self.schema, name="iat")(tokens, batch, train=train)
     if c.iat_after_interaction:
       h = trunk.interact([tokens["fields"], tokens["seq"]], train=train)
       h = jnp.concatenate([h, iat_token.astype(h.dtype)], axis=-1)
     else:
-      h = trunk.interact(
-          [tokens["fields"], tokens["seq"], iat_token[:, None, :]],
-          train=train)
+      h = trunk.interact([tokens["fields"], tokens["seq"], iat_token[:, None, :]],
+                         train=train)
     logits = ranker.Heads(self.schema.num_tasks, dtype, name="heads")(h)
     return {"logits": logits, "iat_token": iat_token.astype(jnp.float32)}

@@ -49,8 +49,7 @@ class RankMixer(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   def _param(self, name, shape, axes, init):
-    p = self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                   jnp.float32)
+    p = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
     return p.astype(self.dtype)
 
   @nn.compact
@@ -62,11 +61,10 @@ class RankMixer(nn.Module):
     n, c = x.shape
     chunk = -(-c // t)
     x = jnp.pad(x, [(0, 0), (0, chunk * t - c)]).reshape(n, t, chunk)
-    lecun = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1,
-                                         batch_axis=(0,))
+    lecun = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
     zeros = nn.initializers.zeros_init()
-    w_tok = self._param("tokenize_kernel", (t, chunk, dt),
-                        ("tokens", "embed", "mlp"), lecun)
+    w_tok = self._param("tokenize_kernel", (t, chunk, dt), ("tokens", "embed", "mlp"),
+                        lecun)
     b_tok = self._param("tokenize_bias", (t, dt), ("tokens", "mlp"), zeros)
     x = jnp.einsum("ntc,tcd->ntd", x, w_tok) + b_tok
     x = layers.constrain(x, "batch", None, None)
@@ -75,11 +73,11 @@ class RankMixer(nn.Module):
       # Token mixing: [N, T, H=T, dt/T] -> heads become tokens.
       y = x.reshape(n, t, t, dt // t).swapaxes(1, 2).reshape(n, t, dt)
       x = layers.layer_norm(dtype=self.dtype, name=f"ln_mix_{i}")(x + y)
-      w1 = self._param(f"ffn_{i}_kernel1", (t, dt, f),
-                       ("tokens", "embed", "mlp"), lecun)
+      w1 = self._param(f"ffn_{i}_kernel1", (t, dt, f), ("tokens", "embed", "mlp"),
+                       lecun)
       b1 = self._param(f"ffn_{i}_bias1", (t, f), ("tokens", "mlp"), zeros)
-      w2 = self._param(f"ffn_{i}_kernel2", (t, f, dt),
-                       ("tokens", "mlp", "embed"), lecun)
+      w2 = self._param(f"ffn_{i}_kernel2", (t, f, dt), ("tokens", "mlp", "embed"),
+                       lecun)
       b2 = self._param(f"ffn_{i}_bias2", (t, dt), ("tokens", "embed"), zeros)
       y = nn.gelu(jnp.einsum("ntd,tdf->ntf", x, w1) + b1)
       y = jnp.einsum("ntf,tfd->ntd", y, w2) + b2
@@ -100,6 +98,9 @@ class MLPInteraction(nn.Module):
   @nn.compact
   def __call__(self, tokens: Sequence[Array], *, train: bool = False) -> Array:
     x = _flat_concat(tokens).astype(self.dtype)
-    return layers.MLP(tuple(self.mlp_dims), act="gelu", act_last=True,
-                      dropout_rate=self.dropout_rate, dtype=self.dtype,
+    return layers.MLP(tuple(self.mlp_dims),
+                      act="gelu",
+                      act_last=True,
+                      dropout_rate=self.dropout_rate,
+                      dtype=self.dtype,
                       name="mlp")(x, train=train)

@@ -42,8 +42,7 @@ def activation(name: str) -> Callable[[Array], Array]:
     return _ACTIVATIONS[name]
   except KeyError:
     raise ValueError(
-        f"unknown activation {name!r}; allowed: {sorted(_ACTIVATIONS)}"
-    ) from None
+        f"unknown activation {name!r}; allowed: {sorted(_ACTIVATIONS)}") from None
 
 
 def compute_dtype(name: str) -> Dtype:
@@ -52,8 +51,7 @@ def compute_dtype(name: str) -> Dtype:
     return _DTYPES[name]
   except KeyError:
     raise ValueError(
-        f"unknown compute dtype {name!r}; allowed: {sorted(_DTYPES)}"
-    ) from None
+        f"unknown compute dtype {name!r}; allowed: {sorted(_DTYPES)}") from None
 
 
 def dense(
@@ -70,24 +68,19 @@ def dense(
       dtype=dtype,
       param_dtype=jnp.float32,
       use_bias=use_bias,
-      kernel_init=nn.with_logical_partitioning(
-          nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), (axes[1],)),
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
       name=name,
   )
 
 
-def layer_norm(*, dtype: Dtype = jnp.float32,
-               name: str | None = None) -> nn.LayerNorm:
+def layer_norm(*, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
   """A `nn.LayerNorm` over the last axis with logically named scale/bias."""
   return nn.LayerNorm(
       dtype=dtype,
       param_dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(
-          nn.initializers.ones_init(), ("embed",)),
-      bias_init=nn.with_logical_partitioning(
-          nn.initializers.zeros_init(), ("embed",)),
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
       name=name,
   )
 

@@ -33,8 +33,11 @@ Batch = dict[str, Array]
 _TRUNK_KEYS = ("cat", "dense", "seq_item", "seq_category", "seq_action")
 
 
-def trunk_inputs(batch: Batch, schema: schema_lib.Schema, *,
-                 prefix: str = "", n_lead: int = 1) -> Batch:
+def trunk_inputs(batch: Batch,
+                 schema: schema_lib.Schema,
+                 *,
+                 prefix: str = "",
+                 n_lead: int = 1) -> Batch:
   """The trunk's features of `batch` (keys `prefix + name`), leading axes merged.
 
   Args:
@@ -65,22 +68,28 @@ class RankerTrunk(nn.Module):
   def setup(self):
     c = self.config
     dtype = layers.compute_dtype(c.dtype)
-    self.embed = embedding.FeatureEmbedding(
-        self.schema, c.embed_dim, vocab_pad_multiple=c.vocab_pad_multiple,
-        dtype=dtype)
+    self.embed = embedding.FeatureEmbedding(self.schema,
+                                            c.embed_dim,
+                                            vocab_pad_multiple=c.vocab_pad_multiple,
+                                            dtype=dtype)
     if c.seq.encoder == "none":
       self.seq_encoder = None
     else:
-      self.seq_encoder = sequence.make_encoder(
-          c.seq, max_len=self.schema.seq_len, dropout_rate=c.dropout_rate,
-          dtype=dtype)
+      self.seq_encoder = sequence.make_encoder(c.seq,
+                                               max_len=self.schema.seq_len,
+                                               dropout_rate=c.dropout_rate,
+                                               dtype=dtype)
     if c.interaction == "rankmixer":
-      self.interaction = interaction.RankMixer(
-          c.mixer_tokens, c.mixer_token_dim, c.mixer_layers, c.ffn_mult,
-          dropout_rate=c.dropout_rate, dtype=dtype)
+      self.interaction = interaction.RankMixer(c.mixer_tokens,
+                                               c.mixer_token_dim,
+                                               c.mixer_layers,
+                                               c.ffn_mult,
+                                               dropout_rate=c.dropout_rate,
+                                               dtype=dtype)
     elif c.interaction == "mlp":
-      self.interaction = interaction.MLPInteraction(
-          tuple(c.mlp_dims), dropout_rate=c.dropout_rate, dtype=dtype)
+      self.interaction = interaction.MLPInteraction(tuple(c.mlp_dims),
+                                                    dropout_rate=c.dropout_rate,
+                                                    dtype=dtype)
     else:
       raise ValueError(f"unknown interaction {c.interaction!r}; allowed: "
                        f"{interaction.INTERACTIONS}")
@@ -104,8 +113,11 @@ class RankerTrunk(nn.Module):
     else:
       # LONGER's user-profile global token: all non-sequential tokens.
       profile = fields.reshape(n, 1, -1)
-      seq = self.seq_encoder(emb["candidate"], emb["seq"], emb["seq_mask"],
-                             profile, train=train)[:, None, :]
+      seq = self.seq_encoder(emb["candidate"],
+                             emb["seq"],
+                             emb["seq_mask"],
+                             profile,
+                             train=train)[:, None, :]
     return {"fields": fields, "seq": seq, "item": emb["item"]}
 
   def interact(self, tokens: Sequence[Array], *, train: bool = False) -> Array:
@@ -128,7 +140,9 @@ class Heads(nn.Module):
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
-    y = layers.dense(self.num_tasks, dtype=self.dtype, axes=("mlp", None),
+    y = layers.dense(self.num_tasks,
+                     dtype=self.dtype,
+                     axes=("mlp", None),
                      name="logits")(h)
     return y.astype(jnp.float32)
 
@@ -143,6 +157,6 @@ class Ranker(nn.Module):
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool = False) -> dict[str, Array]:
     dtype = layers.compute_dtype(self.config.dtype)
-    h = RankerTrunk(self.config, self.schema, name="trunk")(
-        trunk_inputs(batch, self.schema), train=train)
+    h = RankerTrunk(self.config, self.schema,
+                    name="trunk")(trunk_inputs(batch, self.schema), train=train)
     return {"logits": Heads(self.schema.num_tasks, dtype, name="heads")(h)}

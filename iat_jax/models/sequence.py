@@ -52,8 +52,7 @@ class _PositionEmbedding(nn.Module):
       raise ValueError(f"sequence length {s} exceeds max_len {self.max_len}")
     pos = self.param(
         "pos_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                     (None, "embed")),
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
         (self.max_len, x.shape[-1]), jnp.float32)
     return x + pos[:s].astype(x.dtype)
 
@@ -74,15 +73,22 @@ class DINEncoder(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, query: Array, seq: Array, mask: Array,
-               profile: Array | None = None, *, train: bool = False) -> Array:
+  def __call__(self,
+               query: Array,
+               seq: Array,
+               mask: Array,
+               profile: Array | None = None,
+               *,
+               train: bool = False) -> Array:
     del profile  # DIN attends with the candidate only.
     q = layers.dense(self.width, dtype=self.dtype, name="query_proj")(query)
     k = layers.dense(self.width, dtype=self.dtype, name="seq_proj")(seq)
     qb = jnp.broadcast_to(q[..., None, :], k.shape)
     feats = jnp.concatenate([qb, k, qb - k, qb * k], axis=-1)
-    score = layers.MLP(tuple(self.mlp_dims) + (1,), act=self.act,
-                       dtype=self.dtype, name="scorer")(feats, train=train)
+    score = layers.MLP(tuple(self.mlp_dims) + (1,),
+                       act=self.act,
+                       dtype=self.dtype,
+                       name="scorer")(feats, train=train)
     score = jnp.where(mask, score[..., 0].astype(jnp.float32), -1e9)
     w = jax.nn.softmax(score, axis=-1) * mask
     return jnp.einsum("...s,...sw->...w", w.astype(self.dtype), k)
@@ -109,8 +115,13 @@ class TransformerEncoder(nn.Module):
   query_only: bool = True
 
   @nn.compact
-  def __call__(self, query: Array, seq: Array, mask: Array,
-               profile: Array | None = None, *, train: bool = False) -> Array:
+  def __call__(self,
+               query: Array,
+               seq: Array,
+               mask: Array,
+               profile: Array | None = None,
+               *,
+               train: bool = False) -> Array:
     del profile
     q = layers.dense(self.width, dtype=self.dtype, name="query_proj")(query)
     x = layers.dense(self.width, dtype=self.dtype, name="seq_proj")(seq)
@@ -120,11 +131,14 @@ class TransformerEncoder(nn.Module):
     m = attention.key_padding_mask(valid)
     for i in range(self.num_layers):
       last = self.query_only and i == self.num_layers - 1
-      x = attention.TransformerBlock(
-          self.num_heads, self.ffn_mult * self.width,
-          dropout_rate=self.dropout_rate, dtype=self.dtype,
-          name=f"block_{i}")(x, m, train=train,
-                             num_queries=1 if last else None)
+      x = attention.TransformerBlock(self.num_heads,
+                                     self.ffn_mult * self.width,
+                                     dropout_rate=self.dropout_rate,
+                                     dtype=self.dtype,
+                                     name=f"block_{i}")(x,
+                                                        m,
+                                                        train=train,
+                                                        num_queries=1 if last else None)
     return layers.layer_norm(dtype=self.dtype, name="ln_out")(x[..., 0, :])
 
 
@@ -165,13 +179,20 @@ class LongerEncoder(nn.Module):
   query_only: bool = True
 
   def _block(self, name: str) -> attention.TransformerBlock:
-    return attention.TransformerBlock(
-        self.num_heads, self.ffn_mult * self.width,
-        dropout_rate=self.dropout_rate, dtype=self.dtype, name=name)
+    return attention.TransformerBlock(self.num_heads,
+                                      self.ffn_mult * self.width,
+                                      dropout_rate=self.dropout_rate,
+                                      dtype=self.dtype,
+                                      name=name)
 
   @nn.compact
-  def __call__(self, query: Array, seq: Array, mask: Array,
-               profile: Array | None = None, *, train: bool = False) -> Array:
+  def __call__(self,
+               query: Array,
+               seq: Array,
+               mask: Array,
+               profile: Array | None = None,
+               *,
+               train: bool = False) -> Array:
     w = self.width
     x = layers.dense(w, dtype=self.dtype, name="seq_proj")(seq)
     x = _PositionEmbedding(self.max_len, name="pos")(x)
@@ -185,28 +206,23 @@ class LongerEncoder(nn.Module):
       g = (s + pad) // m
       xg = x.reshape(lead + (g, m, w))
       mg = mask.reshape(lead + (g, m))
-      xg = self._block("inner")(xg, attention.key_padding_mask(mg),
-                                train=train)
+      xg = self._block("inner")(xg, attention.key_padding_mask(mg), train=train)
       xg = xg * mg[..., None].astype(xg.dtype)  # padded members contribute 0
-      x = layers.dense(w, dtype=self.dtype, name="merge_proj")(
-          xg.reshape(lead + (g, m * w)))
+      x = layers.dense(w, dtype=self.dtype,
+                       name="merge_proj")(xg.reshape(lead + (g, m * w)))
       mask = mg.any(-1)
 
-    glob = [layers.dense(w, dtype=self.dtype, name="query_proj")(query)[
-        ..., None, :]]
+    glob = [layers.dense(w, dtype=self.dtype, name="query_proj")(query)[..., None, :]]
     if profile is not None:
-      glob.append(
-          layers.dense(w, dtype=self.dtype, name="profile_proj")(profile))
+      glob.append(layers.dense(w, dtype=self.dtype, name="profile_proj")(profile))
     glob = jnp.concatenate(glob, axis=-2)  # [N, G, W]
     ng, nb = glob.shape[-2], x.shape[-2]
     k = min(self.recent_k, nb)
 
     kv = jnp.concatenate([glob, x], axis=-2)
-    kv_valid = jnp.concatenate(
-        [jnp.ones(lead + (ng,), bool), mask], axis=-1)
+    kv_valid = jnp.concatenate([jnp.ones(lead + (ng,), bool), mask], axis=-1)
     q = jnp.concatenate([glob, x[..., :k, :]], axis=-2)
-    q_valid = jnp.concatenate(
-        [jnp.ones(lead + (ng,), bool), mask[..., :k]], axis=-1)
+    q_valid = jnp.concatenate([jnp.ones(lead + (ng,), bool), mask[..., :k]], axis=-1)
 
     # Behaviour index of each query / key (-1 = global token); newest first,
     # so "as old or older" is index_key >= index_query.
@@ -214,24 +230,34 @@ class LongerEncoder(nn.Module):
     ki = np.concatenate([-np.ones(ng, int), np.arange(nb)])
 
     def rule(qidx, kidx):
-      return ((qidx[:, None] < 0) | (kidx[None, :] < 0)
-              | (kidx[None, :] >= qidx[:, None]))
+      return ((qidx[:, None] < 0) | (kidx[None, :] < 0) |
+              (kidx[None, :] >= qidx[:, None]))
 
     def rows(last):  # the candidate global token is query 0
       return 1 if self.query_only and last else None
 
     cross_mask = jnp.asarray(rule(qi, ki)) & kv_valid[..., None, :]
-    y = self._block("cross")(q, cross_mask, kv, train=train,
+    y = self._block("cross")(q,
+                             cross_mask,
+                             kv,
+                             train=train,
                              num_queries=rows(self.num_layers == 0))
     self_mask = jnp.asarray(rule(qi, qi)) & q_valid[..., None, :]
     for i in range(self.num_layers):
-      y = self._block(f"self_{i}")(y, self_mask, train=train,
+      y = self._block(f"self_{i}")(y,
+                                   self_mask,
+                                   train=train,
                                    num_queries=rows(i == self.num_layers - 1))
     return layers.layer_norm(dtype=self.dtype, name="ln_out")(y[..., 0, :])
 
 
-def encoder_config(encoder: str, *, width: int, heads: int, layers: int = 1,
-                   ffn_mult: int = 2, din_mlp: Sequence[int] = (32, 16),
+def encoder_config(encoder: str,
+                   *,
+                   width: int,
+                   heads: int,
+                   layers: int = 1,
+                   ffn_mult: int = 2,
+                   din_mlp: Sequence[int] = (32, 16),
                    longer_merge: int = 2,
                    longer_recent_k: int = 4) -> ml_collections.ConfigDict:
   """The config block of one use of a sequence encoder (`make_encoder`)."""
@@ -255,22 +281,33 @@ def encoder_config(encoder: str, *, width: int, heads: int, layers: int = 1,
   return c
 
 
-def make_encoder(c: ml_collections.ConfigDict, *, max_len: int,
-                 dropout_rate: float, dtype: layers.Dtype,
+def make_encoder(c: ml_collections.ConfigDict,
+                 *,
+                 max_len: int,
+                 dropout_rate: float,
+                 dtype: layers.Dtype,
                  module_name: str | None = None) -> nn.Module:
   """The encoder of config block `c` (see `encoder_config`) over <= max_len tokens."""
   if c.encoder == "din":
-    return DINEncoder(c.width, mlp_dims=tuple(c.din_mlp), dtype=dtype,
-                      name=module_name)
+    return DINEncoder(c.width, mlp_dims=tuple(c.din_mlp), dtype=dtype, name=module_name)
   if c.encoder == "transformer":
-    return TransformerEncoder(c.width, num_heads=c.heads, num_layers=c.layers,
-                              ffn_mult=c.ffn_mult, max_len=max_len,
-                              dropout_rate=dropout_rate, dtype=dtype,
+    return TransformerEncoder(c.width,
+                              num_heads=c.heads,
+                              num_layers=c.layers,
+                              ffn_mult=c.ffn_mult,
+                              max_len=max_len,
+                              dropout_rate=dropout_rate,
+                              dtype=dtype,
                               name=module_name)
   if c.encoder == "longer":
-    return LongerEncoder(c.width, num_heads=c.heads, num_layers=c.layers,
-                         ffn_mult=c.ffn_mult, merge=c.longer_merge,
-                         recent_k=c.longer_recent_k, max_len=max_len,
-                         dropout_rate=dropout_rate, dtype=dtype,
+    return LongerEncoder(c.width,
+                         num_heads=c.heads,
+                         num_layers=c.layers,
+                         ffn_mult=c.ffn_mult,
+                         merge=c.longer_merge,
+                         recent_k=c.longer_recent_k,
+                         max_len=max_len,
+                         dropout_rate=dropout_rate,
+                         dtype=dtype,
                          name=module_name)
   raise ValueError(f"unknown sequence encoder {c.encoder!r}; allowed: {ENCODERS}")

@@ -63,7 +63,9 @@ class Compress(nn.Module):
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
-    y = layers.dense(self.insemb_dim, dtype=self.dtype, axes=("mlp", "embed"),
+    y = layers.dense(self.insemb_dim,
+                     dtype=self.dtype,
+                     axes=("mlp", "embed"),
                      name="dense")(h)
     return layers.activation(self.act)(y)
 
@@ -81,8 +83,10 @@ class Decompress(nn.Module):
 
   @nn.compact
   def __call__(self, e: Array) -> Array:
-    return layers.MLP((self.hidden, self.out_dim), act=self.act,
-                      dtype=self.dtype, name="mlp")(e)
+    return layers.MLP((self.hidden, self.out_dim),
+                      act=self.act,
+                      dtype=self.dtype,
+                      name="mlp")(e)
 
 
 class SIT(nn.Module):
@@ -111,9 +115,11 @@ class SIT(nn.Module):
     if self.width != d:
       x = layers.dense(self.width, dtype=self.dtype, name="in_proj")(x)
     for i in range(self.num_layers):
-      x = attention.TransformerBlock(
-          self.num_heads, self.ffn_dim, dropout_rate=self.dropout_rate,
-          dtype=self.dtype, name=f"block_{i}")(x, mask, train=train)
+      x = attention.TransformerBlock(self.num_heads,
+                                     self.ffn_dim,
+                                     dropout_rate=self.dropout_rate,
+                                     dtype=self.dtype,
+                                     name=f"block_{i}")(x, mask, train=train)
     x = layers.layer_norm(dtype=self.dtype, name="ln_out")(x)
     if self.width != d:
       x = layers.dense(d, dtype=self.dtype, name="out_proj")(x)
@@ -134,18 +140,23 @@ class _SourceBase(nn.Module):
     dtype = layers.compute_dtype(c.dtype)
     self.trunk = ranker.RankerTrunk(c, self.schema)
     self.compress = Compress(c.insemb_dim, c.compress_act, dtype)
-    self.decompress = Decompress(c.decompress_hidden, _trunk_width(c),
-                                 c.compress_act, dtype)
+    self.decompress = Decompress(c.decompress_hidden, _trunk_width(c), c.compress_act,
+                                 dtype)
     self.heads = ranker.Heads(self.schema.num_tasks, dtype)
     if self.uses_sit:
-      self.sit = SIT(c.sit_layers, c.sit_width, c.sit_ffn, c.sit_heads,
-                     c.dropout_rate, dtype)
+      self.sit = SIT(c.sit_layers, c.sit_width, c.sit_ffn, c.sit_heads, c.dropout_rate,
+                     dtype)
 
-  def embed_instances(self, batch: Batch, *, prefix: str = "", n_lead: int = 1,
+  def embed_instances(self,
+                      batch: Batch,
+                      *,
+                      prefix: str = "",
+                      n_lead: int = 1,
                       train: bool = False) -> Array:
     """Compressed InsEmb E [N, d] of the instances, leading axes merged."""
     h = self.trunk(ranker.trunk_inputs(batch, self.schema, prefix=prefix,
-                                       n_lead=n_lead), train=train)
+                                       n_lead=n_lead),
+                   train=train)
     return self.compress(h)
 
 
@@ -185,9 +196,12 @@ class UserSource(_SourceBase):
     e2 = self.sit(e, mask, train=train)
     logits = self.heads(self.decompress(e2))
     insemb = e2 if self.config.insemb_after_sit else e
-    return {"logits": logits, "insemb": insemb.astype(jnp.float32),
-            "compressed": e.astype(jnp.float32),
-            "sit_out": e2.astype(jnp.float32)}
+    return {
+        "logits": logits,
+        "insemb": insemb.astype(jnp.float32),
+        "compressed": e.astype(jnp.float32),
+        "sit_out": e2.astype(jnp.float32)
+    }
 
 
 class StreamSource(_SourceBase):
@@ -218,12 +232,14 @@ class StreamSource(_SourceBase):
     x = layers.constrain(x, "batch", None, None)
     past_mask = batch["past_mask"].astype(bool)
     valid = jnp.concatenate([jnp.ones_like(past_mask[:, :1]), past_mask], axis=1)
-    mask = (attention.newest_first_causal_mask(x.shape[1])[None]
-            & valid[:, None, :])
+    mask = (attention.newest_first_causal_mask(x.shape[1])[None] & valid[:, None, :])
     y = self.sit(x, mask, train=train)
     logits = self.heads(self.decompress(y[:, 0]))
     insemb = y[:, 0] if c.insemb_after_sit else e
-    return {"logits": logits, "insemb": insemb.astype(jnp.float32),
-            "compressed": e.astype(jnp.float32),
-            "sit_out": y.astype(jnp.float32),
-            "past_insemb": past.astype(jnp.float32)}
+    return {
+        "logits": logits,
+        "insemb": insemb.astype(jnp.float32),
+        "compressed": e.astype(jnp.float32),
+        "sit_out": y.astype(jnp.float32),
+        "past_insemb": past.astype(jnp.float32)
+    }

@@ -56,11 +56,16 @@ def estimate_bytes(instances_per_day: float, retention_days: float, dim: int,
   per_value = BYTES_PER_VALUE[dtype]
   value_row = dim * per_value
   overhead_row = KEY_BYTES + SCALE_BYTES[dtype]
-  return {"rows": rows, "bytes_per_value": per_value,
-          "value_bytes": rows * value_row, "overhead_bytes": rows * overhead_row,
-          "total_bytes": rows * (value_row + overhead_row),
-          "value_bytes_per_row": value_row, "overhead_bytes_per_row": overhead_row,
-          "bytes_per_row": value_row + overhead_row}
+  return {
+      "rows": rows,
+      "bytes_per_value": per_value,
+      "value_bytes": rows * value_row,
+      "overhead_bytes": rows * overhead_row,
+      "total_bytes": rows * (value_row + overhead_row),
+      "value_bytes_per_row": value_row,
+      "overhead_bytes_per_row": overhead_row,
+      "bytes_per_row": value_row + overhead_row
+  }
 
 
 def human(n: float) -> str:
@@ -72,24 +77,31 @@ def human(n: float) -> str:
   raise AssertionError
 
 
-def report(instances_per_day: float, retention_days: float, dim: int, dtype: str,
+def report(instances_per_day: float,
+           retention_days: float,
+           dim: int,
+           dtype: str,
            store: str | None = None) -> str:
   """The text the CLI prints."""
-  lines = [f"InsEmb storage, Eq. 12: {instances_per_day:.3g} instances/day x "
-           f"{retention_days:g} days x d={dim} x bytes/value "
-           f"({instances_per_day * retention_days:.3g} rows)", ""]
+  lines = [
+      f"InsEmb storage, Eq. 12: {instances_per_day:.3g} instances/day x "
+      f"{retention_days:g} days x d={dim} x bytes/value "
+      f"({instances_per_day * retention_days:.3g} rows)", ""
+  ]
   lines.append(f"  {'':24s}" + "".join(f"{d:>14s}" for d in BYTES_PER_VALUE))
-  ests = {d: estimate_bytes(instances_per_day, retention_days, dim, d)
-          for d in BYTES_PER_VALUE}
-  for label, key, fmt in [
-      ("bytes/value", "bytes_per_value", lambda v: f"{v} B"),
-      ("values (Eq. 12)", "value_bytes", human),
-      ("+ keys / scales", "overhead_bytes", human),
-      ("= total", "total_bytes", human),
-      ("bytes/row (values+ovh)", "bytes_per_row", lambda v: f"{v} B")]:
+  ests = {
+      d: estimate_bytes(instances_per_day, retention_days, dim, d)
+      for d in BYTES_PER_VALUE
+  }
+  for label, key, fmt in [("bytes/value", "bytes_per_value", lambda v: f"{v} B"),
+                          ("values (Eq. 12)", "value_bytes", human),
+                          ("+ keys / scales", "overhead_bytes", human),
+                          ("= total", "total_bytes", human),
+                          ("bytes/row (values+ovh)", "bytes_per_row",
+                           lambda v: f"{v} B")]:
     lines.append(f"  {label:24s}" + "".join(f"{fmt(ests[d][key]):>14s}" for d in ests))
-  lines.append(f"  {'':24s}" + "".join(
-      f"{'^ --dtype' if d == dtype else '':>14s}" for d in ests))
+  lines.append(f"  {'':24s}" +
+               "".join(f"{'^ --dtype' if d == dtype else '':>14s}" for d in ests))
   if store:
     table = insemb_table.Table(store)
     m = table.metadata
@@ -97,14 +109,16 @@ def report(instances_per_day: float, retention_days: float, dim: int, dtype: str
     own = estimate_bytes(1, max(m["num_rows"], 1), m["d"], m["dtype"])
     measured = disk / max(m["num_rows"], 1)
     scaled = measured * instances_per_day * retention_days
-    lines += ["", f"  store {store} ({table.version}): {m['num_rows']:,} rows, "
-              f"d={m['d']}, {m['dtype']}",
-              f"    measured on disk   {measured:10.1f} B/row  ({human(disk)} in all)",
-              f"    formula            {own['bytes_per_row']:10.1f} B/row  "
-              f"({own['value_bytes_per_row']} values + "
-              f"{own['overhead_bytes_per_row']} key/scale)",
-              f"    measured x {instances_per_day * retention_days:.3g} rows = "
-              f"{human(scaled)}"]
+    lines += [
+        "", f"  store {store} ({table.version}): {m['num_rows']:,} rows, "
+        f"d={m['d']}, {m['dtype']}",
+        f"    measured on disk   {measured:10.1f} B/row  ({human(disk)} in all)",
+        f"    formula            {own['bytes_per_row']:10.1f} B/row  "
+        f"({own['value_bytes_per_row']} values + "
+        f"{own['overhead_bytes_per_row']} key/scale)",
+        f"    measured x {instances_per_day * retention_days:.3g} rows = "
+        f"{human(scaled)}"
+    ]
   return "\n".join(lines)
 
 

@@ -97,7 +97,6 @@ _TS_CACHE_BYTES = 32 << 20  # TensorStore's own cache (OCDBT B+tree nodes)
 _GROWTH = 4
 _MAX_SEGMENTS = 16
 
-
 # ---------------------------------------------------------------------------
 # Opening the database.
 
@@ -106,11 +105,15 @@ def _base(path: str, sub: str = "") -> dict | str:
   """Base kvstore spec of the table at `path` (a directory or a URL)."""
   if "://" in path:
     return path.rstrip("/") + "/" + (sub + "/" if sub else "")
-  return {"driver": "file",
-          "path": os.path.join(os.path.abspath(path), sub).rstrip("/") + "/"}
+  return {
+      "driver": "file",
+      "path": os.path.join(os.path.abspath(path), sub).rstrip("/") + "/"
+  }
 
 
-def _open(path: str, version: int | None = None, sub: str = "",
+def _open(path: str,
+          version: int | None = None,
+          sub: str = "",
           context: ts.Context | None = None) -> ts.KvStore:
   spec = {"driver": "ocdbt", "base": _base(path, sub)}
   if version is not None:
@@ -168,8 +171,8 @@ def _check_block_rows(block_rows: int) -> None:
     raise StoreError(f"block_rows={block_rows} is not a power of two >= 2")
 
 
-def _new_meta(*, d, dtype, source, source_step, source_config, dataset,
-              shard_bits, block_rows) -> dict:
+def _new_meta(*, d, dtype, source, source_step, source_config, dataset, shard_bits,
+              block_rows) -> dict:
   if dtype not in DTYPES:
     raise StoreError(f"store dtype {dtype!r} is not one of {sorted(DTYPES)}")
   if not 1 <= shard_bits <= 16:
@@ -177,11 +180,19 @@ def _new_meta(*, d, dtype, source, source_step, source_config, dataset,
   _check_block_rows(block_rows)
   if isinstance(source_config, ml_collections.ConfigDict):
     source_config = json.loads(source_config.to_json_best_effort())
-  return {"format": FORMAT, "d": int(d), "dtype": dtype, "num_rows": 0,
-          "source": source, "source_step": int(source_step), "dataset": dataset,
-          "source_config": source_config, "shard_bits": int(shard_bits),
-          "block_rows": int(block_rows),
-          "shards": [[] for _ in range(2**shard_bits)]}
+  return {
+      "format": FORMAT,
+      "d": int(d),
+      "dtype": dtype,
+      "num_rows": 0,
+      "source": source,
+      "source_step": int(source_step),
+      "dataset": dataset,
+      "source_config": source_config,
+      "shard_bits": int(shard_bits),
+      "block_rows": int(block_rows),
+      "shards": [[] for _ in range(2**shard_bits)]
+  }
 
 
 def _read_meta(kv: ts.KvStore, path: str) -> tuple[dict | None, bytes]:
@@ -255,9 +266,15 @@ def _segment_prefixes(meta: dict | None) -> set[str]:
 # Whole-table write.
 
 
-def write(path: str, keys: np.ndarray, values: np.ndarray, *, source: str,
-          source_step: int, source_config: ml_collections.ConfigDict | dict | None,
-          dtype: str = "float32", dataset: str = "",
+def write(path: str,
+          keys: np.ndarray,
+          values: np.ndarray,
+          *,
+          source: str,
+          source_step: int,
+          source_config: ml_collections.ConfigDict | dict | None,
+          dtype: str = "float32",
+          dataset: str = "",
           shard_bits: int = DEFAULT_SHARD_BITS,
           block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
   """Writes a whole new version of the table (all in memory) and publishes it.
@@ -284,10 +301,14 @@ def write(path: str, keys: np.ndarray, values: np.ndarray, *, source: str,
       concurrent writer published first.
   """
   values = np.asarray(values, np.float32)
-  meta = _new_meta(d=values.shape[-1] if values.ndim == 2 else 0, dtype=dtype,
-                   source=source, source_step=source_step,
-                   source_config=source_config, dataset=dataset,
-                   shard_bits=shard_bits, block_rows=block_rows)
+  meta = _new_meta(d=values.shape[-1] if values.ndim == 2 else 0,
+                   dtype=dtype,
+                   source=source,
+                   source_step=source_step,
+                   source_config=source_config,
+                   dataset=dataset,
+                   shard_bits=shard_bits,
+                   block_rows=block_rows)
   keys, values = _check_values(path, keys, values)
   fmt = _fmt(meta)
   kv = _open(path)
@@ -304,8 +325,8 @@ def write(path: str, keys: np.ndarray, values: np.ndarray, *, source: str,
       end = min(start + DEFAULT_CHUNK_ROWS, hi)
       stored, scales = quantize(values[start:end], dtype)
       builder.add(keys[start:end], stored, scales)
-      total = segments.add_checksums(total, segments.row_checksum(
-          keys[start:end], stored, scales))
+      total = segments.add_checksums(
+          total, segments.row_checksum(keys[start:end], stored, scales))
     meta["shards"][s] = [builder.finish()]
   batch.flush()
   meta["num_rows"] = int(len(keys))
@@ -328,7 +349,9 @@ class Table:
     cache_bytes: the reader's memory budget (block cache + segment indexes).
   """
 
-  def __init__(self, path: str, version: int | None = None,
+  def __init__(self,
+               path: str,
+               version: int | None = None,
                cache_bytes: int = DEFAULT_CACHE_BYTES):
     self.path = path
     self.cache_bytes = int(cache_bytes)
@@ -348,7 +371,8 @@ class Table:
     self._fmt = _fmt(meta)
     self._shift = np.uint64(64 - meta["shard_bits"])
     # Per shard, its segments newest first, as [Source, slot_of or None].
-    self._segs = [[[segments.Source(self._kv, s), None] for s in reversed(shard)]
+    self._segs = [[[segments.Source(self._kv, s), None]
+                   for s in reversed(shard)]
                   for shard in meta["shards"]]
     self._lock = threading.Lock()
     self._slab = None
@@ -356,8 +380,7 @@ class Table:
     self._tick = 0
 
   def __getstate__(self):  # TensorStore handles are re-opened in workers
-    return {"path": self.path, "version": self.version,
-            "cache_bytes": self.cache_bytes}
+    return {"path": self.path, "version": self.version, "cache_bytes": self.cache_bytes}
 
   def __setstate__(self, state):
     self.__init__(state["path"], state["version"], state["cache_bytes"])
@@ -397,7 +420,8 @@ class Table:
     for shard in self._segs:
       sources = [segments.Source(self._kv, e[0].seg) for e in reversed(shard)]
       for keys, stored, scales, _ in segments.merged(sources, self._fmt):
-        total = segments.add_checksums(total, segments.row_checksum(keys, stored, scales))
+        total = segments.add_checksums(total,
+                                       segments.row_checksum(keys, stored, scales))
         rows += len(keys)
     want = self.metadata["checksum"]
     if rows != len(self) or segments.checksum_hex(total) != want:
@@ -411,7 +435,8 @@ class Table:
     the bytes of this version's segments for URLs."""
     if "://" in self.path:
       return sum(s["rows"] * self._fmt.row_bytes + 12 * s["blocks"]
-                 for shard in self.metadata["shards"] for s in shard)
+                 for shard in self.metadata["shards"]
+                 for s in shard)
     total = 0
     for root, dirs, files in os.walk(self.path):
       if root == self.path:
@@ -434,14 +459,16 @@ class Table:
   def _init_slab(self) -> dict:
     b, d = self._fmt.block_rows, self._fmt.d
     slots = max(self.cache_bytes // self._slot_bytes(), 1)
-    return {"keys": np.empty((slots, b), np.uint64),
-            "vals": np.empty((slots * b, d), self._fmt.numpy_dtype),
-            "scales": np.empty(slots * b, np.float32) if self._fmt.has_scales else None,
-            "count": np.zeros(slots, np.int64),
-            "used": np.zeros(slots, np.int64),     # tick of last use
-            "owner": np.full(slots, -1, np.int64),  # segment id, -1 = free
-            "block": np.zeros(slots, np.int64),
-            "segs": []}                            # segment id -> [Source, slot_of]
+    return {
+        "keys": np.empty((slots, b), np.uint64),
+        "vals": np.empty((slots * b, d), self._fmt.numpy_dtype),
+        "scales": np.empty(slots * b, np.float32) if self._fmt.has_scales else None,
+        "count": np.zeros(slots, np.int64),
+        "used": np.zeros(slots, np.int64),  # tick of last use
+        "owner": np.full(slots, -1, np.int64),  # segment id, -1 = free
+        "block": np.zeros(slots, np.int64),
+        "segs": []
+    }  # segment id -> [Source, slot_of]
 
   def _seg_entry(self, entry: list) -> np.ndarray:
     """Loads a segment's index (once); returns its fences."""
@@ -457,8 +484,8 @@ class Table:
   def _capacity(self) -> int:
     """Slots usable now: the budget left by the indexes (at least one)."""
     slots = len(self._slab["owner"])
-    return max(1, min(slots, (self.cache_bytes - self._index_bytes)
-                      // self._slot_bytes()))
+    return max(1,
+               min(slots, (self.cache_bytes - self._index_bytes) // self._slot_bytes()))
 
   def _fill(self, wanted: list[tuple[list, np.ndarray]]) -> None:
     """Reads the blocks [(segment entry, block ids)] into free or LRU slots."""
@@ -497,8 +524,7 @@ class Table:
         slab["block"][slot] = blk
         entry[1][blk] = slot
 
-  def _pieces(self, sk: np.ndarray, start: int = 0
-              ) -> Iterator[tuple[int, np.ndarray]]:
+  def _pieces(self, sk: np.ndarray, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """Sorted query keys [m] -> yields (start, pos) for consecutive pieces
     sk[start:start + len(pos)]: pos is the int64 row of each key in the slab's
     flat arrays (slot * block_rows + offset), -1 where absent, valid until
@@ -617,8 +643,8 @@ class Table:
       found = self._gather(keys, emit)
     return out, found
 
-  def lookup_stored(self, keys: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+  def lookup_stored(
+      self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """uint64 keys [n] -> (stored [n, d], scales [n] or None, found [n]); rows
     of missing keys are zero. What upserts need to update the checksum."""
     keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
@@ -657,7 +683,10 @@ class Writer:
     self._cache_bytes = cache_bytes
     self.table = Table(path, cache_bytes=cache_bytes)
 
-  def upsert(self, keys: np.ndarray, values: np.ndarray, *,
+  def upsert(self,
+             keys: np.ndarray,
+             values: np.ndarray,
+             *,
              source_step: int | None = None) -> int:
     """Writes rows keys [n] -> values float32 [n, d] (new keys are added,
     existing ones replaced); O(n) work plus amortized merges.
@@ -675,12 +704,13 @@ class Writer:
     keys, values = _check_values(self.path, keys, values, d=fmt.d)
     stored, scales = quantize(values, fmt.dtype)
     old_stored, old_scales, found = t.lookup_stored(keys)
+    total = segments.add_checksums(segments.parse_checksum(meta["checksum"]),
+                                   segments.row_checksum(keys, stored, scales))
     total = segments.add_checksums(
-        segments.parse_checksum(meta["checksum"]),
-        segments.row_checksum(keys, stored, scales))
-    total = segments.add_checksums(total, segments.row_checksum(
-        keys[found], old_stored[found], None if old_scales is None
-        else old_scales[found]), sign=-1)
+        total,
+        segments.row_checksum(keys[found], old_stored[found],
+                              None if old_scales is None else old_scales[found]),
+        sign=-1)
     meta["num_rows"] += int((~found).sum())
     meta["checksum"] = segments.checksum_hex(total)
     if source_step is not None:
@@ -700,12 +730,12 @@ class Writer:
     for s in touched:  # merges, each read back: flushed one by one
       segs = meta["shards"][s]
       n = 0
-      while len(segs) >= 2 and (segs[-2]["rows"] <= _GROWTH * segs[-1]["rows"]
-                                or len(segs) > _MAX_SEGMENTS):
+      while len(segs) >= 2 and (segs[-2]["rows"] <= _GROWTH * segs[-1]["rows"] or
+                                len(segs) > _MAX_SEGMENTS):
         n += 1
         merged = segments.SegmentBuilder(batch, _segment_name(s, f"{tag}m{n}"), fmt)
-        for k, v, sc, _ in segments.merged(
-            [segments.Source(kv, x) for x in segs[-2:]], fmt):
+        for k, v, sc, _ in segments.merged([segments.Source(kv, x) for x in segs[-2:]],
+                                           fmt):
           merged.add(k, v, sc)
         drop += [x["name"] + "/" for x in segs[-2:]]
         segs = segs[:-2] + [merged.finish()]
@@ -716,7 +746,10 @@ class Writer:
     return gen
 
 
-def upsert(path: str, keys: np.ndarray, values: np.ndarray, *,
+def upsert(path: str,
+           keys: np.ndarray,
+           values: np.ndarray,
+           *,
            source_step: int | None = None) -> int:
   """One `Writer(path).upsert(keys, values)`; returns the new generation."""
   return Writer(path).upsert(keys, values, source_step=source_step)
@@ -751,8 +784,14 @@ class ExportWriter:
   table depends only on the rows, not on P, chunk_rows or restarts.
   """
 
-  def __init__(self, path: str, export_id: str, *, process_index: int = 0,
-               process_count: int = 1, d: int, dtype: str = "float32",
+  def __init__(self,
+               path: str,
+               export_id: str,
+               *,
+               process_index: int = 0,
+               process_count: int = 1,
+               d: int,
+               dtype: str = "float32",
                chunk_rows: int = DEFAULT_CHUNK_ROWS,
                shard_bits: int = DEFAULT_SHARD_BITS,
                block_rows: int = DEFAULT_BLOCK_ROWS):
@@ -760,9 +799,14 @@ class ExportWriter:
       raise StoreError(f"store dtype {dtype!r} is not one of {sorted(DTYPES)}")
     _check_block_rows(block_rows)
     self.path, self.export_id = path, export_id
-    self.config = {"d": int(d), "dtype": dtype, "chunk_rows": int(chunk_rows),
-                   "shard_bits": int(shard_bits), "block_rows": int(block_rows),
-                   "process_count": int(process_count)}
+    self.config = {
+        "d": int(d),
+        "dtype": dtype,
+        "chunk_rows": int(chunk_rows),
+        "shard_bits": int(shard_bits),
+        "block_rows": int(block_rows),
+        "process_count": int(process_count)
+    }
     self._fmt = segments.Format(int(d), dtype, int(block_rows))
     self._kv = _open(path, sub=_staging(export_id, process_index))
     r = self._kv.read("config").result()
@@ -827,8 +871,11 @@ class ExportWriter:
       b.add(keys[lo:hi], stored, scales)
       runs[s] = b.finish()
     batch.flush()
-    self._kv.write(f"c{c:06d}/done", json.dumps(
-        {"rows": int(len(keys)), "runs": runs}).encode()).result()
+    self._kv.write(f"c{c:06d}/done",
+                   json.dumps({
+                       "rows": int(len(keys)),
+                       "runs": runs
+                   }).encode()).result()
     self.done_chunks += 1
     self.done_rows += len(keys)
 
@@ -838,8 +885,12 @@ class ExportWriter:
       return
     if self._buf_rows:
       self._flush(self._buf_rows)
-    self._kv.write("final", json.dumps({"chunks": self.done_chunks,
-                                        "rows": self.done_rows}).encode()).result()
+    self._kv.write(
+        "final",
+        json.dumps({
+            "chunks": self.done_chunks,
+            "rows": self.done_rows
+        }).encode()).result()
     self.closed = True
 
 
@@ -871,12 +922,16 @@ def _export_runs(path: str, export_id: str, process_count: int):
       for s, seg in done["runs"].items():
         per_shard[int(s)].append(segments.Source(kv, seg))
   if config is None or config["process_count"] != process_count:
-    raise StoreError(f"InsEmb export {export_id}: process_count={process_count} "
-                     f"does not match the writers' {config and config['process_count']}")
+    raise StoreError(
+        f"InsEmb export {export_id}: process_count={process_count} "
+        f"does not match the writers' {config and config['process_count']}")
   return config, per_shard
 
 
-def merge_export(path: str, export_id: str, *, process_index: int = 0,
+def merge_export(path: str,
+                 export_id: str,
+                 *,
+                 process_index: int = 0,
                  process_count: int = 1) -> None:
   """Merges the runs of shards s with s % process_count == process_index
   (from every process's staging database) into one segment each.
@@ -898,17 +953,27 @@ def merge_export(path: str, export_id: str, *, process_index: int = 0,
       b = segments.SegmentBuilder(batch, _segment_name(s, export_id), fmt)
       for keys, stored, scales, dropped in segments.merged(per_shard[s], fmt):
         b.add(keys, stored, scales)
-        total = segments.add_checksums(total, segments.row_checksum(keys, stored, scales))
+        total = segments.add_checksums(total,
+                                       segments.row_checksum(keys, stored, scales))
         dups += dropped
       seg = b.finish()
       batch.flush()
-    kv.write(marker, json.dumps({"segment": seg, "duplicates": dups,
-                                 "checksum": segments.checksum_hex(total)}
-                                ).encode()).result()
+    kv.write(
+        marker,
+        json.dumps({
+            "segment": seg,
+            "duplicates": dups,
+            "checksum": segments.checksum_hex(total)
+        }).encode()).result()
 
 
-def publish(path: str, export_id: str, *, process_count: int = 1, source: str,
-            source_step: int, source_config: ml_collections.ConfigDict | dict | None,
+def publish(path: str,
+            export_id: str,
+            *,
+            process_count: int = 1,
+            source: str,
+            source_step: int,
+            source_config: ml_collections.ConfigDict | dict | None,
             dataset: str = "") -> int:
   """Makes a merged export visible as ONE new version, then drops its staging.
 
@@ -926,9 +991,13 @@ def publish(path: str, export_id: str, *, process_count: int = 1, source: str,
   if old is not None and old.get("export_id") == export_id:
     return _latest_generation(path)
   config, _ = _export_runs(path, export_id, process_count)
-  meta = _new_meta(d=config["d"], dtype=config["dtype"], source=source,
-                   source_step=source_step, source_config=source_config,
-                   dataset=dataset, shard_bits=config["shard_bits"],
+  meta = _new_meta(d=config["d"],
+                   dtype=config["dtype"],
+                   source=source,
+                   source_step=source_step,
+                   source_config=source_config,
+                   dataset=dataset,
+                   shard_bits=config["shard_bits"],
                    block_rows=config["block_rows"])
   total, unmerged = (0, 0), []
   for s in range(2**config["shard_bits"]):

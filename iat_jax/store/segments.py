@@ -149,8 +149,8 @@ def encode_block(keys: np.ndarray, stored: np.ndarray,
   return b"".join(parts)
 
 
-def decode_block(blob: bytes, fmt: Format, rows: int, where: str
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def decode_block(blob: bytes, fmt: Format, rows: int,
+                 where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """Block bytes -> (keys [r], stored [r, d], scales [r] or None)."""
   if len(blob) != rows * fmt.row_bytes:
     raise StoreError(f"InsEmb store: block {where} has {len(blob)} bytes, "
@@ -325,8 +325,11 @@ def read_blocks(src: Source, fmt: Format, blocks: Sequence[int]) -> list[tuple]:
   return out
 
 
-def merged(sources: Sequence[Source], fmt: Format, piece_rows: int = 1 << 18
-           ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None, int]]:
+def merged(
+    sources: Sequence[Source],
+    fmt: Format,
+    piece_rows: int = 1 << 18
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None, int]]:
   """Streams the union of segments in key order; later sources win on equal keys.
 
   Memory is about `piece_rows` rows (plus one block per source per piece):

@@ -64,13 +64,17 @@ def is_published(table_path: str, source: str, step: int) -> bool:
 
 
 def publish(config: ml_collections.ConfigDict, table_path: str, keys: np.ndarray,
-            values: np.ndarray, *, source: str, step: int,
-            fingerprint: str) -> str:
+            values: np.ndarray, *, source: str, step: int, fingerprint: str) -> str:
   """Writes InsEmbs (uint64 keys [n], float32 values [n, d]) of `source` at
   checkpoint `step` as a new version, in --config.store.dtype; returns it."""
-  return insemb_table.write(table_path, keys, values, source=source,
-                            source_step=step, source_config=config.model,
-                            dtype=config.store.dtype, dataset=fingerprint)
+  return insemb_table.write(table_path,
+                            keys,
+                            values,
+                            source=source,
+                            source_step=step,
+                            source_config=config.model,
+                            dtype=config.store.dtype,
+                            dataset=fingerprint)
 
 
 def exists(table_path: str) -> bool:
@@ -90,8 +94,9 @@ def export_id(source: str, step: int, fingerprint: str, dtype: str, d: int,
               process_count: int) -> str:
   """A deterministic id of the export of `source` at checkpoint `step`, so a
   rerun of a killed export finds its staging and resumes it."""
-  tag = hashlib.sha256(json.dumps([fingerprint, dtype, int(d), int(process_count)]
-                                  ).encode()).hexdigest()[:12]
+  tag = hashlib.sha256(
+      json.dumps([fingerprint, dtype, int(d),
+                  int(process_count)]).encode()).hexdigest()[:12]
   return f"{source}-s{int(step)}-p{int(process_count)}-{tag}"
 
 
@@ -115,9 +120,15 @@ class Export:
   the rows, not on the process count, chunking or restarts.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, table_path: str, *,
-               source: str, step: int, fingerprint: str,
-               process_index: int | None = None, process_count: int | None = None):
+  def __init__(self,
+               config: ml_collections.ConfigDict,
+               table_path: str,
+               *,
+               source: str,
+               step: int,
+               fingerprint: str,
+               process_index: int | None = None,
+               process_count: int | None = None):
     self.path, self.source, self.step = table_path, source, int(step)
     self.fingerprint, self.source_config = fingerprint, config.model
     self.process_index = jax.process_index() if process_index is None else process_index
@@ -125,10 +136,13 @@ class Export:
     d = config.model.insemb_dim
     self.id = export_id(source, step, fingerprint, config.store.dtype, d,
                         self.process_count)
-    self._writer = insemb_table.ExportWriter(
-        table_path, self.id, process_index=self.process_index,
-        process_count=self.process_count, d=d, dtype=config.store.dtype,
-        chunk_rows=config.store.export_chunk_rows)
+    self._writer = insemb_table.ExportWriter(table_path,
+                                             self.id,
+                                             process_index=self.process_index,
+                                             process_count=self.process_count,
+                                             d=d,
+                                             dtype=config.store.dtype,
+                                             chunk_rows=config.store.export_chunk_rows)
 
   @property
   def done_rows(self) -> int:
@@ -144,11 +158,15 @@ class Export:
     self._writer.add(keys, values)
 
 
-def export_writer(config: ml_collections.ConfigDict, table_path: str, *,
-                  source: str, step: int, fingerprint: str, **kw) -> Export:
+def export_writer(config: ml_collections.ConfigDict, table_path: str, *, source: str,
+                  step: int, fingerprint: str, **kw) -> Export:
   """Starts (or resumes) this process's part of an export; see `Export`."""
-  return Export(config, table_path, source=source, step=step,
-                fingerprint=fingerprint, **kw)
+  return Export(config,
+                table_path,
+                source=source,
+                step=step,
+                fingerprint=fingerprint,
+                **kw)
 
 
 def finish_export(export: Export) -> None:
@@ -156,13 +174,17 @@ def finish_export(export: Export) -> None:
   process 0 publishes one new version, barrier. Resumable at every point."""
   export._writer.close()  # pylint: disable=protected-access
   _barrier(f"export-{export.id}-closed")
-  insemb_table.merge_export(export.path, export.id,
+  insemb_table.merge_export(export.path,
+                            export.id,
                             process_index=export.process_index,
                             process_count=export.process_count)
   _barrier(f"export-{export.id}-merged")
   if export.process_index == 0:
-    insemb_table.publish(export.path, export.id, process_count=export.process_count,
-                         source=export.source, source_step=export.step,
+    insemb_table.publish(export.path,
+                         export.id,
+                         process_count=export.process_count,
+                         source=export.source,
+                         source_step=export.step,
                          source_config=export.source_config,
                          dataset=export.fingerprint)
   _barrier(f"export-{export.id}-published")
@@ -173,8 +195,13 @@ def publish_copy(config: ml_collections.ConfigDict, src: insemb_table.Table,
                  fingerprint: str) -> None:
   """Publishes the rows of `keys` [N] found in `src` at `table_path` as
   `source` at `step` (one process, streamed in export chunks)."""
-  w = export_writer(config, table_path, source=source, step=step,
-                    fingerprint=fingerprint, process_index=0, process_count=1)
+  w = export_writer(config,
+                    table_path,
+                    source=source,
+                    step=step,
+                    fingerprint=fingerprint,
+                    process_index=0,
+                    process_count=1)
   chunk = config.store.export_chunk_rows
   start = min(w.done_rows, len(keys))  # every key found: rows = key positions
   w.skip(start)
@@ -201,7 +228,10 @@ class Upserts:
   buffer first, then the newest version this writer published).
   """
 
-  def __init__(self, table_path: str, *, flush_rows: int = 1 << 16,
+  def __init__(self,
+               table_path: str,
+               *,
+               flush_rows: int = 1 << 16,
                cache_bytes: int = 256 << 20):
     self.path = table_path
     self.flush_rows = flush_rows
@@ -212,14 +242,25 @@ class Upserts:
     self._sorted = None
 
   @classmethod
-  def open_or_create(cls, table_path: str, *, d: int, dtype: str, source: str,
-                     fingerprint: str, source_config=None, **kw) -> Upserts:
+  def open_or_create(cls,
+                     table_path: str,
+                     *,
+                     d: int,
+                     dtype: str,
+                     source: str,
+                     fingerprint: str,
+                     source_config=None,
+                     **kw) -> Upserts:
     """Opens `table_path`, or publishes an empty table there first."""
     if not exists(table_path):
-      insemb_table.write(table_path, np.zeros(0, np.uint64),
-                         np.zeros((0, d), np.float32), source=source,
-                         source_step=0, source_config=source_config,
-                         dtype=dtype, dataset=fingerprint)
+      insemb_table.write(table_path,
+                         np.zeros(0, np.uint64),
+                         np.zeros((0, d), np.float32),
+                         source=source,
+                         source_step=0,
+                         source_config=source_config,
+                         dtype=dtype,
+                         dataset=fingerprint)
     return cls(table_path, **kw)
 
   @property
@@ -227,7 +268,10 @@ class Upserts:
     """The newest version this writer published (without the buffer)."""
     return self._writer.table
 
-  def put(self, keys: np.ndarray, values: np.ndarray, *,
+  def put(self,
+          keys: np.ndarray,
+          values: np.ndarray,
+          *,
           step: int | None = None) -> None:
     """Buffers uint64 keys [n] -> float32 values [n, d] (later puts win);
     flushes when the buffer holds flush_rows rows."""

@@ -51,11 +51,19 @@ def collect(workdir: str, points: Sequence[dict], seeds: int) -> list[dict]:
         for split in ("valid", "test"):
           for name, value in r[split].items():
             metric, _, task = name.partition("/")
-            rows.append({"point": point_name(point),
-                         **{k: point.get(k, "") for k in keys}, "seed": seed,
-                         "model": model, "split": split, "task": task,
-                         "metric": metric, "value": value, "params": r["params"],
-                         "flops_per_batch": r["flops_per_batch"]})
+            rows.append({
+                "point": point_name(point),
+                **{
+                    k: point.get(k, "") for k in keys
+                }, "seed": seed,
+                "model": model,
+                "split": split,
+                "task": task,
+                "metric": metric,
+                "value": value,
+                "params": r["params"],
+                "flops_per_batch": r["flops_per_batch"]
+            })
   return rows
 
 
@@ -88,14 +96,16 @@ def plot_metrics(rows: Sequence[dict], points: Sequence[dict], seeds: int,
       fig, ax = plt.subplots(figsize=(6.4, 4.2))
       for model in PLOT_MODELS:
         line = [(x, *stats.mean_ci(values[name, model, task, metric]))
-                for x, name in zip(xs, names) if values[name, model, task, metric]]
+                for x, name in zip(xs, names)
+                if values[name, model, task, metric]]
         if not line:
           continue
         px, mean, hw = zip(*line)
         hw = [0.0 if math.isnan(h) else h for h in hw]
         ax.plot(px, mean, marker="o", label=model)
         ax.fill_between(px, [m - h for m, h in zip(mean, hw)],
-                        [m + h for m, h in zip(mean, hw)], alpha=0.2)
+                        [m + h for m, h in zip(mean, hw)],
+                        alpha=0.2)
       if numeric and min(xs) > 0 and max(xs) / min(xs) >= 8:
         ax.set_xscale("log", base=2)
       if numeric:
@@ -121,16 +131,19 @@ def scaling_fits(rows: Sequence[dict], points: Sequence[dict],
   task over every point x seed; [] unless the sweep is numeric."""
   if not all(_is_number(v) for p in points for v in p.values()):
     return []
-  test = {(r["point"], r["seed"], r["model"], r["task"], r["metric"]): r
-          for r in rows if r["split"] == "test"}
+  test = {
+      (r["point"], r["seed"], r["model"], r["task"], r["metric"]): r
+      for r in rows
+      if r["split"] == "test"
+  }
   tasks, fits = list(dict.fromkeys(r["task"] for r in rows)), []
   for xname, field in (("flops", "flops_per_batch"), ("params", "params")):
     for task in tasks:
       obs = {"dauc": [], "dlogloss": []}
       for name, s in itertools.product(map(point_name, points), range(seeds)):
-        auc, loss = ({m: test.get((name, s, m, task, metric))
-                      for m in ("base", *SCALING_MODELS)}
-                     for metric in ("auc", "logloss"))
+        auc, loss = ({
+            m: test.get((name, s, m, task, metric)) for m in ("base", *SCALING_MODELS)
+        } for metric in ("auc", "logloss"))
         if None in auc.values() or None in loss.values():
           continue
         x = math.log10(sum(auc[m][field] for m in SCALING_MODELS))
@@ -138,18 +151,26 @@ def scaling_fits(rows: Sequence[dict], points: Sequence[dict],
           obs[y].append((x, r["user_iat"]["value"] - r["base"]["value"]))
       for yname, pts in obs.items():
         if len(pts) < 3 or len({x for x, _ in pts}) < 2:
-          logging.info("sweep: no fit of %s %s vs %s (too few distinct points)",
-                       yname, task, xname)
+          logging.info("sweep: no fit of %s %s vs %s (too few distinct points)", yname,
+                       task, xname)
           continue
-        fits.append({"x": xname, "task": task, "y": yname,
-                     **stats.linear_fit(*zip(*pts)), "points": pts})
+        fits.append({
+            "x": xname,
+            "task": task,
+            "y": yname,
+            **stats.linear_fit(*zip(*pts)), "points": pts
+        })
   return fits
 
 
-_Y_LABELS = {"dauc": "test AUC gain, user_iat - base",
-             "dlogloss": "test logloss change, user_iat - base"}
-_X_LABELS = {"flops": "log10 FLOPs/batch (source_user + user_iat)",
-             "params": "log10 params (source_user + user_iat)"}
+_Y_LABELS = {
+    "dauc": "test AUC gain, user_iat - base",
+    "dlogloss": "test logloss change, user_iat - base"
+}
+_X_LABELS = {
+    "flops": "log10 FLOPs/batch (source_user + user_iat)",
+    "params": "log10 params (source_user + user_iat)"
+}
 
 
 def plot_scaling(fits: Sequence[dict], out_dir: str) -> list[str]:
@@ -158,7 +179,9 @@ def plot_scaling(fits: Sequence[dict], out_dir: str) -> list[str]:
   for xname in dict.fromkeys(f["x"] for f in fits):
     sub = [f for f in fits if f["x"] == xname]
     tasks = list(dict.fromkeys(f["task"] for f in sub))
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(9, 3.2 * len(tasks)),
+    fig, axes = plt.subplots(len(tasks),
+                             2,
+                             figsize=(9, 3.2 * len(tasks)),
                              squeeze=False)
     for f in sub:
       ax = axes[tasks.index(f["task"])][0 if f["y"] == "dauc" else 1]
@@ -193,7 +216,10 @@ def report(workdir: str, points: Sequence[dict], seeds: int) -> list[dict]:
   if fits:
     paths += plot_scaling(fits, plots)
     with open(os.path.join(workdir, "scaling.json"), "w") as f:
-      json.dump([{k: v for k, v in fit.items() if k != "points"} for fit in fits], f,
+      json.dump([{
+          k: v for k, v in fit.items() if k != "points"
+      } for fit in fits],
+                f,
                 indent=1)
     for fit in fits:
       print(f"scaling: {fit['y']} {fit['task']} vs log10({fit['x']}): slope "

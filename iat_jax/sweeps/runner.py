@@ -71,8 +71,13 @@ def flag_value(value) -> str:
   return str(value)
 
 
-def command(config_arg: str, workdir: str, point: dict, seed: int, data_cache: str,
-            extra_args: Sequence[str] = (), mode: str = "pipeline",
+def command(config_arg: str,
+            workdir: str,
+            point: dict,
+            seed: int,
+            data_cache: str,
+            extra_args: Sequence[str] = (),
+            mode: str = "pipeline",
             sources_from: str = "") -> list[str]:
   """The `python -m iat_jax.main --mode=pipeline` command of one run.
 
@@ -80,13 +85,15 @@ def command(config_arg: str, workdir: str, point: dict, seed: int, data_cache: s
   reads its source models from <sources_from>/seed<seed>.
   """
   data = os.path.join(data_cache, f"seed{seed}")
-  reuse = ([f"--config.pipeline.sources_from={os.path.join(sources_from, f'seed{seed}')}"]
-           if sources_from else [])
+  reuse = ([
+      f"--config.pipeline.sources_from={os.path.join(sources_from, f'seed{seed}')}"
+  ] if sources_from else [])
   return launch_lib.main_command([
       f"--config={config_arg}", f"--workdir={report.run_dir(workdir, point, seed)}",
       f"--mode={mode}", f"--config.data.cache_dir={data}", *reuse, *extra_args,
       *(f"--config.{k}={flag_value(v)}" for k, v in point.items()),
-      f"--config.seed={seed}"])
+      f"--config.seed={seed}"
+  ])
 
 
 def _run_logged(cmd: list[str], log_path: str, env: dict) -> int:
@@ -138,8 +145,12 @@ def run_all(jobs: Sequence[tuple[str, list[str]]], cache_dir: str) -> list[str]:
   return failed
 
 
-def execute(jobs: Sequence[tuple[str, list[str]]], workdir: str,
-            points: Sequence[dict], seeds: int, *, emit: str = "none",
+def execute(jobs: Sequence[tuple[str, list[str]]],
+            workdir: str,
+            points: Sequence[dict],
+            seeds: int,
+            *,
+            emit: str = "none",
             what: str = "sweep",
             on_rows: Callable[[list[dict]], None] | None = None) -> None:
   """Prints the commands (emit='commands') or runs the missing jobs, then writes

@@ -24,8 +24,8 @@ def t_quantile(df: int) -> float:
   if df <= len(_T975):
     return _T975[df - 1]
   z, v = 1.959963985, float(df)
-  return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-          + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))
+  return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2) +
+          (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3))
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -34,7 +34,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
   mean = sum(values) / n
   if n < 2:
     return mean, math.nan
-  var = sum((v - mean) ** 2 for v in values) / (n - 1)
+  var = sum((v - mean)**2 for v in values) / (n - 1)
   return mean, t_quantile(n - 1) * math.sqrt(var / n)
 
 
@@ -47,16 +47,21 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
   """
   n = len(x)
   mx, my = sum(x) / max(n, 1), sum(y) / max(n, 1)
-  sxx = sum((a - mx) ** 2 for a in x)
+  sxx = sum((a - mx)**2 for a in x)
   if sxx == 0:
     raise ValueError(f"need two distinct x values, got {list(x)}")
   slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
   intercept = my - slope * mx
-  sse = sum((b - intercept - slope * a) ** 2 for a, b in zip(x, y))
-  syy = sum((b - my) ** 2 for b in y)
+  sse = sum((b - intercept - slope * a)**2 for a, b in zip(x, y))
+  syy = sum((b - my)**2 for b in y)
   ci = t_quantile(n - 2) * math.sqrt(sse / (n - 2) / sxx) if n > 2 else math.nan
-  return {"slope": slope, "slope_ci": ci, "intercept": intercept,
-          "r2": 1 - sse / syy if syy > 0 else 1.0, "n": n}
+  return {
+      "slope": slope,
+      "slope_ci": ci,
+      "intercept": intercept,
+      "r2": 1 - sse / syy if syy > 0 else 1.0,
+      "n": n
+  }
 
 
 def relative_change(value: float, ref: float) -> float:

@@ -54,16 +54,20 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
   if tables.is_published(path, config.stage, step):
     logging.info("export %s: already done (step %d)", path, step)
     return path
-  out = tables.export_writer(config, path, source=config.stage, step=step,
+  out = tables.export_writer(config,
+                             path,
+                             source=config.stage,
+                             step=step,
                              fingerprint=ds.schema.fingerprint)
   passes = two_pass_lib.PassTables(config, workdir, name, ds) if two_pass else None
-  seq = [(split, i, data) for split in schema_lib.SPLITS
+  seq = [(split, i, data)
+         for split in schema_lib.SPLITS
          for data in [train_lib.batches(config, ds, config.stage, split, train=False)]
          for i in range(len(data))]
   first, rows = _durable_batches(out.done_rows, seq)
   if first:
-    logging.info("export %s: resuming at batch %d of %d (%d rows durable here)",
-                 path, first, len(seq), out.done_rows)
+    logging.info("export %s: resuming at batch %d of %d (%d rows durable here)", path,
+                 first, len(seq), out.done_rows)
   out.skip(rows)
   for split in schema_lib.SPLITS:
     todo = [i for s, i, _ in seq[first:] if s == split]

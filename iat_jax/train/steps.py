@@ -34,8 +34,8 @@ def make_optimizer(config: ml_collections.ConfigDict,
   """AdamW, warm-up + cosine schedule, global-norm clipping (config.optimizer)."""
   opt = config.optimizer
   warmup = min(opt.warmup_steps, max(num_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, opt.learning_rate, warmup, max(num_steps, warmup + 1))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup,
+                                                max(num_steps, warmup + 1))
   chain = [optax.adamw(schedule, weight_decay=opt.weight_decay)]
   if opt.grad_clip_norm > 0:
     chain.insert(0, optax.clip_by_global_norm(opt.grad_clip_norm))
@@ -50,13 +50,14 @@ def model_inputs(batch: Batch) -> Batch:
 def to_device(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
   """Process-local numpy batch -> global arrays sharded over 'data'."""
   data = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(data, np.asarray(v))
-          for k, v in model_inputs(batch).items()}
+  return {
+      k: jax.make_array_from_process_local_data(data, np.asarray(v))
+      for k, v in model_inputs(batch).items()
+  }
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation,
-                 batch: Batch, seed: int, mesh: jax.sharding.Mesh,
-                 rules) -> tuple[TrainState, Any]:
+def create_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
+                 seed: int, mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, Any]:
   """Initializes a sharded TrainState.
 
   Args:
@@ -74,8 +75,10 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation,
   def init(rng):
     p_rng, d_rng = jax.random.split(rng)
     variables = model.init({"params": p_rng, "dropout": d_rng}, batch, train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             tx=tx, rng=d_rng)
+    return TrainState.create(apply_fn=model.apply,
+                             params=variables["params"],
+                             tx=tx,
+                             rng=d_rng)
 
   rng = jax.random.PRNGKey(seed)
   with sharding.mesh_context(mesh, rules):
@@ -92,7 +95,10 @@ def _task_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
   return (bce * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
-def make_train_step(model: nn.Module, state_shardings, mesh, rules,
+def make_train_step(model: nn.Module,
+                    state_shardings,
+                    mesh,
+                    rules,
                     aux: tuple[str, ...] = ()) -> Callable:
   """jit(train_step(state, batch) -> (state, {'loss'}, {aux})) on the mesh.
 
@@ -104,8 +110,7 @@ def make_train_step(model: nn.Module, state_shardings, mesh, rules,
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      out = model.apply({"params": params}, batch, train=True,
-                        rngs={"dropout": rng})
+      out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
       out["probs"] = jax.nn.sigmoid(out["logits"].astype(jnp.float32))
       loss = _task_loss(out["logits"], batch["labels"], batch["mask"])
       return loss, {k: out[k] for k in aux}
@@ -114,13 +119,17 @@ def make_train_step(model: nn.Module, state_shardings, mesh, rules,
     return state.apply_gradients(grads=grads), {"loss": loss}, extra
 
   data = sharding.batch_sharding(mesh)
-  jitted = jax.jit(train_step, in_shardings=(state_shardings, data),
+  jitted = jax.jit(train_step,
+                   in_shardings=(state_shardings, data),
                    out_shardings=(state_shardings, sharding.replicated(mesh), data),
                    donate_argnums=0)
   return _in_context(jitted, mesh, rules)
 
 
-def make_eval_step(model: nn.Module, param_shardings, mesh, rules,
+def make_eval_step(model: nn.Module,
+                   param_shardings,
+                   mesh,
+                   rules,
                    outputs: tuple[str, ...] = ("probs",)) -> Callable:
   """jit(eval_step(params, batch) -> {'probs': [..., tasks], 'insemb'?})."""
 
@@ -132,8 +141,9 @@ def make_eval_step(model: nn.Module, param_shardings, mesh, rules,
     return res
 
   data = sharding.batch_sharding(mesh)
-  return _in_context(jax.jit(eval_step, in_shardings=(param_shardings, data),
-                             out_shardings=data), mesh, rules)
+  return _in_context(
+      jax.jit(eval_step, in_shardings=(param_shardings, data), out_shardings=data),
+      mesh, rules)
 
 
 def _in_context(fn: Callable, mesh, rules) -> Callable:

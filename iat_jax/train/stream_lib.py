@@ -68,8 +68,12 @@ def _open_store(config, workdir: str, ds: dataset_lib.Dataset) -> tables.Upserts
   if not (tables.exists(path) and
           tables.Table(path).metadata.get("export_id") == copy_id):
     logging.info("stream: copying %s into %s", init_path, path)
-    tables.publish_copy(config, init, np.asarray(ds["ins_id"]), path,
-                        source=config.stage, step=init.metadata["source_step"],
+    tables.publish_copy(config,
+                        init,
+                        np.asarray(ds["ins_id"]),
+                        path,
+                        source=config.stage,
+                        step=init.metadata["source_step"],
                         fingerprint=ds.schema.fingerprint)
   return tables.Upserts(path)
 
@@ -82,7 +86,9 @@ class _Staleness:
     self.names = st.ds.feature_columns()
 
     def embed(params, feats):
-      e = st.model.apply({"params": params}, feats, train=False,
+      e = st.model.apply({"params": params},
+                         feats,
+                         train=False,
                          method="embed_instances")
       return e.astype(jnp.float32)
 
@@ -102,8 +108,11 @@ class _Staleness:
     return float(cos.mean())
 
 
-def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
-                 ds: dataset_lib.Dataset, table=None) -> dict:
+def train_stream(config: ml_collections.ConfigDict,
+                 workdir: str,
+                 name: str,
+                 ds: dataset_lib.Dataset,
+                 table=None) -> dict:
   """Runs the streaming stage into <workdir>/<name>; resumable.
 
   It reads and writes its own table (`table` must be None).
@@ -117,27 +126,38 @@ def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
                               "use all of that host's devices)")
   recompute = config.stream.mode == "recompute"
   store = _open_store(config, workdir, ds)
-  preds = tables.Upserts.open_or_create(
-      os.path.join(workdir_lib.stage_dir(workdir, name), "preds"),
-      d=ds.schema.num_tasks, dtype="float32", source=f"{config.stage}/preds",
-      fingerprint=ds.schema.fingerprint)
-  data = input_pipeline.stream(ds, tuple(config.stream.splits), config.batch_size,
-                               config.stream.k, features=recompute)
+  preds = tables.Upserts.open_or_create(os.path.join(
+      workdir_lib.stage_dir(workdir, name), "preds"),
+                                        d=ds.schema.num_tasks,
+                                        dtype="float32",
+                                        source=f"{config.stage}/preds",
+                                        fingerprint=ds.schema.fingerprint)
+  data = input_pipeline.stream(ds,
+                               tuple(config.stream.splits),
+                               config.batch_size,
+                               config.stream.k,
+                               features=recompute)
 
   def fill(batch):
     if not recompute:
       batch["past_insemb"] = _past_insembs(store, batch)
     return batch
 
-  st = train_lib.Run(config, workdir, name, ds, train_data=data, fill=fill,
-                       aux=("probs", "insemb"))
+  st = train_lib.Run(config,
+                     workdir,
+                     name,
+                     ds,
+                     train_data=data,
+                     fill=fill,
+                     aux=("probs", "insemb"))
   writer = metrics_lib.Writer(st.dir)
   with train_lib.closing(st, writer):
     it = input_pipeline.iterate(data)
     state, start = train_lib.resume(st, writer, it)
     if not start:  # a fresh stream starts from the batch-trained source
-      init = checkpointing.Checkpoints(workdir_lib.stage_dir(workdir, config.stream.init_from),
-                                       1, f"auc/{ds.schema.tasks[0]}")
+      init = checkpointing.Checkpoints(
+          workdir_lib.stage_dir(workdir, config.stream.init_from), 1,
+          f"auc/{ds.schema.tasks[0]}")
       try:
         _, params = init.restore_best(checkpointing.abstract(state.params))
       finally:
@@ -151,17 +171,26 @@ def train_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
       store.put(batch["ins_id"][mask], np.asarray(aux["insemb"])[mask], step=step)
       preds.put(batch["ins_id"][mask], np.asarray(aux["probs"])[mask], step=step)
       if staleness is not None and step % config.log_every == 0:
-        writer.write(step, "stream", {"staleness_cosine": staleness(state.params, batch)})
+        writer.write(step, "stream",
+                     {"staleness_cosine": staleness(state.params, batch)})
 
     def flush(step):  # everything the checkpoint refers to is durable
       store.flush(step)
       preds.flush(step)
 
-    state = train_lib.run_loop(st, state, it, start, writer, after_step=write_back,
-                               before_checkpoint=flush, validate=False)
+    state = train_lib.run_loop(st,
+                               state,
+                               it,
+                               start,
+                               writer,
+                               after_step=write_back,
+                               before_checkpoint=flush,
+                               validate=False)
     flush(st.num_steps)
-    results = {split: _progressive(ds, preds, split) if split in config.stream.splits
-               else {} for split in ("valid", "test")}
+    results = {
+        split: _progressive(ds, preds, split) if split in config.stream.splits else {}
+        for split in ("valid", "test")
+    }
     return train_lib.finish(st, writer, {**results, "best_step": st.num_steps, **cost})
 
 

@@ -29,33 +29,46 @@ from iat_jax.train import predict
 from iat_jax.train import steps
 
 
-def batches(config: ml_collections.ConfigDict, ds: dataset_lib.Dataset,
-            stage: str, split: str, *, train: bool, table=None,
+def batches(config: ml_collections.ConfigDict,
+            ds: dataset_lib.Dataset,
+            stage: str,
+            split: str,
+            *,
+            train: bool,
+            table=None,
             order: str | None = None):
   """The Grain MapDataset a stage reads for a split (train or eval order).
 
   `order` overrides the user-chunk order of user-order stages (default:
   shuffled for training, users ascending for evaluation).
   """
-  common = dict(seed=config.seed, process_index=jax.process_index(),
+  common = dict(seed=config.seed,
+                process_index=jax.process_index(),
                 process_count=jax.process_count())
   if train:
     common["num_epochs"] = config.num_epochs
   batch_order = stages.get(stage).order
   if batch_order == "user_chunks":
     t = config.data.user_chunk_len
-    users = config.users_per_batch if train else max(
-        config.eval_batch_size // t, 1) * jax.process_count()
-    return input_pipeline.user_ordered(ds, split, users, t,
+    users = config.users_per_batch if train else max(config.eval_batch_size //
+                                                     t, 1) * jax.process_count()
+    return input_pipeline.user_ordered(ds,
+                                       split,
+                                       users,
+                                       t,
                                        order=order or ("shuffle" if train else "users"),
                                        **common)
   # One process: the InsEmbs travel deduplicated (`LookupInsEmb(compact)`).
   history = dict(history_len=config.model.hist_len,
-                 num_gap_buckets=config.model.num_gap_buckets, table=table,
+                 num_gap_buckets=config.model.num_gap_buckets,
+                 table=table,
                  compact=jax.process_count() == 1) if batch_order == "history" else {}
-  return input_pipeline.temporal(
-      ds, split, config.batch_size if train else config.eval_batch_size,
-      shuffle_window=config.shuffle_window if train else 0, **common, **history)
+  return input_pipeline.temporal(ds,
+                                 split,
+                                 config.batch_size if train else config.eval_batch_size,
+                                 shuffle_window=config.shuffle_window if train else 0,
+                                 **common,
+                                 **history)
 
 
 class _Preemption:
@@ -112,9 +125,16 @@ class Run:
   outputs its train step returns.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, name: str,
-               ds: dataset_lib.Dataset, table=None, *, train_data=None,
-               fill=lambda batch: batch, aux: tuple[str, ...] = ()):
+  def __init__(self,
+               config: ml_collections.ConfigDict,
+               workdir: str,
+               name: str,
+               ds: dataset_lib.Dataset,
+               table=None,
+               *,
+               train_data=None,
+               fill=lambda batch: batch,
+               aux: tuple[str, ...] = ()):
     self.config = config
     self.name = name
     self.dir = workdir_lib.stage_dir(workdir, name)
@@ -129,14 +149,18 @@ class Run:
     self.num_steps = len(self.train_data)
     sample = steps.to_device(fill(self.train_data[0]), self.mesh)
     tx = steps.make_optimizer(config, self.num_steps)
-    self.state, self.shardings = steps.create_state(
-        self.model, tx, sample, config.seed, self.mesh, self.rules)
+    self.state, self.shardings = steps.create_state(self.model, tx, sample, config.seed,
+                                                    self.mesh, self.rules)
     # Compiled ahead of time per batch shape (the first one now): the same
     # executables run and are costed.
-    self.train_step = PerShape(steps.make_train_step(
-        self.model, self.shardings, self.mesh, self.rules, aux), self.state, sample)
+    self.train_step = PerShape(
+        steps.make_train_step(self.model, self.shardings, self.mesh, self.rules, aux),
+        self.state, sample)
     self.eval_step = steps.make_eval_step(
-        self.model, self.shardings.params, self.mesh, self.rules,
+        self.model,
+        self.shardings.params,
+        self.mesh,
+        self.rules,
         outputs=("probs", "insemb") if stages.get(config.stage).exports else ("probs",))
     check_memory(self.train_step.first, config, name)
     self.ckpts = checkpointing.Checkpoints(self.dir, config.keep_checkpoints,
@@ -149,13 +173,20 @@ class Run:
   def cost(self) -> dict[str, float]:
     """Parameter counts and XLA's FLOPs of one compiled train step."""
     counts = cost.param_counts(self.state.params)
-    return {"params": counts["total"], "dense_params": counts["dense"],
-            "embedding_params": counts["embedding"],
-            "flops_per_batch": cost.compiled_flops(self.train_step)}
+    return {
+        "params": counts["total"],
+        "dense_params": counts["dense"],
+        "embedding_params": counts["embedding"],
+        "flops_per_batch": cost.compiled_flops(self.train_step)
+    }
 
   def evaluate(self, params, split: str) -> dict[str, float]:
     """Task metrics of `params` over every instance of `split`."""
-    data = batches(self.config, self.ds, self.config.stage, split, train=False,
+    data = batches(self.config,
+                   self.ds,
+                   self.config.stage,
+                   split,
+                   train=False,
                    table=self.table)
     res = predict.predict(self.eval_step, params, data, self.mesh)
     return metrics_lib.task_metrics(self.ds.schema.tasks, res["labels"], res["probs"])
@@ -176,8 +207,15 @@ def resume(st: Run, writer: metrics_lib.Writer, it) -> tuple[Any, int]:
   return state, start
 
 
-def run_loop(st: Run, state, it, start: int, writer: metrics_lib.Writer, *,
-             after_step=None, before_checkpoint=None, validate: bool = True):
+def run_loop(st: Run,
+             state,
+             it,
+             start: int,
+             writer: metrics_lib.Writer,
+             *,
+             after_step=None,
+             before_checkpoint=None,
+             validate: bool = True):
   """Steps start+1..num_steps: log, validate, checkpoint; stop on NaN/SIGTERM.
 
   Args:
@@ -247,9 +285,15 @@ def finish(st: Run, writer: metrics_lib.Writer, results: dict) -> dict:
   return results
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, name: str,
-          ds: dataset_lib.Dataset, table=None, *, train_data=None,
-          after_step=None, before_checkpoint=None) -> dict:
+def train(config: ml_collections.ConfigDict,
+          workdir: str,
+          name: str,
+          ds: dataset_lib.Dataset,
+          table=None,
+          *,
+          train_data=None,
+          after_step=None,
+          before_checkpoint=None) -> dict:
   """Trains config.stage into <workdir>/<name>; resumes from its checkpoints.
 
   Args:
@@ -264,19 +308,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
     The stage's results dict (also written to results.json).
   """
   aux = ("probs", "insemb") if after_step else ()
-  st = Run(config, workdir, name or config.stage, ds, table,
-             train_data=train_data, aux=aux)
+  st = Run(config,
+           workdir,
+           name or config.stage,
+           ds,
+           table,
+           train_data=train_data,
+           aux=aux)
   writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
   with closing(st, writer):
     it = input_pipeline.iterate(st.train_data, config.worker_count)
     state, start = resume(st, writer, it)
     cost = st.cost()
-    state = run_loop(st, state, it, start, writer, after_step=after_step,
+    state = run_loop(st,
+                     state,
+                     it,
+                     start,
+                     writer,
+                     after_step=after_step,
                      before_checkpoint=before_checkpoint)
     best_step, params = st.ckpts.restore_best(checkpointing.abstract(state.params))
-    return finish(st, writer, {"valid": st.evaluate(params, "valid"),
-                               "test": st.evaluate(params, "test"),
-                               "best_step": best_step, **cost})
+    return finish(
+        st, writer, {
+            "valid": st.evaluate(params, "valid"),
+            "test": st.evaluate(params, "test"),
+            "best_step": best_step,
+            **cost
+        })
 
 
 class closing:  # pylint: disable=invalid-name
@@ -355,8 +413,8 @@ def check_memory(compiled, config, name: str) -> None:
   new = m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
   need = new + m.argument_size_in_bytes
   limit, what = available_memory()
-  if jax.local_devices()[0].platform == "cpu" and not os.environ.get(
-      "IAT_JAX_MEMORY_BYTES"):
+  if jax.local_devices(
+  )[0].platform == "cpu" and not os.environ.get("IAT_JAX_MEMORY_BYTES"):
     need = new
   if need > limit:
     raise ValueError(
@@ -396,5 +454,8 @@ def load_best(config, workdir: str, name: str, ds, table=None) -> tuple[Run, int
 def evaluate_stage(config, workdir: str, name: str, ds, table=None) -> dict:
   """Valid and test metrics of a trained stage's best params."""
   st, step, params = load_best(config, workdir, name, ds, table)
-  return {"valid": st.evaluate(params, "valid"), "test": st.evaluate(params, "test"),
-          "best_step": step}
+  return {
+      "valid": st.evaluate(params, "valid"),
+      "test": st.evaluate(params, "test"),
+      "best_step": step
+  }

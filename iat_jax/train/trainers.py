@@ -22,7 +22,10 @@ TRAINERS = {
 }
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, name: str,
-          ds: dataset_lib.Dataset, table=None) -> dict:
+def train(config: ml_collections.ConfigDict,
+          workdir: str,
+          name: str,
+          ds: dataset_lib.Dataset,
+          table=None) -> dict:
   """Trains config.stage with the trainer its `stages` entry names."""
   return TRAINERS[stages.get(config.stage).trainer](config, workdir, name, ds, table)

@@ -36,17 +36,21 @@ def keeper(ds: dataset_lib.Dataset) -> np.ndarray:
   return (np.asarray(ds["user_index"]) < ds.schema.num_users // 2).astype(np.int8)
 
 
-def pass_table(config, workdir: str, name: str, pass_name: str,
-               ds) -> tables.Upserts:
+def pass_table(config, workdir: str, name: str, pass_name: str, ds) -> tables.Upserts:
   """The InsEmbs one pass stored (only the rows it keeps), keyed by InsID."""
-  return tables.Upserts.open_or_create(
-      os.path.join(workdir, name, pass_name, "insembs"), d=config.model.insemb_dim,
-      dtype="float32", source=f"{config.stage}/{pass_name}",
-      fingerprint=ds.schema.fingerprint)
+  return tables.Upserts.open_or_create(os.path.join(workdir, name, pass_name,
+                                                    "insembs"),
+                                       d=config.model.insemb_dim,
+                                       dtype="float32",
+                                       source=f"{config.stage}/{pass_name}",
+                                       fingerprint=ds.schema.fingerprint)
 
 
-def train_user_order(config: ml_collections.ConfigDict, workdir: str, name: str,
-                     ds: dataset_lib.Dataset, table=None) -> dict:
+def train_user_order(config: ml_collections.ConfigDict,
+                     workdir: str,
+                     name: str,
+                     ds: dataset_lib.Dataset,
+                     table=None) -> dict:
   """The user-order source's trainer: two passes with --config.two_pass, else
   the plain loop (`train_lib.train`)."""
   if not config.two_pass:
@@ -62,8 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
   keep = keeper(ds)
   for k, (pass_name, order) in enumerate(PASSES):
     table = pass_table(config, workdir, name, pass_name, ds)
-    data = train_lib.batches(config, ds, config.stage, "train", train=True,
-                             order=order)
+    data = train_lib.batches(config, ds, config.stage, "train", train=True, order=order)
 
     def write_back(step, state, batch, aux, table=table, k=k):
       del step, state
@@ -73,10 +76,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
 
     sub = os.path.join(name, pass_name)
     if not workdir_lib.is_complete(workdir_lib.stage_dir(workdir, sub)):
-      train_lib.train(config, workdir, sub, ds, train_data=data, after_step=write_back,
+      train_lib.train(config,
+                      workdir,
+                      sub,
+                      ds,
+                      train_data=data,
+                      after_step=write_back,
                       before_checkpoint=lambda step, table=table: table.flush(step))
     table.flush()
-  out = workdir_lib.load_results(workdir_lib.stage_dir(workdir, os.path.join(name, "normal")))
+  out = workdir_lib.load_results(
+      workdir_lib.stage_dir(workdir, os.path.join(name, "normal")))
   workdir_lib.write_results(workdir_lib.stage_dir(workdir, name), out)
   return out
 
