@@ -85,7 +85,8 @@ def user_error(e: BaseException) -> str | None:
       return str(e)
     if isinstance(e, OSError) and e.errno in _OS_ADVICE:
       where = f" ({e.filename})" if e.filename else ""
-      return f"{e.strerror or e}{where}; {_OS_ADVICE[e.errno]}"
+      what = (e.strerror or str(e)).lower()  # e.g. "no space left on device"
+      return f"{what}{where}; {_OS_ADVICE[e.errno]}"
     if "No space left on device" in str(e):  # ENOSPC as TensorStore reports it
       return (f"no space left on device writing under --workdir={_WORKDIR.value}; "
               f"{_OS_ADVICE[errno.ENOSPC]}")
