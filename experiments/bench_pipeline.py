@@ -27,6 +27,7 @@ batches (top functions by own time).
 from __future__ import annotations
 
 import cProfile
+import functools
 import os
 import pstats
 import shutil
@@ -134,6 +135,14 @@ def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
                        source_step=0,
                        source_config=None)
   epochs = 1000  # never runs out within the budget
+  # The downstream history pipeline over the train split; variants add a table.
+  history = functools.partial(input_pipeline.temporal,
+                              ds,
+                              "train",
+                              _BATCH,
+                              shuffle_window=_WINDOW,
+                              num_epochs=epochs,
+                              history_len=_L)
   pipes = {
       "temporal":
           lambda: input_pipeline.temporal(
@@ -142,47 +151,16 @@ def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
           lambda: input_pipeline.user_ordered(
               ds, "train", _USERS, _T, num_epochs=epochs),
       "history":
-          lambda: input_pipeline.temporal(ds,
-                                          "train",
-                                          _BATCH,
-                                          shuffle_window=_WINDOW,
-                                          num_epochs=epochs,
-                                          history_len=_L),
+          history,
       "history+emb":
-          lambda: input_pipeline.temporal(ds,
-                                          "train",
-                                          _BATCH,
-                                          shuffle_window=_WINDOW,
-                                          num_epochs=epochs,
-                                          history_len=_L,
-                                          table=table),
+          lambda: history(table=table),
       "history+store":
-          lambda: input_pipeline.temporal(ds,
-                                          "train",
-                                          _BATCH,
-                                          shuffle_window=_WINDOW,
-                                          num_epochs=epochs,
-                                          history_len=_L,
-                                          table=insemb_table.Table(store)),
+          lambda: history(table=insemb_table.Table(store)),
       # As training reads them on one process: distinct InsEmbs + an index.
       "hist+emb/uniq":
-          lambda: input_pipeline.temporal(ds,
-                                          "train",
-                                          _BATCH,
-                                          shuffle_window=_WINDOW,
-                                          num_epochs=epochs,
-                                          history_len=_L,
-                                          table=table,
-                                          compact=True),
+          lambda: history(table=table, compact=True),
       "hist+store/uniq":
-          lambda: input_pipeline.temporal(ds,
-                                          "train",
-                                          _BATCH,
-                                          shuffle_window=_WINDOW,
-                                          num_epochs=epochs,
-                                          history_len=_L,
-                                          table=insemb_table.Table(store),
-                                          compact=True),
+          lambda: history(table=insemb_table.Table(store), compact=True),
   }
   return {k: v for k, v in pipes.items() if not _PIPES.value or k in _PIPES.value}
 
