@@ -102,12 +102,14 @@ def fail(message: str) -> None:
 
   Background tasks that failed with the error (Orbax's async writes) are
   collected first, so asyncio's "exception was never retrieved" reports come
-  before it, and logging is silenced after it."""
+  before it; logging and the reports of coroutines finalized at exit (the same
+  failure, already reported) are silenced after it."""
   gc.collect()
   std_logging.getLogger("asyncio").disabled = True
   logging.set_verbosity(logging.FATAL)
   logging.flush()
   sys.stdout.flush()
+  sys.unraisablehook = lambda _: None  # coroutines of the same failure, finalized at exit
   sys.stderr.write(f"error: {' '.join(message.split())}\n")
   sys.stderr.flush()
   sys.exit(1)
