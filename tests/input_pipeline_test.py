@@ -1,5 +1,8 @@
 """Tests of the Grain pipelines: coverage, order, leakage, resume, sharding."""
 
+from concurrent import futures
+import sys
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -212,6 +215,59 @@ class PipelineTest(parameterized.TestCase):
     self.assertLen(b, len(a))
     for x, y in zip(a, b):
       np.testing.assert_array_equal(x["hist_row"], y["hist_row"])
+
+
+class EpochBoundaryThreadsTest(parameterized.TestCase):
+  """Batches read by many threads across epoch boundaries = a serial read."""
+
+  def setUp(self):
+    super().setUp()
+    # Switch threads every few bytecodes, so races show up in a short test.
+    self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+    sys.setswitchinterval(1e-6)
+
+  def test_thread_pool_reads_each_batch_with_its_epochs_order(self):
+    n, b, epochs = 20000, 5000, 4
+    order = lambda e: np.random.default_rng(e).permutation(n)
+    serial = ip.EpochBatches(n, b, epochs, order)
+    want = [serial[i] for i in range(len(serial))]
+    per_epoch = serial.batches_per_epoch
+    # The last batch of each epoch and the first of the next, over and over.
+    around = [k * per_epoch + d for k in range(1, epochs) for d in (-1, 0)] * 50
+    shared = ip.EpochBatches(n, b, epochs, order)
+    with futures.ThreadPoolExecutor(8) as pool:
+      got = list(pool.map(shared.__getitem__, around))
+    for i, g in zip(around, got):
+      np.testing.assert_array_equal(g, want[i], err_msg=f"batch {i}")
+
+  @parameterized.parameters("temporal", "user")
+  def test_grain_read_threads_match_a_serial_read(self, kind):
+    make = lambda: _pipeline(data_fixtures.shared_dataset(), kind, num_epochs=20)
+    data = make()
+    want = [data[i]["row"] for i in range(len(data))]
+    for _ in range(3):
+      got = [x["row"] for x in ip.iterate(make(), read_threads=8, prefetch=8)]
+      self.assertLen(got, len(want))
+      for i, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(g, w, err_msg=f"batch {i}")
+
+  def test_chunk_epochs_are_fresh_padded_permutations(self):
+    n, b, epochs = 10, 4, 3
+    batches = ip.chunk_batches(n, b, epochs, seed=1, fixed=None)
+    self.assertLen(batches, 3 * epochs)
+    per_epoch = [
+        np.concatenate([batches[e * 3 + k] for k in range(3)]) for e in range(epochs)
+    ]
+    for ids in per_epoch:
+      np.testing.assert_array_equal(ids[n:], -1)  # the last batch padded to B
+      np.testing.assert_array_equal(np.sort(ids[:n]), np.arange(n))
+    self.assertFalse(np.array_equal(per_epoch[0], per_epoch[1]))
+    # Seeds s and s + 1 do not share epochs (Grain reseeds epoch e with seed + e).
+    other = ip.chunk_batches(n, b, epochs, seed=2, fixed=None)
+    self.assertFalse(
+        np.array_equal(np.concatenate([other[k] for k in range(3)]), per_epoch[1]))
+    fixed = ip.chunk_batches(n, b, epochs, seed=1, fixed=np.arange(n)[::-1])
+    np.testing.assert_array_equal(fixed[5], [1, 0, -1, -1])
 
 
 if __name__ == "__main__":

@@ -20,12 +20,16 @@ Orbax saves):
     may fetch InsEmbs of (`ReadStream`). The InsEmbs themselves are fetched by
     the train loop, after the previous step wrote its own back.
 
-Grain elements are whole global batches of row ids (`EpochBatches`), and the
-transforms gather all columns of a batch with one vectorized memmap read:
-Grain's per-element Python chain would cap throughput well below the column
-reads. A process keeps only its contiguous slice of every global batch, so P
-processes see disjoint, complete parts of exactly the batches one process
-would see (a 2-process run trains the same model as a 1-process run).
+Grain elements are whole global batches of item ids, and the transforms
+gather all columns of a batch with one vectorized memmap read. Chunk batches
+are sampled by Grain itself (`chunk_batches`: shuffle, batch, repeat); instance
+batches are cut by `EpochBatches`, as Grain's per-element chain would cap
+throughput below the column reads and has no time-order window shuffle (see
+there). A process keeps only its contiguous slice of every global batch
+(`ProcessSlice`), so P processes see disjoint, complete parts of exactly the
+batches one process would see (a 2-process run trains the same model as a
+1-process run); Grain's sharding cannot do this, as it gives each process
+whole elements (batches) of its own.
 
 Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
   model inputs: cat, dense, mh_<name>, seq_item, seq_category, seq_action,
@@ -38,6 +42,8 @@ Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
 from typing import Callable
 
 import grain
@@ -54,10 +60,22 @@ HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts", "past_
 
 
 class EpochBatches:
-  """Grain random-access source: element i = item ids of one global batch.
+  """Grain random-access source: element i = instance rows of one global batch.
 
   Element `e * batches_per_epoch + b` holds items `order(e)[b*B:(b+1)*B]`,
-  padded with -1 to B. Items are instance rows or chunk ids.
+  padded with -1 to B. `order(e)` is computed once per epoch and kept for
+  the two newest epochs (Grain's read threads straddle an epoch boundary),
+  under a lock: Grain calls `__getitem__` from several threads, and every
+  call must read its own epoch's order.
+
+  Why not Grain's own `shuffle`/`batch`/`repeat` here (as `user_ordered`
+  does for chunks): instance batches are large (B = 256..1024+) and Grain
+  batches element by element through its Python chain (~3.5 ms per 256
+  indices, against ~1 ms to read the batch's columns on the test fixture),
+  while one numpy slice cuts a batch; and the time-order window shuffle has
+  no Grain equivalent (`WindowShuffleMapDataset` reads past the end of a
+  partial last window, duplicating some rows and dropping others, and its
+  windows straddle epochs).
   """
 
   def __init__(self, num_items: int, batch_size: int, num_epochs: int,
@@ -67,22 +85,63 @@ class EpochBatches:
     self.batches_per_epoch = -(-num_items // batch_size)
     self.num_epochs = num_epochs
     self._order = order
-    self._cache: tuple[int, np.ndarray] | None = None
+    self._fresh_cache()
 
   def __len__(self) -> int:
     return self.batches_per_epoch * self.num_epochs
 
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """`order(epoch)` [num_items], computed once (thread-safe)."""
+    with self._lock:
+      if epoch not in self._orders:
+        if len(self._orders) == 2:
+          del self._orders[min(self._orders)]
+        self._orders[epoch] = self._order(epoch)
+      return self._orders[epoch]
+
   def __getitem__(self, i: int) -> np.ndarray:
     epoch, b = divmod(i, self.batches_per_epoch)
-    if self._cache is None or self._cache[0] != epoch:
-      self._cache = (epoch, self._order(epoch))
-    out = np.full(self.batch_size, -1, dtype=np.int64)
-    part = self._cache[1][b * self.batch_size:(b + 1) * self.batch_size]
-    out[:len(part)] = part
-    return out
+    part = self.epoch_order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+    return _padded(part, self.batch_size)
 
   def __getstate__(self):
-    return {**self.__dict__, "_cache": None}
+    return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_orders")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._fresh_cache()
+
+  def _fresh_cache(self):
+    self._lock = threading.Lock()
+    self._orders: dict[int, np.ndarray] = {}
+
+
+def _padded(items, size: int) -> np.ndarray:
+  """Item ids [<= size] -> int64 [size], padded with -1."""
+  out = np.full(size, -1, dtype=np.int64)
+  out[:len(items)] = items
+  return out
+
+
+def chunk_batches(num_chunks: int, batch_size: int, num_epochs: int, seed: int,
+                  fixed: np.ndarray | None) -> grain.MapDataset:
+  """Grain's sampling of chunk ids: element i = one global batch int64 [B].
+
+  Grain's `shuffle` permutes the chunk ids anew each epoch (its seed + epoch;
+  `fixed` keeps that order instead), `batch` cuts each epoch separately and
+  `repeat` makes the epochs; only the padding of an epoch's last batch to B
+  with -1 is ours (Grain's last batch is shorter). `seed` is hashed into
+  Grain's 32-bit seed, so runs with seeds s and s + 1 do not share epochs.
+  Chunks are few per batch (B_users), so Grain's per-element chain is cheap.
+  """
+  if fixed is None:
+    grain_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    ids = grain.MapDataset.range(num_chunks).shuffle(seed=grain_seed)
+  else:
+    ids = grain.MapDataset.source(fixed)
+  return ids.batch(batch_size,
+                   batch_fn=functools.partial(_padded,
+                                              size=batch_size)).repeat(num_epochs)
 
 
 def window_shuffle(items: np.ndarray, window: int, seed: int, epoch: int) -> np.ndarray:
@@ -311,14 +370,15 @@ def stream(ds: dataset_lib.Dataset,
   return grain.MapDataset.source(source).map(read)
 
 
-def _assemble(source: EpochBatches,
+def _assemble(batches: grain.MapDataset,
               read: grain.transforms.Map,
               ds: dataset_lib.Dataset,
               history_len: int | None,
               num_gap_buckets: int,
               table: tables.Lookup | None,
               compact: bool = False) -> grain.MapDataset:
-  data = grain.MapDataset.source(source).map(read)
+  """`batches` (global item-id batches [B]) -> `read` -> history -> InsEmbs."""
+  data = batches.map(read)
   if history_len is not None:
     data = data.map(AddHistory(ds, history_len, num_gap_buckets))
     if table is not None:
@@ -384,7 +444,8 @@ def temporal(ds: dataset_lib.Dataset,
   source = EpochBatches(len(rows), batch_size, num_epochs,
                         lambda e: window_shuffle(rows, shuffle_window, seed, e))
   read = ReadInstances(ds, ProcessSlice(process_index, process_count))
-  return _assemble(source, read, ds, history_len, num_gap_buckets, table, compact)
+  return _assemble(grain.MapDataset.source(source), read, ds, history_len,
+                   num_gap_buckets, table, compact)
 
 
 CHUNK_ORDERS = ("shuffle", "users", "reversed")
@@ -418,12 +479,6 @@ def user_ordered(ds: dataset_lib.Dataset,
       "users": np.arange(n),
       "reversed": np.lexsort((np.arange(n), -chunks.user))
   }.get(order)
-
-  def epoch_order(epoch: int) -> np.ndarray:
-    if fixed is not None:
-      return fixed
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-  source = EpochBatches(n, users_per_batch, num_epochs, epoch_order)
+  source = chunk_batches(n, users_per_batch, num_epochs, seed, fixed)
   read = ReadChunks(ds, chunks, ProcessSlice(process_index, process_count))
   return _assemble(source, read, ds, history_len, num_gap_buckets, table)
