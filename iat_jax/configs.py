@@ -77,7 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
            num_instances=200_000,
            num_categorical=32,
            num_dense=8,
-           num_tasks=2))
+           num_tasks=2,
+           conversion_delay=86400))
   # User-order chunk length T (the SIT has no T-sized params).
   c.data.user_chunk_len = 16
 
@@ -190,6 +191,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{_get(config, flag)} is above the limit of {MAX_LEN} (it sizes position "
         f"tables and [batch, length, width] activations)")
   need(config.eval_every >= 0, "eval_every", "must be >= 0")
+  need(
+      config.data.synthetic.conversion_delay >= 0, "data.synthetic.conversion_delay",
+      f"seconds until a conversion label is known; must be >= 0, got "
+      f"{config.data.synthetic.conversion_delay}")
   one_of("store.dtype", tables.DTYPES)
   one_of("store.source", stages.SOURCES)
   one_of("stream.mode", STREAM_MODES)

@@ -1,5 +1,6 @@
 """A tiny random dataset with many timestamp ties, written by the real Writer."""
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -32,8 +33,13 @@ def make_dataset(path: str,
                  num_users: int = 23,
                  seed: int = 0,
                  max_rows_per_user: int = 40,
-                 chunks: int = 3) -> dataset.Dataset:
-  """Writes a random dataset to `path`: users with 1..max rows, ~1/3 ts ties."""
+                 chunks: int = 3,
+                 label_delay: tuple[int, ...] = ()) -> dataset.Dataset:
+  """Writes a random dataset to `path`: users with 1..max rows, ~1/3 ts ties.
+
+  With a positive `label_delay` (seconds per task), action_now = 3 - action:
+  a delayed action always differs from the known one.
+  """
   rng = np.random.default_rng(seed)
   per_user = rng.integers(1, max_rows_per_user + 1, num_users)
   uid = np.repeat(np.arange(num_users) * 7 + 3, per_user)
@@ -54,7 +60,9 @@ def make_dataset(path: str,
               item=item.astype(np.int32),
               category=(item % 7 + 1).astype(np.int32),
               action=rng.integers(1, 3, n).astype(np.int32))
-  schema = tiny_schema()
+  schema = dataclasses.replace(tiny_schema(), label_delay=label_delay)
+  if schema.action_delay > 0:
+    cols["action_now"] = 3 - cols["action"]
   bounds = np.searchsorted(uid, uid[np.linspace(0, n - 1, chunks + 1).astype(int)])
   bounds[-1] = n
   with dataset.Writer(path, schema, n) as w:

@@ -73,6 +73,35 @@ class DatasetTest(absltest.TestCase):
     self.assertFalse(dataset.is_complete(os.path.join(self.dir, "nope"), "tiny"))
 
 
+class ActionDelayTest(absltest.TestCase):
+  """A behaviour action derived from a delayed label shows once known."""
+
+  def test_sequence_action_matches_brute_force(self):
+    path = os.path.join(tempfile.mkdtemp(), "d")
+    ds = data_fixtures.make_dataset(path, label_delay=(0, 1200))
+    self.assertEqual(ds.schema.action_delay, 1200)
+    s, ts = ds.schema.seq_len, np.asarray(ds["ts"])
+    pending = 0
+    for i in range(ds.num_rows):
+      lo = ds["user_offsets"][ds["user_index"][i]]
+      earlier = [j for j in range(lo, i + 1) if ts[j] < ts[i]][::-1][:s]
+      known = ts[earlier] + 1200 < ts[i]  # known strictly before the request
+      want = np.where(known, ds["action"][earlier], ds["action_now"][earlier])
+      np.testing.assert_array_equal(ds["seq_action"][i][:len(want)], want)
+      np.testing.assert_array_equal(ds["seq_action"][i][len(want):], 0)
+      pending += int((~known).sum())
+    self.assertGreater(pending, 100)  # the delay really hides actions
+
+  def test_delayed_schema_needs_action_now(self):
+    path = os.path.join(tempfile.mkdtemp(), "d")
+    ds = data_fixtures.make_dataset(path, num_users=3, label_delay=(0, 60))
+    chunk = {k: np.asarray(ds[k]) for k in dataset.row_shapes(ds.schema)}
+    del chunk["action_now"]
+    with self.assertRaisesRegex(dataset.DataError, "action_now"):
+      with dataset.Writer(path, ds.schema, ds.num_rows) as w:
+        w.append(chunk)
+
+
 class WriterErrorsTest(absltest.TestCase):
 
   def setUp(self):

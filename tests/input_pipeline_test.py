@@ -1,7 +1,9 @@
 """Tests of the Grain pipelines: coverage, order, leakage, resume, sharding."""
 
 from concurrent import futures
+import os
 import sys
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -268,6 +270,32 @@ class EpochBoundaryThreadsTest(parameterized.TestCase):
         np.array_equal(np.concatenate([other[k] for k in range(3)]), per_epoch[1]))
     fixed = ip.chunk_batches(n, b, epochs, seed=1, fixed=np.arange(n)[::-1])
     np.testing.assert_array_equal(fixed[5], [1, 0, -1, -1])
+
+
+class LabelDelayPipelineTest(absltest.TestCase):
+  """Downstream batches carry past labels only once known at the request."""
+
+  def test_history_labels_match_brute_force(self):
+    delay = (0, 1800)
+    ds = data_fixtures.make_dataset(os.path.join(tempfile.mkdtemp(), "d"),
+                                    label_delay=delay)
+    length, hidden = 5, 0
+    for b in _batches(ip.temporal(ds, "train", 16, seed=1, history_len=length), 6):
+      for i in np.flatnonzero(b["mask"]):
+        ts = b["ts"][i]
+        same = np.flatnonzero(ds["uid"][:] == ds["uid"][b["row"][i]])
+        earlier = same[ds["ts"][same] < ts]
+        want = earlier[np.lexsort((ds["ins_id"][earlier], ds["ts"][earlier]))]
+        want = want[::-1][:length]
+        known = ds["ts"][want][:, None] + np.asarray(delay) < ts
+        m = b["hist_mask"][i]
+        np.testing.assert_array_equal(b["hist_row"][i][m], want)
+        np.testing.assert_array_equal(b["hist_label_known"][i][m], known)
+        np.testing.assert_array_equal(b["hist_labels"][i][m],
+                                      ds["labels"][want] * known)
+        self.assertFalse(b["hist_label_known"][i][~m].any())
+        hidden += int((~known).sum())
+    self.assertGreater(hidden, 20)  # some visible instances' labels are not
 
 
 if __name__ == "__main__":

@@ -162,7 +162,10 @@ def downstream_batch(schema: schema_lib.Schema,
   mask = np.arange(l)[None] < n_valid[:, None]
   batch["hist_insemb"] = rng.normal(size=(b, l, d)).astype(np.float32)
   batch["hist_mask"] = mask
-  batch["hist_labels"] = rng.integers(0, 2, (b, l, schema.num_tasks)).astype(np.float32)
+  # Some labels not yet known (delayed): they read 0, flagged unknown.
+  known = mask[..., None] & (rng.random((b, l, schema.num_tasks)) < 0.8)
+  batch["hist_label_known"] = known
+  batch["hist_labels"] = (rng.integers(0, 2, known.shape) * known).astype(np.float32)
   batch["hist_gap"] = np.where(mask, rng.integers(1, num_gap_buckets, (b, l)),
                                0).astype(np.int32)
   return batch

@@ -144,6 +144,12 @@ class BaseModelTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "--config.model.iat.encoder: 'none'"):
       configs.validate(config)
 
+  def test_negative_label_delay_names_the_flag(self):
+    config = mf.tiny_config()
+    config.data.synthetic.conversion_delay = -1
+    with self.assertRaisesRegex(ValueError, "--config.data.synthetic.conversion_delay"):
+      configs.validate(config)
+
 
 class UserSourceTest(parameterized.TestCase):
 
@@ -349,6 +355,25 @@ class DownstreamTest(parameterized.TestCase):
      out4), grads4 = step(params,
                           dict(batch, hist_mask=np.zeros_like(batch["hist_mask"])))
     _assert_finite((loss4, out4, grads4))
+
+  def test_unknown_label_is_not_a_negative(self):
+    model = mf.make_model("downstream", interaction="mlp", seq=dict(encoder="din"))
+    batch = mf.downstream_batch(SCHEMA, d=D, l=L, b=4)
+    params = mf.random_params(model, batch)
+    step = _loss_grads(model)
+    zeros = np.zeros_like(batch["hist_labels"])
+    mask = batch["hist_mask"]
+    known = np.broadcast_to(mask[..., None], zeros.shape)
+    # Every past label 0: known negatives, then not yet known (delayed).
+    (_, neg), _ = step(params, dict(batch, hist_labels=zeros, hist_label_known=known))
+    (_, unk), _ = step(params, dict(batch, hist_labels=zeros, hist_label_known=~known))
+    diff = np.abs(neg["logits"] - unk["logits"]).max(-1)
+    self.assertLess(diff[0], ATOL)  # row 0 has no history: nothing to tell apart
+    self.assertTrue(np.all(diff[1:] > 1e-6), diff)
+    # The known flag of a masked slot changes nothing.
+    (_, out), _ = step(params, batch)
+    (_, out2), _ = step(params, _perturbed(batch, ("hist_label_known",), ~mask))
+    np.testing.assert_allclose(out2["logits"], out["logits"], atol=ATOL)
 
 
 class CostTest(absltest.TestCase):

@@ -32,8 +32,8 @@ _SMALL = dict(seed=1,
               num_categories=10,
               vocab_size=300)
 _ROW_COLUMNS = ("uid", "ts", "ins_id", "cat", "dense", "labels", "mh_item_tags",
-                "mh_query_terms", "item", "category", "action", "seq_item",
-                "seq_category", "seq_action", "hist_end")
+                "mh_query_terms", "item", "category", "action", "action_now",
+                "seq_item", "seq_category", "seq_action", "hist_end")
 
 
 def _assert_same(test, a: dataset.Dataset, b: dataset.Dataset) -> None:
@@ -104,7 +104,8 @@ class SyntheticTest(absltest.TestCase):
     self.assertEqual((s.seq_item_field, s.seq_category_field), ("item_id", "category"))
     self.assertEqual(s.vocab_size("item_id"), _BASE["num_items"] + 1)
     self.assertEqual(s.vocab_size("category"), _BASE["num_categories"] + 1)
-    self.assertEqual(s.num_actions, 4)
+    self.assertEqual(s.num_actions, 5)
+    self.assertEqual(s.label_delay, (0, 86400, 0))  # only conversions arrive late
     self.assertEqual(s.sources["generator"], synthetic.VERSION)
     for knob, value in _BASE.items():
       self.assertEqual(s.sources[knob], str(value))
@@ -136,6 +137,7 @@ class SyntheticTest(absltest.TestCase):
     click, conv = labels[:, 0], labels[:, 1]
     self.assertTrue((labels[:, 1:] <= click[:, None]).all())  # Given click.
     np.testing.assert_array_equal(ds["action"], 1 + click + conv)
+    np.testing.assert_array_equal(ds["action_now"], np.where(click, 4, 1))
     self.assertBetween(click.mean(), 0.1, 0.5)
     self.assertBetween(conv.sum() / click.sum(), 0.1, 0.7)
     self.assertTrue(np.isfinite(ds["dense"]).all())
@@ -166,16 +168,23 @@ class SyntheticTest(absltest.TestCase):
     ts, off = np.asarray(ds["ts"]), np.asarray(ds["user_offsets"])
     cols = {n: np.asarray(ds[n]) for n in ("item", "category", "action")}
     seqs = {n: np.asarray(ds[f"seq_{n}"]) for n in cols}
-    nonempty = 0
+    now = np.asarray(ds["action_now"])
+    nonempty = hidden = 0
     for u in range(0, ds.schema.num_users, 40):
       for i in range(off[u], off[u + 1]):
         earlier = np.flatnonzero(ts[off[u]:i + 1] < ts[i])[::-1][:s] + off[u]
         k = len(earlier)
         nonempty += k > 0
+        # A conversion is known one day after its impression, strictly before ts.
+        pending = ts[earlier] + 86400 >= ts[i]
+        hidden += int((pending & (cols["action"][earlier] == 3)).sum())
+        want = {n: c[earlier] for n, c in cols.items()}
+        want["action"] = np.where(pending, now[earlier], want["action"])
         for n in cols:
-          np.testing.assert_array_equal(seqs[n][i, :k], cols[n][earlier])
+          np.testing.assert_array_equal(seqs[n][i, :k], want[n])
           np.testing.assert_array_equal(seqs[n][i, k:], 0)
     self.assertGreater(nonempty, 500)
+    self.assertGreater(hidden, 50)  # recent conversions really are hidden
 
   def test_same_seed_same_data(self):
     _assert_same(self, self.ds, self._build("again", **_BASE))

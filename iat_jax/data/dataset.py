@@ -12,9 +12,12 @@ Layout of a dataset directory (N rows, U users, S = schema.seq_len):
   dense.npy       float32 [N, Fd]
   labels.npy      float32 [N, num_tasks]
   item.npy, category.npy, action.npy  int32 [N]  this instance as a behaviour
+  action_now.npy  int32   [N]      only if schema.action_delay > 0: the action
+                                   as known before all its labels are
   seq_item.npy, seq_category.npy, seq_action.npy  int32 [N, S]  the user's
                                    last S behaviours strictly before ts, newest
-                                   first, 0-padded
+                                   first, 0-padded; a slot's action is
+                                   action_now until ts_past + action_delay < ts
   hist_end.npy    int64   [N]      see `history.history_end`
   user_offsets.npy int64  [U+1]    rows of user k: [offsets[k], offsets[k+1])
   temporal_order.npy int64 [N]     rows sorted by (ts, ins_id)
@@ -66,6 +69,8 @@ def row_shapes(schema: schema_lib.Schema) -> dict[str, tuple[tuple[int, ...], ty
     shapes[f"mh_{f.name}"] = ((f.max_len,), np.int32)
   for name in _SEQ:
     shapes[name] = ((), np.int32)
+  if schema.action_delay > 0:
+    shapes["action_now"] = ((), np.int32)
   return shapes
 
 
@@ -157,13 +162,28 @@ class Writer:
     sl = slice(self.written, self.written + n)
     for name in row_shapes(self.schema):
       self.cols[name][sl] = chunk[name]
-    for name in _SEQ:
+    for name in ("item", "category"):
       self.cols[f"seq_{name}"][sl] = history.gather(np.asarray(chunk[name]), rows, mask)
+    self.cols["seq_action"][sl] = self._seq_actions(chunk, rows, mask)
     self.cols["user_index"][sl] = user_index
     self.cols["hist_end"][sl] = hist_end + self.written
     self.written += n
     self.num_users += int(new_user.sum())
     self.last = (uid[-1], ts[-1], ins[-1])
+
+  def _seq_actions(self, chunk, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """seq_action [n, S] of sequence slots rows/mask [n, S] (chunk rows).
+
+    A past row's action once known at the request's time (`history.label_known`
+    with `Schema.action_delay`), its action_now before. action_now is absent
+    only when action_delay is 0, where every real slot is known.
+    """
+    ts = np.asarray(chunk["ts"])
+    known = history.label_known(ts, history.gather(ts, rows, mask), mask,
+                                [self.schema.action_delay])[..., 0]
+    now = chunk.get("action_now", chunk["action"])
+    return np.where(known, history.gather(np.asarray(chunk["action"]), rows, mask),
+                    history.gather(np.asarray(now), rows, mask))
 
   def _check_order(self, uid, ts, ins) -> None:
     if self.last is not None and uid[0] <= self.last[0]:
@@ -189,10 +209,12 @@ class Writer:
         value = lo[c] if lo[c] < 0 else hi[c]
         raise DataError(f"field {self.schema.categorical[c].name}: id {value} "
                         f"outside [0, {vocab[c]})")
-    limits = [(f"mh_{f.name}", f.vocab_size) for f in self.schema.multi_hot
-             ] + [("item", self.schema.vocab_size(self.schema.seq_item_field)),
-                  ("category", self.schema.vocab_size(self.schema.seq_category_field)),
-                  ("action", self.schema.num_actions)]
+    limits = [(f"mh_{f.name}", f.vocab_size) for f in self.schema.multi_hot] + [
+        ("item", self.schema.vocab_size(self.schema.seq_item_field)),
+        ("category", self.schema.vocab_size(self.schema.seq_category_field)),
+    ] + [(name, self.schema.num_actions)
+         for name in ("action", "action_now")
+         if name in row_shapes(self.schema)]
     for name, vocab in limits:
       v = np.asarray(chunk[name])
       if v.size and (v.min() < 0 or v.max() >= vocab):

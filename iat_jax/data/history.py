@@ -7,6 +7,14 @@ timestamp (ties) are excluded, whatever their ins_id. Both the hand-crafted
 behaviour sequence (built once by the dataset writer) and the downstream IAT
 history (built per batch by the input pipeline) come from `earlier_rows`, so a
 leak would have to be here.
+
+Labels arrive late: task k's label of an instance at time t is known from
+t + delay_k on (`Schema.label_delays`; e.g. a conversion is attributed hours
+after the impression), so a request at time T sees it only if
+t + delay_k < T (`label_known`; strictly before, like the instances
+themselves). Both consumers apply it: the IAT history's labels
+(`user_history`) and the behaviour sequence's action, which is derived from
+its row's labels and so is known at t + `Schema.action_delay`.
 """
 
 from __future__ import annotations
@@ -59,6 +67,23 @@ def gather(column: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray
   out = out.reshape(rows.shape + column.shape[1:])
   out *= mask.reshape(mask.shape + (1,) * (out.ndim - mask.ndim))
   return out
+
+
+def label_known(request_ts: np.ndarray, past_ts: np.ndarray, mask: np.ndarray,
+                delays) -> np.ndarray:
+  """Which labels of past instances are known at the request's time.
+
+  Args:
+    request_ts: int64 [...].
+    past_ts: int64 [..., L].
+    mask: bool [..., L], the real history slots.
+    delays: int [T], seconds from an instance's time to its label's arrival.
+
+  Returns:
+    bool [..., L, T]: mask & (past_ts + delay < request_ts).
+  """
+  arrival = past_ts[..., None] + np.asarray(delays, dtype=np.int64)
+  return mask[..., None] & (arrival < np.asarray(request_ts)[..., None, None])
 
 
 def gap_bucket(request_ts: np.ndarray, past_ts: np.ndarray, mask: np.ndarray,

@@ -210,7 +210,8 @@ class AddHistory(grain.transforms.Map):
   """Adds each instance's newest L strictly-earlier instances of its user.
 
   Adds hist_row, hist_ins_id, hist_ts [..., L] (host), hist_mask [..., L],
-  hist_labels [..., L, tasks], hist_gap [..., L] int32 (`UserHistory`).
+  hist_labels and hist_label_known [..., L, tasks], hist_gap [..., L] int32
+  (`UserHistory`: labels only once known at the request's time).
   """
 
   def __init__(self, ds: dataset_lib.Dataset, length: int, num_gap_buckets: int):

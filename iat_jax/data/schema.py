@@ -61,6 +61,9 @@ class Schema:
   seq_category_field: str
   # Vocabulary size of the sequence action ids (0 = padding).
   num_actions: int
+  # Seconds from an instance's time until each task's label is known, in
+  # `tasks` order; () = every label known at once (see `history.label_known`).
+  label_delay: tuple[int, ...] = ()
   # Source file name -> sha256 (or generator settings for synthetic data).
   sources: dict[str, str] = dataclasses.field(default_factory=dict)
   # Filled by the writer.
@@ -76,6 +79,27 @@ class Schema:
   @property
   def num_tasks(self) -> int:
     return len(self.tasks)
+
+  @property
+  def label_delays(self) -> tuple[int, ...]:
+    """Per-task label delay in seconds: `label_delay`, or zeros if empty."""
+    return self.label_delay or (0,) * self.num_tasks
+
+  @property
+  def action_delay(self) -> int:
+    """When a row's behaviour action is known (seconds after its time).
+
+    Every source derives the action from the row's labels, so it is known once
+    all of them are. While it is not, the behaviour sequence shows the row's
+    `action_now` column instead (required only when this is positive).
+    """
+    return max(self.label_delays)
+
+  def __post_init__(self):
+    delays = self.label_delay
+    if delays and (len(delays) != self.num_tasks or min(delays) < 0):
+      raise ValueError(f"schema {self.dataset}: label_delay {delays} must hold one "
+                       f"delay >= 0 per task of {self.tasks}")
 
   def categorical_index(self, name: str) -> int:
     """Column of field `name` in the `cat` array."""
@@ -97,6 +121,7 @@ class Schema:
     d["multi_hot"] = tuple(MultiHot(**f) for f in d["multi_hot"])
     d["dense"] = tuple(d["dense"])
     d["tasks"] = tuple(d["tasks"])
+    d["label_delay"] = tuple(d.get("label_delay", ()))
     d["split_sizes"] = tuple(d["split_sizes"])
     d["split_boundaries"] = tuple(tuple(b) for b in d["split_boundaries"])
     return cls(**d)

@@ -47,7 +47,18 @@ Generative process (all draws from numpy PCG64 streams keyed by the seed):
   click ~ Bernoulli, conversion = click and Bernoulli. Extra tasks (task k >= 2)
   are click and Bernoulli(sigmoid(a_k + w_k [aff, pref_u(ctx), price term]
   + 0.5 (logit(conv | click) + 2.4))) with random per-task weights. The
-  behaviour action is 1 impression, 2 click, 3 conversion (num_actions = 4).
+  behaviour action is 1 impression, 2 click, 3 conversion (num_actions = 5).
+* Label delay. Clicks (and the extra tasks) are known at once; a conversion
+  label only `conversion_delay` seconds after the impression (default one
+  day: an e-commerce attribution window; the label, positive or negative, is
+  final when the window closes). Against this data's time scale (30 days, a
+  user's consecutive requests 13.5 h apart on average, median 5 h) it hides
+  the conversion of 85% of the newest past instances and of 47% of a 16-slot
+  history (6 h would hide 54% / 17%): the recent past loses its conversions,
+  as in a real log. Until then a clicked instance's behaviour action is 4
+  ("click, conversion not yet known"), an unclicked one's 1, and its
+  conversion is unknown in the IAT history (`iat_jax.data.history`). With
+  num_tasks = 1 conversion is no task, so it has no delay.
   pref_u and price_sens_u are never features: the base model can only average
   them out, while a model reading the user's past instances (context fields,
   price and labels) can estimate them. With the defaults, CTR is about 0.27
@@ -97,7 +108,7 @@ from iat_jax.data import hashing
 from iat_jax.data import history
 from iat_jax.data import schema as schema_lib
 
-VERSION = "synthetic-v1"
+VERSION = "synthetic-v2"  # v2: conversion label delay, action 4
 EPOCH = 1_700_000_000  # 2023-11-14 22:13:20 UTC.
 _LATENT = 16
 _ROWS_PER_BLOCK = 32_768  # Target rows of one user block.
@@ -156,6 +167,7 @@ class Config:
   days: int = 30
   seq_len: int = 32
   vocab_size: int = 1000
+  conversion_delay: int = 86400
 
   def validate(self) -> None:
     """Raises ValueError on knobs the generator cannot honour."""
@@ -172,6 +184,8 @@ class Config:
       raise ValueError("num_items must be >= num_categories")
     if self.vocab_size < 2:
       raise ValueError("vocab_size must be >= 2")
+    if self.conversion_delay < 0:
+      raise ValueError("conversion_delay must be >= 0")
     if self.days > 40_000:  # Relative times are packed into 32 bits.
       raise ValueError("days must be <= 40000")
 
@@ -353,10 +367,12 @@ def make_schema(cfg: Config, tables: _Tables | None = None) -> schema_lib.Schema
                                                           4)),
                            dense=dense,
                            tasks=tasks[:cfg.num_tasks],
+                           label_delay=(0, cfg.conversion_delay,
+                                        *[0] * (cfg.num_tasks - 2))[:cfg.num_tasks],
                            seq_len=cfg.seq_len,
                            seq_item_field="item_id",
                            seq_category_field="category",
-                           num_actions=4,
+                           num_actions=5,
                            sources=sources,
                            fingerprint=cfg.fingerprint())
 
@@ -491,6 +507,8 @@ def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray, ro
   out["item"][:] = item + 1
   out["category"][:] = cat + 1
   out["action"][:] = 1 + click + conv
+  if "action_now" in out:  # the action while the conversion is unknown
+    out["action_now"][:] = np.where(click, 4, 1)
   out["mh_item_tags"][:] = t.item_tags[item]
   out["mh_query_terms"][:] = np.where(
       np.arange(4) < nterms[:, None], t.term_table[term_raw], 0)
@@ -588,6 +606,7 @@ def build(out_dir: str,
           days: int = 30,
           seq_len: int = 32,
           vocab_size: int = 1000,
+          conversion_delay: int = 86400,
           chunk_rows: int = 500_000) -> str:
   """Writes a synthetic dataset to `out_dir` (a no-op if already built).
 
@@ -604,6 +623,8 @@ def build(out_dir: str,
     days: time span of the log.
     seq_len: length S of the hand-crafted behaviour sequence.
     vocab_size: vocabulary of the hashed fields and the multi-hot fields.
+    conversion_delay: seconds from an impression until its conversion label
+      is known (see the module docstring; 0 = at once).
     chunk_rows: rows per write chunk (bounds memory; does not change data).
       A chunk holds at least one user block of about 32k rows.
 
@@ -620,7 +641,8 @@ def build(out_dir: str,
                num_categories=num_categories,
                days=days,
                seq_len=seq_len,
-               vocab_size=vocab_size)
+               vocab_size=vocab_size,
+               conversion_delay=conversion_delay)
   cfg.validate()
   if dataset.is_complete(out_dir, cfg.fingerprint()):
     logging.info("synthetic dataset %s is up to date", out_dir)

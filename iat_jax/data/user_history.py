@@ -5,7 +5,10 @@ derived from a user-ordered dataset without copying anything: a user's
 instances are the contiguous rows `[user_offsets[k], user_offsets[k+1])`,
 already sorted by (ts, ins_id), so a lookup is a binary search plus a slice.
 Every query applies the strictly-earlier rule of `iat_jax.data.history`: an
-instance at time t never sees an instance with timestamp >= t.
+instance at time t never sees an instance with timestamp >= t, and sees a past
+instance's task-k label only once it has arrived (`history.label_known` with
+`Schema.label_delays`). A label not yet known reads 0 in hist_labels and
+False in hist_label_known, so the model can tell "unknown" from "negative".
 
 Two ways in:
   * `before_rows(rows, L)`: for requests that are dataset rows (training and
@@ -31,14 +34,19 @@ class UserHistory:
     self._offsets = offsets
     self._uids = np.asarray(ds["uid"][offsets[:-1]]) if ds.num_rows else np.zeros(0)
 
-  def _fields(self, rows: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  def _fields(self, rows: np.ndarray, mask: np.ndarray,
+              request_ts: np.ndarray) -> dict[str, np.ndarray]:
+    """History fields of slots rows/mask [..., L] for requests at request_ts [...]."""
     ds = self.ds
+    past_ts = history.gather(ds["ts"], rows, mask)
+    known = history.label_known(request_ts, past_ts, mask, ds.schema.label_delays)
     return {
         "hist_row": np.where(mask, rows, -1),
         "hist_mask": mask,
         "hist_ins_id": history.gather(ds["ins_id"], rows, mask),
-        "hist_ts": history.gather(ds["ts"], rows, mask),
-        "hist_labels": history.gather(ds["labels"], rows, mask)
+        "hist_ts": past_ts,
+        "hist_labels": history.gather(ds["labels"], rows, mask) * known,
+        "hist_label_known": known
     }
 
   def before_rows(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
@@ -50,12 +58,13 @@ class UserHistory:
 
     Returns:
       hist_row (int64, -1 = none), hist_mask (bool), hist_ins_id (uint64),
-      hist_ts (int64): [..., L]; hist_labels float32 [..., L, tasks]. Newest
-      first; empty slots are zero.
+      hist_ts (int64): [..., L]; hist_labels float32 [..., L, tasks] (0 where
+      not yet known) and hist_label_known bool [..., L, tasks]. Newest first;
+      empty slots are zero.
     """
     hrows, mask = history.earlier_rows(self.ds["hist_end"][rows],
                                        self.ds.user_start(rows), length)
-    return self._fields(hrows, mask)
+    return self._fields(hrows, mask, np.asarray(self.ds["ts"][rows]))
 
   def before(self, uids: np.ndarray, ts: np.ndarray,
              length: int) -> dict[str, np.ndarray]:
@@ -84,4 +93,4 @@ class UserHistory:
       lo = np.where(earlier, mid + 1, lo)
       hi = np.where(active & ~earlier, mid, hi)
     hrows, mask = history.earlier_rows(lo, start, length)
-    return self._fields(hrows, mask)
+    return self._fields(hrows, mask, ts)

@@ -14,9 +14,12 @@ The InsEmbs come either as 'hist_insemb' [B, L, d] or, deduplicated, as
 MLP_adapt is per token, so running it on the U distinct rows and gathering
 is the same function at U/(B L) of its cost.
 
-Side information: 'hist_labels' [B, L, num_tasks] -> a linear embedding
-(equal to summing one learned vector per positive task plus a bias; works for
-soft labels too); 'hist_gap' [B, L] -> a table of num_gap_buckets rows. The
+Side information: concat('hist_labels', 'hist_label_known') [B, L, 2 num_tasks]
+-> a linear embedding (equal to summing one learned vector per positive task,
+one per known label, plus a bias; works for soft labels too), so a label not
+yet known at the request's time (delayed, `data.history.label_known`; it reads
+0) embeds apart from a known negative; 'hist_gap' [B, L] -> a table of
+num_gap_buckets rows. The
 encoder is one of `sequence.ENCODERS`, built by `sequence.make_encoder`.
 
 Kept for fidelity with the paper, though linear algebra makes it redundant:
@@ -78,9 +81,9 @@ class IATBranch(nn.Module):
       parts = [adapt(batch["hist_insemb"].astype(dtype), train=train)]  # [B, L, d]
     b = batch["hist_mask"].shape[0]
     if c.use_label_side:
-      parts.append(
-          layers.dense(c.side_dim, dtype=dtype,
-                       name="label_embed")(batch["hist_labels"].astype(dtype)))
+      labels = jnp.concatenate([batch["hist_labels"], batch["hist_label_known"]],
+                               axis=-1).astype(dtype)  # [B, L, 2 nt]
+      parts.append(layers.dense(c.side_dim, dtype=dtype, name="label_embed")(labels))
     if c.use_other_side:
       table = self.param(
           "embedding",
