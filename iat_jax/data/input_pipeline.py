@@ -33,7 +33,8 @@ whole elements (batches) of its own.
 
 Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
   model inputs: cat, dense, mh_<name>, seq_item, seq_category, seq_action,
-    labels, mask, and with history: hist_mask, hist_labels, hist_gap
+    labels, mask, and with history: hist_mask, hist_labels, hist_label_known,
+    hist_gap
     (+ hist_insemb, or hist_insemb_unique and hist_index, after `LookupInsEmb`);
   host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts,
     past_row, past_ins_id, hist_missing.
