@@ -10,6 +10,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from iat_jax import configs
 from iat_jax import pipeline
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
@@ -69,6 +70,14 @@ class StageConfigTest(absltest.TestCase):
     self.assertEqual((iat.stage, iat.store.source, iat.stream.init_from),
                      ("downstream", "source_stream", "source_temporal"))
     self.assertEqual(stages.read_source(iat, stages.get(iat.stage)), "source_stream")
+
+  def test_stream_cannot_start_from_a_stream(self):
+    config = mf.tiny_config()
+    config.stream.init_from = "source_stream"
+    with self.assertRaisesRegex(
+        ValueError, r"--config\.stream\.init_from: "
+        r"'source_stream' is not one of"):
+      configs.validate(config)
 
   def test_default_pipeline_streams_after_user_iat(self):
     self.assertEqual(
