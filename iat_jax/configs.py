@@ -100,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.stream = ml_collections.ConfigDict()
   # Streaming source (stage source_stream): the batch-trained stage it starts
-  # from (its best checkpoint and exported store) and the splits it streams.
+  # from (its best checkpoint and exported store; in the pipeline, the
+  # source of PIPELINE["source_stream"]) and the splits it streams.
   c.stream.init_from = "source_user"
   c.stream.splits = ("valid", "test")
   # Past InsEmbs fetched per instance K.
@@ -150,8 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.store.export_chunk_rows = 1 << 18
 
   c.pipeline = ml_collections.ConfigDict()
-  # Models `--mode=pipeline` produces (a subset of iat_jax.stages.PIPELINE);
-  # each IAT model brings in its source model and that model's export.
+  # Models `--mode=pipeline` produces (a subset of iat_jax.stages.PIPELINE,
+  # by default all); each model brings in its source model and that model's
+  # export (stream_iat: source_stream, which starts from source_user).
   c.pipeline.models = tuple(stages.PIPELINE)
   # Another pipeline workdir (same data) whose finished source models and
   # exported stores this run reads instead of training its own: ablations and
@@ -198,6 +200,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   one_of("store.dtype", tables.DTYPES)
   one_of("store.source", stages.SOURCES)
   one_of("stream.mode", STREAM_MODES)
+  one_of("stream.init_from",
+         [s for s in stages.SOURCES if stages.get(s).order != "stream"])
   need(
       set(config.stream.splits) <= {"valid", "test"} and config.stream.splits,
       "stream.splits", f"{config.stream.splits} must be a non-empty subset of "

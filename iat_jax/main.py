@@ -39,8 +39,6 @@ from iat_jax import pipeline
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import download
 from iat_jax.data import sources
-from iat_jax.train import export_lib
-from iat_jax.train import train_lib
 from iat_jax.train import trainers
 
 MODES = ("train", "evaluate", "export", "pipeline")
@@ -127,11 +125,11 @@ def _run(config, workdir: str, mode: str) -> None:
     trainers.train(config, workdir, config.stage, ds, table)
   elif mode == "evaluate":
     print(
-        json.dumps(train_lib.evaluate_stage(config, workdir, config.stage, ds, table),
+        json.dumps(trainers.evaluate(config, workdir, config.stage, ds, table),
                    indent=1,
                    sort_keys=True))
   else:
-    print(export_lib.export(config, workdir, config.stage, ds))
+    print(trainers.export(config, workdir, config.stage, ds))
 
 
 def main(argv) -> None:

@@ -3,9 +3,12 @@
   base                                   (no IAT)
   source_temporal -> export -> temporal_iat (downstream on temporal InsEmbs)
   source_user     -> export -> user_iat     (downstream on user-order InsEmbs)
+  source_user -> source_stream -> stream_iat (streaming source started from
+                 source_user, valid+test streamed; downstream on its store)
 
 The models and their order are `iat_jax.stages.PIPELINE`.
-config.pipeline.models picks the models (an IAT model brings in its source);
+config.pipeline.models picks the models (a model brings in its source, and
+that one its own: stream_iat needs source_stream and source_user);
 config.pipeline.sources_from reads the source models and their stores from
 another workdir instead. Each step is skipped when complete in the workdir
 (its results.json, or a store exported from the same checkpoint) and resumed
@@ -24,17 +27,18 @@ from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import sources
 from iat_jax.store import tables
-from iat_jax.train import export_lib
 from iat_jax.train import trainers
 
 
 def stage_config(config: ml_collections.ConfigDict,
                  model: stages.PipelineModel) -> ml_collections.ConfigDict:
-  """The run config of one pipeline model: its stage and the store it reads."""
+  """The run config of one pipeline model: its stage and the source it reads
+  (the stage's `reads` key: store.source, or stream.init_from)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.stage = model.stage
   if model.source:
-    cfg.store.source = model.source
+    block, key = stages.get(model.stage).reads.split(".")
+    cfg[block][key] = model.source
   return cfg
 
 
@@ -51,11 +55,15 @@ def open_store(config: ml_collections.ConfigDict, workdir: str, ds):
 
 
 def steps(config: ml_collections.ConfigDict) -> list[stages.PipelineModel]:
-  """The PIPELINE models of config.pipeline.models and of their sources."""
-  wanted = set(config.pipeline.models)
-  wanted |= {
-      m.source for name, m in stages.PIPELINE.items() if name in wanted and m.source
-  }
+  """The PIPELINE models of config.pipeline.models and of their sources (and
+  of those sources' sources), in pipeline order."""
+  wanted = set()
+  todo = list(config.pipeline.models)
+  while todo:
+    name = todo.pop()
+    if name not in wanted:
+      wanted.add(name)
+      todo += [stages.PIPELINE[name].source] if stages.PIPELINE[name].source else []
   return [m for name, m in stages.PIPELINE.items() if name in wanted]
 
 
@@ -91,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       table = open_store(cfg, sources_from or workdir, ds)
       models[model.name] = trainers.train(cfg, workdir, model.name, ds, table)
     if exports:
-      export_lib.export(cfg, workdir, model.name, ds)
+      trainers.export(cfg, workdir, model.name, ds)
   results = {"dataset": ds.schema.dataset, "models": models}
   if sources_from:
     results["sources_from"] = sources_from

@@ -11,7 +11,8 @@ the package needs to know about it:
   trainer  the trainer that runs it (a key of `iat_jax.train.trainers.TRAINERS`).
 
 `PIPELINE` lists the models `--mode=pipeline` produces, each a stage plus the
-source model whose store it reads. Adding a stage = one `STAGES` entry (and a
+source model whose store it reads (set as the stage's `reads` key: the
+streaming source starts from that model's best checkpoint and store). Adding a stage = one `STAGES` entry (and a
 `PIPELINE` entry to run it in the pipeline) + its model and trainer code.
 """
 
@@ -101,7 +102,8 @@ SOURCES = tuple(name for name, s in STAGES.items() if s.exports)
 
 @dataclasses.dataclass(frozen=True)
 class PipelineModel:
-  """A model of the pipeline: `stage` trained (reading `source`'s store)."""
+  """A model of the pipeline: `stage` trained, reading `source`'s store (the
+  config key `Stage.reads` of `stage` is set to `source`)."""
   name: str
   stage: str
   source: str | None = None
@@ -115,6 +117,8 @@ PIPELINE: dict[str, PipelineModel] = {
         PipelineModel("temporal_iat", "downstream", "source_temporal"),
         PipelineModel("source_user", "source_user"),
         PipelineModel("user_iat", "downstream", "source_user"),
+        PipelineModel("source_stream", "source_stream", "source_user"),
+        PipelineModel("stream_iat", "downstream", "source_stream"),
     )
 }
 

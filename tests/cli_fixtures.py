@@ -105,7 +105,7 @@ def _session_lock(name):
 
 def shared_pipeline():
   """A finished `--mode=pipeline` workdir of the tiny config (every model,
-  both stores), built once per test session; read it or copy it, never
+  every store), built once per test session; read it or copy it, never
   write into it."""
   workdir = os.path.join(SESSION, "pipeline")
   with _session_lock("pipeline"):
@@ -119,6 +119,16 @@ def copy_of(workdir):
   """A private copy of a workdir (tests that train on from a shared one)."""
   copy = os.path.join(tempfile.mkdtemp(), "w")
   shutil.copytree(workdir, copy)
+  return copy
+
+
+def fresh_stream(workdir):
+  """A private copy of a finished pipeline without its streaming source and
+  the models after it: a stream trained there starts afresh."""
+  copy = copy_of(workdir)
+  for sub in ("source_stream", "stream_iat", os.path.join("stores", "source_stream")):
+    shutil.rmtree(os.path.join(copy, sub))
+  os.remove(os.path.join(copy, "results.json"))
   return copy
 
 

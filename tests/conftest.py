@@ -34,7 +34,8 @@ flags.FLAGS.mark_as_parsed()
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Test files that read the shared pipeline.
-_PIPELINE_USERS = ("train_test.py", "stream_test.py", "distributed_test.py")
+_PIPELINE_USERS = ("train_test.py", "stream_test.py", "distributed_test.py",
+                   "pipeline_test.py")
 _prebuild = None
 
 

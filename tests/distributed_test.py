@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) train the same model as one process."""
+"""Two CPU processes (gloo) train the same model as one process, and stream
+the same store as one process."""
 
 import os
 import sys
@@ -7,7 +8,12 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
+from iat_jax import workdir as workdir_lib
+from iat_jax.data import dataset
+from iat_jax.data import sources
+from iat_jax.store import insemb_table
 from tests import cli_fixtures as cli
+from tests import model_fixtures as mf
 
 
 class TwoProcessTest(absltest.TestCase):
@@ -30,6 +36,35 @@ class TwoProcessTest(absltest.TestCase):
                                rtol=1e-5)
     # Only process 0 writes metrics: one line per step, no duplicates.
     self.assertLen(two, len(set(r["step"] for r in two)))
+
+  def test_two_process_stream_matches_one(self):
+    # The one-process stream: the shared pipeline's source_stream.
+    single = cli.shared_pipeline()
+    multi = cli.fresh_stream(single)
+    launcher = os.path.join(cli.REPO, "launch", "local.py")
+    cli.run([
+        sys.executable, launcher, "--num_processes=2", "--",
+        *cli.main_args(multi, "train", "--config.stage=source_stream")
+    ])
+    one, two = (workdir_lib.load_results(os.path.join(w, "source_stream"))
+                for w in (single, multi))
+    self.assertEqual(two["best_step"], one["best_step"])
+    for split in ("valid", "test"):  # the progressive metrics
+      self.assertEqual(set(two[split]), set(one[split]))
+      for name, value in one[split].items():
+        self.assertAlmostEqual(two[split][name], value, places=5, msg=name)
+    # Same store and predictions, at every InsID within float tolerance.
+    config = mf.tiny_config()
+    config.data.cache_dir = cli.DATA  # where the two-process run built it
+    ds = dataset.Dataset(sources.dataset_path(config, multi))
+    streamed = np.concatenate([ds.split_rows(s) for s in ("valid", "test")])
+    for table, rows in ((os.path.join("stores", "source_stream"), slice(None)),
+                        (os.path.join("source_stream", "preds"), streamed)):
+      keys = np.asarray(ds["ins_id"])[rows]
+      (va, fa), (vb, fb) = (insemb_table.Table(os.path.join(w, table)).lookup(keys)
+                            for w in (single, multi))
+      self.assertTrue(fa.all() and fb.all(), table)
+      np.testing.assert_allclose(vb, va, atol=1e-5, err_msg=table)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from iat_jax import configs
 from iat_jax import pipeline
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.store import tables
+from tests import cli_fixtures as cli
 from tests import data_fixtures
 from tests import model_fixtures as mf
 
@@ -33,6 +35,8 @@ class StepsTest(parameterized.TestCase):
        ("temporal_iat", "base"), ["base", "source_temporal", "temporal_iat"]),
       ("source_alone", ("source_user",), ["source_user"]),
       ("source_and_its_iat", ("user_iat", "source_user"), ["source_user", "user_iat"]),
+      ("stream_iat_brings_both_sources",
+       ("stream_iat",), ["source_user", "source_stream", "stream_iat"]),
   )
   def test_selection_pulls_in_sources_in_pipeline_order(self, models, want):
     config = mf.tiny_config()
@@ -54,6 +58,31 @@ class StageConfigTest(absltest.TestCase):
     want = config.to_dict()
     want["stage"], want["store"]["source"] = "downstream", "source_temporal"
     self.assertEqual(cfg.to_dict(), want)
+
+  def test_streaming_models_read_their_sources(self):
+    config = mf.tiny_config()
+    config.store.source = "source_temporal"
+    config.stream.init_from = "source_temporal"
+    stream = pipeline.stage_config(config, stages.PIPELINE["source_stream"])
+    self.assertEqual((stream.stage, stream.stream.init_from, stream.store.source),
+                     ("source_stream", "source_user", "source_temporal"))
+    iat = pipeline.stage_config(config, stages.PIPELINE["stream_iat"])
+    self.assertEqual((iat.stage, iat.store.source, iat.stream.init_from),
+                     ("downstream", "source_stream", "source_temporal"))
+    self.assertEqual(stages.read_source(iat, stages.get(iat.stage)), "source_stream")
+
+  def test_stream_cannot_start_from_a_stream(self):
+    config = mf.tiny_config()
+    config.stream.init_from = "source_stream"
+    with self.assertRaisesRegex(
+        ValueError, r"--config\.stream\.init_from: "
+        r"'source_stream' is not one of"):
+      configs.validate(config)
+
+  def test_default_pipeline_streams_after_user_iat(self):
+    self.assertEqual(
+        tuple(mf.tiny_config().pipeline.models)[-3:],
+        ("user_iat", "source_stream", "stream_iat"))
 
   def test_source_model_keeps_the_store_key(self):
     config = mf.tiny_config()
@@ -146,6 +175,38 @@ class OpenStoreTest(absltest.TestCase):
         schema=dataclasses.replace(self.ds.schema, fingerprint="another"))
     with self.assertRaisesRegex(tables.StoreError, "exported from dataset 'tiny'"):
       pipeline.open_store(self.config, self.workdir, other)
+
+
+class StreamInPipelineTest(absltest.TestCase):
+  """The shared tiny pipeline ran the streaming source and stream_iat."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = cli.shared_pipeline()
+    cls.results = workdir_lib.load_results(cls.workdir)["models"]
+
+  def test_results_carry_the_streaming_models(self):
+    metrics = {"auc/click", "auc/conversion", "logloss/click", "logloss/conversion"}
+    for name in ("source_stream", "stream_iat"):
+      for split in ("valid", "test"):
+        self.assertEqual(set(self.results[name][split]), metrics, name)
+        self.assertBetween(self.results[name][split]["auc/click"], 0.0, 1.0)
+    # The streaming source's are its progressive metrics (its results.json).
+    self.assertEqual(
+        self.results["source_stream"],
+        workdir_lib.load_results(os.path.join(self.workdir, "source_stream")))
+
+  def test_stream_iat_reads_the_store_at_the_streams_last_step(self):
+    path = os.path.join(self.workdir, "stores", "source_stream")
+    self.assertTrue(
+        tables.is_published(path, "source_stream",
+                            self.results["source_stream"]["best_step"]))
+    train = [
+        r for r in cli.metric_lines(self.workdir, "stream_iat") if r["split"] == "train"
+    ]
+    self.assertNotEmpty(train)
+    self.assertTrue(all(r["hist_missing"] == 0 for r in train))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Streaming source training: never reads the future; resumes identically."""
 
+import json
 import os
 import signal
 import tempfile
@@ -8,6 +9,7 @@ from absl.testing import absltest
 import numpy as np
 
 from iat_jax.data import input_pipeline as ip
+from iat_jax import workdir as workdir_lib
 from iat_jax.metrics import read_jsonl
 from iat_jax.store import insemb_table
 from tests import cli_fixtures as cli
@@ -79,7 +81,7 @@ class StreamTrainingTest(absltest.TestCase):
     cls.args = ("--config.stage=source_stream", "--config.batch_size=16")
 
   def _copy(self):
-    return cli.copy_of(self.base)
+    return cli.fresh_stream(self.base)
 
   def _store_sha(self, workdir):
     return insemb_table.Table(os.path.join(workdir, "stores",
@@ -109,6 +111,45 @@ class StreamTrainingTest(absltest.TestCase):
     rows = read_jsonl(os.path.join(workdir, "source_stream", "metrics.jsonl"))
     self.assertTrue(any(r["split"] == "test" for r in rows))
     self.assertFalse(any("staleness_cosine" in r for r in rows))
+
+
+class StreamStageCliTest(absltest.TestCase):
+  """--mode=evaluate / export of the pipeline's finished source_stream."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.base = cli.shared_pipeline()
+    cls.results = workdir_lib.load_results(os.path.join(cls.base, "source_stream"))
+
+  def test_evaluate_reports_the_progressive_metrics(self):
+    workdir = cli.copy_of(self.base)
+    out = cli.run_main(workdir, "evaluate", "--config.stage=source_stream").stdout
+    got = json.loads(out[out.index("{"):])
+    for split in ("valid", "test"):
+      self.assertEqual(got[split], self.results[split])
+      self.assertBetween(got[split]["auc/click"], 0.0, 1.0)
+    self.assertEqual(got["best_step"], self.results["best_step"])
+    # Nothing was trained: the stage directory's metric lines are unchanged.
+    self.assertEqual(cli.metric_lines(workdir, "source_stream"),
+                     cli.metric_lines(self.base, "source_stream"))
+
+  def test_export_returns_the_up_to_date_store_unchanged(self):
+    workdir = cli.copy_of(self.base)
+    path = os.path.join(workdir, "stores", "source_stream")
+    before = insemb_table.Table(path).metadata
+    out = cli.run_main(workdir, "export", "--config.stage=source_stream").stdout
+    self.assertEqual(out.strip().splitlines()[-1], path)
+    self.assertEqual(insemb_table.Table(path).metadata, before)
+    self.assertEqual(before["source_step"], self.results["best_step"])
+
+  def test_unfinished_stream_is_refused_naming_the_flag(self):
+    workdir = cli.fresh_stream(self.base)
+    for mode in ("evaluate", "export"):
+      proc = cli.run_main(workdir, mode, "--config.stage=source_stream", check=False)
+      self.assertNotEqual(proc.returncode, 0)
+      self.assertRegex(proc.stderr.strip().splitlines()[-1],
+                       r"^error: --config\.stage=source_stream: .* --mode=train")
 
 
 if __name__ == "__main__":

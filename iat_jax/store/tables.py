@@ -194,14 +194,16 @@ def publish_copy(config: ml_collections.ConfigDict, src: insemb_table.Table,
                  keys: np.ndarray, table_path: str, *, source: str, step: int,
                  fingerprint: str) -> None:
   """Publishes the rows of `keys` [N] found in `src` at `table_path` as
-  `source` at `step` (one process, streamed in export chunks)."""
+  `source` at `step`. Call it on every process: each copies its contiguous
+  slice of `keys`, streamed in export chunks (see `Export`)."""
   w = export_writer(config,
                     table_path,
                     source=source,
                     step=step,
-                    fingerprint=fingerprint,
-                    process_index=0,
-                    process_count=1)
+                    fingerprint=fingerprint)
+  lo, hi = (
+      len(keys) * i // w.process_count for i in (w.process_index, w.process_index + 1))
+  keys = keys[lo:hi]
   chunk = config.store.export_chunk_rows
   start = min(w.done_rows, len(keys))  # every key found: rows = key positions
   w.skip(start)

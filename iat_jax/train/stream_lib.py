@@ -17,13 +17,14 @@ training) in timestamp order, batches mixing users. For each instance:
      batches see it.
 
 The stage's store is the OCDBT table at tables.path(config, workdir,
-"source_stream"): a fresh stream publishes a copy of `init_from`'s exported
-table there once (streamed in chunks, source "source_stream"), then every
-step's new InsEmbs are upserted into it keyed by InsID (`tables.Upserts`:
-buffered in memory, read through the buffer, and flushed as one new version
-before every checkpoint). The progressive predictions go the same way into a
-small side table <stage dir>/preds keyed by InsID (they are metrics, not
-InsEmbs). A batch never reads rows of its own or later batches, and what a
+"source_stream"): a fresh stream (no checkpoint yet) publishes a copy of
+`init_from`'s exported table there once (every process copies its slice, in
+export chunks), then every step's new InsEmbs are upserted into it keyed by
+InsID (`_Shared` over `tables.Upserts`: buffered in memory, read through the
+buffer, flushed as one new version before every checkpoint and whenever the
+buffer holds `flush_rows` rows). The progressive predictions go the same way
+into a small side table <stage dir>/preds keyed by InsID (they are metrics,
+not InsEmbs). A batch never reads rows of its own or later batches, and what a
 checkpoint refers to is durable, so a run killed anywhere and resumed
 rewrites exactly what the uninterrupted run wrote (rows a killed run flushed
 past its last checkpoint are rewritten with the same values before any batch
@@ -31,6 +32,24 @@ reads them). Staleness (Method 1) is reported every log step: the mean cosine
 similarity between the fetched InsEmbs of a sample and their recomputation
 with the current parameters. Downstream models read the store's newest
 version, which after the last step holds every streamed instance's InsEmb.
+
+N processes: each process reads its contiguous slice of every time-ordered
+global batch (`input_pipeline.stream`), and the write-back is global before
+the next batch reads: after each step every process gathers every process's
+(InsID, InsEmb, probs) of the batch (`predict.host_gather` of its rows of the
+step's outputs, `predict.local_rows`) and puts them all into its own
+read-through buffer, so every process's lookups see the whole batch. Buffers
+hold the same rows everywhere, so they fill and flush at the same steps: at a
+flush process 0 alone upserts the buffer as a new table version, all
+processes meet at a barrier, and the others reopen the newest version with an
+empty buffer (memory: at most `flush_rows` + a batch of rows per process).
+The result (store, predictions, metrics) does not depend on the process count.
+
+`--mode=evaluate` of the stage reports the progressive metrics again from its
+predictions table (no model is run: a prediction is only progressive when
+made before the instance's own step), and `--mode=export` checks that the
+stage finished and its store (flushed at its last step) is published there,
+and returns its path: the stream keeps its store up to date itself.
 """
 
 from __future__ import annotations
@@ -39,50 +58,118 @@ import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from iat_jax import checkpointing
 from iat_jax import metrics as metrics_lib
+from iat_jax import sharding
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
 from iat_jax.store import tables
+from iat_jax.train import predict
+from iat_jax.train import steps
 from iat_jax.train import train_lib
 
-_STALENESS_SAMPLE = 256
+_STALENESS_SAMPLE = 256  # past rows per process
+_NEVER = np.iinfo(np.int64).max  # `tables.Upserts` flush_rows: `_Shared` flushes
 
 
-def _open_store(config, workdir: str, ds: dataset_lib.Dataset) -> tables.Upserts:
-  """The stage's store: on a fresh stream, a copy of init_from's table."""
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+class _Shared:
+  """An upsert table that every process reads through and process 0 writes.
+
+  Every process `put`s the same global rows, so all buffers (and lookups)
+  agree and reach `flush_rows` at the same step; `flush` is collective."""
+
+  def __init__(self, table_path: str, flush_rows: int = 1 << 16):
+    self.path, self.flush_rows = table_path, flush_rows
+    self._reopen()
+
+  def _reopen(self) -> None:
+    self._upserts = tables.Upserts(self.path, flush_rows=_NEVER)
+    self._rows = 0
+
+  @classmethod
+  def open_or_create(cls, table_path: str, **create) -> _Shared:
+    """Opens `table_path`, process 0 publishing an empty table there first."""
+    if jax.process_index() == 0:
+      tables.Upserts.open_or_create(table_path, **create)
+    _barrier(f"stream-create-{table_path}")
+    return cls(table_path)
+
+  def put(self, keys: np.ndarray, values: np.ndarray, step: int) -> None:
+    """Buffers global uint64 keys [n] -> float32 values [n, d]."""
+    self._upserts.put(keys, values)
+    self._rows += len(keys)
+    if self._rows >= self.flush_rows:
+      self.flush(step)
+
+  def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 keys [n] -> (float32 values [n, d], bool found [n])."""
+    return self._upserts.lookup(keys)
+
+  def flush(self, step: int) -> None:
+    """Process 0 upserts the buffer as one version; every buffer is emptied."""
+    if jax.process_index() == 0:
+      self._upserts.flush(step)
+    _barrier(f"stream-flush-{self.path}-{step}")
+    if jax.process_index() != 0:
+      self._reopen()
+    self._rows = 0
+
+
+def _open_store(config, workdir: str, ds: dataset_lib.Dataset,
+                started: bool) -> _Shared:
+  """The stage's store: before the first checkpoint, a copy of init_from's
+  table is published there (unless that copy is already there)."""
   path = tables.path(config, workdir, config.stage)
   init_path = tables.path(config, workdir, config.stream.init_from)
   if path == init_path:
     raise ValueError(f"--config.store.path={config.store.path!r}: the streaming "
                      f"stage writes its own store; leave store.path empty")
-  init = tables.open_checked(config, workdir, config.stream.init_from,
-                             ds.schema.fingerprint)
-  copy_id = tables.export_id(config.stage, init.metadata["source_step"],
-                             ds.schema.fingerprint, config.store.dtype, init.dim, 1)
-  if not (tables.exists(path) and
-          tables.Table(path).metadata.get("export_id") == copy_id):
-    logging.info("stream: copying %s into %s", init_path, path)
-    tables.publish_copy(config,
-                        init,
-                        np.asarray(ds["ins_id"]),
-                        path,
-                        source=config.stage,
-                        step=init.metadata["source_step"],
-                        fingerprint=ds.schema.fingerprint)
-  return tables.Upserts(path)
+  if not started:
+    init = tables.open_checked(config, workdir, config.stream.init_from,
+                               ds.schema.fingerprint)
+    step = init.metadata["source_step"]
+    copy_id = tables.export_id(config.stage, step, ds.schema.fingerprint,
+                               config.store.dtype, init.dim, jax.process_count())
+    if not (tables.exists(path) and
+            tables.Table(path).metadata.get("export_id") == copy_id):
+      logging.info("stream: copying %s into %s", init_path, path)
+      tables.publish_copy(config,
+                          init,
+                          np.asarray(ds["ins_id"]),
+                          path,
+                          source=config.stage,
+                          step=step,
+                          fingerprint=ds.schema.fingerprint)
+  return _Shared(path)
+
+
+def _started(config, directory: str, ds: dataset_lib.Dataset) -> bool:
+  """Whether the stage in `directory` has a checkpoint (its store is its own)."""
+  ckpts = checkpointing.Checkpoints(directory, config.keep_checkpoints,
+                                    f"auc/{ds.schema.tasks[0]}")
+  try:
+    return ckpts.latest_step() is not None
+  finally:
+    ckpts.close()
 
 
 class _Staleness:
-  """Cosine(fetched, recomputed-with-current-params) on past InsEmbs."""
+  """Cosine(fetched, recomputed-with-current-params) on past InsEmbs, over
+  the first `_STALENESS_SAMPLE` visible past rows of each process's batch."""
 
   def __init__(self, st: train_lib.Run):
-    self.ds = st.ds
+    self.ds, self.mesh = st.ds, st.mesh
     self.names = st.ds.feature_columns()
 
     def embed(params, feats):
@@ -92,20 +179,34 @@ class _Staleness:
                          method="embed_instances")
       return e.astype(jnp.float32)
 
-    self.embed = jax.jit(embed)
+    data = sharding.batch_sharding(st.mesh)
+    jitted = jax.jit(embed,
+                     in_shardings=(st.shardings.params, data),
+                     out_shardings=data)
+
+    def run(params, feats):
+      with sharding.mesh_context(st.mesh, st.rules):
+        return jitted(params, feats)
+
+    self.embed = run
 
   def __call__(self, params, batch) -> float:
-    rows = batch["past_row"][batch["past_mask"]][:_STALENESS_SAMPLE]
-    if not len(rows):
-      return float("nan")
+    pm = batch["past_mask"]
+    rows = batch["past_row"][pm][:_STALENESS_SAMPLE]
     padded = np.zeros(_STALENESS_SAMPLE, np.int64)
     padded[:len(rows)] = rows
-    feats = self.ds.read(padded, self.names)
-    fresh = np.asarray(self.embed(params, feats))[:len(rows)]
-    stored = batch["past_insemb"][batch["past_mask"]][:len(rows)]
+    feats = steps.to_device(self.ds.read(padded, self.names), self.mesh)
+    fresh = predict.local_rows(self.embed(params, feats))[:len(rows)]
+    stored = batch["past_insemb"][pm][:len(rows)]
     cos = (fresh * stored).sum(-1) / np.maximum(
         np.linalg.norm(fresh, axis=-1) * np.linalg.norm(stored, axis=-1), 1e-12)
-    return float(cos.mean())
+    total, n = predict.host_gather(np.array([cos.sum(), len(rows)])).reshape(-1,
+                                                                             2).sum(0)
+    return float(total / n) if n else float("nan")
+
+
+def _preds_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir_lib.stage_dir(workdir, name), "preds")
 
 
 def train_stream(config: ml_collections.ConfigDict,
@@ -113,7 +214,8 @@ def train_stream(config: ml_collections.ConfigDict,
                  name: str,
                  ds: dataset_lib.Dataset,
                  table=None) -> dict:
-  """Runs the streaming stage into <workdir>/<name>; resumable.
+  """Runs the streaming stage into <workdir>/<name>; resumable; on every
+  process of the job.
 
   It reads and writes its own table (`table` must be None).
 
@@ -121,22 +223,21 @@ def train_stream(config: ml_collections.ConfigDict,
     Results with progressive 'valid' / 'test' metrics (also results.json).
   """
   assert table is None, "the streaming stage reads its own table"
-  if jax.process_count() > 1:
-    raise NotImplementedError("streaming training runs in one process (it may "
-                              "use all of that host's devices)")
   recompute = config.stream.mode == "recompute"
-  store = _open_store(config, workdir, ds)
-  preds = tables.Upserts.open_or_create(os.path.join(
-      workdir_lib.stage_dir(workdir, name), "preds"),
-                                        d=ds.schema.num_tasks,
-                                        dtype="float32",
-                                        source=f"{config.stage}/preds",
-                                        fingerprint=ds.schema.fingerprint)
+  store = _open_store(config, workdir, ds,
+                      _started(config, workdir_lib.stage_dir(workdir, name), ds))
+  preds = _Shared.open_or_create(_preds_path(workdir, name),
+                                 d=ds.schema.num_tasks,
+                                 dtype="float32",
+                                 source=f"{config.stage}/preds",
+                                 fingerprint=ds.schema.fingerprint)
   data = input_pipeline.stream(ds,
                                tuple(config.stream.splits),
                                config.batch_size,
                                config.stream.k,
-                               features=recompute)
+                               features=recompute,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
 
   def fill(batch):
     if not recompute:
@@ -150,7 +251,7 @@ def train_stream(config: ml_collections.ConfigDict,
                      train_data=data,
                      fill=fill,
                      aux=("probs", "insemb"))
-  writer = metrics_lib.Writer(st.dir)
+  writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
   with train_lib.closing(st, writer):
     it = input_pipeline.iterate(data)
     state, start = train_lib.resume(st, writer, it)
@@ -166,10 +267,11 @@ def train_stream(config: ml_collections.ConfigDict,
     cost = st.cost()
     staleness = None if recompute else _Staleness(st)
 
-    def write_back(step, state, batch, aux):
-      mask = batch["mask"]
-      store.put(batch["ins_id"][mask], np.asarray(aux["insemb"])[mask], step=step)
-      preds.put(batch["ins_id"][mask], np.asarray(aux["probs"])[mask], step=step)
+    def write_back(step, state, batch, aux):  # every process: the global batch
+      mask = predict.host_gather(batch["mask"])
+      keys = predict.host_gather(batch["ins_id"])[mask]
+      for out, key in ((store, "insemb"), (preds, "probs")):
+        out.put(keys, predict.host_gather(predict.local_rows(aux[key]))[mask], step)
       if staleness is not None and step % config.log_every == 0:
         writer.write(step, "stream",
                      {"staleness_cosine": staleness(state.params, batch)})
@@ -178,23 +280,65 @@ def train_stream(config: ml_collections.ConfigDict,
       store.flush(step)
       preds.flush(step)
 
-    state = train_lib.run_loop(st,
-                               state,
-                               it,
-                               start,
-                               writer,
-                               after_step=write_back,
-                               before_checkpoint=flush,
-                               validate=False)
+    train_lib.run_loop(st,
+                       state,
+                       it,
+                       start,
+                       writer,
+                       after_step=write_back,
+                       before_checkpoint=flush,
+                       validate=False)
     flush(st.num_steps)
-    results = {
-        split: _progressive(ds, preds, split) if split in config.stream.splits else {}
-        for split in ("valid", "test")
-    }
+    results = _results(config, ds, preds)
     return train_lib.finish(st, writer, {**results, "best_step": st.num_steps, **cost})
 
 
-def _past_insembs(store: tables.Upserts, batch) -> np.ndarray:
+def _results(config, ds: dataset_lib.Dataset, preds: _Shared | tables.Table) -> dict:
+  """{'valid', 'test'}: the progressive metrics of the streamed splits."""
+  return {
+      split: _progressive(ds, preds, split) if split in config.stream.splits else {}
+      for split in ("valid", "test")
+  }
+
+
+def _finished(config, workdir: str, name: str, mode: str) -> dict:
+  """The results of the finished stage in <workdir>/<name>, or ValueError."""
+  directory = workdir_lib.stage_dir(workdir, name)
+  if not workdir_lib.is_complete(directory):
+    raise ValueError(f"--config.stage={config.stage}: {mode} needs the finished "
+                     f"stream in {directory}; run --mode=train first (it resumes)")
+  return workdir_lib.load_results(directory)
+
+
+def evaluate_stream(config: ml_collections.ConfigDict,
+                    workdir: str,
+                    name: str,
+                    ds: dataset_lib.Dataset,
+                    table=None) -> dict:
+  """The finished stream's progressive valid / test metrics, recomputed from
+  its predictions table (made before each instance's own step; no model
+  runs, nothing is retrained)."""
+  assert table is None, "the streaming stage reads its own table"
+  step = _finished(config, workdir, name, "evaluate")["best_step"]
+  preds = tables.Table(_preds_path(workdir, name))
+  return {**_results(config, ds, preds), "best_step": step}
+
+
+def export_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
+                  ds: dataset_lib.Dataset) -> str:
+  """The finished stream's store (already up to date: the stream flushed it
+  at its last step); checks it is published there and returns its path."""
+  step = _finished(config, workdir, name, "export")["best_step"]
+  path = tables.path(config, workdir, config.stage)
+  tables.open_checked(config, workdir, config.stage, ds.schema.fingerprint)
+  if not tables.is_published(path, config.stage, step):
+    raise tables.StoreError(f"{path}: not the store of the finished stream (its "
+                            f"last step {step}); re-run the stream into a fresh "
+                            f"--workdir")
+  return path
+
+
+def _past_insembs(store: _Shared, batch) -> np.ndarray:
   """float32 [b, K, d]: the stored InsEmbs of the visible past (zeros elsewhere)."""
   keys, mask = batch["past_ins_id"], batch["past_mask"]
   values, found = store.lookup(keys.reshape(-1))
@@ -206,7 +350,7 @@ def _past_insembs(store: tables.Upserts, batch) -> np.ndarray:
   return values.reshape(keys.shape + (-1,))
 
 
-def _progressive(ds: dataset_lib.Dataset, preds: tables.Upserts,
+def _progressive(ds: dataset_lib.Dataset, preds: _Shared | tables.Table,
                  split: str) -> dict[str, float]:
   """Metrics of the predictions made before each instance's own step."""
   rows = np.sort(ds.split_rows(split))
