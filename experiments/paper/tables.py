@@ -16,8 +16,9 @@ DIR/results.csv and DIR/plots/ as a sweep writes them, and:
                               its t-interval excludes 0, params, FLOPs/batch
   DIR/<table>_auc_change.png  those AUC changes with their intervals
 
-table1: model.seq.encoder in --encoders; each pipeline gives base, both
-  source models, temporal_iat and user_iat; changes are vs that encoder's base.
+table1: model.seq.encoder in --encoders; each pipeline gives every model of
+  `stages.PIPELINE` (base, the three source models, temporal_iat, user_iat and
+  stream_iat); changes are vs that encoder's base.
 table4: the transformer encoder's full user-order IAT and one run per
   --ablations switch; changes of user_iat are vs the full model's user_iat.
   An ablation run trains only user_iat, reading the full run's source model
@@ -36,14 +37,15 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from iat_jax import stages
 from iat_jax.sweeps import report
 from iat_jax.sweeps import runner
 from iat_jax.sweeps import stats
 
 ENCODERS = ("din", "longer", "transformer")
 # Models of one pipeline, in its order; table1 charts the IAT ones.
-MODELS = ("base", "source_temporal", "temporal_iat", "source_user", "user_iat")
-CHART_MODELS = ("temporal_iat", "user_iat")
+MODELS = tuple(stages.PIPELINE)
+CHART_MODELS = ("temporal_iat", "user_iat", "stream_iat")
 FULL = {"model.seq.encoder": "transformer"}
 # name -> (the paper's label, overrides of the full model, whether the switch
 # changes the source model; the others reuse the full point's source models).
