@@ -80,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
            num_tasks=2))
   # User-order chunk length T (the SIT has no T-sized params).
   c.data.user_chunk_len = 16
+  # User-order evaluation and export: each chunk starts with up to this many
+  # of the user's rows right before its evaluated rows, any split (the SIT
+  # sees them, metrics do not count them; see input_pipeline.UserChunks);
+  # -1 = user_chunk_len // 2. Must be < user_chunk_len.
+  c.data.eval_context = -1
 
   c.model = models.default_config()
 
@@ -190,6 +195,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{_get(config, flag)} is above the limit of {MAX_LEN} (it sizes position "
         f"tables and [batch, length, width] activations)")
   need(config.eval_every >= 0, "eval_every", "must be >= 0")
+  need(
+      -1 <= config.data.eval_context < config.data.user_chunk_len, "data.eval_context",
+      f"{config.data.eval_context} must be -1 (= user_chunk_len // 2) or in [0, "
+      f"--config.data.user_chunk_len={config.data.user_chunk_len})")
   one_of("store.dtype", tables.DTYPES)
   one_of("store.source", stages.SOURCES)
   one_of("stream.mode", STREAM_MODES)
