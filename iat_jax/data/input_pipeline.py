@@ -150,7 +150,8 @@ class ReadChunks(grain.transforms.Map):
     return out
 
 
-def tie_group(ds: dataset_lib.Dataset, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def tie_group(ds: dataset_lib.Dataset, rows: np.ndarray,
+              mask: np.ndarray) -> np.ndarray:
   """int32 [...]: the within-user index of the first row of each row's (user,
   ts) run (-1 where masked): equal exactly for one user's same-timestamp rows,
   the key of the SIT's strictly-earlier mask (`attention.tie_mask`)."""
