@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
            conversion_delay=86400))
   # User-order chunk length T (the SIT has no T-sized params).
   c.data.user_chunk_len = 16
+  # User-order evaluation and export: each chunk starts with up to this many
+  # of the user's rows right before its evaluated rows, any split (the SIT
+  # sees them, metrics do not count them; see input_pipeline.UserChunks);
+  # -1 = user_chunk_len // 2. Must be < user_chunk_len.
+  c.data.eval_context = -1
 
   c.model = models.default_config()
 
@@ -197,6 +202,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.data.synthetic.conversion_delay >= 0, "data.synthetic.conversion_delay",
       f"seconds until a conversion label is known; must be >= 0, got "
       f"{config.data.synthetic.conversion_delay}")
+  need(
+      -1 <= config.data.eval_context < config.data.user_chunk_len, "data.eval_context",
+      f"{config.data.eval_context} must be -1 (= user_chunk_len // 2) or in [0, "
+      f"--config.data.user_chunk_len={config.data.user_chunk_len})")
   one_of("store.dtype", tables.DTYPES)
   one_of("store.source", stages.SOURCES)
   one_of("stream.mode", STREAM_MODES)

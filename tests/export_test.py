@@ -1,4 +1,5 @@
-"""Export (iat_jax.train.export_lib) of a tiny source trained in-process."""
+"""Export (iat_jax.train.export_lib) of a tiny source trained in-process, and
+the user-order source's evaluation batches (what evaluate and export read)."""
 
 import os
 import tempfile
@@ -7,12 +8,16 @@ from absl.testing import absltest
 import numpy as np
 
 from iat_jax import configs
+from iat_jax import sharding
 from iat_jax.data import sources
 from iat_jax.store import tables
 from iat_jax.train import export_lib
+from iat_jax.train import predict
+from iat_jax.train import steps
 from iat_jax.train import train_lib
 from iat_jax.train import trainers
 from tests import cli_fixtures as cli
+from tests import data_fixtures
 from tests import model_fixtures as mf
 
 
@@ -68,6 +73,103 @@ class ExportTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "--config.stage='base': export needs a "
                                 "source stage"):
       export_lib.export(config, self.workdir, "base", self.ds)
+
+
+class UserOrderEvaluationTest(absltest.TestCase):
+  """source_user's valid batches (`train_lib.batches`, eval order) with a
+  random-parameter model on the tiny data."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.ds = data_fixtures.shared_dataset()
+    cls.config = mf.tiny_config()
+    cls.config.stage = "source_user"
+    cls.model = mf.make_model("source_user", cls.config)
+    cls.data = train_lib.batches(cls.config,
+                                 cls.ds,
+                                 "source_user",
+                                 "valid",
+                                 train=False)
+    cls.params = mf.random_params(cls.model, steps.model_inputs(cls.data[0]))
+    cls.fwd = staticmethod(
+        mf.jit(lambda p, b: cls.model.apply({"params": p}, b)["sit_out"]))
+
+  def _first_valid_after_train(self):
+    """(batch, chunk, position) of a valid instance strictly later than its
+    user's last train instance, and that train instance's position."""
+    ds = self.ds
+    split, ts = np.asarray(ds["split"]), np.asarray(ds["ts"])
+    for b in self.data:
+      for i, (rows, tok, m) in enumerate(zip(b["row"], b["token_mask"], b["mask"])):
+        train = np.flatnonzero(tok & (split[np.maximum(rows, 0)] == 0))
+        later = np.flatnonzero(
+            m & (ts[np.maximum(rows, 0)] > ts[rows[train[-1]]])) if len(train) else []
+        if len(later):
+          return b, i, later[0], train[-1]
+    self.fail("no valid instance after a train instance in the valid batches")
+
+  def test_valid_instance_sees_its_users_last_train_instance(self):
+    ds = self.ds
+    b, i, p, q = self._first_valid_after_train()
+    r = b["row"][i, q]
+    user = np.arange(*ds["user_offsets"][ds["user_index"][r] + np.arange(2)])
+    self.assertEqual(r, user[np.asarray(ds["split"])[user] == 0].max())
+    batch = steps.model_inputs(b)
+    base = np.asarray(self.fwd(self.params, batch))[i, p]
+
+    def changed(where):
+      out = np.asarray(self.fwd(self.params, _perturbed(batch, where)))[i, p]
+      return np.abs(out - base).max()
+
+    here = np.zeros(b["mask"].shape, bool)
+    here[i, q] = True
+    self.assertGreater(changed(here), 1e-5)
+    # Every later (or same-timestamp) instance, in any chunk of the batch.
+    ts = np.where(b["token_mask"], b["ts"], -1)
+    later = ts >= b["ts"][i, p]
+    later[i, p] = False
+    self.assertTrue(later.any())
+    self.assertLess(changed(later), 1e-6)
+
+  def test_metrics_count_each_valid_instance_once(self):
+    ds, config = self.ds, self.config
+    mesh = sharding.make_mesh(tuple(config.mesh_shape), tuple(config.mesh_axes))
+    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+    _, shardings = steps.create_state(self.model, steps.make_optimizer(config, 1),
+                                      steps.to_device(self.data[0], mesh), 0, mesh,
+                                      rules)
+    eval_step = steps.make_eval_step(self.model, shardings.params, mesh, rules)
+    res = predict.predict(eval_step, self.params, self.data, mesh)
+    rows = ds.split_rows("valid")
+    self.assertLen(res["ins_id"], len(rows))
+    order = np.argsort(res["ins_id"])
+    want = np.argsort(ds["ins_id"][rows])
+    np.testing.assert_array_equal(res["ins_id"][order], ds["ins_id"][rows][want])
+    np.testing.assert_array_equal(res["labels"][order], ds["labels"][rows][want])
+    context = sum(int((b["token_mask"] & ~b["mask"]).sum()) for b in self.data)
+    self.assertGreater(context, 0)  # the batches carry rows that do not count
+
+  def test_eval_context_is_checked(self):
+    self.assertEqual(train_lib.eval_context(self.config),
+                     self.config.data.user_chunk_len // 2)
+    config = mf.tiny_config()
+    config.data.eval_context = config.data.user_chunk_len
+    with self.assertRaisesRegex(ValueError, "--config.data.eval_context"):
+      configs.validate(config)
+
+
+def _perturbed(batch, where):
+  """`batch` with the features of the instances where `where` [Bu, T] replaced."""
+  rng = np.random.default_rng(1)
+  out = dict(batch)
+  for k in ("cat", "mh_tags", "dense", "seq_item", "seq_category", "seq_action"):
+    x = np.asarray(batch[k])
+    w = where.reshape(where.shape + (1,) * (x.ndim - where.ndim))
+    new = rng.integers(1, 3, x.shape) if x.dtype.kind == "i" else rng.normal(
+        size=x.shape)
+    out[k] = np.where(w, new.astype(x.dtype), x)
+  return out
 
 
 if __name__ == "__main__":

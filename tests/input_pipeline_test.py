@@ -89,6 +89,35 @@ class PipelineTest(parameterized.TestCase):
           np.testing.assert_array_equal(r, np.arange(r[0], r[0] + len(r)))
           self.assertTrue((np.diff(ds["ts"][r]) >= 0).all())
 
+  @parameterized.parameters("train", "valid", "test")
+  def test_eval_chunks_lead_with_the_users_earlier_rows(self, split):
+    """Chunks with context 3 of T=8: the mask covers the split once; each
+    chunk's tokens are the user's rows right before its first evaluated row
+    (any split, up to 3 of them), then up to 5 rows of the split."""
+    ds = self.ds
+    batches = _batches(ip.user_ordered(ds, split, 4, 8, order="users", context=3))
+    rows = np.concatenate([b["row"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(np.sort(rows), np.sort(ds.split_rows(split)))
+    in_split = np.asarray(ds["split"]) == ("train", "valid", "test").index(split)
+    earlier_splits = 0
+    for b in batches:
+      for r, tok, m, g in zip(b["row"], b["token_mask"], b["mask"], b["tie_group"]):
+        if not tok.any():
+          continue
+        np.testing.assert_array_equal(tok, np.sort(tok)[::-1])  # a prefix
+        self.assertTrue((m <= tok).all() and m.sum() <= 5)
+        r, m, g = r[tok], m[tok], g[tok]
+        n_ctx = int(np.argmax(m))
+        self.assertTrue(m[n_ctx:].all() and in_split[r[m]].all())
+        np.testing.assert_array_equal(r, np.arange(r[0], r[0] + len(r)))
+        self.assertEqual(n_ctx, min(3, r[n_ctx] - ds.user_start(r[n_ctx])))
+        self.assertLen(np.unique(ds["user_index"][r]), 1)
+        earlier_splits += int((~in_split[r[:n_ctx]]).sum())
+        ts = ds["ts"][r]
+        np.testing.assert_array_equal(g[:, None] == g[None], ts[:, None] == ts[None])
+    # Valid and test chunks really carry rows of the splits before them.
+    self.assertEqual(earlier_splits > 0, split != "train")
+
   def test_user_chunk_orders(self):
     ds = self.ds
     users = {}

@@ -124,13 +124,15 @@ def user_batch(schema: schema_lib.Schema,
                bu: int = 2,
                t: int = 4,
                seed: int = 0) -> dict:
-  """Batch for 'source_user': leading dims [B_users, T]; last user padded."""
+  """Batch for 'source_user': leading dims [B_users, T]; last user padded; no
+  timestamp ties (tie_group = position)."""
   rng = np.random.default_rng(seed)
   batch = instance_features(rng, schema, (bu, t))
   batch["labels"] = rng.integers(0, 2, (bu, t, schema.num_tasks)).astype(np.float32)
   mask = np.ones((bu, t), bool)
   mask[-1, t - 1:] = False  # a dummy instance at the end of the last chunk
   batch["mask"] = mask
+  batch["tie_group"] = np.broadcast_to(np.arange(t, dtype=np.int32), (bu, t)).copy()
   return batch
 
 
@@ -139,12 +141,16 @@ def stream_batch(schema: schema_lib.Schema,
                  b: int = 4,
                  k: int = 3,
                  seed: int = 0) -> dict:
-  """Batch for 'source_stream': [B] + past_insemb [B, K, d] + past_* raw."""
+  """Batch for 'source_stream': [B] + past_insemb [B, K, d] + past_* raw; no
+  timestamp ties (past_tie_group K-1..0 newest first, tie_group K)."""
   rng = np.random.default_rng(seed)
   batch = base_batch(schema, b, seed)
   batch["past_insemb"] = rng.normal(size=(b, k, d)).astype(np.float32)
   n_valid = np.arange(b) % (k + 1)  # 0..K valid past entries
   batch["past_mask"] = np.arange(k)[None] < n_valid[:, None]
+  batch["tie_group"] = np.full(b, k, np.int32)
+  batch["past_tie_group"] = np.broadcast_to(np.arange(k - 1, -1, -1, dtype=np.int32),
+                                            (b, k)).copy()
   batch.update(instance_features(rng, schema, (b, k), prefix="past_"))
   return batch
 

@@ -213,21 +213,55 @@ class UserSourceTest(parameterized.TestCase):
     np.testing.assert_array_equal(out["insemb"], out["sit_out"])
     np.testing.assert_allclose(out["sit_out"], self.out["sit_out"], atol=ATOL)
 
-  def test_stream_form_matches_user_order(self):
+  @parameterized.parameters(([0, 0, 2, 2, 4],), ([0, 1, 1, 3, 3],))
+  def test_stream_form_matches_user_order_with_ties(self, groups):
     """SIT over [cur, newest..oldest] == user-order SIT at the last position.
 
-    User 0's chunk: the current instance is instance 4, the fetched past are
-    the compressed E of instances 3, 2, 1, 0 (newest first). Same params.
+    User 0's chunk holds ties (equal tie groups); the current instance is
+    instance 4, the fetched past are the compressed E of its strictly earlier
+    instances, newest first, with their tie groups. Same params. Each past
+    entry's output matches too: ties among the past follow the same rule.
     """
+    groups = np.asarray(groups, np.int32)
+    user_batch = dict(self.batch, tie_group=np.stack([groups, np.arange(5)]))
+    user = self.fwd(self.params, user_batch)
+    past = np.flatnonzero(groups < groups[4])[::-1]  # strictly earlier, newest first
     stream = mf.make_model("source_stream")
     batch = {k: np.asarray(v)[0, 4:5] for k, v in self.batch.items()}
-    batch["past_insemb"] = self.out["compressed"][0:1, 3::-1]
-    batch["past_mask"] = np.ones((1, 4), bool)
+    batch["past_insemb"] = np.asarray(user["compressed"])[0:1, past]
+    batch["past_mask"] = np.ones((1, len(past)), bool)
+    batch["past_tie_group"] = groups[None, past]
     out = _forward(stream)(self.params, batch)
-    np.testing.assert_allclose(out["logits"][0], self.out["logits"][0, 4], atol=1e-5)
-    np.testing.assert_allclose(out["sit_out"][0, 0],
-                               self.out["sit_out"][0, 4],
+    np.testing.assert_allclose(out["logits"][0], user["logits"][0, 4], atol=1e-5)
+    np.testing.assert_allclose(out["sit_out"][0],
+                               np.asarray(user["sit_out"])[0, [4, *past]],
                                atol=1e-5)
+
+  def test_same_timestamp_mate_is_invisible(self):
+    """Instances 1, 2 of user 0 tie: changing 1 leaves 2's SIT output as is
+    (without the tie it changes it); the strictly later 3 sees the change."""
+    tied = dict(self.batch,
+                tie_group=np.asarray([[0, 1, 1, 3, 4], [0, 1, 2, 3, 4]], np.int32))
+    where = np.zeros((2, 5), bool)
+    where[:, 1] = True
+    for batch, tie in ((tied, True), (self.batch, False)):
+      base = np.asarray(self.fwd(self.params, batch)["sit_out"])
+      out = np.asarray(
+          self.fwd(self.params, _perturbed(batch, FEATURE_KEYS, where))["sit_out"])
+      diff = np.abs(out - base).max(-1)
+      self.assertEqual(diff[0, 2] < ATOL, tie, diff)
+      self.assertGreater(diff[0, 3], 1e-4)
+      self.assertGreater(diff[1, 2], 1e-4)
+
+  def test_context_tokens_are_seen_not_counted(self):
+    """token_mask (not mask) decides what the SIT sees: a context token with
+    mask False still drives the later tokens' outputs."""
+    batch = dict(self.batch, token_mask=np.ones((2, 5), bool))
+    batch["mask"] = np.arange(5)[None].repeat(2, 0) >= 2  # 2 context rows
+    base = np.asarray(self.fwd(self.params, batch)["sit_out"])
+    out = self.fwd(self.params, _perturbed(batch, FEATURE_KEYS, ~batch["mask"]))
+    self.assertGreater(
+        np.abs(np.asarray(out["sit_out"])[:, 2:] - base[:, 2:]).max(-1).min(), 1e-5)
 
 
 class StreamSourceTest(parameterized.TestCase):
@@ -273,6 +307,21 @@ class StreamSourceTest(parameterized.TestCase):
     out = np.asarray(self.fwd(self.params, other)["sit_out"])
     np.testing.assert_allclose(out[:, p:], base[:, p:], atol=ATOL)
     self.assertGreater(np.abs(out[:, 0] - base[:, 0]).max(), 1e-4)
+
+  def test_tied_past_entries_do_not_see_each_other(self):
+    """Past entries 1 and 2 (positions 2, 3) tie: changing entry 2 leaves
+    entry 1's output as is; the newer entry 0 and the current instance
+    (positions 1, 0) see it."""
+    batch = dict(self.batch,
+                 past_mask=np.ones((4, 3), bool),
+                 past_tie_group=np.asarray([[2, 1, 1]] * 4, np.int32))
+    base = np.asarray(self.fwd(self.params, batch)["sit_out"])
+    where = np.zeros((4, 3), bool)
+    where[:, 2] = True
+    out = np.asarray(
+        self.fwd(self.params, _perturbed(batch, ("past_insemb",), where))["sit_out"])
+    np.testing.assert_allclose(out[:, 2], base[:, 2], atol=ATOL)
+    self.assertGreater(np.abs(out[:, :2] - base[:, :2]).max(-1).min(), 1e-5)
 
   def test_stop_gradient_on_fetched(self):
     model, params = self.model, self.params

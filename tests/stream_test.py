@@ -64,6 +64,18 @@ class StreamPipelineTest(absltest.TestCase):
       in_batch = set(b["row"][b["mask"]].tolist())
       self.assertFalse(in_batch & set(b["past_row"][b["past_mask"]].tolist()))
 
+  def test_tie_groups_are_equal_exactly_for_equal_timestamps(self):
+    ds = self.ds
+    ties = 0
+    for b in ip.iterate(ip.stream(ds, ("valid", "test"), 8, 6)):
+      for i in np.flatnonzero(b["mask"]):
+        pm = b["past_mask"][i]
+        g = np.concatenate([b["tie_group"][i:i + 1], b["past_tie_group"][i][pm]])
+        ts = np.concatenate([b["ts"][i:i + 1], ds["ts"][b["past_row"][i][pm]]])
+        np.testing.assert_array_equal(g[:, None] == g[None], ts[:, None] == ts[None])
+        ties += int((g[:, None] == g[None]).sum() - len(g))
+    self.assertGreater(ties, 0)  # ties among the past entries do occur
+
   def test_recompute_mode_carries_past_features(self):
     b = ip.stream(self.ds, ("test",), 8, 4, features=True)[0]
     pm = b["past_mask"]

@@ -7,9 +7,10 @@ Orbax saves):
   * temporal: a split's instances in time order (optionally shuffled inside a
     window of W instances), batches [B]; the last partial batch is padded with
     dummy instances whose `mask` is False.
-  * user-ordered: each user's train instances in time order cut into chunks of
-    T, chunks shuffled, batches [B_users, T] with a padding `mask`. Every
-    instance of the split is in exactly one chunk per epoch.
+  * user-ordered: each user's instances of a split in time order cut into
+    chunks of T, chunks shuffled, batches [B_users, T] with a padding `mask`.
+    Every instance of the split is in exactly one chunk per epoch. Evaluation
+    chunks also carry earlier context rows (`UserChunks`).
   * downstream history: either of the above plus, per instance, its user's
     newest L strictly-earlier instances (`history.earlier_rows`): their InsIDs,
     labels and time-gap buckets, masked; `LookupInsEmb` then adds their InsEmbs
@@ -33,8 +34,9 @@ whole elements (batches) of its own.
 
 Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
   model inputs: cat, dense, mh_<name>, seq_item, seq_category, seq_action,
-    labels, mask, and with history: hist_mask, hist_labels, hist_label_known,
-    hist_gap
+    labels, mask (the rows that count); user chunks and stream also tie_group
+    (`tie_group`), user chunks token_mask, stream past_tie_group; with history:
+    hist_mask, hist_labels, hist_label_known, hist_gap
     (+ hist_insemb, or hist_insemb_unique and hist_index, after `LookupInsEmb`);
   host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts,
     past_row, past_ins_id, hist_missing.
@@ -181,7 +183,11 @@ class ReadInstances(grain.transforms.Map):
 
 
 class ReadChunks(grain.transforms.Map):
-  """Chunk ids [b_users] (-1 = padding) -> batch dict [b_users, T]."""
+  """Chunk ids [b_users] (-1 = padding) -> batch dict [b_users, T].
+
+  token_mask marks every real row (context included), mask the evaluated rows
+  only; row, ins_id, ts and labels are set at every token.
+  """
 
   def __init__(self, ds: dataset_lib.Dataset, chunks: "UserChunks", part: ProcessSlice):
     self.ds = ds
@@ -191,11 +197,26 @@ class ReadChunks(grain.transforms.Map):
   def map(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     ids = self.part(ids)
     valid = ids >= 0
-    start = np.where(valid, self.chunks.start[np.maximum(ids, 0)], 0)
-    length = np.where(valid, self.chunks.length[np.maximum(ids, 0)], 0)
+    start, length, context = (np.where(valid, a[np.maximum(ids, 0)], 0)
+                              for a in (self.chunks.start, self.chunks.length,
+                                        self.chunks.context))
     t = np.arange(self.chunks.chunk_len)
-    mask = t < length[:, None]
-    return read_rows(self.ds, np.where(mask, start[:, None] + t, 0), mask)
+    tokens = t < length[:, None]
+    rows = np.where(tokens, start[:, None] + t, 0)
+    out = read_rows(self.ds, rows, tokens)
+    out["mask"] = tokens & (t >= context[:, None])
+    out["token_mask"] = tokens
+    out["tie_group"] = tie_group(self.ds, rows, tokens)
+    return out
+
+
+def tie_group(ds: dataset_lib.Dataset, rows: np.ndarray,
+              mask: np.ndarray) -> np.ndarray:
+  """int32 [...]: the within-user index of the first row of each row's (user,
+  ts) run (-1 where masked): equal exactly for one user's same-timestamp rows,
+  the key of the SIT's strictly-earlier mask (`attention.tie_mask`)."""
+  group = np.asarray(ds["hist_end"]).take(rows) - ds.user_start(rows)
+  return np.where(mask, group, -1).astype(np.int32)
 
 
 def read_rows(ds: dataset_lib.Dataset, rows: np.ndarray, mask: np.ndarray) -> dict:
@@ -284,39 +305,66 @@ class LookupInsEmb(grain.transforms.Map):
 class UserChunks:
   """Each user's rows of one split cut into chunks of at most `chunk_len`.
 
+  A chunk is `context[c]` context rows followed by up to chunk_len - context
+  evaluated rows of the split. The context rows are the user's rows right
+  before the chunk's first evaluated row, of any split (fewer at the start of
+  the user's history): the SIT of an evaluated row sees its user's newest
+  earlier instances as it would in production, not only the rows of its own
+  split, while only the evaluated rows count (`ReadChunks`' mask: loss,
+  metrics, export). This (chunks spanning the split boundary) rather than the
+  streaming form over an exported table keeps evaluation one forward pass of
+  the batch model with the parameters being evaluated, and a context row
+  with the same timestamp as an evaluated one is hidden by the SIT's tie mask.
+  Each evaluated row is in exactly one chunk, so nothing counts twice. The
+  context overlaps the previous chunk's rows: evaluation reads ~T / (T -
+  context) times the rows. Training uses context 0 (plain chunks of the
+  train rows, each trained on once per epoch).
+
   Attributes:
-    start: int64 [C] first row of each chunk.
+    start: int64 [C] first row of each chunk (context included).
     length: int64 [C] number of real rows in each chunk (1..chunk_len).
     chunk_len: T.
     user: int64 [C] user index of each chunk (chunks are in user order).
+    context: int64 [C] leading context rows of each chunk (< length).
   """
   start: np.ndarray
   length: np.ndarray
   chunk_len: int
   user: np.ndarray
+  context: np.ndarray
 
   @classmethod
-  def build(cls, ds: dataset_lib.Dataset, split: str, chunk_len: int) -> UserChunks:
-    """Chunks of the split's rows; they are contiguous within each user."""
+  def build(cls,
+            ds: dataset_lib.Dataset,
+            split: str,
+            chunk_len: int,
+            context: int = 0) -> UserChunks:
+    """Chunks of the split's rows, each after up to `context` (< chunk_len)
+    earlier rows of its user; rows are contiguous within each user."""
+    if not 0 <= context < chunk_len:
+      raise ValueError(f"context {context} must be in [0, chunk_len={chunk_len})")
+    per_chunk = chunk_len - context
     offsets = np.asarray(ds["user_offsets"])
     in_split = np.asarray(ds["split"]) == schema_lib.SPLITS.index(split)
     counts = np.add.reduceat(in_split, offsets[:-1])
     first = np.where(in_split, np.arange(ds.num_rows), ds.num_rows)
     first = np.minimum.reduceat(first, offsets[:-1])
-    n_chunks = -(-counts // chunk_len)
+    n_chunks = -(-counts // per_chunk)
     user = np.repeat(np.arange(len(counts)), n_chunks)
     k = np.arange(n_chunks.sum()) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
-    start = first[user] + k * chunk_len
-    length = np.minimum(chunk_len, counts[user] - k * chunk_len)
-    return cls(start.astype(np.int64), length.astype(np.int64), chunk_len,
-               user.astype(np.int64))
+    evaluated = first[user] + k * per_chunk
+    ctx = np.minimum(context, evaluated - offsets[user])
+    length = ctx + np.minimum(per_chunk, counts[user] - k * per_chunk)
+    return cls((evaluated - ctx).astype(np.int64), length.astype(np.int64), chunk_len,
+               user.astype(np.int64), ctx.astype(np.int64))
 
 
 class ReadStream(grain.transforms.Map):
   """Global row batch [B] -> this process's instances + visible past rows.
 
-  Adds past_row (host; -1 = none), past_ins_id (host; 0 = none) and
-  past_mask [b, K]; with `features`, the
+  Adds past_row (host; -1 = none), past_ins_id (host; 0 = none), past_mask
+  [b, K], and the tie groups tie_group [b] and past_tie_group [b, K]
+  (`tie_group`); with `features`, the
   past instances' raw features as past_<name> [b, K, ...] (Method 2).
   """
 
@@ -341,7 +389,9 @@ class ReadStream(grain.transforms.Map):
     ins = np.asarray(self.ds["ins_id"])
     batch.update(past_row=np.where(mask, prow, -1),
                  past_ins_id=np.where(mask, ins[prow], np.uint64(0)),
-                 past_mask=mask)
+                 past_mask=mask,
+                 tie_group=tie_group(self.ds, np.maximum(rows, 0), batch["mask"]),
+                 past_tie_group=tie_group(self.ds, prow, mask))
     if self.features:
       for name in self.ds.feature_columns():
         batch[f"past_{name}"] = history.gather(self.ds[name], prow, mask)
@@ -465,17 +515,19 @@ def user_ordered(ds: dataset_lib.Dataset,
                  process_count: int = 1,
                  history_len: int | None = None,
                  num_gap_buckets: int = 16,
-                 table: tables.Lookup | None = None) -> grain.MapDataset:
+                 table: tables.Lookup | None = None,
+                 context: int = 0) -> grain.MapDataset:
   """User-chunk batches [B_users / process_count, T] of one split.
 
   Args are as in `temporal`, plus users_per_batch (global B_users), chunk_len
-  (T) and the chunk order: "shuffle" (anew each epoch), "users" (users in
-  ascending order) or "reversed" (users descending); a user's chunks always
-  stay in time order.
+  (T), the chunk order: "shuffle" (anew each epoch), "users" (users in
+  ascending order) or "reversed" (users descending) -- a user's chunks always
+  stay in time order -- and context: earlier rows leading each chunk
+  (`UserChunks`; 0 for training, > 0 for evaluation).
   """
   if order not in CHUNK_ORDERS:
     raise ValueError(f"chunk order {order!r} is not one of {CHUNK_ORDERS}")
-  chunks = UserChunks.build(ds, split, chunk_len)
+  chunks = UserChunks.build(ds, split, chunk_len, context)
   n = len(chunks.start)
   fixed = {
       "users": np.arange(n),

@@ -49,6 +49,18 @@ def newest_first_causal_mask(length: int) -> Array:
   return jnp.asarray(i[None, :] >= i[:, None])
 
 
+def tie_mask(group: Array) -> Array:
+  """[..., T] int tie groups -> [..., T, T] bool: query i sees key j iff j == i
+  or group[j] != group[i].
+
+  A tie group is the set of one user's instances with the same timestamp
+  (ties). With a causal mask over a time-sorted sequence this leaves a query
+  exactly itself and the strictly earlier instances.
+  """
+  t = group.shape[-1]
+  return (group[..., :, None] != group[..., None, :]) | jnp.eye(t, dtype=bool)
+
+
 class MultiHeadAttention(nn.Module):
   """Masked multi-head dot-product attention.
 

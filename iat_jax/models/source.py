@@ -13,25 +13,37 @@ a user-order model trained in batch continues as the streaming model.
                   2 B hidden D FLOPs forward, ~3x per train step (50 MFLOPs at
                   the demo config, B=256, hidden=128, D=256).
   UserSource      (Eq. 6)   batch [B_users, T, ...] (each row one user's chunk,
-                  oldest first, dummies have mask False). E = compress(H);
-                  E' = SIT(E) with causal AND padding masks; logits(MLP(E')).
+                  oldest first, dummies have token_mask (else mask) False,
+                  tie_group [B_users, T]). E = compress(H); E' = SIT(E) with
+                  the strictly-earlier AND padding masks; logits(MLP(E')).
   StreamSource    (Eq. 7-8) current instances [B, ...] plus the user's K most
-                  recent earlier InsEmbs [B, K, d] (newest first, past_mask).
+                  recent earlier InsEmbs [B, K, d] (newest first, past_mask;
+                  tie groups tie_group [B] and past_tie_group [B, K]).
                   SIT over [current, past_1 (newest), ..., past_K] with
                   stop_gradient on the past; the prediction uses position 0.
                   mode 'fetch' reads 'past_insemb' (Method 1);
                   'recompute' recomputes it from the 'past_*' raw features with
                   the current parameters, forward only (Method 2).
 
-The SIT has no positional embeddings: order enters only through the causal
-mask, so it is independent of the chunk length T and of K, and the streaming
-form over [current, newest..oldest] computes exactly what the user-order form
-computes at the last position of [oldest..newest, current].
+Causality is by timestamp, not by position: a query sees a key iff the key
+is valid and either the query itself or strictly earlier in time. Both forms
+get it as the position-causal mask AND `attention.tie_mask` of per-token tie
+groups (int32, equal exactly for one user's instances with the same
+timestamp; the input pipeline derives them from the dataset's hist_end, so no
+int64 timestamp reaches the device). Same-timestamp slate-mates therefore
+never see each other, in either form.
+
+The SIT has no positional embeddings: order enters only through that mask, so
+it is independent of the chunk length T and of K, and the streaming form over
+[current, newest..oldest] computes exactly what the user-order form computes
+at the last position of [oldest..newest, current] (ties among the past
+included: each past entry sees the same strictly-earlier entries in both).
 
 Streaming mask (positions 0 = current, 1..K = past newest..oldest): query i may
-attend to key j iff j >= i (j is the same or an older instance) and key j is
-valid. Position 0 therefore sees itself and every valid fetched entry; past
-entry k sees only itself and entries older than it.
+attend to key j iff j >= i (the same or an older instance), j == i or the tie
+groups differ, and key j is valid. Position 0 therefore sees itself and every
+valid fetched entry (all strictly earlier); past entry k sees only itself and
+the entries strictly older than it.
 """
 
 from __future__ import annotations
@@ -179,6 +191,10 @@ class TemporalSource(_SourceBase):
 class UserSource(_SourceBase):
   """User-order source over chunks [B_users, T, ...].
 
+  Tokens are the slots with token_mask (else mask) True: evaluation chunks
+  start with context rows (`input_pipeline.UserChunks`) that the SIT sees but
+  that `mask` (the rows that count) leaves out.
+
   Returns {'logits': [Bu, T, nt], 'insemb': [Bu, T, d] (E, or E' when
   config.insemb_after_sit), 'compressed': E [Bu, T, d], 'sit_out': E'}.
   """
@@ -188,11 +204,12 @@ class UserSource(_SourceBase):
     bu, t = batch["cat"].shape[:2]
     e = self.embed_instances(batch, n_lead=2, train=train)
     e = layers.constrain(e.reshape(bu, t, -1), "batch", None, None)
-    valid = batch.get("mask")
+    valid = batch.get("token_mask", batch.get("mask"))
     if valid is None:
       valid = jnp.ones((bu, t), bool)
     valid = valid.astype(bool)
-    mask = attention.causal_mask(t)[None] & valid[:, None, :]
+    mask = (attention.causal_mask(t)[None] & attention.tie_mask(batch["tie_group"]) &
+            valid[:, None, :])
     e2 = self.sit(e, mask, train=train)
     logits = self.heads(self.decompress(e2))
     insemb = e2 if self.config.insemb_after_sit else e
@@ -232,7 +249,10 @@ class StreamSource(_SourceBase):
     x = layers.constrain(x, "batch", None, None)
     past_mask = batch["past_mask"].astype(bool)
     valid = jnp.concatenate([jnp.ones_like(past_mask[:, :1]), past_mask], axis=1)
-    mask = (attention.newest_first_causal_mask(x.shape[1])[None] & valid[:, None, :])
+    group = jnp.concatenate([batch["tie_group"][:, None], batch["past_tie_group"]],
+                            axis=1)
+    mask = (attention.newest_first_causal_mask(x.shape[1])[None] &
+            attention.tie_mask(group) & valid[:, None, :])
     y = self.sit(x, mask, train=train)
     logits = self.heads(self.decompress(y[:, 0]))
     insemb = y[:, 0] if c.insemb_after_sit else e

@@ -6,6 +6,10 @@ InsEmbs of its own slice of each batch, taken from the host-side batch it read
 and the addressable part of the step's output (no gather), into its part of
 the export (`tables.export_writer`) in durable chunks; then all processes
 merge and process 0 publishes one new table version (`tables.finish_export`).
+Only the rows a batch's mask counts are written: the context rows leading a
+user-order chunk (`input_pipeline.UserChunks`) are written by the chunk that
+evaluates them, so every instance once, its SIT (and an insemb_after_sit
+InsEmb) having seen its user's earlier rows of any split.
 
 The batch order is deterministic, so a killed export, rerun, finds the rows
 each process already made durable and skips the batches they cover (every

@@ -38,7 +38,9 @@ def host_gather(x: np.ndarray) -> np.ndarray:
 
 
 def predict(eval_step, params, data, mesh, keys=("probs",)) -> dict[str, np.ndarray]:
-  """Runs eval_step over every batch of `data`; keeps real instances only.
+  """Runs eval_step over every batch of `data`; keeps the rows its `mask`
+  counts (real instances; not the context rows that lead user-order
+  evaluation chunks, which count in the chunk that evaluates them).
 
   Returns:
     {'labels': [n, tasks], 'ins_id': [n], <keys>: [n, ...]} on every process.

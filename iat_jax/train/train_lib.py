@@ -40,7 +40,10 @@ def batches(config: ml_collections.ConfigDict,
   """The Grain MapDataset a stage reads for a split (train or eval order).
 
   `order` overrides the user-chunk order of user-order stages (default:
-  shuffled for training, users ascending for evaluation).
+  shuffled for training, users ascending for evaluation). Their evaluation
+  chunks lead with `eval_context` earlier rows of the user (any split) that
+  the SIT sees and the batch's mask leaves out, so predict, evaluate and
+  export count and write each instance of `split` once.
   """
   common = dict(seed=config.seed,
                 process_index=jax.process_index(),
@@ -57,6 +60,7 @@ def batches(config: ml_collections.ConfigDict,
                                        users,
                                        t,
                                        order=order or ("shuffle" if train else "users"),
+                                       context=0 if train else eval_context(config),
                                        **common)
   # One process: the InsEmbs travel deduplicated (`LookupInsEmb(compact)`).
   history = dict(history_len=config.model.hist_len,
@@ -69,6 +73,13 @@ def batches(config: ml_collections.ConfigDict,
                                  shuffle_window=config.shuffle_window if train else 0,
                                  **common,
                                  **history)
+
+
+def eval_context(config: ml_collections.ConfigDict) -> int:
+  """Context rows leading each user-order evaluation chunk (data.eval_context,
+  -1 = user_chunk_len // 2)."""
+  c = config.data.eval_context
+  return config.data.user_chunk_len // 2 if c < 0 else c
 
 
 class _Preemption:
