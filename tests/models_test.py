@@ -468,7 +468,11 @@ class GroupTokenTest(absltest.TestCase):
     self.assertEqual(out["logits"].shape, (base.shape[0], SCHEMA.num_tasks))
 
   def test_too_few_tokens_names_the_flag(self):
-    model = mf.make_model("downstream", mixer_tokens=4, mixer_token_dim=8)
+    config = mf.tiny_config(mixer_tokens=4, mixer_token_dim=8)
+    with self.assertRaisesRegex(ValueError, "--config.model.mixer_tokens: 4 is less"):
+      configs.validate(config)
+    # The model's own check (this schema has 5 groups with the IAT token).
+    model = mf.make_model("downstream", config)
     with self.assertRaisesRegex(ValueError, "--config.model.mixer_tokens=4"):
       mf.abstract_params(model, mf.stage_batch("downstream"))
 
