@@ -426,9 +426,9 @@ class GroupTokenTest(absltest.TestCase):
         interaction.token_split(sizes, t)
 
   def test_every_item_reaches_exactly_one_token_of_its_group(self):
-    n, t, dt = 3, 7, 7
+    n, t, dt = 3, 8, 8
     rng = np.random.default_rng(0)
-    widths = dict(user=(1, 4), item=(3, 4), context=(2, 4), seq=(1, 8), iat=(1, 5))
+    widths = dict(user=(1, 4), item=(5, 4), context=(2, 4), seq=(1, 8), iat=(1, 5))
     groups = {
         g: rng.normal(size=(n, m, w)).astype(np.float32) for g, (m, w) in widths.items()
     }
@@ -438,7 +438,8 @@ class GroupTokenTest(absltest.TestCase):
     base = np.asarray(tok.apply(params, groups))
     self.assertEqual(base.shape, (n, t, dt))
     split = interaction.token_split(widths, t)
-    self.assertEqual(split, dict(user=1, item=3, context=1, seq=1, iat=1))
+    # Item's 5 fields in 4 tokens: runs of 2, 1, 1, 1 (none all padding).
+    self.assertEqual(split, dict(user=1, item=4, context=1, seq=1, iat=1))
     start = dict(zip(split, np.cumsum([0] + list(split.values()))))
     for g, (m, _) in widths.items():
       reached = set()

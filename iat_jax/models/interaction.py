@@ -2,24 +2,23 @@
 
 The groups come in order: the user, item and context field groups
 (`schema.Schema.group_fields`), the behaviour-sequence token and, in the
-downstream model, the IAT token (`ranker.RankerTrunk.groups`); an empty group
+downstream model, the IAT token (`ranker.RankerTrunk.interact`); an empty group
 (n_g = 0) is left out.
 
   'rankmixer' RankMixer (Zhu et al., 2025). Tokenization by semantic groups
               (`GroupTokenizer`): group g gets k_g >= 1 of the T tokens; its
               n_g items (field embeddings, or the one sequence / IAT token) are
-              cut into k_g runs of ceil(n_g / k_g) items (the last zero-padded),
-              and each run is flattened and projected by its own weights to
-              `token_dim` -> [N, T, Dt]. No token mixes two groups and no item
+              cut into k_g runs of consecutive items, as even as possible, each
+              zero-padded to r_g = ceil(n_g / k_g) items, flattened and projected
+              by its own weights to `token_dim` -> [N, T, Dt]. No token mixes two groups and no item
               is cut, so the sequence and the IAT token (n_g = 1) reach exactly
               one token each. T (--config.model.mixer_tokens) must be at least
               the number of groups and at most the number of items; the T - G
               tokens beyond one per group go one at a time to the group whose
-              runs are widest (ceil(n_g / k_g) * w_g; ties to the earlier
-              group). (The paper concatenates the groups in order and cuts the
-              vector into T equal chunks, so a chunk can straddle two groups,
-              e.g. the IAT token and context fields; here the cuts follow the
-              groups.) Each layer: token mixing (split every token into T heads,
+              runs are widest (r_g * w_g; ties to the earlier group). (The
+              paper concatenates the groups in order and cuts the vector into T
+              equal chunks, so a chunk can straddle two groups, e.g. the IAT
+              token and the last fields; here the cuts follow the groups.) Each layer: token mixing (split every token into T heads,
               new token h = the h-th heads of all tokens concatenated;
               parameter-free), residual + LayerNorm, then per-token FFNs
               (separate weights per token), residual + LayerNorm.
@@ -35,6 +34,7 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from iat_jax.models import layers
 
@@ -81,6 +81,15 @@ def token_split(sizes: Mapping[str, tuple[int, int]],
   return split
 
 
+def _runs(m: int, k: int) -> np.ndarray:
+  """Item indices [k, ceil(m / k)] of k runs of consecutive items, sizes as even
+  as possible; m (one past the last item) pads the shorter runs."""
+  out = np.full((k, -(-m // k)), m)
+  for j, part in enumerate(np.array_split(np.arange(m), k)):
+    out[j, :len(part)] = part
+  return out
+
+
 class GroupTokenizer(nn.Module):
   """Groups {g: [N, n_g, w_g]} -> tokens [N, T, Dt]; group g fills k_g
   consecutive tokens, in group order (`token_split`)."""
@@ -98,13 +107,14 @@ class GroupTokenizer(nn.Module):
     tokens = []
     for g, x in groups.items():
       n, m, w = x.shape
-      k, run = split[g], -(-m // split[g])
-      x = jnp.pad(x.astype(self.dtype), [(0, 0), (0, k * run - m), (0, 0)])
-      kernel = _param(self, f"{g}_kernel", (k, run * w, self.token_dim),
+      runs = _runs(m, split[g])  # [k, r]; m = the zero item
+      x = jnp.pad(x.astype(self.dtype), [(0, 0), (0, 1), (0, 0)])[:, runs]
+      k, r = runs.shape
+      kernel = _param(self, f"{g}_kernel", (k, r * w, self.token_dim),
                       ("tokens", "embed", "mlp"), _LECUN, self.dtype)
       bias = _param(self, f"{g}_bias", (k, self.token_dim), ("tokens", "mlp"), _ZEROS,
                     self.dtype)
-      tokens.append(jnp.einsum("ntc,tcd->ntd", x.reshape(n, k, run * w), kernel) + bias)
+      tokens.append(jnp.einsum("ntc,tcd->ntd", x.reshape(n, k, r * w), kernel) + bias)
     return jnp.concatenate(tokens, axis=1)
 
 
