@@ -19,6 +19,7 @@ import numpy as np
 from iat_jax import models
 from iat_jax import stages
 from iat_jax.data import input_pipeline
+from iat_jax.data import schema as schema_lib
 from iat_jax.data import sources
 from iat_jax.models import source as source_models
 from iat_jax.store import tables
@@ -245,6 +246,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.model.mixer_token_dim % config.model.mixer_tokens == 0,
       "model.mixer_token_dim", f"{config.model.mixer_token_dim} must be divisible "
       f"by --config.model.mixer_tokens={config.model.mixer_tokens}")
+  # Each feature group, the seq token and the IAT token get their own tokens
+  # (iat_jax.models.interaction), checked here so that a pipeline does not
+  # fail at its downstream model after training the others.
+  groups = len(schema_lib.GROUPS) + 2
+  need(
+      config.model.interaction != "rankmixer" or config.model.mixer_tokens >= groups,
+      "model.mixer_tokens", f"{config.model.mixer_tokens} is less than the {groups} "
+      f"token groups {schema_lib.GROUPS + ('seq', 'iat')}: each needs its own token")
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:

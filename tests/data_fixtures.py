@@ -14,7 +14,9 @@ from iat_jax.data import schema as schema_lib
 
 def tiny_schema(seq_len: int = 6) -> schema_lib.Schema:
   """The schema of every test's tiny data: 3 categorical fields (item,
-  category, ctx), 1 multi-hot, 2 dense, 2 tasks; the model tests use it too."""
+  category, ctx), 1 multi-hot, 2 dense, 2 tasks; the model tests use it too.
+  Every feature group has a field: user (x), item (item, category, tags) and
+  context (ctx, y)."""
   return schema_lib.Schema(dataset="tiny",
                            categorical=(schema_lib.Categorical("item", 50),
                                         schema_lib.Categorical("category", 8),
@@ -26,6 +28,12 @@ def tiny_schema(seq_len: int = 6) -> schema_lib.Schema:
                            seq_item_field="item",
                            seq_category_field="category",
                            num_actions=3,
+                           field_groups=dict(x="user",
+                                             item="item",
+                                             category="item",
+                                             tags="item",
+                                             ctx="context",
+                                             y="context"),
                            fingerprint="tiny")
 
 

@@ -4,6 +4,8 @@ Every model is jitted once per config and re-run on perturbed batches of the
 same shapes. "Unchanged" means equal within 1e-6 absolute.
 """
 
+import dataclasses
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -12,7 +14,9 @@ import numpy as np
 import optax
 
 from iat_jax import configs
+from iat_jax.data import synthetic
 from iat_jax.models import embedding
+from iat_jax.models import interaction
 from iat_jax.models import sequence
 from iat_jax.models import source
 from iat_jax.train import cost
@@ -441,10 +445,13 @@ class CostTest(absltest.TestCase):
     din = (2 * e * w + w) + (3 * e * w + w) + (4 * w * h1 + h1) + (h1 + 1)
     t, dt = c.mixer_tokens, c.mixer_token_dim
     num_fields = len(SCHEMA.categorical) + len(SCHEMA.multi_hot) + fd
-    chunk = -(-(num_fields * e + w) // t)
+    # Groups user 1, item 3, context 2 fields, seq 1 get 1, 3, 1, 1 tokens:
+    # every token input is whole fields (or the seq token), none padded.
+    self.assertEqual((t, SCHEMA.group_fields()["item"]), (6, (0, 1, 3)))
     f = c.ffn_mult * dt
-    mixer = t * chunk * dt + t * dt + c.mixer_layers * (2 * 2 * dt + t *
-                                                        (dt * f + f + f * dt + dt))
+    mixer = (num_fields * e +
+             w) * dt + t * dt + c.mixer_layers * (2 * 2 * dt + t *
+                                                  (dt * f + f + f * dt + dt))
     big_d, d, hid = t * dt, c.insemb_dim, c.decompress_hidden
     compress = big_d * d + d
     decompress = d * hid + hid + hid * big_d + big_d
@@ -464,6 +471,99 @@ class CostTest(absltest.TestCase):
     f4, f8 = cost.flops(fn, params, b4), cost.flops(fn, params, b8)
     self.assertGreater(f4, 0)
     self.assertGreater(f8, 1.5 * f4)
+
+
+class GroupTokenTest(absltest.TestCase):
+  """RankMixer's tokens follow the feature groups (interaction.GroupTokenizer)."""
+
+  def _tokens(self, model, params, batch):
+    """Pre-mixing tokens [N, T, Dt] of `model` (captured from the tokenizer)."""
+    _, state = model.apply(
+        {"params": params},
+        batch,
+        capture_intermediates=lambda m, _: isinstance(m, interaction.GroupTokenizer),
+        mutable=["intermediates"])
+    (tokens,) = state["intermediates"]["trunk"]["interaction"]["tokenize"]["__call__"]
+    return np.asarray(tokens)
+
+  def test_token_split_follows_widest_runs(self):
+    sizes = {"user": (1, 4), "item": (3, 4), "context": (2, 4), "seq": (1, 8)}
+    self.assertEqual(interaction.token_split(sizes, 4), dict.fromkeys(sizes, 1))
+    # Extra tokens: item (run 12 wide), then item again (8, tie with context).
+    self.assertEqual(interaction.token_split(sizes, 6),
+                     dict(user=1, item=3, context=1, seq=1))
+    self.assertEqual(interaction.token_split(sizes, 7),
+                     dict(user=1, item=3, context=2, seq=1))
+    for t in (3, 8):
+      with self.assertRaisesRegex(ValueError,
+                                  f"--config.model.mixer_tokens={t}.*between 4 and 7"):
+        interaction.token_split(sizes, t)
+
+  def test_every_item_reaches_exactly_one_token_of_its_group(self):
+    n, t, dt = 3, 8, 8
+    rng = np.random.default_rng(0)
+    widths = dict(user=(1, 4), item=(5, 4), context=(2, 4), seq=(1, 8), iat=(1, 5))
+    groups = {
+        g: rng.normal(size=(n, m, w)).astype(np.float32) for g, (m, w) in widths.items()
+    }
+    groups["empty"] = np.zeros((n, 0, 4), np.float32)  # left out
+    tok = interaction.GroupTokenizer(t, dt)
+    params = tok.init(jax.random.key(0), groups)
+    base = np.asarray(tok.apply(params, groups))
+    self.assertEqual(base.shape, (n, t, dt))
+    split = interaction.token_split(widths, t)
+    # Item's 5 fields in 4 tokens: runs of 2, 1, 1, 1 (none all padding).
+    self.assertEqual(split, dict(user=1, item=4, context=1, seq=1, iat=1))
+    start = dict(zip(split, np.cumsum([0] + list(split.values()))))
+    for g, (m, _) in widths.items():
+      reached = set()
+      for j in range(m):
+        other = dict(groups, **{g: groups[g].copy()})
+        other[g][:, j] += 1.0
+        diff = np.abs(np.asarray(tok.apply(params, other)) - base).max(axis=(0, 2))
+        (changed,) = np.nonzero(diff > ATOL)
+        self.assertLen(changed, 1, (g, j, diff))
+        reached.add(int(changed[0]))
+      # The group's items fill exactly its own consecutive tokens.
+      self.assertEqual(reached, set(range(start[g], start[g] + split[g])), g)
+
+  def test_iat_token_reaches_only_the_last_token(self):
+    model = mf.make_model("downstream")
+    batch = mf.stage_batch("downstream")
+    params = mf.random_params(model, batch)
+    base = self._tokens(model, params, batch)
+    t, dt = mf.tiny_config().model.mixer_tokens, mf.tiny_config().model.mixer_token_dim
+    self.assertEqual(base.shape, (batch["hist_mask"].shape[0], t, dt))
+    # The IAT branch reads the history only; rows 1.. have some.
+    other = _perturbed(batch, ("hist_insemb",), batch["hist_mask"])
+    diff = np.abs(self._tokens(model, params, other) - base).max(-1)
+    np.testing.assert_array_less(diff[:, :-1], ATOL)
+    self.assertTrue(np.all(diff[1:, -1] > 1e-4), diff)
+    out = model.apply({"params": params}, batch)
+    self.assertEqual(out["logits"].shape, (base.shape[0], SCHEMA.num_tasks))
+
+  def test_too_few_tokens_names_the_flag(self):
+    config = mf.tiny_config(mixer_tokens=4, mixer_token_dim=8)
+    with self.assertRaisesRegex(ValueError, "--config.model.mixer_tokens: 4 is less"):
+      configs.validate(config)
+    # The model's own check (this schema has 5 groups with the IAT token).
+    model = mf.make_model("downstream", config)
+    with self.assertRaisesRegex(ValueError, "--config.model.mixer_tokens=4"):
+      mf.abstract_params(model, mf.stage_batch("downstream"))
+
+  def test_every_field_has_one_group(self):
+    cfg = synthetic.Config(num_users=4,
+                           num_instances=8,
+                           num_categorical=40,
+                           num_dense=12)
+    schema = synthetic.make_schema(cfg)
+    positions = sorted(i for idx in schema.group_fields().values() for i in idx)
+    self.assertEqual(positions, list(range(len(schema.field_names()))))
+    self.assertEqual(tuple(schema.group_fields()), ("user", "item", "context"))
+    groups = dict(SCHEMA.field_groups)
+    del groups["x"]
+    with self.assertRaisesRegex(ValueError, r"without a group: \['x'\]"):
+      dataclasses.replace(SCHEMA, field_groups=groups)
 
 
 if __name__ == "__main__":

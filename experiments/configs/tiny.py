@@ -26,8 +26,8 @@ def get_config(arg=None):
   m.seq.heads = 1
   m.seq.din_mlp = (8,)
   m.iat.din_mlp = (8,)
-  m.mixer_tokens = 2
-  m.mixer_token_dim = 8
+  m.mixer_tokens = 6  # >= its 5 feature groups (user, item, context, seq, IAT)
+  m.mixer_token_dim = 6
   m.mlp_dims = (16,)
   m.insemb_dim = 4
   m.decompress_hidden = 8

@@ -413,27 +413,31 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
   upload_day = videos["upload_day"][vpos]
   age = np.clip(day - upload_day + 2, 1, _AGE_VOCAB - 1)
   minutes = gap_s // 60
-  fields = [("user_id", len(users["id"]) + 1, upos + 1)]
-  fields += [(name, users[name][1], users[name][0][upos]) for name in USER_FIELDS]
+  fields = [("user_id", len(users["id"]) + 1, upos + 1, "user")]
+  fields += [
+      (name, users[name][1], users[name][0][upos], "user") for name in USER_FIELDS
+  ]
   video_id = (vpos + 1).astype(np.int32)
   first_tag = tag_table[vpos, 0]
   fields += [
-      ("video_id", len(videos["id"]) + 1, video_id),
-      ("author_id", len(authors) + 1, author_ids[vpos] + 1),
-      ("video_type", videos["video_type"][1], videos["video_type"][0][vpos]),
-      ("upload_type", videos["upload_type"][1], videos["upload_type"][0][vpos]),
-      ("music_type", videos["music_type"][1], videos["music_type"][0][vpos]),
-      ("first_tag", tag_vocab, first_tag),
-      ("duration", _DURATION_VOCAB, duration_id),
-      ("upload_age", _AGE_VOCAB, np.where(upload_day >= 0, age, 0)),
-      ("tab", _TAB_VOCAB, c["tab"] + 1),
-      ("hour", 25, c["hourmin"] // 100 + 1),
-      ("weekday", 8, (day - 1) % 7 + 1),  # ordinal 1 was a Monday
-      ("gap", _GAP_VOCAB, np.where(has_prev, _log2_bucket(minutes, 2, _GAP_VOCAB), 1)),
-      ("earlier_count", _COUNT_VOCAB, _log2_bucket(earlier, 1, _COUNT_VOCAB)),
-      ("earlier_clicks", _COUNT_VOCAB, _log2_bucket(n_click, 1, _COUNT_VOCAB)),
-      ("earlier_long_views", _COUNT_VOCAB, _log2_bucket(n_long, 1, _COUNT_VOCAB)),
-      ("earlier_likes", _COUNT_VOCAB, _log2_bucket(n_like, 1, _COUNT_VOCAB)),
+      ("video_id", len(videos["id"]) + 1, video_id, "item"),
+      ("author_id", len(authors) + 1, author_ids[vpos] + 1, "item"),
+      ("video_type", videos["video_type"][1], videos["video_type"][0][vpos], "item"),
+      ("upload_type", videos["upload_type"][1], videos["upload_type"][0][vpos], "item"),
+      ("music_type", videos["music_type"][1], videos["music_type"][0][vpos], "item"),
+      ("first_tag", tag_vocab, first_tag, "item"),
+      ("duration", _DURATION_VOCAB, duration_id, "item"),
+      ("upload_age", _AGE_VOCAB, np.where(upload_day >= 0, age, 0), "item"),
+      ("tab", _TAB_VOCAB, c["tab"] + 1, "context"),
+      ("hour", 25, c["hourmin"] // 100 + 1, "context"),
+      ("weekday", 8, (day - 1) % 7 + 1, "context"),  # ordinal 1 was a Monday
+      ("gap", _GAP_VOCAB, np.where(has_prev, _log2_bucket(minutes, 2, _GAP_VOCAB),
+                                   1), "context"),
+      ("earlier_count", _COUNT_VOCAB, _log2_bucket(earlier, 1, _COUNT_VOCAB), "user"),
+      ("earlier_clicks", _COUNT_VOCAB, _log2_bucket(n_click, 1, _COUNT_VOCAB), "user"),
+      ("earlier_long_views", _COUNT_VOCAB, _log2_bucket(n_long, 1,
+                                                        _COUNT_VOCAB), "user"),
+      ("earlier_likes", _COUNT_VOCAB, _log2_bucket(n_like, 1, _COUNT_VOCAB), "user"),
   ]
   dense = np.stack([
       np.log1p(earlier),
@@ -446,11 +450,19 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
                    axis=1)
   engaged = c["is_follow"] | c["is_comment"] | c["is_forward"]
   action = 1 + c["is_click"] + 2 * c["long_view"] + 4 * c["is_like"] + 8 * engaged
+  dense_groups = {
+      "log_earlier_count": "user",
+      "log_gap_hours": "context",
+      "earlier_click_rate": "user",
+      "earlier_long_view_rate": "user",
+      "earlier_like_rate": "user",
+      "log_duration_s": "item"
+  }
   cols = {
       "uid": uid,
       "ts": ts,
       "ins_id": ins,
-      "cat": np.stack([v for _, _, v in fields], axis=1).astype(np.int32),
+      "cat": np.stack([v for _, _, v, _ in fields], axis=1).astype(np.int32),
       "dense": dense.astype(np.float32),
       "labels": np.stack([c[t] for t in TASKS], axis=1).astype(np.float32),
       "mh_tags": tag_table[vpos],
@@ -460,15 +472,21 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
   }
   schema = schema_lib.Schema(
       dataset="kuairand-pure",
-      categorical=tuple(schema_lib.Categorical(name, int(v)) for name, v, _ in fields),
+      categorical=tuple(
+          schema_lib.Categorical(name, int(v)) for name, v, _, _ in fields),
       multi_hot=(schema_lib.MultiHot("tags", tag_vocab, max_tags),),
-      dense=("log_earlier_count", "log_gap_hours", "earlier_click_rate",
-             "earlier_long_view_rate", "earlier_like_rate", "log_duration_s"),
+      dense=tuple(dense_groups),
       tasks=TASKS,
       seq_len=seq_len,
       seq_item_field="video_id",
       seq_category_field="first_tag",
       num_actions=17,
+      field_groups={
+          **{
+              name: group for name, _, _, group in fields
+          }, "tags": "item",
+          **dense_groups
+      },
       sources=dict(sources),
       fingerprint=fingerprint)
   return cols, schema

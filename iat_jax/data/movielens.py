@@ -363,18 +363,18 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
   movie_id = (mpos + 1).astype(np.int32)
   first_genre = genre_table[mpos, 0]
   fields = (
-      ("user_id", user_vocab, upos + 1),
-      ("gender", 3, users["gender"][upos]),
-      ("age", len(AGE_CODES) + 1, users["age"][upos]),
-      ("occupation", 22, users["occupation"][upos]),
-      ("zip_prefix", zip_vocab, zip_ids[upos]),
-      ("movie_id", movie_vocab, movie_id),
-      ("release_year", len(_YEAR_EDGES) + 2, year_id),
-      ("first_genre", len(GENRES) + 1, first_genre),
-      ("hour", 25, (ts // 3600) % 24 + 1),
-      ("weekday", 8, (ts // 86400 + 3) % 7 + 1),  # 1970-01-01 was a Thursday
-      ("gap", _GAP_VOCAB, gap_id),
-      ("earlier_count", _COUNT_VOCAB, count_id),
+      ("user_id", user_vocab, upos + 1, "user"),
+      ("gender", 3, users["gender"][upos], "user"),
+      ("age", len(AGE_CODES) + 1, users["age"][upos], "user"),
+      ("occupation", 22, users["occupation"][upos], "user"),
+      ("zip_prefix", zip_vocab, zip_ids[upos], "user"),
+      ("movie_id", movie_vocab, movie_id, "item"),
+      ("release_year", len(_YEAR_EDGES) + 2, year_id, "item"),
+      ("first_genre", len(GENRES) + 1, first_genre, "item"),
+      ("hour", 25, (ts // 3600) % 24 + 1, "context"),
+      ("weekday", 8, (ts // 86400 + 3) % 7 + 1, "context"),  # 1970-01-01 was a Thursday
+      ("gap", _GAP_VOCAB, gap_id, "context"),
+      ("earlier_count", _COUNT_VOCAB, count_id, "user"),
   )
   dense = np.stack([
       np.log1p(earlier),
@@ -382,11 +382,17 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
       np.where(year > 0, (year - 1990) / 10.0, 0.0), mean_prev
   ],
                    axis=1)
+  dense_groups = {
+      "log_earlier_count": "user",
+      "log_gap_hours": "context",
+      "release_year_norm": "item",
+      "earlier_mean_rating": "user"
+  }
   cols = {
       "uid": uid,
       "ts": ts,
       "ins_id": ins,
-      "cat": np.stack([v for _, _, v in fields], axis=1).astype(np.int32),
+      "cat": np.stack([v for _, _, v, _ in fields], axis=1).astype(np.int32),
       "dense": dense.astype(np.float32),
       "labels": np.stack([rating >= 4, rating == 5], axis=1).astype(np.float32),
       "mh_genres": genre_table[mpos],
@@ -396,16 +402,21 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
   }
   schema = schema_lib.Schema(
       dataset=fmt.name,
-      categorical=tuple(schema_lib.Categorical(name, v) for name, v, _ in fields),
+      categorical=tuple(schema_lib.Categorical(name, v) for name, v, _, _ in fields),
       multi_hot=(schema_lib.MultiHot("genres",
                                      len(GENRES) + 1, max_genres),),
-      dense=("log_earlier_count", "log_gap_hours", "release_year_norm",
-             "earlier_mean_rating"),
+      dense=tuple(dense_groups),
       tasks=("like", "love"),
       seq_len=seq_len,
       seq_item_field="movie_id",
       seq_category_field="first_genre",
       num_actions=6,
+      field_groups={
+          **{
+              name: group for name, _, _, group in fields
+          }, "genres": "item",
+          **dense_groups
+      },
       sources=dict(sources),
       fingerprint=fingerprint)
   return cols, schema

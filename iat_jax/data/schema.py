@@ -21,6 +21,9 @@ import os
 from typing import Any
 
 SPLITS = ("train", "valid", "test")
+# Semantic feature groups, in token order: every field belongs to one of them
+# (`Schema.field_groups`); RankMixer gives each group its own tokens.
+GROUPS = ("user", "item", "context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,8 @@ class Schema:
   seq_category_field: str
   # Vocabulary size of the sequence action ids (0 = padding).
   num_actions: int
+  # Field name (categorical, multi-hot or dense) -> its group in GROUPS.
+  field_groups: dict[str, str]
   # Seconds from an instance's time until each task's label is known, in
   # `tasks` order; () = every label known at once (see `history.label_known`).
   label_delay: tuple[int, ...] = ()
@@ -75,6 +80,33 @@ class Schema:
   split_boundaries: tuple[tuple[int, int], ...] = ()
   # Hash of the inputs; a rebuild with the same fingerprint is a no-op.
   fingerprint: str = ""
+
+  def __post_init__(self):
+    names = self.field_names()
+    dup = sorted({n for n in names if names.count(n) > 1})
+    missing = [n for n in names if n not in self.field_groups]
+    unknown = sorted(set(self.field_groups) - set(names))
+    bad = {n: g for n, g in self.field_groups.items() if g not in GROUPS}
+    if dup or missing or unknown or bad:
+      raise ValueError(f"schema {self.dataset}: field_groups must give each field "
+                       f"(uniquely named) one group of {GROUPS}; duplicate names: "
+                       f"{dup}, fields without a group: {missing}, unknown fields: "
+                       f"{unknown}, unknown groups: {bad}")
+
+  def field_names(self) -> tuple[str, ...]:
+    """Names of the feature tokens in order: categorical, multi-hot, dense."""
+    return (tuple(f.name for f in self.categorical) +
+            tuple(f.name for f in self.multi_hot) + self.dense)
+
+  def group_fields(self) -> dict[str, tuple[int, ...]]:
+    """Group -> positions of its fields in `field_names()`; GROUPS order, empty
+    groups left out."""
+    names = self.field_names()
+    out = {
+        g: tuple(i for i, n in enumerate(names) if self.field_groups[n] == g)
+        for g in GROUPS
+    }
+    return {g: idx for g, idx in out.items() if idx}
 
   @property
   def num_tasks(self) -> int:

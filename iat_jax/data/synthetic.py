@@ -149,6 +149,11 @@ _DENSE = ("price_z", "discount", "relevance", "item_pop", "hour_sin", "hour_cos"
 # Request-context bases of the generic cross fields.
 _CROSS_BASES = ("surface", "device", "campaign", "position", "hour", "network")
 _GENERIC_KINDS = ("req_noise", "req_noise", "req_cross", "item_attr")  # Mix.
+# Fields of the 'user' and 'item' groups (schema.GROUPS; by name, generic kind
+# or dense source, see `make_schema`); all others are 'context'.
+_USER, _ITEM = ("age", "gender", "city", "segment",
+                "tenure"), ("item_id", "category", "seller", "brand", "price_bucket",
+                            "item_tags", "price_z", "discount", "item_pop", "item_attr")
 _NUM_TAGS = 8  # Tags per category.
 _NUM_TERMS = 500  # General query-term pool.
 
@@ -357,14 +362,23 @@ def make_schema(cfg: Config, tables: _Tables | None = None) -> schema_lib.Schema
   dense = _DENSE[:cfg.num_dense] + tuple(
       f"dense_{k:03d}" for k in range(len(_DENSE), cfg.num_dense))
   tasks = ("click", "conversion") + tuple(f"task_{k}" for k in range(2, cfg.num_tasks))
+  multi_hot = (schema_lib.MultiHot("item_tags", cfg.vocab_size, 4),
+               schema_lib.MultiHot("query_terms", cfg.vocab_size, 4))
+  # Each field's group follows its name, a generic field's its kind, a noisy
+  # dense copy's its source.
+  keys = (named + tuple(n.rsplit("_", 1)[0] for n in tables.gen_names) +
+          tuple(f.name for f in multi_hot) + _DENSE[:cfg.num_dense] +
+          tuple(_DENSE[k] for k in tables.dense_src))
+  names = tuple(f.name for f in cats + list(multi_hot)) + dense
+  groups = {
+      n: "user" if k in _USER else "item" if k in _ITEM else "context"
+      for n, k in zip(names, keys, strict=True)
+  }
   sources = {"generator": VERSION}
   sources.update({k: str(v) for k, v in dataclasses.asdict(cfg).items()})
   return schema_lib.Schema(dataset="synthetic",
                            categorical=tuple(cats),
-                           multi_hot=(schema_lib.MultiHot("item_tags", cfg.vocab_size,
-                                                          4),
-                                      schema_lib.MultiHot("query_terms", cfg.vocab_size,
-                                                          4)),
+                           multi_hot=multi_hot,
                            dense=dense,
                            tasks=tasks[:cfg.num_tasks],
                            label_delay=(0, cfg.conversion_delay,
@@ -373,6 +387,7 @@ def make_schema(cfg: Config, tables: _Tables | None = None) -> schema_lib.Schema
                            seq_item_field="item_id",
                            seq_category_field="category",
                            num_actions=5,
+                           field_groups=groups,
                            sources=sources,
                            fingerprint=cfg.fingerprint())
 

@@ -47,7 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   # --- Feature interaction (h has width D).
   # 'rankmixer' (D = mixer_tokens * mixer_token_dim) | 'mlp' (D = mlp_dims[-1]).
   c.interaction = "rankmixer"
-  # RankMixer: number of tokens T.
+  # RankMixer: number of tokens T; each feature group (user, item, context
+  # fields, the sequence token, the IAT token) gets its own, the extra ones
+  # split the widest field groups (see iat_jax.models.interaction).
   c.mixer_tokens = 8
   # RankMixer: width of each token (divisible by mixer_tokens).
   c.mixer_token_dim = 32

@@ -133,10 +133,9 @@ class Downstream(nn.Module):
     tokens = trunk.tokens(ranker.trunk_inputs(batch, self.schema), train=train)
     iat_token = IATBranch(c, self.schema, name="iat")(tokens, batch, train=train)
     if c.iat_after_interaction:
-      h = trunk.interact([tokens["fields"], tokens["seq"]], train=train)
+      h = trunk.interact(tokens, train=train)
       h = jnp.concatenate([h, iat_token.astype(h.dtype)], axis=-1)
     else:
-      h = trunk.interact([tokens["fields"], tokens["seq"], iat_token[:, None, :]],
-                         train=train)
+      h = trunk.interact(tokens, iat_token, train=train)
     logits = ranker.Heads(self.schema.num_tasks, dtype, name="heads")(h)
     return {"logits": logits, "iat_token": iat_token.astype(jnp.float32)}

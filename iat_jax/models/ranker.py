@@ -2,7 +2,9 @@
 
   tokens(X) = FeatureEmbedding(batch)                      [N, F, e]
   seq token = SeqEncoder(candidate, behaviours S)          [N, 1, w]
-  h         = FeatureInteraction(tokens, seq token, extra) [N, D]
+  h         = FeatureInteraction(groups)                   [N, D]
+              groups: the user / item / context field tokens, the seq token
+              (and the IAT token in the downstream model)
   logits    = Heads(h)                                     [N, num_tasks]
 
 `RankerTrunk` is shared by every model family (same submodule names, so a base
@@ -13,12 +15,11 @@ first.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from iat_jax.data import schema as schema_lib
 from iat_jax.models import embedding
@@ -120,15 +121,31 @@ class RankerTrunk(nn.Module):
                              train=train)[:, None, :]
     return {"fields": fields, "seq": seq, "item": emb["item"]}
 
-  def interact(self, tokens: Sequence[Array], *, train: bool = False) -> Array:
-    """Token groups [N, n_i, w_i] -> h [N, D]."""
-    h = self.interaction(tokens, train=train)
+  def interact(self,
+               tokens: dict[str, Array],
+               iat_token: Array | None = None,
+               *,
+               train: bool = False) -> Array:
+    """`tokens()`'s output (+ the IAT token [N, w]) -> h [N, D].
+
+    The interaction sees them as feature groups, in order: the schema's user,
+    item and context fields (`Schema.group_fields`, each [N, n_g, e]), 'seq'
+    [N, 1, w] (or [N, 0, e]) and 'iat' [N, 1, w_iat] when given.
+    """
+    fields = tokens["fields"]
+    groups = {
+        g: jnp.take(fields, np.array(idx), axis=1)
+        for g, idx in self.schema.group_fields().items()
+    }
+    groups["seq"] = tokens["seq"]
+    if iat_token is not None:
+      groups["iat"] = iat_token[:, None, :]
+    h = self.interaction(groups, train=train)
     return layers.constrain(h, "batch", None)
 
   def __call__(self, batch: Batch, *, train: bool = False) -> Array:
     """Trunk features [N, ...] -> h [N, D]."""
-    t = self.tokens(batch, train=train)
-    return self.interact([t["fields"], t["seq"]], train=train)
+    return self.interact(self.tokens(batch, train=train), train=train)
 
 
 class Heads(nn.Module):
