@@ -92,6 +92,10 @@ class Schema:
                        f"(uniquely named) one group of {GROUPS}; duplicate names: "
                        f"{dup}, fields without a group: {missing}, unknown fields: "
                        f"{unknown}, unknown groups: {bad}")
+    delays = self.label_delay
+    if delays and (len(delays) != self.num_tasks or min(delays) < 0):
+      raise ValueError(f"schema {self.dataset}: label_delay {delays} must hold one "
+                       f"delay >= 0 per task of {self.tasks}")
 
   def field_names(self) -> tuple[str, ...]:
     """Names of the feature tokens in order: categorical, multi-hot, dense."""
@@ -126,12 +130,6 @@ class Schema:
     `action_now` column instead (required only when this is positive).
     """
     return max(self.label_delays)
-
-  def __post_init__(self):
-    delays = self.label_delay
-    if delays and (len(delays) != self.num_tasks or min(delays) < 0):
-      raise ValueError(f"schema {self.dataset}: label_delay {delays} must hold one "
-                       f"delay >= 0 per task of {self.tasks}")
 
   def categorical_index(self, name: str) -> int:
     """Column of field `name` in the `cat` array."""
