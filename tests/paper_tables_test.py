@@ -13,6 +13,7 @@ from absl.testing import absltest
 from matplotlib import image
 
 from iat_jax import configs
+from iat_jax import stages
 from iat_jax.sweeps import report
 from iat_jax.sweeps import runner
 from iat_jax.sweeps import stats
@@ -84,7 +85,7 @@ class PlanTest(absltest.TestCase):
     }, {
         "model.seq.encoder": "transformer"
     }])
-    self.assertLen(rows, 10)
+    self.assertLen(rows, 2 * len(stages.PIPELINE))
     self.assertEqual(
         rows[2], {
             "label": "din / temporal_iat",
@@ -94,7 +95,7 @@ class PlanTest(absltest.TestCase):
             "group": "din",
             "series": "temporal_iat"
         })
-    self.assertIsNone(rows[5]["ref"])  # transformer / base
+    self.assertIsNone(rows[len(stages.PIPELINE)]["ref"])  # transformer / base
     with self.assertRaisesRegex(ValueError, "--encoders.*rnn"):
       tables.plan("table1", ["din", "rnn"])
 
@@ -197,7 +198,9 @@ class ReportTest(absltest.TestCase):
           "source_temporal": 0.6,
           "source_user": 0.6,
           "temporal_iat": 0.6 * (1 + tgain / 100),
-          "user_iat": 0.6 * (1 + gain / 100)
+          "user_iat": 0.6 * (1 + gain / 100),
+          "source_stream": 0.6,
+          "stream_iat": 0.6 * (1 + gain / 100)
       }
       fake_run(workdir, points[0], seed, aucs)
       if seed < 2:
@@ -211,7 +214,7 @@ class ReportTest(absltest.TestCase):
     self.assertEqual(head[-3:], ["params", "FLOPs/batch", "seeds"])
     self.assertLen(head, 1 + 4 * len(TASKS) + 3)
     cells = {r[0]: dict(zip(head, r)) for r in body}
-    self.assertLen(cells, 10)
+    self.assertLen(cells, 2 * len(stages.PIPELINE))
     half = 4.30265 / math.sqrt(3)  # sd 1 over 3 seeds
     self.assertEqual(cells["din / user_iat"]["ΔAUC click vs base (%)"],
                      f"+3.000 ± {half:.3f}")

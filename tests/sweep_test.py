@@ -14,6 +14,7 @@ import tempfile
 from absl.testing import absltest
 from matplotlib import image
 
+from iat_jax import stages
 from iat_jax.sweeps import report
 from iat_jax.sweeps import runner
 from iat_jax.sweeps import stats
@@ -25,7 +26,7 @@ SWEEPS = ("sit_depth", "history_len", "insemb_dim", "iat_layers", "chunk_len")
 # Fewer checkpoints and evaluations: the tiny pipeline is compile-bound.
 FAST = ("--config.checkpoint_every=1000", "--config.eval_every=0",
         "--config.log_every=100")
-MODELS = {"base", "source_temporal", "source_user", "temporal_iat", "user_iat"}
+MODELS = set(stages.PIPELINE)
 # Halves the compile-bound run time; these tests check plumbing, not numbers.
 ENV = cli.ENV
 
@@ -222,7 +223,7 @@ class SweepRunTest(absltest.TestCase):
     with open(os.path.join(workdir, "results.csv")) as f:
       rows = list(csv.DictReader(f))
     # points x seeds x models x tasks x metrics x splits
-    self.assertLen(rows, 2 * 2 * 5 * 2 * 2 * 2)
+    self.assertLen(rows, 2 * 2 * len(stages.PIPELINE) * 2 * 2 * 2)
     self.assertEqual(list(rows[0]), [
         "point", "model.iat.layers", "seed", "model", "split", "task", "metric",
         "value", "params", "flops_per_batch"
@@ -230,8 +231,10 @@ class SweepRunTest(absltest.TestCase):
     per_run = collections.Counter(
         (r["point"], r["model.iat.layers"], r["seed"]) for r in rows)
     self.assertEqual(
-        per_run,
-        {(f"model.iat.layers={v}", str(v), str(s)): 40 for v in (1, 2) for s in (0, 1)})
+        per_run, {
+            (f"model.iat.layers={v}", str(v), str(s)): 8 * len(MODELS) for v in (1, 2)
+            for s in (0, 1)
+        })
     self.assertEqual({r["model"] for r in rows}, MODELS)
     self.assertEqual({(r["split"], r["task"], r["metric"]) for r in rows},
                      {(s, t, m)
