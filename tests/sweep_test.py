@@ -178,7 +178,7 @@ class ReportTest(absltest.TestCase):
         # x = log10(source_user + user_iat FLOPs) = log10(2 * flops)
         fake_results(workdir, p, seed, flops, 0.01 * math.log10(2 * flops), noise)
     rows = report.report(workdir, points, seeds=2)
-    self.assertLen(rows, 3 * 2 * 5 * 1 * 2 * 2)
+    self.assertLen(rows, 3 * 2 * len(MODELS) * 1 * 2 * 2)
     with open(os.path.join(workdir, "scaling.json")) as f:
       fits = {(fit["x"], fit["y"]): fit for fit in json.load(f)}
     self.assertAlmostEqual(fits["flops", "dauc"]["slope"], 0.01)
@@ -203,7 +203,7 @@ class ReportTest(absltest.TestCase):
         if (p["model.hist_len"], seed) != (8, 1):
           fake_results(workdir, p, seed, 1e4, 0.01, 0.0)
     rows = report.report(workdir, points, seeds=2)
-    self.assertLen(rows, 3 * 5 * 1 * 2 * 2)
+    self.assertLen(rows, 3 * len(MODELS) * 1 * 2 * 2)
     self.assertEqual(rows[0]["point"], "model.seq.encoder=din,model.hist_len=4")
     self.assertFalse(os.path.exists(os.path.join(workdir, "scaling.json")))
     self.assertGreater(
@@ -280,9 +280,9 @@ class SweepRunTest(absltest.TestCase):
     self.assertEqual([os.stat(p).st_mtime_ns for p in others], mtimes)
     self.assertTrue(os.path.exists(os.path.join(victim, "results.json")))
     with open(os.path.join(victim, "pipeline.log")) as f:
-      self.assertEqual(f.read().count("already complete"), 4)
+      self.assertEqual(f.read().count("already complete"), len(MODELS) - 1)
     with open(os.path.join(workdir, "results.csv")) as f:
-      self.assertLen(list(csv.DictReader(f)), 160)
+      self.assertLen(list(csv.DictReader(f)), 2 * 2 * len(MODELS) * 8)
 
 
 if __name__ == "__main__":
