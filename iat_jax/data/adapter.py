@@ -234,6 +234,30 @@ def earlier_rows(uid: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, ...]:
 # Writing.
 
 
+def schema_features(fields, multi_hot: schema_lib.MultiHot,
+                    dense_groups: dict[str, str]) -> dict:
+  """The feature part of an adapter's `Schema` (its keyword arguments).
+
+  Args:
+    fields: (name, vocabulary size, column, group) per categorical field.
+    multi_hot: the one multi-hot field, an item feature.
+    dense_groups: {dense field name: group}, in column order.
+
+  Returns:
+    {categorical, multi_hot, dense, field_groups} for `schema_lib.Schema`.
+  """
+  return dict(categorical=tuple(
+      schema_lib.Categorical(name, int(v)) for name, v, _, _ in fields),
+              multi_hot=(multi_hot,),
+              dense=tuple(dense_groups),
+              field_groups={
+                  **{
+                      name: group for name, _, _, group in fields
+                  }, multi_hot.name: "item",
+                  **dense_groups
+              })
+
+
 def write(out_dir: str, schema: schema_lib.Schema, cols: dict[str, np.ndarray]) -> None:
   """Writes `cols` as the dataset `out_dir`, in chunks of whole users.
 

@@ -470,25 +470,17 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
       "category": first_tag.astype(np.int32),
       "action": action.astype(np.int32),
   }
-  schema = schema_lib.Schema(
-      dataset="kuairand-pure",
-      categorical=tuple(
-          schema_lib.Categorical(name, int(v)) for name, v, _, _ in fields),
-      multi_hot=(schema_lib.MultiHot("tags", tag_vocab, max_tags),),
-      dense=tuple(dense_groups),
-      tasks=TASKS,
-      seq_len=seq_len,
-      seq_item_field="video_id",
-      seq_category_field="first_tag",
-      num_actions=17,
-      field_groups={
-          **{
-              name: group for name, _, _, group in fields
-          }, "tags": "item",
-          **dense_groups
-      },
-      sources=dict(sources),
-      fingerprint=fingerprint)
+  schema = schema_lib.Schema(dataset="kuairand-pure",
+                             **adapter.schema_features(
+                                 fields, schema_lib.MultiHot("tags", tag_vocab,
+                                                             max_tags), dense_groups),
+                             tasks=TASKS,
+                             seq_len=seq_len,
+                             seq_item_field="video_id",
+                             seq_category_field="first_tag",
+                             num_actions=17,
+                             sources=dict(sources),
+                             fingerprint=fingerprint)
   return cols, schema
 
 

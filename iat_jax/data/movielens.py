@@ -400,25 +400,19 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
       "category": first_genre.astype(np.int32),
       "action": rating.astype(np.int32),
   }
-  schema = schema_lib.Schema(
-      dataset=fmt.name,
-      categorical=tuple(schema_lib.Categorical(name, v) for name, v, _, _ in fields),
-      multi_hot=(schema_lib.MultiHot("genres",
-                                     len(GENRES) + 1, max_genres),),
-      dense=tuple(dense_groups),
-      tasks=("like", "love"),
-      seq_len=seq_len,
-      seq_item_field="movie_id",
-      seq_category_field="first_genre",
-      num_actions=6,
-      field_groups={
-          **{
-              name: group for name, _, _, group in fields
-          }, "genres": "item",
-          **dense_groups
-      },
-      sources=dict(sources),
-      fingerprint=fingerprint)
+  schema = schema_lib.Schema(dataset=fmt.name,
+                             **adapter.schema_features(
+                                 fields,
+                                 schema_lib.MultiHot("genres",
+                                                     len(GENRES) + 1, max_genres),
+                                 dense_groups),
+                             tasks=("like", "love"),
+                             seq_len=seq_len,
+                             seq_item_field="movie_id",
+                             seq_category_field="first_genre",
+                             num_actions=6,
+                             sources=dict(sources),
+                             fingerprint=fingerprint)
   return cols, schema
 
 
