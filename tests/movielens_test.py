@@ -92,6 +92,22 @@ def _check_seq(test, ds, rows):
       test.assertAlmostEqual(float(log_count), np.log1p(n_earlier), places=5)
 
 
+def _check_movie_aggregates(test, ds, rows):
+  """The movie's count / mean rating / like rate over every user's ratings of
+  it at a strictly earlier second (brute force), as the dense columns."""
+  col = lambda name: np.asarray(ds["dense"][:, ds.schema.dense.index(name)])
+  item, ts, rating = (np.asarray(ds[n][:]) for n in ("item", "ts", "action"))
+  for row in rows:
+    past = rating[(item == item[row]) & (ts < ts[row])]
+    want = ((np.log1p(len(past)), past.mean() - 3.5,
+             (past >= 4).mean() - 0.5) if len(past) else (0.0, 0.0, 0.0))
+    got = [
+        col(n)[row] for n in ("log_movie_earlier_count", "movie_earlier_mean_rating",
+                              "movie_earlier_like_rate")
+    ]
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"row {row}")
+
+
 class SmallFilesTest(absltest.TestCase):
   """The parsers and features on small files written here."""
 
@@ -133,6 +149,18 @@ class SmallFilesTest(absltest.TestCase):
     _check_seq(self, ds, range(6))
     ins = hashing.ins_ids([3], [978300100], [2], [6])
     self.assertEqual(ds["ins_id"][5], ins[0])
+
+  def test_movie_aggregates_are_strictly_earlier(self):
+    # User 3 rates movie 1 at the second user 1 does (line 1): neither is the
+    # other's past; user 2's earlier rating of movie 1 is both's.
+    data = _write(os.path.join(self.tmp, "data"),
+                  _files_1m(**{"ratings.dat": _RATINGS_1M + "3::1::4::978300760\n"}))
+    ds = dataset.Dataset(movielens.build(data, os.path.join(self.tmp, "out"), 4))
+    _check_movie_aggregates(self, ds, range(ds.schema.num_rows))
+    tied = np.flatnonzero((ds["item"][:] == 1) & (ds["ts"][:] == 978300760))
+    self.assertLen(tied, 2)
+    mean = ds["dense"][tied, ds.schema.dense.index("movie_earlier_mean_rating")]
+    np.testing.assert_allclose(mean, [1 - 3.5] * 2)
 
   def test_ml100k_parser(self):
     data = _write(os.path.join(self.tmp, "data"), _files_100k())
@@ -294,6 +322,7 @@ class MovieLens100KTest(absltest.TestCase):
     rows = np.concatenate([[0, 1, 57, 99_999], ties[:5], ties[:5] + 1,
                            np.random.default_rng(0).integers(0, 100_000, 40)])
     _check_seq(self, self.ds, rows)
+    _check_movie_aggregates(self, self.ds, rows)
 
   def test_splits_are_temporal(self):
     split, ts = np.asarray(self.ds["split"]), np.asarray(self.ds["ts"])

@@ -230,6 +230,33 @@ def earlier_rows(uid: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, ...]:
   return user_start, hist_end, gap_s
 
 
+def earlier_in_group(group: np.ndarray, ts: np.ndarray,
+                     values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Count and sums of `values` over the rows of each row's group (any user)
+  with a strictly earlier timestamp (`history.history_end` on the group).
+
+  Args:
+    group: int [n], e.g. the item of each row; rows in any order.
+    ts: int64 [n].
+    values: float [n, k], e.g. the row's labels.
+
+  Returns:
+    count: int64 [n]; sums: float64 [n, k] (0 where count is 0).
+  """
+  o = np.lexsort((ts, group))
+  g = group[o]
+  new_group = np.ones(len(g), dtype=bool)
+  new_group[1:] = g[1:] != g[:-1]
+  group_index = np.cumsum(new_group) - 1
+  start = np.flatnonzero(new_group)[group_index]
+  end = history.history_end(group_index, ts[o])
+  csum = np.concatenate([np.zeros((1, values.shape[1])), np.cumsum(values[o], axis=0)])
+  count, sums = np.empty(len(g), np.int64), np.empty((len(g), values.shape[1]))
+  count[o] = end - start
+  sums[o] = csum[end] - csum[start]
+  return count, sums
+
+
 # ---------------------------------------------------------------------------
 # Writing.
 

@@ -29,14 +29,19 @@ number of prefixes, rounded up to a power of two):
     gap           1 = no earlier rating, else log2(1 + minutes since the
                   previous rating) + 2                              vocab 24
     earlier_count log2(1 + number of earlier ratings) + 1           vocab 16
+    movie_earlier_count  the same for the movie's ratings by anyone  vocab 16
   multi-hot  genres (all genres of m; ids as first_genre), max_len >= 6
   dense      log1p(earlier count), log1p(hours since the previous rating),
-             (release year - 1990) / 10, mean earlier rating - 3.5 (each 0
-             when unknown)
+             (release year - 1990) / 10, mean earlier rating - 3.5; of the
+             movie's strictly earlier ratings by any user: log1p(count), mean
+             rating - 3.5, like rate - 0.5 (each 0 when unknown)
   tasks      like = rating >= 4, love = rating == 5
   behaviour  item = movie_id id, category = first_genre id, action = rating.
-"Earlier" always means a strictly earlier timestamp of the same user
-(`history.history_end`): ratings at the same second are not each other's past.
+"Earlier" always means a strictly earlier timestamp of the same user, or for
+the movie's aggregates of any user (`history.history_end`,
+`adapter.earlier_in_group`): ratings at the same second are not each other's
+past, and a rating never enters its own features. (The movie aggregates are
+what the strictly-past-aggregate baselines of issue 17 — LR and trees — read.)
 InsID = `hashing.ins_ids(uid, ts, movie, request_id=line number)`.
 
 Validation policy: nothing is written unless every file is valid. Each problem
@@ -72,7 +77,7 @@ from iat_jax.data import dataset
 from iat_jax.data import hashing
 from iat_jax.data import schema as schema_lib
 
-VERSION = "movielens-adapter-2"
+VERSION = "movielens-adapter-3"
 # Archive name -> (URL, ratings file that marks an unpacked copy).
 ARCHIVES = {
     "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip", "u.data"),
@@ -304,6 +309,12 @@ def _id_vocab(n: int) -> int:
   return 1 << max(4, int(np.ceil(np.log2(4 * n + 1))))
 
 
+def _count_bucket(count: np.ndarray) -> np.ndarray:
+  """log2(1 + count) + 1, capped at the count vocabulary."""
+  return np.minimum(
+      np.floor(np.log2(1.0 + count)).astype(np.int64) + 1, _COUNT_VOCAB - 1)
+
+
 def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.ndarray,
                seq_len: int, sources: dict[str, str],
                fingerprint: str) -> tuple[dict[str, np.ndarray], schema_lib.Schema]:
@@ -339,6 +350,13 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
   mean_prev = np.where(
       has_prev, (csum[hist_end] - csum[user_start]) / np.maximum(earlier, 1) - 3.5, 0.0)
 
+  m_count, m_sums = adapter.earlier_in_group(
+      movie, ts,
+      np.stack([rating, rating >= 4], axis=1).astype(np.float64))
+  m_seen = m_count > 0
+  m_mean, m_like = (np.where(m_seen, m_sums[:, k] / np.maximum(m_count, 1) - c, 0.0)
+                    for k, c in ((0, 3.5), (1, 0.5)))
+
   max_genres = max(_MIN_GENRES, max(len(g) for g in movies["genres"]))
   genre_table = np.zeros((len(movies["id"]), max_genres), dtype=np.int32)
   for k, g in enumerate(movies["genres"]):
@@ -355,8 +373,7 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
       has_prev,
       np.minimum(np.floor(np.log2(1.0 + minutes)).astype(np.int64) + 2, _GAP_VOCAB - 1),
       1)
-  count_id = np.minimum(
-      np.floor(np.log2(1.0 + earlier)).astype(np.int64) + 1, _COUNT_VOCAB - 1)
+  count_id = _count_bucket(earlier)
   # Users and movies are closed sets: exact ids (their row in users/movies + 1),
   # since hashing 1,682 movies into even 4x as many buckets merged ~10% of them.
   user_vocab, movie_vocab = len(users["id"]) + 1, len(movies["id"]) + 1
@@ -375,18 +392,23 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
       ("weekday", 8, (ts // 86400 + 3) % 7 + 1, "context"),  # 1970-01-01 was a Thursday
       ("gap", _GAP_VOCAB, gap_id, "context"),
       ("earlier_count", _COUNT_VOCAB, count_id, "user"),
+      ("movie_earlier_count", _COUNT_VOCAB, _count_bucket(m_count), "item"),
   )
   dense = np.stack([
       np.log1p(earlier),
       np.log1p(gap_s / 3600.0),
-      np.where(year > 0, (year - 1990) / 10.0, 0.0), mean_prev
+      np.where(year > 0, (year - 1990) / 10.0, 0.0), mean_prev,
+      np.log1p(m_count), m_mean, m_like
   ],
                    axis=1)
   dense_groups = {
       "log_earlier_count": "user",
       "log_gap_hours": "context",
       "release_year_norm": "item",
-      "earlier_mean_rating": "user"
+      "earlier_mean_rating": "user",
+      "log_movie_earlier_count": "item",
+      "movie_earlier_mean_rating": "item",
+      "movie_earlier_like_rate": "item"
   }
   cols = {
       "uid": uid,
