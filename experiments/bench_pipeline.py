@@ -156,7 +156,7 @@ def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
           lambda: history(table=table),
       "history+store":
           lambda: history(table=insemb_table.Table(store)),
-      # As training reads them on one process: distinct InsEmbs + an index.
+      # As training reads them (one batch shard): distinct InsEmbs + an index.
       "hist+emb/uniq":
           lambda: history(table=table, compact=True),
       "hist+store/uniq":
@@ -253,12 +253,27 @@ def _profile(make, batches: int) -> None:
           f"{os.path.basename(path)}:{line}({func})")
 
 
+def _trim_potential(ds: dataset_lib.Dataset) -> None:
+  """Prints what trimming each train batch's L to its longest real history
+  (rounded up to a power of two >= 8) would save, against the real slots."""
+  rows = ds.split_rows("train")
+  earlier = np.asarray(ds["hist_end"])[rows] - ds.user_start(rows)
+  n = len(rows) // _BATCH * _BATCH
+  for l in (16, _L, 256):
+    real = np.minimum(earlier[:n], l).reshape(-1, _BATCH)
+    longest = np.maximum(real.max(axis=1), 1)
+    trimmed = np.minimum(l, np.maximum(8, 2**np.ceil(np.log2(longest))))
+    print(f"  L={l}: real slots {real.mean() / l:.1%} of B x L; batches trimmed "
+          f"to their longest history keep {trimmed.mean() / l:.1%} of the slots")
+
+
 def _bench(name: str, ds: dataset_lib.Dataset, rows: list, tmp: str) -> None:
   s = ds.schema
   print(f"\n{name}: {ds.num_rows:,} rows, {s.num_users:,} users, train "
         f"{s.split_sizes[0]:,}, {len(s.categorical)} cat, {len(s.dense)} dense, "
         f"{len(s.multi_hot)} multi-hot, seq_len {s.seq_len}")
   ceiling = _ceiling(ds)
+  _trim_potential(ds)
   pipes = _pipelines(ds, tmp)
   if "history+emb" in pipes:
     keys = np.asarray(ds["ins_id"])

@@ -80,6 +80,19 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def local_batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """Blocks of a `batch_sharding` array's leading axis on this process's
+  devices (its distinct 'data' coordinates), in the order its local data
+  fills them."""
+  axis = mesh.axis_names.index("data")
+  here = jax.process_index()
+  return len({
+      i[axis]
+      for i in np.ndindex(mesh.devices.shape)
+      if mesh.devices[i].process_index == here
+  })
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Fully replicated sharding."""
   return NamedSharding(mesh, P())

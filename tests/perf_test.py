@@ -139,9 +139,9 @@ class PipelineTest(absltest.TestCase):
     keys = (rng.choice(2**62, 50, replace=False) * 3).astype(np.uint64)  # > 2**63 too
     values = rng.normal(size=(50, 3)).astype(np.float32)
     table = memory_table.MemoryTable(keys[::2], values[::2])  # half missing
-    mask = rng.random((7, 6)) < 0.7
+    mask = rng.random((8, 6)) < 0.7
     mask[0] = False  # an instance without history
-    ids = np.where(mask, keys[rng.integers(0, 50, (7, 6))], 0).astype(np.uint64)
+    ids = np.where(mask, keys[rng.integers(0, 50, (8, 6))], 0).astype(np.uint64)
     batch = {"hist_mask": mask, "hist_ins_id": ids}
     want = _lookup_reference(table, dict(batch))
     got = input_pipeline.LookupInsEmb(table).map(dict(batch))
@@ -149,14 +149,30 @@ class PipelineTest(absltest.TestCase):
       np.testing.assert_array_equal(got[k], v)
       self.assertEqual(got[k].dtype, v.dtype)
     self.assertGreater(int(got["hist_missing"]), 0)
-    compact = input_pipeline.LookupInsEmb(table, compact=True).map(dict(batch))
-    self.assertNotIn("hist_insemb", compact)
-    u = len(compact["hist_insemb_unique"])
-    self.assertEqual(u & (u - 1), 0)  # a power of two
-    np.testing.assert_array_equal(compact["hist_insemb_unique"][compact["hist_index"]],
-                                  want["hist_insemb"])
-    np.testing.assert_array_equal(compact["hist_mask"], want["hist_mask"])
-    self.assertEqual(compact["hist_missing"], want["hist_missing"])
+    for groups in (1, 2, 4):  # blocks of 8, 4, 2 rows, one per batch shard
+      compact = input_pipeline.LookupInsEmb(table, compact=True,
+                                            groups=groups).map(dict(batch))
+      self.assertNotIn("hist_insemb", compact)
+      g, u, _ = compact["hist_insemb_unique"].shape
+      self.assertEqual((g, u & (u - 1)), (groups, 0))  # U a power of two
+      block = np.repeat(np.arange(groups), 8 // groups)[:, None]
+      np.testing.assert_array_equal(
+          compact["hist_insemb_unique"][block, compact["hist_index"]],
+          want["hist_insemb"])
+      # Each block holds only its own rows' distinct InsEmbs.
+      for b in range(groups):
+        rows = slice(b * 8 // groups, (b + 1) * 8 // groups)
+        distinct = len(np.unique(ids[rows][mask[rows]]))
+        self.assertFalse(compact["hist_insemb_unique"][b, distinct:].any())
+      np.testing.assert_array_equal(compact["hist_mask"], want["hist_mask"])
+      self.assertEqual(compact["hist_missing"], want["hist_missing"])
+    with self.assertRaisesRegex(ValueError, "8 rows .* 3 batch shards"):
+      input_pipeline.LookupInsEmb(table, compact=True, groups=3).map(dict(batch))
+    padded = input_pipeline.pad_unique(compact, 2 * u)
+    self.assertEqual(padded["hist_insemb_unique"].shape, (4, 2 * u, 3))
+    np.testing.assert_array_equal(padded["hist_insemb_unique"][:, :u],
+                                  compact["hist_insemb_unique"])
+    self.assertFalse(padded["hist_insemb_unique"][:, u:].any())
 
   def test_gap_bucket_matches_log2(self):
     rng = np.random.default_rng(0)
@@ -199,7 +215,7 @@ class DedupedHistoryTest(absltest.TestCase):
                                     rng.normal(size=unique[index].shape)).astype(
                                         np.float32)  # padding: anything
     compact = {k: v for k, v in dense.items() if k != "hist_insemb"}
-    compact.update(hist_insemb_unique=unique, hist_index=index)
+    compact.update(hist_insemb_unique=unique[None], hist_index=index)
     model = stages.make_model(config, schema, "downstream")
     params = jax.jit(model.init)(jax.random.PRNGKey(0), dense)
 

@@ -3,6 +3,8 @@
 The 8 CPU devices are forced by tests/conftest.py.
 """
 
+import re
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -12,7 +14,9 @@ import optax
 
 from iat_jax import configs
 from iat_jax import sharding
+from iat_jax.data import input_pipeline
 from iat_jax.models import embedding
+from iat_jax.store import memory_table
 from iat_jax.train import steps
 from tests import model_fixtures as mf
 
@@ -103,6 +107,54 @@ class ShardedModelTest(parameterized.TestCase):
                                      jax.device_get(single))
     self.assertGreater(np.abs(single[1]["trunk"]["embed"]["embedding"]).max(), 0.0)
     self.assertTrue(np.all(np.isfinite(single[0]["logits"])))
+
+
+class DedupedShardedTest(absltest.TestCase):
+
+  def test_per_shard_dedup_matches_dense_single_device(self):
+    # Histories that repeat 10 past instances; LookupInsEmb dedups each of
+    # the mesh's 4 batch shards on its own, each device gathers its block.
+    cfg = mf.tiny_config().model
+    model = mf.make_model("downstream")
+    dense = mf.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=cfg.hist_len, b=8)
+    rng = np.random.default_rng(1)
+    keys = np.arange(1, 11, dtype=np.uint64) * 7919
+    vectors = rng.normal(size=(10, cfg.insemb_dim)).astype(np.float32)
+    which = rng.integers(0, 10, dense["hist_mask"].shape)
+    dense["hist_insemb"] = np.where(dense["hist_mask"][..., None], vectors[which], 0)
+    compact = {k: v for k, v in dense.items() if k != "hist_insemb"}
+    compact["hist_ins_id"] = np.where(dense["hist_mask"], keys[which], 0)
+    mesh = sharding.make_mesh((4, 2))
+    groups = sharding.local_batch_shards(mesh)
+    self.assertEqual(groups, 4)
+    compact = input_pipeline.LookupInsEmb(memory_table.MemoryTable(keys, vectors),
+                                          compact=True,
+                                          groups=groups).map(compact)
+    self.assertEqual(compact["hist_insemb_unique"].shape[0], 4)
+
+    dev_dense, dev_compact = (steps.to_device(b, mesh) for b in (dense, compact))
+    state, state_shardings = steps.create_state(model, optax.sgd(LR), dev_compact, 0,
+                                                mesh, RULES)
+    params, shardings = state.params, state_shardings.params
+    step = _step_fn(model)
+    with sharding.mesh_context(mesh, RULES):
+      jitted = mf.jit(step,
+                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(sharding.batch_sharding(mesh), shardings,
+                                     shardings))
+      sharded = jitted(params, dev_compact)
+      # The gather adds no collective: as many all-gathers as the dense batch.
+      gathers = [
+          len(
+              re.findall(r"= \S+ all-gather\(",
+                         jitted.lower(params, b).compile().as_text()))
+          for b in (dev_dense, dev_compact)
+      ]
+    self.assertEqual(gathers[1], gathers[0])
+    single = mf.jit(step)(jax.device_get(params), steps.model_inputs(dense))
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(sharded)),
+                    jax.tree_util.tree_leaves(single)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
 
 
 if __name__ == "__main__":

@@ -261,18 +261,25 @@ class LookupInsEmb(grain.transforms.Map):
   the rows over the [..., L] slots, masked slots reading an appended zero row
   (no zero-filled buffer and boolean scatter).
 
-  With `compact`, the batch gets the distinct InsEmbs instead:
-  hist_insemb_unique [U, d] (U = distinct InsIDs + 1 zero row, rounded up to a
-  power of two >= 64, so a run compiles a handful of shapes) and hist_index
-  int32 [..., L] (masked slots point at a zero row); the model gathers after
-  its per-token adapt MLP (`iat.IATBranch`), which then runs U times instead
-  of B x L times. hist_insemb = hist_insemb_unique[hist_index] exactly.
-  Single-process only: U is not a batch axis.
+  With `compact`, the batch gets the distinct InsEmbs instead, per batch
+  shard: the local batch is cut into `groups` equal blocks of rows (the
+  blocks `jax.make_array_from_process_local_data` gives this process's
+  devices along the batch axis, `sharding.local_batch_shards`), and each
+  block gets its own distinct rows: hist_insemb_unique [groups, U, d] (U =
+  the largest block's distinct InsIDs + 1 zero row, rounded up to a power of
+  two >= 64, so a run compiles a handful of shapes) and hist_index int32
+  [..., L] indexing its block's rows (masked slots point at a zero row). The
+  model gathers after its per-token adapt MLP (`iat.IATBranch`), which then
+  runs groups x U times instead of B x L times, and each device gathers from
+  its own block: nothing crosses devices. hist_insemb = hist_insemb_unique[
+  block of the row][hist_index] exactly. With several processes their U must
+  agree: `pad_unique` (the train and eval loops, via `steps.to_device`).
   """
 
-  def __init__(self, table: tables.Lookup, compact: bool = False):
+  def __init__(self, table: tables.Lookup, compact: bool = False, groups: int = 1):
     self.table = table
     self.compact = compact
+    self.groups = groups
 
   def map(self, batch: dict) -> dict:
     mask = batch["hist_mask"]
@@ -281,24 +288,47 @@ class LookupInsEmb(grain.transforms.Map):
                           return_inverse=True)  # real slots only
     values, found = self.table.lookup(uniq)
     d = values.shape[1:]
-    n = len(uniq) + 1
-    if self.compact:
-      n = max(64, 1 << (n - 1).bit_length())
-    rows = np.zeros((n,) + d, np.float32)
-    rows[:len(uniq)] = values
+    hit = np.zeros(len(uniq) + 1, bool)
+    hit[:len(uniq)] = found
     index = np.full(flat.shape, len(uniq), np.int64)
     index[flat] = inv
     if self.compact:
-      batch["hist_insemb_unique"] = rows
-      batch["hist_index"] = index.astype(np.int32).reshape(mask.shape)
+      self._compact(batch, values, index.reshape(len(mask), -1))
     else:
+      rows = np.zeros((len(uniq) + 1,) + d, np.float32)
+      rows[:len(uniq)] = values
       batch["hist_insemb"] = rows.take(index, axis=0).reshape(mask.shape + d)
-    hit = np.zeros(n, bool)
-    hit[:len(uniq)] = found
     hit = hit.take(index).reshape(mask.shape)
     batch["hist_missing"] = np.int64(flat.sum() - hit.sum())
     batch["hist_mask"] = hit
     return batch
+
+  def _compact(self, batch: dict, values: np.ndarray, index: np.ndarray) -> None:
+    """index [B, L...] into `values` (len(values) = masked) -> per-block rows."""
+    n, shape = len(values), batch["hist_mask"].shape
+    if len(index) % self.groups:
+      raise ValueError(f"a local batch of {len(index)} rows does not split into "
+                       f"{self.groups} batch shards")
+    blocks = index.reshape(self.groups, -1)
+    parts = [np.unique(b[b < n], return_inverse=True) for b in blocks]
+    u = max(64, 1 << max(len(p[0]) for p in parts).bit_length())  # >= distinct + 1
+    rows = np.zeros((self.groups, u) + values.shape[1:], np.float32)
+    local = np.empty(blocks.shape, np.int32)
+    for g, (b, (ids, inv)) in enumerate(zip(blocks, parts)):
+      rows[g, :len(ids)] = values[ids]
+      local[g] = len(ids)  # a zero row
+      local[g, b < n] = inv
+    batch["hist_insemb_unique"] = rows
+    batch["hist_index"] = local.reshape(shape)
+
+
+def pad_unique(batch: dict, u: int) -> dict:
+  """hist_insemb_unique [G, U, d] zero-padded to [G, u, d] (u >= U)."""
+  rows = batch["hist_insemb_unique"]
+  if rows.shape[1] < u:
+    pad = np.zeros((rows.shape[0], u - rows.shape[1]) + rows.shape[2:], rows.dtype)
+    batch = {**batch, "hist_insemb_unique": np.concatenate([rows, pad], axis=1)}
+  return batch
 
 
 @dataclasses.dataclass
@@ -428,13 +458,14 @@ def _assemble(batches: grain.MapDataset,
               history_len: int | None,
               num_gap_buckets: int,
               table: tables.Lookup | None,
-              compact: bool = False) -> grain.MapDataset:
+              compact: bool = False,
+              groups: int = 1) -> grain.MapDataset:
   """`batches` (global item-id batches [B]) -> `read` -> history -> InsEmbs."""
   data = batches.map(read)
   if history_len is not None:
     data = data.map(AddHistory(ds, history_len, num_gap_buckets))
     if table is not None:
-      data = data.map(LookupInsEmb(table, compact))
+      data = data.map(LookupInsEmb(table, compact, groups))
   return data
 
 
@@ -472,7 +503,8 @@ def temporal(ds: dataset_lib.Dataset,
              history_len: int | None = None,
              num_gap_buckets: int = 16,
              table: tables.Lookup | None = None,
-             compact: bool = False) -> grain.MapDataset:
+             compact: bool = False,
+             groups: int = 1) -> grain.MapDataset:
   """Time-ordered batches of one split.
 
   Args:
@@ -486,7 +518,8 @@ def temporal(ds: dataset_lib.Dataset,
     history_len: L; if set, adds the downstream history (`AddHistory`).
     num_gap_buckets: vocabulary of the history time-gap buckets.
     table: if set (with history_len), adds hist_insemb (`LookupInsEmb`).
-    compact: distinct InsEmbs + an index instead (`LookupInsEmb`).
+    compact: distinct InsEmbs + an index instead (`LookupInsEmb`), per
+      each of `groups` blocks of the local batch.
 
   Returns:
     A Grain MapDataset (one element per global batch, len = batches x epochs)
@@ -497,7 +530,7 @@ def temporal(ds: dataset_lib.Dataset,
                         lambda e: window_shuffle(rows, shuffle_window, seed, e))
   read = ReadInstances(ds, ProcessSlice(process_index, process_count))
   return _assemble(grain.MapDataset.source(source), read, ds, history_len,
-                   num_gap_buckets, table, compact)
+                   num_gap_buckets, table, compact, groups)
 
 
 CHUNK_ORDERS = ("shuffle", "users", "reversed")

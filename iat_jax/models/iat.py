@@ -10,9 +10,11 @@
                config.iat_after_interaction)
 
 The InsEmbs come either as 'hist_insemb' [B, L, d] or, deduplicated, as
-'hist_insemb_unique' [U, d] + 'hist_index' [B, L] (`LookupInsEmb(compact)`):
-MLP_adapt is per token, so running it on the U distinct rows and gathering
-is the same function at U/(B L) of its cost.
+'hist_insemb_unique' [G, U, d] + 'hist_index' [B, L] (`LookupInsEmb(compact)`:
+the U distinct rows of each of the G batch shards, G sharded like the batch):
+MLP_adapt is per token, so running it on the distinct rows and gathering
+each shard's from its own block is the same function at G U/(B L) of its
+cost, with no data crossing devices.
 
 Side information: concat('hist_labels', 'hist_label_known') [B, L, 2 num_tasks]
 -> a linear embedding (equal to summing one learned vector per positive task,
@@ -37,6 +39,8 @@ Masked history slots never influence the output; an all-masked history
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -73,13 +77,18 @@ class IATBranch(nn.Module):
                        act="gelu",
                        dtype=dtype,
                        name="adapt")
-    if "hist_insemb_unique" in batch:  # distinct InsEmbs [U, d] + index [B, L]
-      # The same per-token MLP, once per distinct InsEmb, then gathered.
-      adapted = adapt(batch["hist_insemb_unique"].astype(dtype), train=train)
-      parts = [jnp.take(adapted, batch["hist_index"], axis=0)]
+    b = batch["hist_mask"].shape[0]
+    if "hist_insemb_unique" in batch:  # per batch shard [G, U, d] + index [B, L]
+      # The same per-token MLP, once per distinct InsEmb of each shard, then
+      # each shard's rows gathered from its own block (no cross-device data).
+      unique = layers.constrain(batch["hist_insemb_unique"], "batch", None, None)
+      adapted = adapt(unique.astype(dtype), train=train)  # [G, U, d_a]
+      g = adapted.shape[0]
+      index = batch["hist_index"].reshape((g, b // g) + batch["hist_index"].shape[1:])
+      gathered = jax.vmap(functools.partial(jnp.take, axis=0))(adapted, index)
+      parts = [gathered.reshape((b,) + gathered.shape[2:])]
     else:
       parts = [adapt(batch["hist_insemb"].astype(dtype), train=train)]  # [B, L, d]
-    b = batch["hist_mask"].shape[0]
     if c.use_label_side:
       labels = jnp.concatenate([batch["hist_labels"], batch["hist_label_known"]],
                                axis=-1).astype(dtype)  # [B, L, 2 nt]

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from flax import linen as nn
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -48,11 +49,24 @@ def model_inputs(batch: Batch) -> Batch:
 
 
 def to_device(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
-  """Process-local numpy batch -> global arrays sharded over 'data'."""
+  """Process-local numpy batch -> global arrays sharded over 'data'.
+
+  With several processes, deduplicated history InsEmbs are first padded to
+  the largest U of any process, so that every process builds the same global
+  shape. That costs one scalar all-gather per batch (every process calls this
+  for every batch, as it then runs the step on it), which waits for the
+  devices' previous step: the host cannot dispatch a step ahead of the
+  device then. One process needs no agreement.
+  """
   data = sharding.batch_sharding(mesh)
+  batch = model_inputs(batch)
+  if "hist_insemb_unique" in batch and jax.process_count() > 1:
+    u = multihost_utils.process_allgather(np.int32(
+        batch["hist_insemb_unique"].shape[1]))
+    batch = input_pipeline.pad_unique(batch, int(np.max(u)))
   return {
       k: jax.make_array_from_process_local_data(data, np.asarray(v))
-      for k, v in model_inputs(batch).items()
+      for k, v in batch.items()
   }
 
 

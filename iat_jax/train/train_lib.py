@@ -62,11 +62,14 @@ def batches(config: ml_collections.ConfigDict,
                                        order=order or ("shuffle" if train else "users"),
                                        context=0 if train else eval_context(config),
                                        **common)
-  # One process: the InsEmbs travel deduplicated (`LookupInsEmb(compact)`).
+  # The InsEmbs travel deduplicated per batch shard (`LookupInsEmb(compact)`).
   history = dict(history_len=config.model.hist_len,
                  num_gap_buckets=config.model.num_gap_buckets,
                  table=table,
-                 compact=jax.process_count() == 1) if batch_order == "history" else {}
+                 compact=True,
+                 groups=sharding.local_batch_shards(
+                     sharding.make_mesh(tuple(config.mesh_shape), tuple(
+                         config.mesh_axes)))) if batch_order == "history" else {}
   return input_pipeline.temporal(ds,
                                  split,
                                  config.batch_size if train else config.eval_batch_size,
@@ -101,7 +104,7 @@ class PerShape:
   """A jitted step compiled ahead of time once per batch shape signature.
 
   Batches have one shape except for deduplicated history InsEmbs
-  (hist_insemb_unique [U, d], U a power of two), so a run compiles a few.
+  (hist_insemb_unique [G, U, d], U a power of two), so a run compiles a few.
   `cost_analysis()` is the first (the sample batch's) executable's.
   """
 
