@@ -304,22 +304,28 @@ class LookupInsEmb(grain.transforms.Map):
     return batch
 
   def _compact(self, batch: dict, values: np.ndarray, index: np.ndarray) -> None:
-    """index [B, L...] into `values` (len(values) = masked) -> per-block rows."""
+    """index [B, L...] into `values` (len(values) = masked) -> per-block rows.
+
+    No second sort: a block's distinct rows are the marked entries of a
+    [groups, n + 1] presence table, renumbered by its running count.
+    """
     n, shape = len(values), batch["hist_mask"].shape
     if len(index) % self.groups:
       raise ValueError(f"a local batch of {len(index)} rows does not split into "
                        f"{self.groups} batch shards")
     blocks = index.reshape(self.groups, -1)
-    parts = [np.unique(b[b < n], return_inverse=True) for b in blocks]
-    u = max(64, 1 << max(len(p[0]) for p in parts).bit_length())  # >= distinct + 1
+    present = np.zeros((self.groups, n + 1), bool)
+    present[np.arange(self.groups)[:, None], blocks] = True
+    present[:, n] = False  # masked slots
+    counts = present.sum(axis=1)
+    u = max(64, 1 << int(counts.max()).bit_length())  # >= distinct + 1 zero row
+    local = np.take_along_axis(np.cumsum(present, axis=1) - 1, blocks, axis=1)
+    local = np.where(blocks < n, local, counts[:, None])  # masked: a zero row
     rows = np.zeros((self.groups, u) + values.shape[1:], np.float32)
-    local = np.empty(blocks.shape, np.int32)
-    for g, (b, (ids, inv)) in enumerate(zip(blocks, parts)):
-      rows[g, :len(ids)] = values[ids]
-      local[g] = len(ids)  # a zero row
-      local[g, b < n] = inv
+    for g in range(self.groups):
+      rows[g, :counts[g]] = values[present[g, :n]]
     batch["hist_insemb_unique"] = rows
-    batch["hist_index"] = local.reshape(shape)
+    batch["hist_index"] = local.astype(np.int32).reshape(shape)
 
 
 def pad_unique(batch: dict, u: int) -> dict:
