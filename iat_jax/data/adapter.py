@@ -230,10 +230,15 @@ def earlier_rows(uid: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, ...]:
   return user_start, hist_end, gap_s
 
 
+def log2_bucket(x: np.ndarray, offset: int, vocab: int) -> np.ndarray:
+  """floor(log2(1 + x)) + offset, capped at vocab - 1: int64 [...]."""
+  return np.minimum(np.floor(np.log2(1.0 + x)).astype(np.int64) + offset, vocab - 1)
+
+
 def earlier_in_group(group: np.ndarray, ts: np.ndarray,
                      values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Count and sums of `values` over the rows of each row's group (any user)
-  with a strictly earlier timestamp (`history.history_end` on the group).
+  with a strictly earlier timestamp (`earlier_rows` on the group).
 
   Args:
     group: int [n], e.g. the item of each row; rows in any order.
@@ -244,14 +249,9 @@ def earlier_in_group(group: np.ndarray, ts: np.ndarray,
     count: int64 [n]; sums: float64 [n, k] (0 where count is 0).
   """
   o = np.lexsort((ts, group))
-  g = group[o]
-  new_group = np.ones(len(g), dtype=bool)
-  new_group[1:] = g[1:] != g[:-1]
-  group_index = np.cumsum(new_group) - 1
-  start = np.flatnonzero(new_group)[group_index]
-  end = history.history_end(group_index, ts[o])
+  start, end, _ = earlier_rows(group[o], ts[o])
   csum = np.concatenate([np.zeros((1, values.shape[1])), np.cumsum(values[o], axis=0)])
-  count, sums = np.empty(len(g), np.int64), np.empty((len(g), values.shape[1]))
+  count, sums = np.empty(len(o), np.int64), np.empty((len(o), values.shape[1]))
   count[o] = end - start
   sums[o] = csum[end] - csum[start]
   return count, sums

@@ -343,10 +343,6 @@ def _dedupe(values: np.ndarray) -> np.ndarray:
 # Features.
 
 
-def _log2_bucket(x: np.ndarray, offset: int, vocab: int) -> np.ndarray:
-  return np.minimum(np.floor(np.log2(1.0 + x)).astype(np.int64) + offset, vocab - 1)
-
-
 def _instances(log: np.ndarray, where, users, videos, seq_len: int,
                sources: dict[str, str], fingerprint: str):
   """Joins, sorts and featurizes the deduplicated log rows.
@@ -409,7 +405,7 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
   duration_s = np.where(np.isnan(duration_s) & (from_log > 0), from_log, duration_s)
   known = ~np.isnan(duration_s)
   duration_s = np.where(known, duration_s, 0.0)
-  duration_id = np.where(known, _log2_bucket(duration_s, 1, _DURATION_VOCAB), 0)
+  duration_id = np.where(known, adapter.log2_bucket(duration_s, 1, _DURATION_VOCAB), 0)
   upload_day = videos["upload_day"][vpos]
   age = np.clip(day - upload_day + 2, 1, _AGE_VOCAB - 1)
   minutes = gap_s // 60
@@ -431,13 +427,16 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
       ("tab", _TAB_VOCAB, c["tab"] + 1, "context"),
       ("hour", 25, c["hourmin"] // 100 + 1, "context"),
       ("weekday", 8, (day - 1) % 7 + 1, "context"),  # ordinal 1 was a Monday
-      ("gap", _GAP_VOCAB, np.where(has_prev, _log2_bucket(minutes, 2, _GAP_VOCAB),
-                                   1), "context"),
-      ("earlier_count", _COUNT_VOCAB, _log2_bucket(earlier, 1, _COUNT_VOCAB), "user"),
-      ("earlier_clicks", _COUNT_VOCAB, _log2_bucket(n_click, 1, _COUNT_VOCAB), "user"),
-      ("earlier_long_views", _COUNT_VOCAB, _log2_bucket(n_long, 1,
-                                                        _COUNT_VOCAB), "user"),
-      ("earlier_likes", _COUNT_VOCAB, _log2_bucket(n_like, 1, _COUNT_VOCAB), "user"),
+      ("gap", _GAP_VOCAB,
+       np.where(has_prev, adapter.log2_bucket(minutes, 2, _GAP_VOCAB), 1), "context"),
+      ("earlier_count", _COUNT_VOCAB, adapter.log2_bucket(earlier, 1,
+                                                          _COUNT_VOCAB), "user"),
+      ("earlier_clicks", _COUNT_VOCAB, adapter.log2_bucket(n_click, 1,
+                                                           _COUNT_VOCAB), "user"),
+      ("earlier_long_views", _COUNT_VOCAB, adapter.log2_bucket(n_long, 1,
+                                                               _COUNT_VOCAB), "user"),
+      ("earlier_likes", _COUNT_VOCAB, adapter.log2_bucket(n_like, 1,
+                                                          _COUNT_VOCAB), "user"),
   ]
   dense = np.stack([
       np.log1p(earlier),

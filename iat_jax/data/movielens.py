@@ -309,12 +309,6 @@ def _id_vocab(n: int) -> int:
   return 1 << max(4, int(np.ceil(np.log2(4 * n + 1))))
 
 
-def _count_bucket(count: np.ndarray) -> np.ndarray:
-  """log2(1 + count) + 1, capped at the count vocabulary."""
-  return np.minimum(
-      np.floor(np.log2(1.0 + count)).astype(np.int64) + 1, _COUNT_VOCAB - 1)
-
-
 def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.ndarray,
                seq_len: int, sources: dict[str, str],
                fingerprint: str) -> tuple[dict[str, np.ndarray], schema_lib.Schema]:
@@ -369,11 +363,7 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
       zips != "", hashing.hash_to_vocab(hashing.string_ids(zips), zip_vocab, _ZIP_SALT),
       0)
   minutes = gap_s // 60
-  gap_id = np.where(
-      has_prev,
-      np.minimum(np.floor(np.log2(1.0 + minutes)).astype(np.int64) + 2, _GAP_VOCAB - 1),
-      1)
-  count_id = _count_bucket(earlier)
+  gap_id = np.where(has_prev, adapter.log2_bucket(minutes, 2, _GAP_VOCAB), 1)
   # Users and movies are closed sets: exact ids (their row in users/movies + 1),
   # since hashing 1,682 movies into even 4x as many buckets merged ~10% of them.
   user_vocab, movie_vocab = len(users["id"]) + 1, len(movies["id"]) + 1
@@ -391,8 +381,10 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
       ("hour", 25, (ts // 3600) % 24 + 1, "context"),
       ("weekday", 8, (ts // 86400 + 3) % 7 + 1, "context"),  # 1970-01-01 was a Thursday
       ("gap", _GAP_VOCAB, gap_id, "context"),
-      ("earlier_count", _COUNT_VOCAB, count_id, "user"),
-      ("movie_earlier_count", _COUNT_VOCAB, _count_bucket(m_count), "item"),
+      ("earlier_count", _COUNT_VOCAB, adapter.log2_bucket(earlier, 1,
+                                                          _COUNT_VOCAB), "user"),
+      ("movie_earlier_count", _COUNT_VOCAB,
+       adapter.log2_bucket(m_count, 1, _COUNT_VOCAB), "item"),
   )
   dense = np.stack([
       np.log1p(earlier),
