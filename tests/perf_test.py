@@ -134,15 +134,61 @@ def _lookup_reference(table, batch):
 
 class PipelineTest(absltest.TestCase):
 
+  def _history_batch(self, rng, requests=8, length=6):
+    """A batch as AddHistory builds it: users' rows [0, 10), [10, 25), [25, 40),
+    [40, 60); requests of the same user share their past; a tie group (the
+    request's hist_end before its own row) and a request without history."""
+    starts = np.repeat([0, 10, 25, 40], [10, 15, 15, 20])
+    req = np.sort(rng.choice(60, requests, replace=False))
+    req[0] = 25  # first row of its user: no history
+    hist_end = np.maximum(req - rng.integers(0, 3, requests), starts[req])
+    rows, mask = history.earlier_rows(hist_end, starts[req], length)
+    return rows, mask
+
+  def test_distinct_numbers_each_blocks_distinct_rows(self):
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+      rows, mask = self._history_batch(rng, requests=8, length=int(rng.integers(1, 9)))
+      mask[rng.random(8) < 0.2] = False  # padded batch rows
+      for groups in (1, 2, 4):
+        index, counts = history.distinct(rows, mask, groups)
+        n = counts.sum()
+        self.assertTrue((index[~mask] == n).all())
+        per = 8 // groups
+        for g in range(groups):
+          blk = slice(g * per, (g + 1) * per)
+          want = np.unique(rows[blk][mask[blk]])
+          got = index[blk][mask[blk]]
+          start = counts[:g].sum()
+          self.assertEqual(counts[g], len(want), (trial, groups, g))
+          # One number per distinct row, numbering the block's rows from start.
+          np.testing.assert_array_equal(np.sort(np.unique(got)),
+                                        np.arange(start, start + len(want)))
+          pairs = np.unique(np.stack([got, rows[blk][mask[blk]]]), axis=1)
+          self.assertEqual(pairs.shape[1], len(want))
+    rows, mask = history.earlier_rows(np.array([5, 9]), np.array([0, 0]), 4)
+    history.distinct(rows, mask)
+    gap = mask.copy()
+    gap[0, 0] = False  # real slots not a prefix
+    with self.assertRaisesRegex(ValueError, "consecutive rows"):
+      history.distinct(rows, gap)
+    skip = rows.copy()
+    skip[1, 2] -= 1  # rows 8, 7, 5: not consecutive
+    with self.assertRaisesRegex(ValueError, "consecutive rows"):
+      history.distinct(skip, mask)
+
   def test_deduplicated_lookup_equals_the_per_slot_lookup(self):
     rng = np.random.default_rng(0)
-    keys = (rng.choice(2**62, 50, replace=False) * 3).astype(np.uint64)  # > 2**63 too
-    values = rng.normal(size=(50, 3)).astype(np.float32)
+    keys = (rng.choice(2**62, 60, replace=False) * 3).astype(np.uint64)  # > 2**63 too
+    values = rng.normal(size=(60, 3)).astype(np.float32)
     table = memory_table.MemoryTable(keys[::2], values[::2])  # half missing
-    mask = rng.random((8, 6)) < 0.7
-    mask[0] = False  # an instance without history
-    ids = np.where(mask, keys[rng.integers(0, 50, (8, 6))], 0).astype(np.uint64)
-    batch = {"hist_mask": mask, "hist_ins_id": ids}
+    rows, mask = self._history_batch(rng)
+    ids = np.where(mask, keys[rows], 0).astype(np.uint64)
+    batch = {
+        "hist_mask": mask,
+        "hist_ins_id": ids,
+        "hist_row": np.where(mask, rows, -1)
+    }
     want = _lookup_reference(table, dict(batch))
     got = input_pipeline.LookupInsEmb(table).map(dict(batch))
     for k, v in want.items():

@@ -14,6 +14,7 @@ import optax
 
 from iat_jax import configs
 from iat_jax import sharding
+from iat_jax.data import history
 from iat_jax.data import input_pipeline
 from iat_jax.models import embedding
 from iat_jax.store import memory_table
@@ -120,10 +121,14 @@ class DedupedShardedTest(absltest.TestCase):
     rng = np.random.default_rng(1)
     keys = np.arange(1, 11, dtype=np.uint64) * 7919
     vectors = rng.normal(size=(10, cfg.insemb_dim)).astype(np.float32)
-    which = rng.integers(0, 10, dense["hist_mask"].shape)
-    dense["hist_insemb"] = np.where(dense["hist_mask"][..., None], vectors[which], 0)
+    # 8 requests of one user whose rows 0..9 are those instances (AddHistory's layout).
+    which, mask = history.earlier_rows(rng.integers(0, 11, 8), np.zeros(8, np.int64),
+                                       cfg.hist_len)
+    dense["hist_mask"] = mask
+    dense["hist_insemb"] = np.where(mask[..., None], vectors[which], 0)
     compact = {k: v for k, v in dense.items() if k != "hist_insemb"}
-    compact["hist_ins_id"] = np.where(dense["hist_mask"], keys[which], 0)
+    compact["hist_ins_id"] = np.where(mask, keys[which], 0)
+    compact["hist_row"] = which
     mesh = sharding.make_mesh((4, 2))
     groups = sharding.local_batch_shards(mesh)
     self.assertEqual(groups, 4)

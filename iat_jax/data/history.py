@@ -57,6 +57,62 @@ def earlier_rows(hist_end: np.ndarray, user_start: np.ndarray,
   return np.where(mask, rows, 0), mask
 
 
+def distinct(rows: np.ndarray,
+             mask: np.ndarray,
+             groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Numbers the distinct past rows of `groups` blocks of requests, no sort
+  of the slots.
+
+  The slots of a request are what `earlier_rows` gives: consecutive rows,
+  newest first, the real ones a prefix. So each request's past is an
+  interval of rows, and a block's distinct rows are the union of its
+  requests' intervals: merging R intervals (one argsort of R) numbers them,
+  instead of sorting the R x L slots.
+
+  Args:
+    rows: int64 [R, ..., L] (-1 or anything where masked).
+    mask: bool [R, ..., L], the real slots.
+    groups: blocks of consecutive leading rows (R divisible by groups).
+
+  Returns:
+    index: int64 [R, ..., L]: the slot's distinct-row number in [0, n),
+      block g numbering counts[g] rows from sum(counts[:g]) on; n at masked
+      slots.
+    counts: int64 [groups], distinct rows per block (n = counts.sum()).
+
+  Raises:
+    ValueError: the slots are not runs of consecutive rows, newest first.
+  """
+  shape, length = mask.shape, mask.shape[-1]
+  rows, mask = rows.reshape(-1, length), mask.reshape(-1, length)
+  r = len(rows)
+  count = mask.sum(axis=1)
+  hi = np.where(count > 0, rows[:, 0] + 1, 0)
+  step = np.arange(length)
+  jumps = (rows != hi[:, None] - 1 - step) & mask
+  if (mask != (step < count[:, None])).any() or jumps.any():
+    raise ValueError("history slots are not runs of consecutive rows, newest "
+                     "first (the layout of history.earlier_rows)")
+  span = int(hi.max(initial=0)) + 1  # block g's rows live in [g * span, (g + 1) * span)
+  hi = hi + np.arange(r) // max(r // groups, 1) * span
+  lo = hi - count
+  order = np.argsort(lo, kind="stable")
+  lo_s, hi_s = lo[order], np.maximum.accumulate(hi[order])
+  new = np.ones(r, bool)
+  new[1:] = lo_s[1:] > hi_s[:-1]  # a gap: the next merged interval begins
+  seg = np.cumsum(new) - 1
+  first = lo_s[new]
+  last = hi_s[np.append(np.flatnonzero(new)[1:], r) - 1]  # a running max
+  sizes = last - first
+  offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  newest = np.empty(r, np.int64)  # number of each request's newest row
+  newest[order] = offset[seg] + hi[order] - 1 - first[seg]
+  n = int(sizes.sum())
+  index = np.where(mask, newest[:, None] - step, n).reshape(shape)
+  counts = np.bincount(first // span, sizes, minlength=groups).astype(np.int64)
+  return index, counts
+
+
 def gather(column: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """column[rows] with masked slots zeroed: [N, ...] -> [*rows.shape, ...].
 

@@ -256,17 +256,17 @@ class LookupInsEmb(grain.transforms.Map):
   Missing keys give zero vectors and are dropped from hist_mask;
   `hist_missing` counts them (a scalar per batch, for metrics).
 
-  The lookup asks for each distinct InsID once (a batch's histories overlap:
-  instances of one user share most of their past), then one `take` spreads
-  the rows over the [..., L] slots, masked slots reading an appended zero row
-  (no zero-filled buffer and boolean scatter).
+  The lookup asks for each distinct past row once (a batch's histories
+  overlap: instances of one user share most of their past), numbered by
+  `history.distinct` without sorting the B x L slots; one `take` spreads the
+  rows over the [..., L] slots, masked slots reading an appended zero row.
 
   With `compact`, the batch gets the distinct InsEmbs instead, per batch
   shard: the local batch is cut into `groups` equal blocks of rows (the
   blocks `jax.make_array_from_process_local_data` gives this process's
   devices along the batch axis, `sharding.local_batch_shards`), and each
   block gets its own distinct rows: hist_insemb_unique [groups, U, d] (U =
-  the largest block's distinct InsIDs + 1 zero row, rounded up to a power of
+  the largest block's distinct rows + 1 zero row, rounded up to a power of
   two >= 64, so a run compiles a handful of shapes) and hist_index int32
   [..., L] indexing its block's rows (masked slots point at a zero row). The
   model gathers after its per-token adapt MLP (`iat.IATBranch`), which then
@@ -283,49 +283,34 @@ class LookupInsEmb(grain.transforms.Map):
 
   def map(self, batch: dict) -> dict:
     mask = batch["hist_mask"]
-    flat = mask.reshape(-1)
-    uniq, inv = np.unique(batch["hist_ins_id"].reshape(-1)[flat],
-                          return_inverse=True)  # real slots only
-    values, found = self.table.lookup(uniq)
+    if self.compact and len(mask) % self.groups:
+      raise ValueError(f"a local batch of {len(mask)} rows does not split into "
+                       f"{self.groups} batch shards")
+    index, counts = history.distinct(batch["hist_row"], mask,
+                                     self.groups if self.compact else 1)
+    n, flat = int(counts.sum()), mask.reshape(-1)
+    keys = np.zeros(n, np.uint64)
+    keys[index.reshape(-1)[flat]] = batch["hist_ins_id"].reshape(-1)[flat]
+    values, found = self.table.lookup(keys)
     d = values.shape[1:]
-    hit = np.zeros(len(uniq) + 1, bool)
-    hit[:len(uniq)] = found
-    index = np.full(flat.shape, len(uniq), np.int64)
-    index[flat] = inv
     if self.compact:
-      self._compact(batch, values, index.reshape(len(mask), -1))
+      u = max(64, 1 << int(counts.max()).bit_length())  # >= distinct + 1 zero row
+      rows = np.zeros((self.groups, u) + d, np.float32)
+      start = np.concatenate([[0], np.cumsum(counts)])
+      for g in range(self.groups):
+        rows[g, :counts[g]] = values[start[g]:start[g + 1]]
+      blocks = index.reshape(self.groups, -1)
+      local = np.where(blocks < n, blocks - start[:-1, None], counts[:, None])
+      batch["hist_insemb_unique"] = rows
+      batch["hist_index"] = local.astype(np.int32).reshape(mask.shape)
     else:
-      rows = np.zeros((len(uniq) + 1,) + d, np.float32)
-      rows[:len(uniq)] = values
-      batch["hist_insemb"] = rows.take(index, axis=0).reshape(mask.shape + d)
-    hit = hit.take(index).reshape(mask.shape)
+      rows = np.zeros((n + 1,) + d, np.float32)
+      rows[:n] = values
+      batch["hist_insemb"] = rows.take(index, axis=0)
+    hit = np.append(found, False).take(index)
     batch["hist_missing"] = np.int64(flat.sum() - hit.sum())
     batch["hist_mask"] = hit
     return batch
-
-  def _compact(self, batch: dict, values: np.ndarray, index: np.ndarray) -> None:
-    """index [B, L...] into `values` (len(values) = masked) -> per-block rows.
-
-    No second sort: a block's distinct rows are the marked entries of a
-    [groups, n + 1] presence table, renumbered by its running count.
-    """
-    n, shape = len(values), batch["hist_mask"].shape
-    if len(index) % self.groups:
-      raise ValueError(f"a local batch of {len(index)} rows does not split into "
-                       f"{self.groups} batch shards")
-    blocks = index.reshape(self.groups, -1)
-    present = np.zeros((self.groups, n + 1), bool)
-    present[np.arange(self.groups)[:, None], blocks] = True
-    present[:, n] = False  # masked slots
-    counts = present.sum(axis=1)
-    u = max(64, 1 << int(counts.max()).bit_length())  # >= distinct + 1 zero row
-    local = np.take_along_axis(np.cumsum(present, axis=1) - 1, blocks, axis=1)
-    local = np.where(blocks < n, local, counts[:, None])  # masked: a zero row
-    rows = np.zeros((self.groups, u) + values.shape[1:], np.float32)
-    for g in range(self.groups):
-      rows[g, :counts[g]] = values[present[g, :n]]
-    batch["hist_insemb_unique"] = rows
-    batch["hist_index"] = local.astype(np.int32).reshape(shape)
 
 
 def pad_unique(batch: dict, u: int) -> dict:

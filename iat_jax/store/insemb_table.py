@@ -48,9 +48,11 @@ Reader memory. A reader holds only (a) the index of each segment it touched
 one slab [slots, block_rows] whose bytes plus (a) stay within `cache_bytes`
 (its own accounting: `Table.memory_bytes()`); least recently used blocks are
 evicted, and a batch that needs more blocks than fit is served in pieces. A
-warm lookup is vectorized numpy: a searchsorted of the sorted queries over
-each touched segment's fences, a batched binary search inside the cached
-blocks, one gather. A version is immutable, so cached blocks never go stale.
+warm lookup is vectorized numpy with no loop over shards: per level (the
+j-th newest segment of every shard, fences concatenated in shard order, so
+sorted) one searchsorted of the sorted queries, a batched binary search
+inside the cached blocks, one gather. A version is immutable, so cached
+blocks never go stale.
 
 At 1e11 rows (3e8/day x 730 days; shard_bits=8: 256 shards of ~4e8 rows):
 values are 6.4 TB at d=64 int8 (+ 1.2 TB keys/scales, + index 12 B/256 rows);
@@ -74,6 +76,7 @@ Precision of the stored dtypes (what a lookup returns vs. what was written):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -164,6 +167,13 @@ def _shard_bounds(keys: np.ndarray, shard_bits: int) -> np.ndarray:
   """Sorted keys [n] -> int64 [2**shard_bits + 1]: shard s is [b[s], b[s+1])."""
   shard = keys >> np.uint64(64 - shard_bits)
   return np.searchsorted(shard, np.arange(2**shard_bits + 1, dtype=np.uint64))
+
+
+def _sorted_distinct(x: np.ndarray) -> np.ndarray:
+  """The distinct values of a sorted array (np.unique without its sort)."""
+  keep = np.ones(len(x), bool)
+  keep[1:] = x[1:] != x[:-1]
+  return x[keep]
 
 
 def _check_block_rows(block_rows: int) -> None:
@@ -338,6 +348,45 @@ def write(path: str,
 # Reading.
 
 
+@dataclasses.dataclass
+class _Level:
+  """The j-th newest segment of every loaded shard that has one, in shard
+  order. Shards partition the key space in order, so the concatenated fences
+  are sorted and one searchsorted places every key of a batch; a key's block
+  is valid only inside its own shard's range [base[s], base[s + 1]). Each
+  segment's fences and cache slots are views into `fences` / `slot_of` (held
+  once, as the index's memory accounting assumes).
+
+  Attributes:
+    fences: uint64 [blocks] first key of each block.
+    slot_of: int32 [blocks] cache slot of each block, -1 = not cached.
+    base: int64 [shards + 1] global block range of each shard's segment.
+    entries: the segment entries, in order; starts: int64 [len(entries)]
+      the first global block of each.
+  """
+  fences: np.ndarray
+  slot_of: np.ndarray
+  base: np.ndarray
+  entries: list
+  starts: np.ndarray
+
+  @classmethod
+  def of(cls, segs: list, loaded: np.ndarray, j: int) -> "_Level":
+    have = [s for s, shard in enumerate(segs) if loaded[s] and len(shard) > j]
+    entries = [segs[s][j] for s in have]
+    sizes = np.zeros(len(segs), np.int64)
+    sizes[have] = [len(e[1]) for e in entries]
+    base = np.concatenate([[0], np.cumsum(sizes)])
+    starts = base[have]
+    fences = np.concatenate([e[0].index.fences for e in entries] or
+                            [np.zeros(0, np.uint64)])
+    slot_of = np.concatenate([e[1] for e in entries] or [np.zeros(0, np.int32)])
+    for e, lo in zip(entries, starts.tolist()):
+      hi = lo + len(e[1])
+      e[0].index.fences, e[1] = fences[lo:hi], slot_of[lo:hi]
+    return cls(fences, slot_of, base, entries, starts)
+
+
 class Table:
   """Read side: one pinned version; `lookup` is vectorized, memory bounded.
 
@@ -374,6 +423,8 @@ class Table:
     self._segs = [[[segments.Source(self._kv, s), None]
                    for s in reversed(shard)]
                   for shard in meta["shards"]]
+    self._loaded = np.zeros(len(self._segs), bool)  # shards with indexes in memory
+    self._levels: list[_Level] = []
     self._lock = threading.Lock()
     self._slab = None
     self._index_bytes = 0
@@ -470,16 +521,25 @@ class Table:
         "segs": []
     }  # segment id -> [Source, slot_of]
 
-  def _seg_entry(self, entry: list) -> np.ndarray:
-    """Loads a segment's index (once); returns its fences."""
-    src = entry[0]
-    if entry[1] is None:
-      idx = src.load()
-      entry[1] = np.full(len(idx.fences), -1, np.int32)
-      entry.append(len(self._slab["segs"]))
-      self._slab["segs"].append(entry)
-      self._index_bytes += idx.nbytes + entry[1].nbytes
-    return src.index.fences
+  def _load(self, shards: np.ndarray) -> None:
+    """Loads the indexes of every segment of `shards` not loaded yet, then
+    rebuilds the levels (once per call that loaded any: after the first
+    lookups, never)."""
+    new = [s for s in shards.tolist() if not self._loaded[s]]
+    if not new:
+      return
+    for s in new:
+      for entry in self._segs[s]:
+        idx = entry[0].load()
+        entry[1] = np.full(len(idx.fences), -1, np.int32)
+        entry.append(len(self._slab["segs"]))
+        self._slab["segs"].append(entry)
+        self._index_bytes += idx.nbytes + entry[1].nbytes
+      self._loaded[s] = True
+    self._levels = [
+        _Level.of(self._segs, self._loaded, j)
+        for j in range(max(len(shard) for shard in self._segs))
+    ]
 
   def _capacity(self) -> int:
     """Slots usable now: the budget left by the indexes (at least one)."""
@@ -528,31 +588,31 @@ class Table:
     """Sorted query keys [m] -> yields (start, pos) for consecutive pieces
     sk[start:start + len(pos)]: pos is the int64 row of each key in the slab's
     flat arrays (slot * block_rows + offset), -1 where absent, valid until
-    the next piece is asked for (it may evict the blocks)."""
+    the next piece is asked for (it may evict the blocks).
+
+    Vectorized over shards: per level, one searchsorted of all the keys over
+    the level's fences (`_Level`), whatever the number of shards.
+    """
     slab = self._slab
     self._tick += 1
-    bounds = _shard_bounds(sk, self.metadata["shard_bits"])
-    runs = []  # (segment entry, lo, hi, block of each query in [lo, hi))
-    for s in np.flatnonzero(np.diff(bounds)).tolist():
-      lo, hi = int(bounds[s]), int(bounds[s + 1])
-      for j, entry in enumerate(self._segs[s]):
-        fences = self._seg_entry(entry)
-        blk = np.searchsorted(fences, sk[lo:hi], "right") - 1
-        runs.append((entry, lo, hi, blk, j))
+    shard = (sk >> self._shift).astype(np.int64)
+    self._load(_sorted_distinct(shard))
+    runs = []  # per level: (level, query rows, global block of each)
     wanted, total = [], 0
-    for entry, _, _, blk, _ in runs:
-      b = blk[blk >= 0]
-      if not len(b):
-        continue
-      new = np.ones(len(b), bool)
-      new[1:] = b[1:] != b[:-1]
-      b = b[new]
-      slots = entry[1][b]
+    for lev in self._levels:
+      g = np.searchsorted(lev.fences, sk, "right") - 1
+      rows = np.flatnonzero((g >= lev.base[shard]) & (g < lev.base[shard + 1]))
+      g = g[rows]  # ascending, as sk is
+      runs.append((lev, rows, g))
+      b = _sorted_distinct(g)
+      slots = lev.slot_of[b]
       slab["used"][slots[slots >= 0]] = self._tick
       miss = b[slots < 0]
       total += len(b)
       if len(miss):
-        wanted.append((entry, miss))
+        e = np.searchsorted(lev.starts, miss, "right") - 1
+        for i in np.unique(e).tolist():
+          wanted.append((lev.entries[i], miss[e == i] - lev.starts[i]))
     if total > self._capacity():  # more blocks than fit: two halves in turn
       if len(sk) == 1:
         raise StoreError(f"InsEmb store {self.path}: cache_bytes="
@@ -562,16 +622,12 @@ class Table:
       yield from self._pieces(sk[half:], start + half)
       return
     self._fill(wanted)
-    levels = {}  # j -> [(query rows, slots)] of the j-th newest segments
-    for entry, lo, hi, blk, j in runs:
-      ok = np.flatnonzero(blk >= 0)
-      levels.setdefault(j, []).append((lo + ok, entry[1][blk[ok]]))
     b_rows = self._fmt.block_rows
     flat_keys = slab["keys"].reshape(-1)
     pos = np.full(len(sk), -1, np.int64)
-    for j in sorted(levels):  # newest first: a key takes its newest row
-      rows = np.concatenate([r for r, _ in levels[j]])
-      slots = np.concatenate([s for _, s in levels[j]])
+    # Newest level first: a key takes its newest row.
+    for j, (lev, rows, g) in enumerate(runs):
+      slots = lev.slot_of[g]
       if j:
         keep = pos[rows] < 0
         rows, slots = rows[keep], slots[keep]
