@@ -16,6 +16,7 @@ from iat_jax import allocator
 from iat_jax import stages
 from iat_jax.data import input_pipeline
 from iat_jax.data import history
+from iat_jax.models import layers
 from iat_jax.models import sequence
 from iat_jax.store import memory_table
 from tests import cli_fixtures as cli
@@ -130,6 +131,39 @@ def _lookup_reference(table, batch):
       "hist_mask": hit,
       "hist_missing": np.int64(len(found) - found.sum())
   }
+
+
+class ConcatDenseTest(absltest.TestCase):
+
+  def test_same_parameters_and_function_as_dense_on_the_concat(self):
+    rng = np.random.default_rng(4)
+    g, u, b, l = 2, 5, 6, 4  # 2 blocks of 3 rows, 5 distinct rows each
+    rows = rng.normal(size=(g, u, 3)).astype(np.float32)
+    index = rng.integers(0, u, (b, l)).astype(np.int32)
+    side = rng.normal(size=(b, l, 2)).astype(np.float32)
+    gathered = rows[np.repeat(np.arange(g), b // g)[:, None], index]  # [B, L, 3]
+    ref = layers.dense(7, name="seq_proj")
+    fast = layers.ConcatDense(7, name="seq_proj")
+    concat = np.concatenate([gathered, side], axis=-1)
+    p_ref = ref.init(jax.random.PRNGKey(0), concat)
+    p_fast = fast.init(jax.random.PRNGKey(0), [layers.Gathered(rows, index), side])
+    self.assertEqual(jax.tree_util.tree_structure(p_ref),
+                     jax.tree_util.tree_structure(p_fast))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p_ref, p_fast)  # same init
+
+    def f_ref(p, r, s):
+      x = jnp.concatenate([r[np.repeat(np.arange(g), b // g)[:, None], index], s], -1)
+      return jnp.sum(jnp.sin(ref.apply(p, x)))
+
+    def f_fast(p, r, s):
+      return jnp.sum(jnp.sin(fast.apply(p, [layers.Gathered(r, index), s])))
+
+    want = jax.value_and_grad(f_ref, argnums=(0, 1, 2))(p_ref, rows, side)
+    got = jax.value_and_grad(f_fast, argnums=(0, 1, 2))(p_ref, rows, side)
+    _assert_trees_close(self, got, want)
+    # One plain part is exactly `dense`.
+    np.testing.assert_array_equal(
+        fast.apply(p_ref, concat), ref.apply(p_ref, concat))
 
 
 class PipelineTest(absltest.TestCase):

@@ -12,9 +12,12 @@
 The InsEmbs come either as 'hist_insemb' [B, L, d] or, deduplicated, as
 'hist_insemb_unique' [G, U, d] + 'hist_index' [B, L] (`LookupInsEmb(compact)`:
 the U distinct rows of each of the G batch shards, G sharded like the batch):
-MLP_adapt is per token, so running it on the distinct rows and gathering
-each shard's from its own block is the same function at G U/(B L) of its
-cost, with no data crossing devices.
+MLP_adapt and the encoder's input projection of E^ are per token, so running
+them on the distinct rows and gathering each shard's from its own block
+(`layers.Gathered`) is the same function at G U/(B L) of their cost, with no
+data crossing devices. The concatenation of Eq. 10 is never built: the
+encoder projects its parts (`layers.ConcatDense`, the parameters of one
+dense layer on the concatenation).
 
 Side information: concat('hist_labels', 'hist_label_known') [B, L, 2 num_tasks]
 -> a linear embedding (equal to summing one learned vector per positive task,
@@ -29,9 +32,10 @@ MLP_adapt's second layer (d_a -> d_a) has no activation after it, and the
 encoder's input projection ('seq_proj', also linear) follows the concat, so
 the two compose into one linear map of E^. Eq. 9 writes MLP_adapt as a
 two-layer MLP, and the stored parameter tree (and every measured table) has
-it, so it stays; it costs 2 B L d_a^2 FLOPs forward, about 3x that per train
-step: 0.40 GFLOPs per step at the demo config (B=256, L=16, d_a=128) and 1.6
-GFLOPs at MovieLens shapes (L=64). Folding it into 'seq_proj' would change
+it, so it stays; it costs 2 d_a^2 FLOPs forward per distinct InsEmb of a
+batch shard (per history slot without deduplication: 0.40 GFLOPs per train
+step at the demo config, B=256, L=16, d_a=128, and 1.6 GFLOPs at MovieLens
+shapes, L=64), about 3x that per train step. Folding it into 'seq_proj' would change
 the parameter tree and the training dynamics (AdamW and weight decay act on
 the factors, not on their product), so it is not done.
 Masked history slots never influence the output; an all-masked history
@@ -39,8 +43,6 @@ Masked history slots never influence the output; an all-masked history
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.linen as nn
 import jax
@@ -79,14 +81,12 @@ class IATBranch(nn.Module):
                        name="adapt")
     b = batch["hist_mask"].shape[0]
     if "hist_insemb_unique" in batch:  # per batch shard [G, U, d] + index [B, L]
-      # The same per-token MLP, once per distinct InsEmb of each shard, then
-      # each shard's rows gathered from its own block (no cross-device data).
+      # The same per-token MLP, once per distinct InsEmb of each shard; the
+      # encoder's input projection too (`layers.ConcatDense`), then each
+      # shard's rows gathered from its own block (no cross-device data).
       unique = layers.constrain(batch["hist_insemb_unique"], "batch", None, None)
       adapted = adapt(unique.astype(dtype), train=train)  # [G, U, d_a]
-      g = adapted.shape[0]
-      index = batch["hist_index"].reshape((g, b // g) + batch["hist_index"].shape[1:])
-      gathered = jax.vmap(functools.partial(jnp.take, axis=0))(adapted, index)
-      parts = [gathered.reshape((b,) + gathered.shape[2:])]
+      parts = [layers.Gathered(adapted, batch["hist_index"])]
     else:
       parts = [adapt(batch["hist_insemb"].astype(dtype), train=train)]  # [B, L, d]
     if c.use_label_side:
@@ -100,8 +100,7 @@ class IATBranch(nn.Module):
           (c.num_gap_buckets, c.side_dim), jnp.float32)
       gap = jnp.clip(batch["hist_gap"], 0, c.num_gap_buckets - 1)
       parts.append(jnp.take(table, gap, axis=0).astype(dtype))
-    ins_tokens = jnp.concatenate(parts, axis=-1)
-    ins_tokens = layers.constrain(ins_tokens, "batch", None, None)
+    # InsTokens = concat(parts) [B, L, .], handed to the encoder as its parts.
 
     if c.iat_query == "compress":
       cand = jnp.concatenate(
@@ -121,7 +120,7 @@ class IATBranch(nn.Module):
                                     dtype=dtype,
                                     module_name="encoder")
     mask = batch["hist_mask"].astype(bool)
-    return encoder(query, ins_tokens, mask, None, train=train)
+    return encoder(query, parts, mask, None, train=train)
 
 
 class Downstream(nn.Module):

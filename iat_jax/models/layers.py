@@ -15,6 +15,8 @@ Logical axis names used by the models:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -72,6 +74,74 @@ def dense(
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
       name=name,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+  """A [B, ...] feature part given as distinct rows and an index into them.
+
+  rows [G, U, w]: the distinct rows of each of G blocks of B / G consecutive
+  leading rows (G sharded like the batch); index int [B, ...]: row b reads
+  rows[b // (B / G)][index[b, ...]]. The part is that gather, [B, ..., w].
+  """
+  rows: Array
+  index: Array
+
+  @property
+  def width(self) -> int:
+    return self.rows.shape[-1]
+
+  def take(self, rows: Array) -> Array:
+    """Gathers [G, U, f] rows (a function of `self.rows`) -> [B, ..., f]; each
+    block reads its own rows, so nothing crosses devices."""
+    g = rows.shape[0]
+    b = self.index.shape[0]
+    index = self.index.reshape((g, b // g) + self.index.shape[1:])
+    out = jax.vmap(functools.partial(jnp.take, axis=0))(rows, index)
+    return out.reshape((b,) + out.shape[2:])
+
+
+class ConcatDense(nn.Module):
+  """`dense` of concat(parts, axis=-1), without building the concatenation.
+
+  parts: an array [..., w], or a sequence of arrays [..., w_i] (one leading
+  shape) and `Gathered` parts (the same leading shape once gathered). The
+  kernel [sum w_i, features] and bias [features] are `dense`'s (names, init,
+  logical axes), so the parameter tree is the same as for the concatenated
+  input; the output [..., features] is the same function, up to the float
+  rounding of a sum of per-part products. A `Gathered` part is projected on
+  its distinct rows and the products gathered: G U rows instead of B x ...
+  """
+  # Output width.
+  features: int
+  # Compute dtype.
+  dtype: Dtype = jnp.float32
+  # Logical axes of the kernel [in, out].
+  axes: tuple[str | None, str | None] = ("embed", "mlp")
+
+  @nn.compact
+  def __call__(self, parts) -> Array:
+    if not isinstance(parts, (list, tuple)):
+      parts = [parts]
+    widths = [p.width if isinstance(p, Gathered) else p.shape[-1] for p in parts]
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                               self.axes), (sum(widths), self.features),
+        jnp.float32).astype(self.dtype)
+    bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
+        (self.features,), jnp.float32).astype(self.dtype)
+    out, start = None, 0
+    for part, w in zip(parts, widths):
+      k = kernel[start:start + w]
+      start += w
+      if isinstance(part, Gathered):
+        y = part.take(jnp.dot(part.rows.astype(self.dtype), k))
+      else:
+        y = jnp.dot(part.astype(self.dtype), k)
+      out = y if out is None else out + y
+    return out + bias
 
 
 def layer_norm(*, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:

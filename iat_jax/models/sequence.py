@@ -6,8 +6,10 @@ sequence and the downstream IAT sequence use the same code:
   encoder(query [N, Dq], seq [N, S, Ds], mask [N, S] bool,
           profile [N, P, Dp] | None = None, *, train) -> [N, width]
 
-Both query and sequence are projected to `width` inside the encoder. Sequences
-are newest first. Padded positions (mask False) never influence the output
+Both query and sequence are projected to `width` inside the encoder; seq may
+also come as its feature parts, some of them deduplicated
+(`layers.ConcatDense`: the projection of the concatenation, never built).
+Sequences are newest first. Padded positions (mask False) never influence the output
 (attention probabilities exactly 0 and, for LONGER's token merge, padded
 tokens zeroed before merging), and an all-masked sequence gives a finite
 output.
@@ -82,7 +84,7 @@ class DINEncoder(nn.Module):
                train: bool = False) -> Array:
     del profile  # DIN attends with the candidate only.
     q = layers.dense(self.width, dtype=self.dtype, name="query_proj")(query)
-    k = layers.dense(self.width, dtype=self.dtype, name="seq_proj")(seq)
+    k = layers.ConcatDense(self.width, dtype=self.dtype, name="seq_proj")(seq)
     qb = jnp.broadcast_to(q[..., None, :], k.shape)
     feats = jnp.concatenate([qb, k, qb - k, qb * k], axis=-1)
     score = layers.MLP(tuple(self.mlp_dims) + (1,),
@@ -124,7 +126,7 @@ class TransformerEncoder(nn.Module):
                train: bool = False) -> Array:
     del profile
     q = layers.dense(self.width, dtype=self.dtype, name="query_proj")(query)
-    x = layers.dense(self.width, dtype=self.dtype, name="seq_proj")(seq)
+    x = layers.ConcatDense(self.width, dtype=self.dtype, name="seq_proj")(seq)
     x = _PositionEmbedding(self.max_len, name="pos")(x)
     x = jnp.concatenate([q[..., None, :], x], axis=-2)  # [N, 1+S, W]
     valid = jnp.concatenate([jnp.ones_like(mask[..., :1]), mask], axis=-1)
@@ -194,7 +196,7 @@ class LongerEncoder(nn.Module):
                *,
                train: bool = False) -> Array:
     w = self.width
-    x = layers.dense(w, dtype=self.dtype, name="seq_proj")(seq)
+    x = layers.ConcatDense(w, dtype=self.dtype, name="seq_proj")(seq)
     x = _PositionEmbedding(self.max_len, name="pos")(x)
     lead, s = x.shape[:-2], x.shape[-2]
 
