@@ -16,8 +16,9 @@ For a config (default: the demo config), in one process:
      training with the InsEmb store (`tables.Table`) in the input
      pipeline vs the same InsEmbs in memory (`MemoryTable`);
   4. with --malloc_compare: section 2's `after` steps in two child processes,
-     with and without `iat_jax.allocator`'s malloc settings, each printing its
-     sys vs user time (target: sys < 5% of user with the settings).
+     with and without `iat_jax.allocator`'s malloc settings (and its XLA:CPU
+     heap option, `allocator.compiler_options`), each printing its sys vs
+     user time (target: sys < 5% of user with the settings).
 
   python experiments/bench_train.py --config=experiments/configs/demo.py \
       [--config.model.dtype=bfloat16] [--peak_tflops=989] [--store]

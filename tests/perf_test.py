@@ -162,8 +162,7 @@ class ConcatDenseTest(absltest.TestCase):
     got = jax.value_and_grad(f_fast, argnums=(0, 1, 2))(p_ref, rows, side)
     _assert_trees_close(self, got, want)
     # One plain part is exactly `dense`.
-    np.testing.assert_array_equal(
-        fast.apply(p_ref, concat), ref.apply(p_ref, concat))
+    np.testing.assert_array_equal(fast.apply(p_ref, concat), ref.apply(p_ref, concat))
 
 
 class PipelineTest(absltest.TestCase):
@@ -360,6 +359,46 @@ class AllocatorTest(absltest.TestCase):
         }))
     out = self._run(IAT_JAX_KEEP_MALLOC="1")
     self.assertEqual(self._started_with(out), str({allocator.OPT_OUT: "1"}))
+
+  def test_xla_heaps_cut_the_per_step_page_faults(self):
+    if not allocator.applies():
+      self.skipTest("not glibc")
+    # A train-step-like program: 40 layers whose [8192, 64] activations (2 MiB
+    # each, 82 MiB in all) stay live for the backward pass. One temporary
+    # buffer that large is mapped afresh every run; of heaps of 8 MiB, the
+    # arenas keep most (measured here: 21k -> 6.5k-11.9k faults per run).
+    script = """
+import resource, jax, jax.numpy as jnp
+from iat_jax import allocator
+def loss(ws, x):
+  for w in ws:
+    x = jnp.tanh(x @ w)
+  return jnp.sum(x)
+ws, x = [jnp.eye(64) * 0.5] * 40, jnp.ones((8192, 64))
+for opts in ({}, allocator.compiler_options("cpu")):
+  step = jax.jit(jax.grad(loss), compiler_options=opts).lower(ws, x).compile()
+  jax.block_until_ready(step(ws, x))
+  f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(5):
+    jax.block_until_ready(step(ws, x))
+  print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5)
+"""
+    base = {
+        k: v
+        for k, v in cli.ENV.items()
+        if k not in (allocator.OPT_OUT, allocator.MARKER)
+    }
+    out = subprocess.run([sys.executable, "-c", script],
+                         cwd=cli.REPO,
+                         env=allocator.environ(base),
+                         capture_output=True,
+                         text=True,
+                         timeout=300,
+                         check=True)
+    whole, heaps = map(float, out.stdout.split())
+    self.assertGreater(whole, 15_000)  # ~82 MiB of fresh 4 KiB pages per run
+    self.assertLess(heaps, 0.7 * whole)
+    self.assertEqual(allocator.compiler_options("gpu"), {})
 
   def test_environ(self):
     self.assertEqual(allocator.environ({"A": "1"}), {**allocator.SETTINGS, "A": "1"})

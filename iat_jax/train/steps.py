@@ -3,7 +3,9 @@
 The state is built in the house order: `jax.eval_shape(init)` ->
 `nn.get_partition_spec` -> `nn.logical_to_mesh_sharding(rules)` ->
 `jax.jit(init, out_shardings)` -> unboxed arrays. Steps are jitted with
-explicit in/out shardings on the mesh and donate the old state.
+explicit in/out shardings on the mesh and donate the old state, and compiled
+with `allocator.compiler_options` (on CPU: temporaries in heaps the glibc
+arenas keep between steps).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from iat_jax import allocator
 from iat_jax import sharding
 from iat_jax.data import input_pipeline
 
@@ -136,7 +139,8 @@ def make_train_step(model: nn.Module,
   jitted = jax.jit(train_step,
                    in_shardings=(state_shardings, data),
                    out_shardings=(state_shardings, sharding.replicated(mesh), data),
-                   donate_argnums=0)
+                   donate_argnums=0,
+                   compiler_options=compiler_options(mesh))
   return _in_context(jitted, mesh, rules)
 
 
@@ -156,8 +160,15 @@ def make_eval_step(model: nn.Module,
 
   data = sharding.batch_sharding(mesh)
   return _in_context(
-      jax.jit(eval_step, in_shardings=(param_shardings, data), out_shardings=data),
-      mesh, rules)
+      jax.jit(eval_step,
+              in_shardings=(param_shardings, data),
+              out_shardings=data,
+              compiler_options=compiler_options(mesh)), mesh, rules)
+
+
+def compiler_options(mesh) -> dict[str, int]:
+  """XLA options of the steps on `mesh` (`allocator.compiler_options`)."""
+  return allocator.compiler_options(mesh.devices.flat[0].platform)
 
 
 def _in_context(fn: Callable, mesh, rules) -> Callable:
