@@ -18,7 +18,8 @@ r"""Benchmark: dataset preprocessing and Grain input-pipeline throughput.
 3. The ceiling: numpy reading the columns `read_rows` gathers (features,
    labels, ins_id, ts) sequentially through the memmaps, in blocks, with a
    warm page cache, as instances/s; each pipeline's ratio to it.
-A pipeline below --target instances/s is profiled with cProfile on a few
+The process runs with `iat_jax.allocator`'s malloc settings, as training
+does. A pipeline below --target instances/s is profiled with cProfile on a few
 batches (top functions by own time).
 
   python experiments/bench_pipeline.py [--synthetic_instances=1000000]
@@ -33,6 +34,10 @@ import pstats
 import shutil
 import tempfile
 import time
+
+if __name__ == "__main__":
+  from iat_jax import allocator
+  allocator.ensure()  # the malloc settings training runs with (iat_jax.main)
 
 from absl import app
 from absl import flags
