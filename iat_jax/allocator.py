@@ -23,7 +23,9 @@ whose one temporary buffer is larger than that maps fresh pages every step
 (ML-100K downstream step: a 77.7 MiB buffer, 19.9k minor faults and 39% sys
 / user CPU per step). `compiler_options` asks XLA:CPU to cut its temporaries
 into heaps of at most 8 MiB, which the arenas keep: 1.9k faults, 3.3%
-(`experiments/bench_train.py`). `MALLOC_ARENA_MAX=1` would also stop the
+(`experiments/bench_train.py`). XLA logs a warning at compile time for each
+buffer larger than a heap ("larger than the per-heap size limit"); such a
+buffer gets a heap of its own. `MALLOC_ARENA_MAX=1` would also stop the
 faults, but costs a small-op step 30% (one arena lock for every thread), so
 it is not used.
 
