@@ -65,15 +65,22 @@ def dense(
     name: str | None = None,
 ) -> nn.Dense:
   """A `nn.Dense` whose kernel [in, out] and bias [out] carry logical axes."""
+  kernel_init, bias_init = _dense_inits(axes)
   return nn.Dense(
       features,
       dtype=dtype,
       param_dtype=jnp.float32,
       use_bias=use_bias,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+      kernel_init=kernel_init,
+      bias_init=bias_init,
       name=name,
   )
+
+
+def _dense_inits(axes: tuple[str | None, str | None]) -> tuple[Callable, Callable]:
+  """`dense`'s kernel and bias initializers, with their logical axes."""
+  return (nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+          nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,14 +131,11 @@ class ConcatDense(nn.Module):
     if not isinstance(parts, (list, tuple)):
       parts = [parts]
     widths = [p.width if isinstance(p, Gathered) else p.shape[-1] for p in parts]
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                               self.axes), (sum(widths), self.features),
-        jnp.float32).astype(self.dtype)
-    bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
-        (self.features,), jnp.float32).astype(self.dtype)
+    kernel_init, bias_init = _dense_inits(self.axes)
+    kernel = self.param("kernel", kernel_init, (sum(widths), self.features),
+                        jnp.float32).astype(self.dtype)
+    bias = self.param("bias", bias_init, (self.features,),
+                      jnp.float32).astype(self.dtype)
     out, start = None, 0
     for part, w in zip(parts, widths):
       k = kernel[start:start + w]
