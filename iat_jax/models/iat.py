@@ -33,11 +33,12 @@ encoder's input projection ('seq_proj', also linear) follows the concat, so
 the two compose into one linear map of E^. Eq. 9 writes MLP_adapt as a
 two-layer MLP, and the stored parameter tree (and every measured table) has
 it, so it stays; it costs 2 d_a^2 FLOPs forward per distinct InsEmb of a
-batch shard (per history slot without deduplication: 0.40 GFLOPs per train
-step at the demo config, B=256, L=16, d_a=128, and 1.6 GFLOPs at MovieLens
-shapes, L=64), about 3x that per train step. Folding it into 'seq_proj' would change
-the parameter tree and the training dynamics (AdamW and weight decay act on
-the factors, not on their product), so it is not done.
+batch shard, about 3x that per train step (per history slot without
+deduplication: 0.40 GFLOPs per train step at the demo config, B=256, L=16,
+d_a=128, and 1.6 GFLOPs at MovieLens shapes, L=64). Folding it into
+'seq_proj' would change the parameter tree and the training dynamics (AdamW
+and weight decay act on the factors, not on their product), so it is not
+done.
 Masked history slots never influence the output; an all-masked history
 (no real past) gives a finite output.
 """

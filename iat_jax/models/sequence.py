@@ -9,10 +9,10 @@ sequence and the downstream IAT sequence use the same code:
 Both query and sequence are projected to `width` inside the encoder; seq may
 also come as its feature parts, some of them deduplicated
 (`layers.ConcatDense`: the projection of the concatenation, never built).
-Sequences are newest first. Padded positions (mask False) never influence the output
-(attention probabilities exactly 0 and, for LONGER's token merge, padded
-tokens zeroed before merging), and an all-masked sequence gives a finite
-output.
+Sequences are newest first. Padded positions (mask False) never influence
+the output (attention probabilities exactly 0 and, for LONGER's token merge,
+padded tokens zeroed before merging), and an all-masked sequence gives a
+finite output.
 
   'din'         target attention with an MLP scorer (DIN).
   'transformer' pre-LN transformer over [candidate token, behaviours]; the

@@ -527,10 +527,10 @@ class Table:
     loaded any). InsIDs are hashes, so a batch of a few thousand keys touches
     every shard: the first lookup loads them all and later ones rebuild
     nothing (at 1e11 rows, one ~3 GB copy of the fences once per reader)."""
-    new = [s for s in shards.tolist() if not self._loaded[s]]
-    if not new:
+    new = shards[~self._loaded[shards]]
+    if not len(new):
       return
-    for s in new:
+    for s in new.tolist():
       for entry in self._segs[s]:
         idx = entry[0].load()
         entry[1] = np.full(len(idx.fences), -1, np.int32)
