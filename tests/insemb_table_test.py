@@ -163,6 +163,13 @@ class InsEmbTableTest(parameterized.TestCase):
       idx = rng.integers(0, len(keys), 3_000)
       np.testing.assert_array_equal(table.lookup(keys[idx])[0], want[idx])
       self.assertLessEqual(table.memory_bytes(), budget)
+    # Absent keys among the pieces read zero rows (the output starts empty).
+    absent = rng.integers(0, 2**64 - 1, 500, dtype=np.uint64)
+    absent = absent[~np.isin(absent, keys)]
+    got, found = table.lookup(np.concatenate([keys[idx], absent]))
+    np.testing.assert_array_equal(found, np.arange(len(idx) + len(absent)) < len(idx))
+    np.testing.assert_array_equal(got[:len(idx)], want[idx])
+    np.testing.assert_array_equal(got[len(idx):], 0)
 
     def worker(seed):
       r = np.random.default_rng(seed)

@@ -295,10 +295,11 @@ class LookupInsEmb(grain.transforms.Map):
     d = values.shape[1:]
     if self.compact:
       u = max(64, 1 << int(counts.max()).bit_length())  # >= distinct + 1 zero row
-      rows = np.zeros((self.groups, u) + d, np.float32)
+      rows = np.empty((self.groups, u) + d, np.float32)  # only the tails zeroed
       start = np.concatenate([[0], np.cumsum(counts)])
       for g in range(self.groups):
         rows[g, :counts[g]] = values[start[g]:start[g + 1]]
+        rows[g, counts[g]:] = 0
       blocks = index.reshape(self.groups, -1)
       local = np.where(blocks < n, blocks - start[:-1, None], counts[:, None])
       batch["hist_insemb_unique"] = rows

@@ -675,30 +675,34 @@ class Table:
     Missing keys give zero rows and found=False.
     """
     keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
-    out = np.zeros((len(keys), self.dim), np.float32)
     if not len(self) or not len(keys):
-      return out, np.zeros(len(keys), bool)
+      return np.zeros((len(keys), self.dim), np.float32), np.zeros(len(keys), bool)
+    out = np.empty((len(keys), self.dim), np.float32)
 
+    # Positions are in the slab by construction: take's mode="clip" skips
+    # the bounds check, and with out= the copy that mode="raise" makes of
+    # the output (2-3x the time of the gather itself).
     def emit(idx, pos):
       vals, scales = self._slab["vals"], self._slab["scales"]
       if idx is None and (pos >= 0).all():  # the common case: one gather
         if vals.dtype == np.float32:
-          np.take(vals, pos, axis=0, out=out)
+          np.take(vals, pos, axis=0, out=out, mode="clip")
         else:
-          np.copyto(out, vals.take(pos, axis=0), casting="unsafe")
+          np.copyto(out, vals.take(pos, axis=0, mode="clip"), casting="unsafe")
         if scales is not None:
-          np.multiply(out, scales.take(pos)[:, None], out=out)
+          np.multiply(out, scales.take(pos, mode="clip")[:, None], out=out)
         return
       if idx is None:
         idx = np.flatnonzero(pos >= 0)
         pos = pos[idx]
-      rows = vals.take(pos, axis=0).astype(np.float32)
+      rows = vals.take(pos, axis=0, mode="clip").astype(np.float32)
       if scales is not None:
-        rows *= scales.take(pos)[:, None]
+        rows *= scales.take(pos, mode="clip")[:, None]
       out[idx] = rows
 
     with self._lock:
       found = self._gather(keys, emit)
+    out[~found] = 0
     return out, found
 
   def lookup_stored(
