@@ -181,6 +181,33 @@ class InsEmbTableTest(parameterized.TestCase):
       list(pool.map(worker, range(4)))
     self.assertLessEqual(table.memory_bytes(), budget)
 
+  def test_memoized_positions_survive_eviction_and_new_versions(self):
+    keys, values = _data(20_000, 16, seed=15)
+    _write(self.dir, keys, values, shard_bits=2)
+    table = insemb_table.Table(self.dir, cache_bytes=64 << 10)
+    # One key of each block of shard 0 (its sorted keys, 256 per block).
+    shard = np.sort(keys[keys >> np.uint64(62) == 0])
+    first = shard[::256]
+    where = {k: i for i, k in enumerate(keys.tolist())}
+    rows = lambda q: values[[where[k] for k in q.tolist()]]
+    table.lookup(first[:3])  # memoized ...
+    self.assertTrue(table._recall(first[:3])[1].all())  # pylint: disable=protected-access
+    # ... then as many other blocks as the cache holds: reading them evicts
+    # the memoized keys' blocks in the same lookup.
+    query = np.concatenate([first[:3], first[3:3 + table._capacity()]])  # pylint: disable=protected-access
+    got, found = table.lookup(query)
+    self.assertTrue(found.all())
+    np.testing.assert_array_equal(got, rows(query))
+    for _ in range(3):  # slots refilled by other blocks: stale entries unused
+      np.testing.assert_array_equal(table.lookup(first[:3])[0], rows(first[:3]))
+      np.testing.assert_array_equal(table.lookup(first[-6:])[0], rows(first[-6:]))
+    # An upsert's newer row wins over the memoized older one.
+    new = values[[where[k] for k in first[:3].tolist()]] + 1
+    insemb_table.upsert(self.dir, first[:3], new)
+    newer = insemb_table.Table(self.dir, cache_bytes=64 << 10)
+    np.testing.assert_array_equal(newer.lookup(first[:3])[0], new)
+    np.testing.assert_array_equal(table.lookup(first[:3])[0], rows(first[:3]))
+
   def test_reader_memory_does_not_grow_with_table_size(self):
     budget = 1 << 20
     used = []

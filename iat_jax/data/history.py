@@ -116,12 +116,15 @@ def distinct(rows: np.ndarray,
 def gather(column: np.ndarray, rows: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """column[rows] with masked slots zeroed: [N, ...] -> [*rows.shape, ...].
 
+  mask: bool [*rows.shape] or [*rows.shape, ...] (as the output).
   `take` and a multiply by the mask: measured ~10x and ~3x faster on memmaps
-  than fancy indexing and a boolean assignment.
+  than fancy indexing and a boolean assignment; the mask is cast to the
+  column's dtype first (a bool operand makes numpy cast it in a buffered loop:
+  1.3-2.3x slower at batch shapes).
   """
   out = np.asarray(column).take(rows.reshape(-1), axis=0)
   out = out.reshape(rows.shape + column.shape[1:])
-  out *= mask.reshape(mask.shape + (1,) * (out.ndim - mask.ndim))
+  out *= mask.astype(out.dtype).reshape(mask.shape + (1,) * (out.ndim - mask.ndim))
   return out
 
 
@@ -138,8 +141,10 @@ def label_known(request_ts: np.ndarray, past_ts: np.ndarray, mask: np.ndarray,
   Returns:
     bool [..., L, T]: mask & (past_ts + delay < request_ts).
   """
-  arrival = past_ts[..., None] + np.asarray(delays, dtype=np.int64)
-  return mask[..., None] & (arrival < np.asarray(request_ts)[..., None, None])
+  # One [..., L] comparison per task, then stacked: a broadcast over the
+  # trailing T axis runs numpy's inner loop T elements at a time (7x slower).
+  request_ts = np.asarray(request_ts)[..., None]
+  return np.stack([mask & (past_ts + int(d) < request_ts) for d in delays], axis=-1)
 
 
 def gap_bucket(request_ts: np.ndarray, past_ts: np.ndarray, mask: np.ndarray,

@@ -45,7 +45,7 @@ class UserHistory:
         "hist_mask": mask,
         "hist_ins_id": history.gather(ds["ins_id"], rows, mask),
         "hist_ts": past_ts,
-        "hist_labels": history.gather(ds["labels"], rows, mask) * known,
+        "hist_labels": history.gather(ds["labels"], rows, known),  # known <= mask
         "hist_label_known": known
     }
 

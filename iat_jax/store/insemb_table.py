@@ -51,8 +51,13 @@ evicted, and a batch that needs more blocks than fit is served in pieces. A
 warm lookup is vectorized numpy with no loop over shards: per level (the
 j-th newest segment of every shard, fences concatenated in shard order, so
 sorted) one searchsorted of the sorted queries, a batched binary search
-inside the cached blocks, one gather. A version is immutable, so cached
-blocks never go stale.
+inside the cached blocks, one gather. In front of that search, a
+direct-mapped memo (c) of key -> slab position, 1/32 of `cache_bytes`,
+answers the keys recent lookups found (consecutive batches share most of
+their users' histories), checked by the key and by the generation of its
+slab slot, which every refill of the slot bumps; only the rest are sorted
+and searched. A version is immutable, so cached blocks and memo entries
+never go stale while their slot keeps its block.
 
 At 1e11 rows (3e8/day x 730 days; shard_bits=8: 256 shards of ~4e8 rows):
 values are 6.4 TB at d=64 int8 (+ 1.2 TB keys/scales, + index 12 B/256 rows);
@@ -97,6 +102,10 @@ DEFAULT_BLOCK_ROWS = 256
 DEFAULT_CACHE_BYTES = 1 << 30
 DEFAULT_CHUNK_ROWS = 1 << 18
 _TS_CACHE_BYTES = 32 << 20  # TensorStore's own cache (OCDBT B+tree nodes)
+# The position memo (`Table._recall`) takes at most 1/_MEMO_SHARE of cache_bytes.
+_MEMO_SHARE = 32
+_MEMO_ENTRY_BYTES = 24  # key uint64 + slab position int64 + slot generation uint64
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # multiplicative hash of a key
 _GROWTH = 4
 _MAX_SEGMENTS = 16
 
@@ -496,10 +505,13 @@ class Table:
     return total
 
   def memory_bytes(self) -> int:
-    """The reader's own accounting: cached blocks + loaded segment indexes."""
+    """The reader's own accounting: cached blocks + loaded segment indexes +
+    the position memo."""
     slab = self._slab
-    filled = 0 if slab is None else int((slab["owner"] >= 0).sum())
-    return filled * self._slot_bytes() + self._index_bytes
+    if slab is None:
+      return self._index_bytes
+    filled = int((slab["owner"] >= 0).sum())
+    return filled * self._slot_bytes() + self._index_bytes + self._memo_bytes()
 
   # -- cache ------------------------------------------------------------------
 
@@ -507,9 +519,19 @@ class Table:
     b = self._fmt.block_rows
     return b * self._fmt.row_bytes + 16
 
+  def _memo_bits(self) -> int:
+    """log2 of the memo's entries: the largest power of two >= 2 within
+    cache_bytes / _MEMO_SHARE."""
+    entries = self.cache_bytes // (_MEMO_SHARE * _MEMO_ENTRY_BYTES)
+    return max(int(entries).bit_length() - 1, 1)
+
+  def _memo_bytes(self) -> int:
+    return (1 << self._memo_bits()) * _MEMO_ENTRY_BYTES
+
   def _init_slab(self) -> dict:
     b, d = self._fmt.block_rows, self._fmt.d
-    slots = max(self.cache_bytes // self._slot_bytes(), 1)
+    slots = max((self.cache_bytes - self._memo_bytes()) // self._slot_bytes(), 1)
+    memo = 1 << self._memo_bits()
     return {
         "keys": np.empty((slots, b), np.uint64),
         "vals": np.empty((slots * b, d), self._fmt.numpy_dtype),
@@ -518,8 +540,14 @@ class Table:
         "used": np.zeros(slots, np.int64),  # tick of last use
         "owner": np.full(slots, -1, np.int64),  # segment id, -1 = free
         "block": np.zeros(slots, np.int64),
-        "segs": []
-    }  # segment id -> [Source, slot_of]
+        "gen": np.ones(slots, np.uint64),  # bumped by every refill of the slot
+        "segs": [],  # segment id -> [Source, slot_of]
+        # The memo: entry h(key) -> (key, slab position, its slot's gen). An
+        # entry never written holds gen 0, which no slot ever has.
+        "memo_key": np.zeros(memo, np.uint64),
+        "memo_pos": np.zeros(memo, np.int64),
+        "memo_gen": np.zeros(memo, np.uint64),
+    }
 
   def _load(self, shards: np.ndarray) -> None:
     """Loads the indexes of every segment of `shards` not loaded yet, then
@@ -546,8 +574,8 @@ class Table:
   def _capacity(self) -> int:
     """Slots usable now: the budget left by the indexes (at least one)."""
     slots = len(self._slab["owner"])
-    return max(1,
-               min(slots, (self.cache_bytes - self._index_bytes) // self._slot_bytes()))
+    free = self.cache_bytes - self._index_bytes - self._memo_bytes()
+    return max(1, min(slots, free // self._slot_bytes()))
 
   def _fill(self, wanted: list[tuple[list, np.ndarray]]) -> None:
     """Reads the blocks [(segment entry, block ids)] into free or LRU slots."""
@@ -582,6 +610,7 @@ class Table:
         if s is not None:
           slab["scales"][slot * b_rows:slot * b_rows + r] = s
         slab["used"][slot] = self._tick
+        slab["gen"][slot] += 1
         owner[slot] = entry[2]
         slab["block"][slot] = blk
         entry[1][blk] = slot
@@ -645,22 +674,82 @@ class Table:
       pos[rows[hit]] = at[hit]
     yield start, pos
 
+  def _memo_index(self, keys: np.ndarray) -> np.ndarray:
+    """uint64 keys [n] -> their memo entries [n] (a multiplicative hash)."""
+    return ((keys * _FIBONACCI) >> np.uint64(64 - self._memo_bits())).astype(np.intp)
+
+  def _recall(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """keys [n] -> (memoized slab positions [n], valid [n]): valid where the
+    entry holds the key and its slot still holds the block it was found in.
+
+    Their slots are marked used now: the least recently used blocks go first
+    when the other keys' blocks are read, but these may go too (`_gather`
+    checks).
+    """
+    slab = self._slab
+    h = self._memo_index(keys)
+    pos = slab["memo_pos"].take(h)
+    slots = pos // self._fmt.block_rows
+    ok = (slab["memo_key"].take(h) == keys) & (slab["memo_gen"].take(h)
+                                               == slab["gen"].take(slots))
+    slab["used"][slots[ok]] = self._tick
+    return pos, ok
+
+  def _remember(self, keys: np.ndarray, pos: np.ndarray) -> None:
+    """Memoizes the slab positions pos [n] of keys [n] (-1: absent, skipped)."""
+    slab = self._slab
+    hit = pos >= 0
+    keys, pos = keys[hit], pos[hit]
+    h = self._memo_index(keys)
+    slab["memo_key"][h] = keys
+    slab["memo_pos"][h] = pos
+    slab["memo_gen"][h] = slab["gen"].take(pos // self._fmt.block_rows)
+
+  def _find(self, keys: np.ndarray) -> np.ndarray | None:
+    """Slab positions of keys [n] (-1: absent, memoized otherwise), valid
+    until the next fill; None if their blocks do not fit the cache at once."""
+    order = np.argsort(keys)
+    start, pos = next(self._pieces(keys[order]))
+    if start or len(pos) < len(keys):
+      return None
+    unsorted = np.empty(len(keys), np.int64)
+    unsorted[order] = pos
+    self._remember(keys, unsorted)
+    return unsorted
+
   def _gather(self, keys: np.ndarray, emit) -> np.ndarray:
     """Finds keys [n] (call with the lock); -> found bool [n].
 
     Calls emit(idx, pos) with positions of keys[idx] in the slab's flat
     arrays (-1: absent) while they are valid: once with idx=None (all keys,
     in their order) when the blocks of the batch fit the cache, else once per
-    piece of the batch.
+    piece of the batch. Memoized keys skip the search; the others are sorted
+    and searched, unless that evicts a memoized key's block (then all are).
     """
     if self._slab is None:
       self._slab = self._init_slab()
+    pos, ok = self._recall(keys)
+    if not ok.all():
+      gen = self._slab["gen"]
+      kept = pos[ok] // self._fmt.block_rows
+      before = gen.take(kept)
+      miss = np.flatnonzero(~ok)
+      found = self._find(keys[miss])
+      if found is None or (gen.take(kept) != before).any():
+        return self._gather_sorted(keys, emit)
+      pos[miss] = found
+    emit(None, pos)
+    return pos >= 0
+
+  def _gather_sorted(self, keys: np.ndarray, emit) -> np.ndarray:
+    """`_gather` without the memo: every key sorted and searched."""
     order = np.argsort(keys)
     found = np.zeros(len(keys), bool)
     for start, pos in self._pieces(keys[order]):
       if start == 0 and len(pos) == len(keys):
         unsorted = np.empty(len(keys), np.int64)
         unsorted[order] = pos
+        self._remember(keys, unsorted)
         emit(None, unsorted)
         return unsorted >= 0
       idx = order[start:start + len(pos)]
