@@ -48,6 +48,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from iat_jax import allocator
+from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
 from iat_jax.data import sources
 from iat_jax.models import sequence
@@ -164,11 +165,24 @@ class _StepBench:
     return sec, u1 - u0, s1 - s0
 
 
-def section_steps(config, workdir, ds, peak: float) -> None:
+def prepare(config) -> tuple[str, dataset_lib.Dataset]:
+  """(workdir: --workdir or a new temp dir, the config's dataset, prepared)."""
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="iat-bench-")
+  if not config.data.cache_dir:
+    config.data.cache_dir = os.path.join(workdir, "data")
+  return workdir, sources.prepare(config, workdir)
+
+
+def random_table(config, ds) -> memory_table.MemoryTable:
+  """Random d-wide InsEmbs for every ins_id of ds, in memory."""
   keys = np.asarray(ds["ins_id"])
   values = np.random.default_rng(0).standard_normal(
       (len(keys), config.model.insemb_dim), np.float32)
-  table = memory_table.MemoryTable(keys, values)
+  return memory_table.MemoryTable(keys, values)
+
+
+def section_steps(config, workdir, ds, peak: float) -> None:
+  table = random_table(config, ds)
   print(f"\n2. train steps ({config.model.dtype}), batch {config.batch_size}, "
         f"{_STEPS.value} steps x {_ROUNDS.value} interleaved rounds, best kept  "
         f"[{_load()}]")
@@ -275,10 +289,7 @@ def section_malloc(argv_flags: list[str]) -> None:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="iat-bench-")
-  if not config.data.cache_dir:
-    config.data.cache_dir = os.path.join(workdir, "data")
-  ds = sources.prepare(config, workdir)
+  workdir, ds = prepare(config)
   print(f"dataset {ds.schema.dataset}: {ds.num_rows:,} rows; devices {jax.devices()}; "
         f"allocator at start {allocator.at_start() or 'none'}  [{_load()}]")
   measured = matmul_peak()

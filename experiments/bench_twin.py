@@ -24,7 +24,6 @@ not depend on training. The downstream stage reads random InsEmbs from a
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 if __name__ == "__main__":
@@ -34,13 +33,10 @@ if __name__ == "__main__":
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 import torch
 
 import bench_train  # experiments/, next to this file; defines the shared flags
 import torch_twin
-from iat_jax.data import sources
-from iat_jax.store import memory_table
 
 FLAGS = flags.FLAGS
 _THREADS = flags.DEFINE_list("threads", ["1", "2"], "torch.set_num_threads values.")
@@ -123,10 +119,7 @@ def bench_stage(config, workdir, stage, ds, table) -> None:
 def main(argv) -> None:
   del argv
   config = FLAGS.config
-  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="iat-bench-")
-  if not config.data.cache_dir:
-    config.data.cache_dir = os.path.join(workdir, "data")
-  ds = sources.prepare(config, workdir)
+  workdir, ds = bench_train.prepare(config)
   cores = len(os.sched_getaffinity(0))
   print(f"dataset {ds.schema.dataset}: {ds.num_rows:,} rows; JAX devices "
         f"{jax.devices()} (XLA:CPU threads: all {cores} cores); torch "
@@ -137,10 +130,7 @@ def main(argv) -> None:
     torch.set_num_threads(int(t))
     peaks.append(f"torch.mm {t} thread {torch_matmul_peak() / 1e9:.1f}")
   print(f"fp32 matmul 2048^3 GFLOP/s: {', '.join(peaks)}  [{bench_train._load()}]")
-  keys = np.asarray(ds["ins_id"])
-  values = np.random.default_rng(0).standard_normal(
-      (len(keys), config.model.insemb_dim), np.float32)
-  table = memory_table.MemoryTable(keys, values)
+  table = bench_train.random_table(config, ds)
   print(f"train steps (fp32), batch {config.batch_size}, {FLAGS.steps} steps x "
         f"{FLAGS.rounds} interleaved rounds, best kept  [{bench_train._load()}]")
   for stage in FLAGS.stages:
