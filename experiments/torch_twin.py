@@ -285,15 +285,6 @@ class FeatureEmbedding(nn.Module):
     }
 
 
-def _runs(m: int, k: int) -> np.ndarray:
-  """Item indices [k, ceil(m / k)] of k runs of consecutive items, as even as
-  possible; m (the zero item) pads the shorter runs (`interaction._runs`)."""
-  out = np.full((k, -(-m // k)), m)
-  for j, part in enumerate(np.array_split(np.arange(m), k)):
-    out[j, :len(part)] = part
-  return out
-
-
 def _index(idx: np.ndarray) -> slice | Tensor:
   """A slice when the indices are consecutive (a view, no gather)."""
   idx = np.asarray(idx)
@@ -311,7 +302,7 @@ class GroupTokenizer(nn.Module):
     split = interaction_lib.token_split(sizes, num_tokens)
     self.runs = {}
     for g, (n, w) in sizes.items():
-      runs = _runs(n, split[g])
+      runs = interaction_lib.token_runs(n, split[g])
       k, r = runs.shape
       self.register_parameter(f"{g}_kernel", _param(k, r * w, token_dim))
       self.register_parameter(f"{g}_bias", _param(k, token_dim))

@@ -81,7 +81,7 @@ def token_split(sizes: Mapping[str, tuple[int, int]],
   return split
 
 
-def _runs(m: int, k: int) -> np.ndarray:
+def token_runs(m: int, k: int) -> np.ndarray:
   """Item indices [k, ceil(m / k)] of k runs of consecutive items, sizes as even
   as possible; m (one past the last item) pads the shorter runs."""
   out = np.full((k, -(-m // k)), m)
@@ -107,7 +107,7 @@ class GroupTokenizer(nn.Module):
     tokens = []
     for g, x in groups.items():
       n, m, w = x.shape
-      runs = _runs(m, split[g])  # [k, r]; m = the zero item
+      runs = token_runs(m, split[g])  # [k, r]; m = the zero item
       x = jnp.pad(x.astype(self.dtype), [(0, 0), (0, 1), (0, 0)])[:, runs]
       k, r = runs.shape
       kernel = _param(self, f"{g}_kernel", (k, r * w, self.token_dim),

@@ -705,17 +705,21 @@ class Table:
     slab["memo_pos"][h] = pos
     slab["memo_gen"][h] = slab["gen"].take(pos // self._fmt.block_rows)
 
-  def _find(self, keys: np.ndarray) -> np.ndarray | None:
-    """Slab positions of keys [n] (-1: absent, memoized otherwise), valid
-    until the next fill; None if their blocks do not fit the cache at once."""
-    order = np.argsort(keys)
-    start, pos = next(self._pieces(keys[order]))
-    if start or len(pos) < len(keys):
-      return None
+  def _unsorted(self, keys: np.ndarray, order: np.ndarray,
+                pos: np.ndarray) -> np.ndarray:
+    """Positions pos [n] of the sorted keys[order] -> in the keys' own order
+    [n] (-1: absent), memoized."""
     unsorted = np.empty(len(keys), np.int64)
     unsorted[order] = pos
     self._remember(keys, unsorted)
     return unsorted
+
+  def _find(self, keys: np.ndarray) -> np.ndarray | None:
+    """Slab positions of keys [n] (-1: absent, memoized otherwise), valid
+    until the next fill; None if their blocks do not fit the cache at once."""
+    order = np.argsort(keys)
+    _, pos = next(self._pieces(keys[order]))
+    return self._unsorted(keys, order, pos) if len(pos) == len(keys) else None
 
   def _gather(self, keys: np.ndarray, emit) -> np.ndarray:
     """Finds keys [n] (call with the lock); -> found bool [n].
@@ -747,9 +751,7 @@ class Table:
     found = np.zeros(len(keys), bool)
     for start, pos in self._pieces(keys[order]):
       if start == 0 and len(pos) == len(keys):
-        unsorted = np.empty(len(keys), np.int64)
-        unsorted[order] = pos
-        self._remember(keys, unsorted)
+        unsorted = self._unsorted(keys, order, pos)
         emit(None, unsorted)
         return unsorted >= 0
       idx = order[start:start + len(pos)]
