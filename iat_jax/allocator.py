@@ -6,7 +6,8 @@ glibc's mmap threshold, so with the defaults every step maps fresh pages
 step ends: measured 19% of a CPU training run's time in the kernel. With
 `MALLOC_MMAP_MAX_=0` large blocks come from the heap instead, and with a large
 `MALLOC_TRIM_THRESHOLD_` freed heap memory is kept for the next step rather
-than returned to the kernel. The process's resident memory then stays at its
+than returned to the kernel (and with `MALLOC_TOP_PAD_`, so are the worker
+threads' heaps; see "Threads" below). The process's resident memory then stays at its
 peak instead of falling between steps.
 
 glibc reads these variables once, when the process starts, so setting them
@@ -18,16 +19,22 @@ processes need no re-exec.
 Threads. XLA:CPU runs a step on its worker threads, whose glibc arenas
 serve a request above 64 MiB (an arena heap's HEAP_MAX_SIZE) by mmap
 whatever MALLOC_MMAP_MAX_ says, and delete a secondary heap as soon as it is
-empty; the settings above govern only the main thread's heap. So a step
+empty; the trim threshold governs only how far a heap shrinks. So a step
 whose one temporary buffer is larger than that maps fresh pages every step
 (ML-100K downstream step: a 77.7 MiB buffer, 19.9k minor faults and 39% sys
 / user CPU per step). `compiler_options` asks XLA:CPU to cut its temporaries
-into heaps of at most 8 MiB, which the arenas keep: 1.9k faults, 3.3%
+into heaps of at most 8 MiB, which the arenas can keep: 1.9k faults, 3.3%
 (`experiments/bench_train.py`). XLA logs a warning at compile time for each
 buffer larger than a heap ("larger than the per-heap size limit"); such a
-buffer gets a heap of its own. `MALLOC_ARENA_MAX=1` would also stop the
-faults, but costs a small-op step 30% (one arena lock for every thread), so
-it is not used.
+buffer gets a heap of its own. glibc deletes an empty secondary heap unless
+the heap before it lacks `MALLOC_TOP_PAD_` bytes of room, so a top pad of
+HEAP_MAX_SIZE keeps every heap an arena ever grew (it is address space: the
+pages it reserves are not touched). Without it, the demo downstream step
+deleted and re-created about one heap per step (strace: 80 munmaps of a
+64 MiB heap in 70 steps, 12 with it) in some runs: 418-2,162 faults and
+2.4-9.3% sys / user per step over five child processes, against 164-416 and
+0.7-1.8% with it. `MALLOC_ARENA_MAX=1` would also stop the faults, but costs
+a small-op step 30% (one arena lock for every thread), so it is not used.
 
 Opt out with IAT_JAX_KEEP_MALLOC=1 (nothing is changed, the XLA option
 included). Non-Linux hosts and non-glibc C libraries are left alone.
@@ -40,7 +47,11 @@ import platform
 import sys
 from typing import Mapping
 
-SETTINGS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+SETTINGS = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    "MALLOC_TOP_PAD_": str(64 << 20),
+}
 # XLA:CPU temporaries in heaps of at most this many bytes (`compiler_options`).
 CPU_HEAP_BYTES = 8 << 20
 # Set to 1 to leave the allocator alone.

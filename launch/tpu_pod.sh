@@ -107,5 +107,5 @@ main_cmd=$(quote "$PYTHON" -m iat_jax.main --config="$CONFIG" --workdir="$workdi
   --mode="$MODE" --config.distributed=True "$@")
 mount_cmd="mkdir -p $(quote "$MOUNT"); mountpoint -q $(quote "$MOUNT") || gcsfuse --implicit-dirs $(quote "$bucket_name" "$MOUNT")"
 # glibc malloc settings that keep freed memory between steps (iat_jax/allocator.py).
-malloc_env="export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824"
+malloc_env="export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864"
 on_all_workers "set -e; ${mount_cmd}; mkdir -p $(quote "$workdir"); ${malloc_env}; cd $(quote "$REPO_DIR"); ${main_cmd}"

@@ -7,6 +7,7 @@ import sys
 
 from absl.testing import absltest
 
+from iat_jax import allocator
 from iat_jax import launch_lib
 from tests import cli_fixtures as cli
 
@@ -62,6 +63,9 @@ class TpuPodTest(absltest.TestCase):
     self.assertTrue(cmd[-1].startswith("--command="))
     remote = cmd[-1][len("--command="):]
     self.assertIn("gcsfuse --implicit-dirs my-bucket /tmp/iat-bucket", remote)
+    (exports,) = [c for c in remote.split(";") if c.strip().startswith("export ")]
+    for k, v in allocator.SETTINGS.items():  # before main, on every worker
+      self.assertIn(f"{k}={v}", shlex.split(exports))
     main = shlex.split(remote.split(";")[-1])
     self.assertEqual(main, [
         "python3", "-m", "iat_jax.main", "--config=experiments/configs/demo.py",
@@ -112,6 +116,14 @@ class SlurmTest(absltest.TestCase):
         "iat_jax.main", "--config=experiments/configs/tiny.py", "--workdir=/shared/iat",
         "--mode=pipeline", "--config.distributed=True", "--config.num_epochs=2"
     ])
+
+  def test_exports_the_allocator_settings(self):
+    # As .ci/run does; iat_jax.main would otherwise re-exec every task.
+    for script in ("launch/slurm.sbatch", ".ci/run"):
+      with open(os.path.join(cli.REPO, script)) as f:
+        text = f.read()
+      for k, v in allocator.SETTINGS.items():
+        self.assertIn(f'{k}="${{{k}:-{v}}}"', text, script)
 
   def test_sbatch_header(self):
     with open(os.path.join(LAUNCH, "slurm.sbatch")) as f:
