@@ -10,7 +10,9 @@ For a config (default: the demo config), in one process:
      interleaved: XLA FLOPs of
      the compiled train step, steps/s on a fixed device batch, achieved
      FLOP/s as % of the matmul peak, and the process's sys vs user CPU time
-     over the timed steps (resource.getrusage); ratios after / before;
+     over the timed steps (resource.getrusage); ratios after / before; and
+     the `after` step's matrix products alone in one program (`_DotsBench`):
+     their % of the peak, what a step made of them can reach at most;
   3. with --store: export throughput of a source model through the store's
      export (`tables.export_writer` ... `finish_export`) and downstream
      training with the InsEmb store (`tables.Table`) in the input
@@ -165,6 +167,47 @@ class _StepBench:
     return sec, u1 - u0, s1 - s0
 
 
+class _DotsBench:
+  """The matrix products of a `_StepBench`'s step, alone in one program.
+
+  Every `dot_general` the step traces (forward and backward,
+  `cost.dot_generals`), on random operands of the same shapes and dtypes,
+  with the same dimension numbers and compiler options, on one device, and
+  nothing else: its time is what these products cost XLA here, so its % of
+  the matmul peak bounds what a step made of them can reach.
+  """
+
+  def __init__(self, bench: _StepBench):
+    dots = cost.dot_generals(bench.run.train_step.trace(bench.state, bench.batch).jaxpr)
+    self.count = len(dots)
+    self.flops = sum(d.flops for d in dots)
+    rng = np.random.default_rng(0)
+    self.args = [
+        tuple(jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in (d.lhs, d.rhs))
+        for d in dots
+    ]
+
+    def products(args):
+      return [
+          jax.lax.dot_general(x, y, d.dimension_numbers,
+                              preferred_element_type=d.preferred_element_type)
+          for (x, y), d in zip(args, dots)
+      ]
+
+    self.fn = jax.jit(products,
+                      compiler_options=allocator.compiler_options(
+                          jax.devices()[0].platform))
+    jax.block_until_ready(self.fn(self.args))
+
+  def time(self, n: int) -> float:
+    """Seconds per run, over n runs."""
+    t = time.perf_counter()
+    for _ in range(n):
+      out = self.fn(self.args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / n
+
+
 def prepare(config) -> tuple[str, dataset_lib.Dataset]:
   """(workdir: --workdir or a new temp dir, the config's dataset, prepared)."""
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="iat-bench-")
@@ -190,6 +233,8 @@ def section_steps(config, workdir, ds, peak: float) -> None:
     benches = {
         v: _StepBench(config, workdir, stage, ds, table, v) for v in _VARIANTS.value
     }
+    dots = _DotsBench(benches["after"]) if "after" in benches else None
+    dots_sec = float("inf")
     best = {v: (float("inf"), 0.0, 0.0) for v in benches}
     user = {v: 0.0 for v in benches}
     sys_t = {v: 0.0 for v in benches}
@@ -200,6 +245,8 @@ def section_steps(config, workdir, ds, peak: float) -> None:
         sys_t[v] += s
         if sec < best[v][0]:
           best[v] = (sec, u, s)
+      if dots:
+        dots_sec = min(dots_sec, dots.time(_STEPS.value))
     for v, b in benches.items():
       sec = best[v][0]
       print(f"  {stage:16s} {v:6s}: {b.flops:9.3g} FLOPs/step, {1 / sec:7.2f} "
@@ -208,6 +255,12 @@ def section_steps(config, workdir, ds, peak: float) -> None:
             f"peak; sys/user {sys_t[v]:.2f}/{user[v]:.2f} s = "
             f"{sys_t[v] / max(user[v], 1e-9):.1%}, {b.faults / b.timed:,.0f} minor "
             f"page faults/step  [{_load()}]")
+    if dots:
+      print(f"  {stage:16s} dots of after: {dots.count} dot_generals, "
+            f"{dots.flops:9.3g} FLOPs ({dots.flops / benches['after'].flops:.0%} of "
+            f"the step's), alone {dots_sec * 1e3:.2f} ms = "
+            f"{dots.flops / dots_sec / peak:6.1%} of peak; the step takes "
+            f"{best['after'][0] / dots_sec:.2f}x their time  [{_load()}]")
     if {"before", "after"} <= set(benches):
       a, b = benches["after"], benches["before"]
       print(f"  {stage:16s} after/before: FLOPs {a.flops / b.flops:.3f}x, "

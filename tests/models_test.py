@@ -472,6 +472,26 @@ class CostTest(absltest.TestCase):
     self.assertGreater(f4, 0)
     self.assertGreater(f8, 1.5 * f4)
 
+  def test_dot_generals_of_nested_jaxprs(self):
+    a, b, c = jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((16, 16))
+    q = jnp.ones((2, 3, 5))
+
+    def fn(a, b, c, q):
+      y = jax.jit(lambda x: x @ b)(a)  # [4, 8] @ [8, 16], inside a jit
+      y, _ = jax.lax.scan(lambda h, _: (h @ c, None), y, None, length=3)
+      z = jnp.einsum("bqd,bkd->bqk", q, q)  # batched: 2 x [3, 5] @ [5, 3]
+      return y.sum() + z.sum()
+
+    dots = cost.dot_generals(jax.make_jaxpr(fn)(a, b, c, q))
+    self.assertEqual([(d.lhs.shape, d.rhs.shape) for d in dots],
+                     [((4, 8), (8, 16))] + [((4, 16), (16, 16))] * 3 +
+                     [((2, 3, 5), (2, 3, 5))])
+    self.assertEqual([d.flops for d in dots],
+                     [2 * 4 * 8 * 16] + [2 * 4 * 16 * 16] * 3 + [2 * 2 * 3 * 3 * 5])
+    # Differentiating a @ w in w: the forward product and a^T @ cotangent.
+    grads = cost.dot_generals(jax.make_jaxpr(jax.grad(lambda w: (a @ w).sum()))(b))
+    self.assertEqual(len(grads), 2)
+
 
 class GroupTokenTest(absltest.TestCase):
   """RankMixer's tokens follow the feature groups (interaction.GroupTokenizer)."""

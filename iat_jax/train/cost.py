@@ -1,8 +1,9 @@
-"""Cost report: parameter counts (dense vs embedding) and XLA FLOPs."""
+"""Cost report: parameter counts (dense vs embedding), XLA FLOPs, and the
+matrix products (dot_general) a traced program does."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -54,3 +55,45 @@ def compiled_flops(compiled: Any) -> float:
   if isinstance(analysis, dict):
     analysis = [analysis]
   return float(sum(a.get("flops", 0.0) for a in analysis if a))
+
+
+class Dot(NamedTuple):
+  """One `lax.dot_general` of a program, as traced."""
+  lhs: jax.ShapeDtypeStruct
+  rhs: jax.ShapeDtypeStruct
+  # ((lhs contracting, rhs contracting), (lhs batch, rhs batch)) dims.
+  dimension_numbers: Any
+  preferred_element_type: Any
+
+  @property
+  def flops(self) -> float:
+    """2 x batch x M x N x K: a multiply and an add per term."""
+    (lc, rc), (lb, rb) = self.dimension_numbers
+    lhs, rhs = self.lhs.shape, self.rhs.shape
+    free_l = [n for i, n in enumerate(lhs) if i not in (*lc, *lb)]
+    free_r = [n for i, n in enumerate(rhs) if i not in (*rc, *rb)]
+    return 2.0 * float(
+        np.prod([lhs[i] for i in (*lc, *lb)]) * np.prod(free_l) * np.prod(free_r))
+
+
+def dot_generals(jaxpr: Any) -> list[Dot]:
+  """Every dot_general a (closed) jaxpr executes, nested jaxprs included.
+
+  A `scan` body's dots appear `length` times; any other nested jaxpr (jit,
+  custom_vjp, remat, cond branches, while bodies) counts once. So for a
+  program without while loops or conds (the train steps) this is each matrix
+  product the program runs, forward and backward, in order.
+  """
+  out = []
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    if eqn.primitive.name == "dot_general":
+      lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
+      out.append(
+          Dot(lhs, rhs, eqn.params["dimension_numbers"],
+              eqn.params.get("preferred_element_type")))
+    repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+          out += dot_generals(sub) * repeat
+  return out

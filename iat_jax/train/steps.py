@@ -178,9 +178,14 @@ def _in_context(fn: Callable, mesh, rules) -> Callable:
     with sharding.mesh_context(mesh, rules):
       return fn(*args)
 
-  def lower(*args):
-    with sharding.mesh_context(mesh, rules):
-      return fn.lower(*args)
+  def staged(stage: str) -> Callable:  # fn.lower / fn.trace in the context
 
-  wrapped.lower = lower
+    def run(*args):
+      with sharding.mesh_context(mesh, rules):
+        return getattr(fn, stage)(*args)
+
+    return run
+
+  wrapped.lower = staged("lower")
+  wrapped.trace = staged("trace")
   return wrapped

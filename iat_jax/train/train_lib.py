@@ -129,6 +129,10 @@ class PerShape:
   def cost_analysis(self):
     return self.first.cost_analysis()
 
+  def trace(self, state, batch) -> jax.stages.Traced:
+    """The step traced for these arguments (`.jaxpr`), not compiled."""
+    return self._jitted.trace(state, batch)
+
 
 class Run:
   """One stage's model, mesh, sharded state and compiled steps.
