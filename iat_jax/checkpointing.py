@@ -36,6 +36,18 @@ def _reason(e: BaseException) -> str:
   return f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
 
 
+def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
+  """Multi-process options whose barrier names start with `prefix`.
+
+  Orbax names a save's barriers after the step (`async_write_complete.<step>`)
+  and its progress tracker's after nothing at all, so two managers saving the
+  same step at once (ckpt/ and best/ at an evaluation step) would meet at the
+  same barrier in a multi-process run ("Barrier ... is already ongoing") and
+  the save would fail or time out. One prefix per manager keeps them apart.
+  """
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 class Checkpoints:
   """Periodic resume checkpoints and the best-by-valid-metric parameters."""
 
@@ -43,7 +55,9 @@ class Checkpoints:
     self.best_metric = best_metric
     self.ckpt = ocp.CheckpointManager(
         os.path.join(directory, "ckpt"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             create=True,
+                                             multiprocessing_options=_barriers("ckpt")),
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
             "data_iter": grain.checkpoint.CheckpointHandler()
@@ -54,7 +68,8 @@ class Checkpoints:
                                              create=True,
                                              best_fn=lambda m: m[best_metric],
                                              best_mode="max",
-                                             keep_checkpoints_without_metrics=False),
+                                             keep_checkpoints_without_metrics=False,
+                                             multiprocessing_options=_barriers("best")),
         item_handlers={"params": ocp.StandardCheckpointHandler()})
 
   def latest_step(self) -> int | None:
