@@ -183,7 +183,8 @@ class _DotsBench:
     self.flops = sum(d.flops for d in dots)
     rng = np.random.default_rng(0)
     self.args = [
-        tuple(jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in (d.lhs, d.rhs))
+        tuple(
+            jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in (d.lhs, d.rhs))
         for d in dots
     ]
 
@@ -195,8 +196,7 @@ class _DotsBench:
       ]
 
     self.fn = jax.jit(products,
-                      compiler_options=allocator.compiler_options(
-                          jax.devices()[0].platform))
+                      compiler_options=steps.compiler_options(bench.run.mesh))
     jax.block_until_ready(self.fn(self.args))
 
   def time(self, n: int) -> float:

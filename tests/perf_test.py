@@ -340,6 +340,26 @@ class AllocatorTest(absltest.TestCase):
                             text=True,
                             timeout=300)
 
+  @staticmethod
+  def _settings() -> dict[str, str]:
+    """The tests' environment with the allocator settings, not re-executing."""
+    return allocator.environ({
+        k: v
+        for k, v in cli.ENV.items()
+        if k not in (allocator.OPT_OUT, allocator.MARKER)
+    })
+
+  @staticmethod
+  def _python(script: str, env: dict[str, str]) -> str:
+    """stdout of `python -c script` in the repository with env."""
+    return subprocess.run([sys.executable, "-c", script],
+                          cwd=cli.REPO,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=300,
+                          check=True).stdout
+
   def test_child_starts_with_the_settings(self):
     if not allocator.applies():
       self.skipTest("not glibc")
@@ -381,19 +401,7 @@ for opts in ({}, allocator.compiler_options("cpu")):
     jax.block_until_ready(step(ws, x))
   print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5)
 """
-    base = {
-        k: v
-        for k, v in cli.ENV.items()
-        if k not in (allocator.OPT_OUT, allocator.MARKER)
-    }
-    out = subprocess.run([sys.executable, "-c", script],
-                         cwd=cli.REPO,
-                         env=allocator.environ(base),
-                         capture_output=True,
-                         text=True,
-                         timeout=300,
-                         check=True)
-    whole, heaps = map(float, out.stdout.split())
+    whole, heaps = map(float, self._python(script, self._settings()).split())
     self.assertGreater(whole, 15_000)  # ~82 MiB of fresh 4 KiB pages per run
     self.assertLess(heaps, 0.7 * whole)
     self.assertEqual(allocator.compiler_options("gpu"), {})
@@ -420,18 +428,12 @@ t.start()
 t.join()
 print(out[0])
 """
-    settings = allocator.environ({k: v for k, v in cli.ENV.items() if k != allocator.OPT_OUT})
+    settings = self._settings()
     faults = {}
     for name, env in (("settings", settings), ("no top pad", {
         k: v for k, v in settings.items() if k != "MALLOC_TOP_PAD_"
     })):
-      out = subprocess.run([sys.executable, "-c", script],
-                           env=env,
-                           capture_output=True,
-                           text=True,
-                           timeout=120,
-                           check=True)
-      faults[name] = float(out.stdout)
+      faults[name] = float(self._python(script, env))
     self.assertGreater(faults["no top pad"], 100, faults)  # a fresh heap per block
     self.assertLess(faults["settings"], 0.1 * faults["no top pad"], faults)
 
