@@ -8,7 +8,9 @@ The writing modes (train, export, pipeline) hold the workdir's writer lock
 exit; evaluate only reads. A failure the user can act on (a bad flag, a
 damaged checkpoint or store, a full or read-only disk, a diverged loss, a busy
 workdir) ends the output with one line `error: <what, where, what to do>` and
-exit status 1, without a traceback.
+exit status 1, without a traceback (the reports that library threads print of
+the same failure, such as Orbax's failed async writes on a full disk, come
+before it; nothing comes after it).
 """
 
 from __future__ import annotations
@@ -66,7 +68,12 @@ _OS_ADVICE = {
 
 
 def _quiet_orbax(record) -> bool:
-  """Keeps Orbax's per-save INFO chatter out of the progress log."""
+  """Keeps Orbax's per-save INFO chatter out of the progress log, and the
+  tracebacks out of its reports of a failure the user can act on (its async
+  writes failing on a full disk): the one-line report stays, and the run ends
+  with the `error:` line saying what to do."""
+  if record.exc_info and user_error(record.exc_info[1]) is not None:
+    record.exc_info = record.exc_text = None
   return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
@@ -82,7 +89,7 @@ def user_error(e: BaseException) -> str | None:
                       download.DownloadError, FloatingPointError)):
       return str(e)
     if isinstance(e, OSError) and e.errno in _OS_ADVICE:
-      where = f" ({e.filename})" if e.filename else ""
+      where = f" ({e.filename})" if e.filename else f" writing under --workdir={_WORKDIR.value}"
       what = (e.strerror or str(e)).lower()  # e.g. "no space left on device"
       return f"{what}{where}; {_OS_ADVICE[e.errno]}"
     if "No space left on device" in str(e):  # ENOSPC as TensorStore reports it
@@ -100,16 +107,22 @@ def fail(message: str) -> None:
 
   Background tasks that failed with the error (Orbax's async writes) are
   collected first, so asyncio's "exception was never retrieved" reports come
-  before it; logging and the reports of coroutines finalized at exit (the same
-  failure, already reported) are silenced after it."""
+  before it. After it, stdout and stderr are /dev/null at the descriptor
+  level: the threads still failing with the same error (Orbax's, TensorStore's
+  C++ callbacks into a closed event loop) and the warnings of coroutines
+  finalized at exit report an error already reported, and the process exits
+  normally (`finally` blocks, atexit) behind them."""
   gc.collect()
-  std_logging.getLogger("asyncio").disabled = True
-  logging.set_verbosity(logging.FATAL)
   logging.flush()
   sys.stdout.flush()
-  sys.unraisablehook = lambda _: None  # coroutines of the same failure, finalized at exit
-  sys.stderr.write(f"error: {' '.join(message.split())}\n")
   sys.stderr.flush()
+  stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  for fd in (1, 2):  # first, so no other thread's write can follow the line
+    os.dup2(devnull, fd)
+  # On a line of its own even when a thread's report ended mid-line.
+  os.write(stderr, f"\nerror: {' '.join(message.split())}\n".encode())
+  os.close(stderr)
+  os.close(devnull)
   sys.exit(1)
 
 
