@@ -18,9 +18,16 @@ peak RSS (ru_maxrss) is that phase's own:
    seconds and bytes written, vs the table's bytes (what a full rewrite
    writes).
 
+With several --block_rows, each size is exported once per layout (1-3 per
+layout), and then one process opens every layout's table and times their
+warm lookups interleaved (the same keys for each in a round), printing each
+layout's median and its ratio to the first layout's.
+
 The machine load (os.getloadavg) is printed with each figure.
 
   python experiments/bench_store.py --sizes=1000000,10000000 --dtype=int8
+  python experiments/bench_store.py --sizes=10000000 --block_rows=256,32 \
+      --cache_bytes=26843545 --upsert_rows=0
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed warm lookups.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed lookups before them.")
 _CACHE = flags.DEFINE_integer("cache_bytes", 1 << 30, "Reader cache budget.")
 _UPSERT = flags.DEFINE_integer("upsert_rows", 1_000_000, "Rows of the upsert.")
+_BLOCK_ROWS = flags.DEFINE_list("block_rows", [str(insemb_table.DEFAULT_BLOCK_ROWS)],
+                                "Rows per stored block: one table layout each.")
 _DIR = flags.DEFINE_string("tmp_dir", "/tmp", "Parent of the tables.")
 _PHASE = flags.DEFINE_string("phase", None, "Internal: run one phase.")
-_PATH = flags.DEFINE_string("path", None, "Internal: the table.")
+_PATH = flags.DEFINE_list("path", None, "Internal: the table(s).")
 _ROWS = flags.DEFINE_integer("rows", 0, "Internal: rows of the table.")
 
 _BATCH_ROWS = 65_536
@@ -93,7 +102,11 @@ def _dir_bytes(path: str) -> int:
 def _phase_export(path: str, n: int) -> dict:
   d = _D.value
   t0 = time.perf_counter()
-  w = insemb_table.ExportWriter(path, "bench", d=d, dtype=_DTYPE.value)
+  w = insemb_table.ExportWriter(path,
+                                "bench",
+                                d=d,
+                                dtype=_DTYPE.value,
+                                block_rows=int(_BLOCK_ROWS.value[0]))
   for start in range(0, n, _BATCH_ROWS):
     m = min(_BATCH_ROWS, n - start)
     w.add(_keys(start, m), _values(start, m, d))
@@ -153,6 +166,22 @@ def _phase_lookup(path: str, n: int) -> dict:
   }
 
 
+def _phase_compare(paths: list[str], n: int) -> dict:
+  """Warm lookups of the same random keys on each table, interleaved."""
+  q = _BATCH.value * _L.value
+  rng = np.random.default_rng(3)
+  tabs = [insemb_table.Table(p, cache_bytes=_CACHE.value) for p in paths]
+  times = [[] for _ in tabs]
+  for i in range(_WARMUP.value + _REPEATS.value):
+    keys = _sample_keys(rng.integers(0, n, q))
+    for j in (range(len(tabs)) if i % 2 else reversed(range(len(tabs)))):
+      t = time.perf_counter()
+      tabs[j].lookup(keys)
+      if i >= _WARMUP.value:
+        times[j].append(time.perf_counter() - t)
+  return {"warm_s": [statistics.median(t) for t in times], "keys": q, "load": _load()}
+
+
 def _sample_keys(rows: np.ndarray) -> np.ndarray:
   """Row i's InsID: a bijective 64-bit hash of i (unique, uniform)."""
   k = rows.astype(np.uint64) + np.uint64(1)
@@ -185,10 +214,11 @@ def _phase_upsert(path: str, n: int) -> dict:
   }
 
 
-def _run_phase(phase: str, path: str, n: int) -> dict:
+def _run_phase(phase: str, path: str, n: int, block_rows: int = 0) -> dict:
   out = subprocess.run(
       [
           sys.executable, __file__, f"--phase={phase}", f"--path={path}", f"--rows={n}",
+          f"--block_rows={block_rows or _BLOCK_ROWS.value[0]}",
           f"--dim={_D.value}", f"--dtype={_DTYPE.value}", f"--batch={_BATCH.value}",
           f"--hist_len={_L.value}", f"--repeats={_REPEATS.value}",
           f"--warmup={_WARMUP.value}", f"--cache_bytes={_CACHE.value}",
@@ -210,9 +240,11 @@ def main(argv):
     fn = {
         "export": _phase_export,
         "lookup": _phase_lookup,
-        "upsert": _phase_upsert
+        "upsert": _phase_upsert,
+        "compare": _phase_compare
     }[_PHASE.value]
-    print(json.dumps(fn(_PATH.value, _ROWS.value)))
+    paths = _PATH.value if _PHASE.value == "compare" else _PATH.value[0]
+    print(json.dumps(fn(paths, _ROWS.value)))
     return
   gib = 2.0**30
   print(
@@ -221,42 +253,57 @@ def main(argv):
       flush=True)
   for n in map(int, _SIZES.value):
     root = tempfile.mkdtemp(prefix="bench_store_", dir=_DIR.value)
-    path = os.path.join(root, "t")
+    layouts = [int(b) for b in _BLOCK_ROWS.value]
+    paths = [os.path.join(root, f"t{b}") for b in layouts]
     try:
-      e = _run_phase("export", path, n)
-      total = e["write_s"] + e["merge_s"] + e["publish_s"]
-      print(
-          f"\nN={n:,}: export {n / total / 1e6:.2f} M rows/s ({total:.1f} s: "
-          f"write {e['write_s']:.1f}, merge {e['merge_s']:.1f}, publish "
-          f"{e['publish_s']:.1f}); writer peak RSS {e['rss'] / gib:.2f} GiB; "
-          f"{e['bytes'] / n:.1f} B/row on disk; {e['load']}",
-          flush=True)
-      lk = _run_phase("lookup", path, n)
-      q = lk["keys"]
-      print(
-          f"  lookup {q:,} keys: cold {q / lk['cold_s'] / 1e6:.2f} M keys/s "
-          f"({lk['cold_s'] * 1e3:.0f} ms, open {lk['open_s'] * 1e3:.0f} ms); "
-          f"warm {q / lk['warm_s'] / 1e6:.2f} M keys/s ({lk['warm_s'] * 1e3:.1f} "
-          f"ms); numpy gather at 1M rows {lk['gather_s'] * 1e3:.1f} ms -> warm "
-          f"ratio {lk['gather_s'] / lk['warm_s']:.2f}",
-          flush=True)
-      print(
-          f"  reader: peak RSS {lk['rss'] / gib:.2f} GiB (process before the "
-          f"reader {lk['rss_before_reader'] / gib:.2f} GiB, incl. the 1M-row "
-          f"numpy reference); own accounting {lk['reader_bytes'] / 2**20:.0f} "
-          f"MiB; {lk['load']}",
-          flush=True)
-      if _UPSERT.value and _UPSERT.value < n:
-        u = _run_phase("upsert", path, n)
-        print(
-            f"  upsert {_UPSERT.value:,} rows: {u['upsert_s']:.1f} s, "
-            f"{u['written'] / 2**20:.0f} MiB written vs {u['table_bytes'] / 2**20:.0f} "
-            f"MiB table ({u['written'] / u['table_bytes']:.3f}x a full rewrite); "
-            f"max {u['segments']} segments/shard; peak RSS {u['rss'] / gib:.2f} "
-            f"GiB; {u['load']}",
-            flush=True)
+      print(f"\nN={n:,}:", flush=True)
+      for b, path in zip(layouts, paths):
+        _layout(path, n, b, gib)
+      if len(paths) > 1:
+        c = _run_phase("compare", ",".join(paths), n)
+        first = c["warm_s"][0]
+        print(f"  warm lookups of {c['keys']:,} keys interleaved: " + "; ".join(
+            f"{b} rows/block {t * 1e3:.0f} ms ({first / t:.2f}x {layouts[0]})"
+            for b, t in zip(layouts, c["warm_s"])) + f"; {c['load']}",
+              flush=True)
     finally:
       shutil.rmtree(root, ignore_errors=True)
+
+
+def _layout(path: str, n: int, block_rows: int, gib: float) -> None:
+  """Phases 1-3 on a table of n rows in blocks of block_rows."""
+  e = _run_phase("export", path, n, block_rows)
+  total = e["write_s"] + e["merge_s"] + e["publish_s"]
+  print(
+      f" {block_rows} rows/block: export {n / total / 1e6:.2f} M rows/s ({total:.1f} "
+      f"s: write {e['write_s']:.1f}, merge {e['merge_s']:.1f}, publish "
+      f"{e['publish_s']:.1f}); writer peak RSS {e['rss'] / gib:.2f} GiB; "
+      f"{e['bytes'] / n:.1f} B/row on disk; {e['load']}",
+      flush=True)
+  lk = _run_phase("lookup", path, n, block_rows)
+  q = lk["keys"]
+  print(
+      f"  lookup {q:,} keys: cold {q / lk['cold_s'] / 1e6:.2f} M keys/s "
+      f"({lk['cold_s'] * 1e3:.0f} ms, open {lk['open_s'] * 1e3:.0f} ms); "
+      f"warm {q / lk['warm_s'] / 1e6:.2f} M keys/s ({lk['warm_s'] * 1e3:.1f} "
+      f"ms); numpy gather at 1M rows {lk['gather_s'] * 1e3:.1f} ms -> warm "
+      f"ratio {lk['gather_s'] / lk['warm_s']:.2f}",
+      flush=True)
+  print(
+      f"  reader: peak RSS {lk['rss'] / gib:.2f} GiB (process before the "
+      f"reader {lk['rss_before_reader'] / gib:.2f} GiB, incl. the 1M-row "
+      f"numpy reference); own accounting {lk['reader_bytes'] / 2**20:.0f} "
+      f"MiB; {lk['load']}",
+      flush=True)
+  if _UPSERT.value and _UPSERT.value < n:
+    u = _run_phase("upsert", path, n, block_rows)
+    print(
+        f"  upsert {_UPSERT.value:,} rows: {u['upsert_s']:.1f} s, "
+        f"{u['written'] / 2**20:.0f} MiB written vs {u['table_bytes'] / 2**20:.0f} "
+        f"MiB table ({u['written'] / u['table_bytes']:.3f}x a full rewrite); "
+        f"max {u['segments']} segments/shard; peak RSS {u['rss'] / gib:.2f} "
+        f"GiB; {u['load']}",
+        flush=True)
 
 
 if __name__ == "__main__":

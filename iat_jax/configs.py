@@ -155,6 +155,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Export: rows a process buffers before writing them as one durable chunk
   # (a killed export resumes from its last chunk).
   c.store.export_chunk_rows = 1 << 18
+  # Layout of the tables this run exports: 2**shard_bits shards by the InsID's
+  # high bits (8 at ~1e11 rows), and rows per stored block. A lookup reads
+  # whole blocks, so fewer rows per block cut what a random key reads, and
+  # more cut the segment indexes a reader holds (16 B per block).
+  c.store.shard_bits = tables.DEFAULT_SHARD_BITS
+  c.store.block_rows = tables.DEFAULT_BLOCK_ROWS
+  # Memory budget of each reader of a table (its block cache and the segment
+  # indexes it loaded): per process, and per input worker process.
+  c.store.cache_bytes = tables.DEFAULT_CACHE_BYTES
 
   c.pipeline = ml_collections.ConfigDict()
   # Models `--mode=pipeline` produces (a subset of iat_jax.stages.PIPELINE,
@@ -191,7 +200,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   sources.get(config.data.source).validate(config.data)
   for flag in ("batch_size", "users_per_batch", "data.user_chunk_len",
                "eval_batch_size", "model.hist_len", "stream.k", "num_epochs",
-               "data.seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
+               "data.seq_len", "log_every", "checkpoint_every", "keep_checkpoints",
+               "store.cache_bytes"):
     need(_get(config, flag) > 0, flag, f"must be > 0, got {_get(config, flag)}")
   for flag in ("data.seq_len", "model.hist_len", "data.user_chunk_len", "stream.k"):
     need(
@@ -208,6 +218,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"{config.data.eval_context} must be -1 (= user_chunk_len // 2) or in [0, "
       f"--config.data.user_chunk_len={config.data.user_chunk_len})")
   one_of("store.dtype", tables.DTYPES)
+  need(1 <= config.store.shard_bits <= 16, "store.shard_bits",
+       f"{config.store.shard_bits} must be in 1..16")
+  b = config.store.block_rows
+  need(b >= 2 and not b & (b - 1), "store.block_rows",
+       f"{b} must be a power of two >= 2")
   one_of("store.source", stages.SOURCES)
   one_of("stream.mode", STREAM_MODES)
   one_of("stream.init_from",

@@ -19,6 +19,7 @@ from iat_jax.data import dataset
 from iat_jax.store import insemb_table
 from iat_jax.store import tables
 from tests import cli_fixtures as cli
+from tests import model_fixtures as mf
 
 _STAGE = "--config.stage=source_temporal"
 # Small chunks and batches: an export of the tiny dataset is ~60 chunks.
@@ -88,6 +89,30 @@ class ExportTest(absltest.TestCase):
     out = cli.run_main(self.ref, "export", *_EXPORT)
     self.assertIn("already done", out.stderr)
     self.assertEqual(insemb_table.Table(_store(self.ref)).version, gen)
+
+  def test_layout_flags_lay_out_the_same_rows(self):
+    workdir = self._copy()
+    cli.run_main(workdir, "export", *_EXPORT, "--config.store.block_rows=8",
+                 "--config.store.shard_bits=2")
+    table = insemb_table.Table(_store(workdir))
+    self.assertEqual((table.metadata["block_rows"], table.metadata["shard_bits"]), (8, 2))
+    self.assertEqual(_checksum(workdir), self.ref_sum)
+    ref = insemb_table.Table(_store(self.ref))
+    self.assertEqual((ref.metadata["block_rows"], ref.metadata["shard_bits"]),
+                     (tables.DEFAULT_BLOCK_ROWS, tables.DEFAULT_SHARD_BITS))
+    keys = np.asarray(self.ds["ins_id"])
+    np.testing.assert_array_equal(table.lookup(keys)[0], ref.lookup(keys)[0])
+
+  def test_readers_keep_to_the_cache_flag(self):
+    config = mf.tiny_config()
+    config.store.cache_bytes = 1 << 16
+    small = tables.open_checked(config, self.ref, "source_temporal",
+                                self.ds.schema.fingerprint)
+    keys = np.asarray(self.ds["ins_id"])
+    values, found = small.lookup(keys)
+    self.assertTrue(found.all())
+    self.assertLessEqual(small.memory_bytes(), 1 << 16)
+    np.testing.assert_array_equal(values, insemb_table.Table(_store(self.ref)).lookup(keys)[0])
 
   def test_two_processes_export_the_same_table(self):
     workdir = self._copy()

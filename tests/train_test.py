@@ -113,6 +113,11 @@ class ValidateTest(parameterized.TestCase):
       ("mesh_shape", (-1,), "--config.mesh_shape"),
       ("logical_axis_rules", (("batch", "pod"),), "--config.logical_axis_rules"),
       ("model.mixer_token_dim", 7, "--config.model.mixer_token_dim"),
+      ("store.block_rows", 48, "--config.store.block_rows"),
+      ("store.block_rows", 1, "--config.store.block_rows"),
+      ("store.shard_bits", 0, "--config.store.shard_bits"),
+      ("store.shard_bits", 17, "--config.store.shard_bits"),
+      ("store.cache_bytes", 0, "--config.store.cache_bytes"),
   )
   def test_bad_value_names_the_flag(self, flag, value, needle):
     config = mf.tiny_config()

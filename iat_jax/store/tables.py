@@ -24,6 +24,9 @@ import numpy as np
 from iat_jax.store import insemb_table
 
 DTYPES = tuple(insemb_table.DTYPES)
+DEFAULT_SHARD_BITS = insemb_table.DEFAULT_SHARD_BITS
+DEFAULT_BLOCK_ROWS = insemb_table.DEFAULT_BLOCK_ROWS
+DEFAULT_CACHE_BYTES = insemb_table.DEFAULT_CACHE_BYTES
 StoreError = insemb_table.StoreError
 Table = insemb_table.Table
 
@@ -41,15 +44,23 @@ def path(config: ml_collections.ConfigDict, workdir: str, source: str) -> str:
   return config.store.path or os.path.join(workdir, "stores", source)
 
 
+def layout(config: ml_collections.ConfigDict) -> dict:
+  """How the tables this run writes are laid out: --config.store.shard_bits
+  and --config.store.block_rows (see `insemb_table`)."""
+  return {"shard_bits": config.store.shard_bits, "block_rows": config.store.block_rows}
+
+
 def open_checked(config: ml_collections.ConfigDict, workdir: str, source: str,
                  fingerprint: str) -> insemb_table.Table:
   """The published table of `source`, checked to hold config.model.insemb_dim
-  wide InsEmbs from `source` of the dataset with `fingerprint`.
+  wide InsEmbs from `source` of the dataset with `fingerprint`; its reader
+  holds at most --config.store.cache_bytes.
 
   Raises:
     StoreError: missing, corrupt, or not the table this run expects.
   """
-  table = insemb_table.Table(path(config, workdir, source))
+  table = insemb_table.Table(path(config, workdir, source),
+                             cache_bytes=config.store.cache_bytes)
   table.check(d=config.model.insemb_dim, source=source, dataset=fingerprint)
   return table
 
@@ -66,7 +77,8 @@ def is_published(table_path: str, source: str, step: int) -> bool:
 def publish(config: ml_collections.ConfigDict, table_path: str, keys: np.ndarray,
             values: np.ndarray, *, source: str, step: int, fingerprint: str) -> str:
   """Writes InsEmbs (uint64 keys [n], float32 values [n, d]) of `source` at
-  checkpoint `step` as a new version, in --config.store.dtype; returns it."""
+  checkpoint `step` as a new version, in --config.store.dtype and `layout`;
+  returns it."""
   return insemb_table.write(table_path,
                             keys,
                             values,
@@ -74,7 +86,8 @@ def publish(config: ml_collections.ConfigDict, table_path: str, keys: np.ndarray
                             source_step=step,
                             source_config=config.model,
                             dtype=config.store.dtype,
-                            dataset=fingerprint)
+                            dataset=fingerprint,
+                            **layout(config))
 
 
 def exists(table_path: str) -> bool:
@@ -90,13 +103,14 @@ def exists(table_path: str) -> bool:
 # Parallel, streaming, resumable export (every process writes its own slice).
 
 
-def export_id(source: str, step: int, fingerprint: str, dtype: str, d: int,
-              process_count: int) -> str:
+def export_id(config: ml_collections.ConfigDict, source: str, step: int,
+              fingerprint: str, d: int, process_count: int) -> str:
   """A deterministic id of the export of `source` at checkpoint `step`, so a
-  rerun of a killed export finds its staging and resumes it."""
+  rerun of a killed export finds its staging and resumes it (and a rerun with
+  another --config.store.dtype or `layout` starts its own)."""
   tag = hashlib.sha256(
-      json.dumps([fingerprint, dtype, int(d),
-                  int(process_count)]).encode()).hexdigest()[:12]
+      json.dumps([fingerprint, config.store.dtype, int(d),
+                  int(process_count), layout(config)]).encode()).hexdigest()[:12]
   return f"{source}-s{int(step)}-p{int(process_count)}-{tag}"
 
 
@@ -134,15 +148,15 @@ class Export:
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     d = config.model.insemb_dim
-    self.id = export_id(source, step, fingerprint, config.store.dtype, d,
-                        self.process_count)
+    self.id = export_id(config, source, step, fingerprint, d, self.process_count)
     self._writer = insemb_table.ExportWriter(table_path,
                                              self.id,
                                              process_index=self.process_index,
                                              process_count=self.process_count,
                                              d=d,
                                              dtype=config.store.dtype,
-                                             chunk_rows=config.store.export_chunk_rows)
+                                             chunk_rows=config.store.export_chunk_rows,
+                                             **layout(config))
 
   @property
   def done_rows(self) -> int:

@@ -89,12 +89,13 @@ class _Shared:
   Every process `put`s the same global rows, so all buffers (and lookups)
   agree and reach `flush_rows` at the same step; `flush` is collective."""
 
-  def __init__(self, table_path: str, flush_rows: int = 1 << 16):
-    self.path, self.flush_rows = table_path, flush_rows
+  def __init__(self, table_path: str, flush_rows: int = 1 << 16, **upserts):
+    """upserts: keyword arguments of `tables.Upserts` (cache_bytes)."""
+    self.path, self.flush_rows, self._upserts_kw = table_path, flush_rows, upserts
     self._reopen()
 
   def _reopen(self) -> None:
-    self._upserts = tables.Upserts(self.path, flush_rows=_NEVER)
+    self._upserts = tables.Upserts(self.path, flush_rows=_NEVER, **self._upserts_kw)
     self._rows = 0
 
   @classmethod
@@ -139,8 +140,8 @@ def _open_store(config, workdir: str, ds: dataset_lib.Dataset,
     init = tables.open_checked(config, workdir, config.stream.init_from,
                                ds.schema.fingerprint)
     step = init.metadata["source_step"]
-    copy_id = tables.export_id(config.stage, step, ds.schema.fingerprint,
-                               config.store.dtype, init.dim, jax.process_count())
+    copy_id = tables.export_id(config, config.stage, step, ds.schema.fingerprint,
+                               init.dim, jax.process_count())
     if not (tables.exists(path) and
             tables.Table(path).metadata.get("export_id") == copy_id):
       logging.info("stream: copying %s into %s", init_path, path)
@@ -151,7 +152,7 @@ def _open_store(config, workdir: str, ds: dataset_lib.Dataset,
                           source=config.stage,
                           step=step,
                           fingerprint=ds.schema.fingerprint)
-  return _Shared(path)
+  return _Shared(path, cache_bytes=config.store.cache_bytes)
 
 
 def _started(config, directory: str, ds: dataset_lib.Dataset) -> bool:
