@@ -156,9 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (a killed export resumes from its last chunk).
   c.store.export_chunk_rows = 1 << 18
   # Layout of the tables this run exports: 2**shard_bits shards by the InsID's
-  # high bits (8 at ~1e11 rows), and rows per stored block. A lookup reads
-  # whole blocks, so fewer rows per block cut what a random key reads, and
-  # more cut the segment indexes a reader holds (16 B per block).
+  # high bits (8 at ~1e11 rows), and rows per stored block. A lookup costs
+  # about one read per distinct block it needs: fewer rows per block read
+  # fewer bytes per key, but a batch then needs more blocks (slower for
+  # random keys; README, Benchmarks); more rows shrink the segment indexes a
+  # reader holds (16 B per block).
   c.store.shard_bits = tables.DEFAULT_SHARD_BITS
   c.store.block_rows = tables.DEFAULT_BLOCK_ROWS
   # Memory budget of each reader of a table (its block cache and the segment
