@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -184,7 +185,7 @@ class InsEmbTableTest(parameterized.TestCase):
   def test_memoized_positions_survive_eviction_and_new_versions(self):
     keys, values = _data(20_000, 16, seed=15)
     _write(self.dir, keys, values, shard_bits=2)
-    table = insemb_table.Table(self.dir, cache_bytes=64 << 10)
+    table = insemb_table.Table(self.dir, cache_bytes=96 << 10)
     # One key of each block of shard 0 (its sorted keys, 256 per block).
     shard = np.sort(keys[keys >> np.uint64(62) == 0])
     first = shard[::256]
@@ -204,9 +205,31 @@ class InsEmbTableTest(parameterized.TestCase):
     # An upsert's newer row wins over the memoized older one.
     new = values[[where[k] for k in first[:3].tolist()]] + 1
     insemb_table.upsert(self.dir, first[:3], new)
-    newer = insemb_table.Table(self.dir, cache_bytes=64 << 10)
+    newer = insemb_table.Table(self.dir, cache_bytes=96 << 10)
     np.testing.assert_array_equal(newer.lookup(first[:3])[0], new)
     np.testing.assert_array_equal(table.lookup(first[:3])[0], rows(first[:3]))
+
+  def test_a_lookup_of_many_blocks_stays_within_the_budget(self):
+    # 300k rows in ~1,200 blocks (21 MB) behind a 16 MiB budget: 20k random
+    # keys need nearly every block, so the lookup is served in pieces, each
+    # filled by reads of at most 1/8 of the budget at a time.
+    keys, values = _data(300_000, 16, seed=16)
+    _write(self.dir, keys, values)
+    budget = 16 << 20
+    table = insemb_table.Table(self.dir, cache_bytes=budget)
+    query = np.random.default_rng(16).permutation(keys)[:20_000]
+    tracemalloc.start()
+    try:
+      got, found = table.lookup(query)
+      peak = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    self.assertTrue(found.all())
+    # The slab, its reads in flight and the lookup's output (and as much
+    # again of per-key work arrays); reading all of a piece's blocks before
+    # placing any peaked at ~1.8x the budget.
+    self.assertLess(peak, 1.1 * budget + 2 * got.nbytes)
+    self.assertLessEqual(table.memory_bytes(), budget)
 
   def test_reader_memory_does_not_grow_with_table_size(self):
     budget = 1 << 20

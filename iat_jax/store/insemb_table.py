@@ -45,9 +45,12 @@ per-read cost per row 256x smaller, keeps cold read amplification at one
 
 Reader memory. A reader holds only (a) the index of each segment it touched
 (16 B per block in memory: fence, count, cache slot; 0.06 B per row) and (b) a cache of decoded blocks in
-one slab [slots, block_rows] whose bytes plus (a) stay within `cache_bytes`
-(its own accounting: `Table.memory_bytes()`); least recently used blocks are
-evicted, and a batch that needs more blocks than fit is served in pieces. A
+one slab [slots, block_rows] whose bytes plus (a), (c) and (d) stay within
+`cache_bytes` (its own accounting: `Table.memory_bytes()`); least recently
+used blocks are evicted, and a batch that needs more blocks than fit is
+served in pieces. (d): a fill reads min(32 MiB, cache_bytes / 8) of blocks at
+a time and copies them into the slab before reading more, so the bytes read
+but not yet placed stay bounded however many blocks a batch needs. A
 warm lookup is vectorized numpy with no loop over shards: per level (the
 j-th newest segment of every shard, fences concatenated in shard order, so
 sorted) one searchsorted of the sorted queries, a batched binary search
@@ -105,6 +108,10 @@ _TS_CACHE_BYTES = 32 << 20  # TensorStore's own cache (OCDBT B+tree nodes)
 # The position memo (`Table._recall`) takes at most 1/_MEMO_SHARE of cache_bytes.
 _MEMO_SHARE = 32
 _MEMO_ENTRY_BYTES = 24  # key uint64 + slab position int64 + slot generation uint64
+# A fill reads at most min(_READ_BYTES, cache_bytes / _READ_SHARE) of blocks at
+# a time (`Table._fill`), kept out of the slab's share of the budget.
+_READ_BYTES = 32 << 20
+_READ_SHARE = 8
 _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # multiplicative hash of a key
 _GROWTH = 4
 _MAX_SEGMENTS = 16
@@ -506,11 +513,11 @@ class Table:
 
   def memory_bytes(self) -> int:
     """The reader's own accounting: cached blocks + loaded segment indexes +
-    the position memo."""
+    the position memo + the blocks a fill reads at a time."""
     slab = self._slab
     if slab is None:
       return self._index_bytes
-    filled = int((slab["owner"] >= 0).sum())
+    filled = int((slab["owner"] >= 0).sum()) + self._read_blocks()
     return filled * self._slot_bytes() + self._index_bytes + self._memo_bytes()
 
   # -- cache ------------------------------------------------------------------
@@ -528,9 +535,15 @@ class Table:
   def _memo_bytes(self) -> int:
     return (1 << self._memo_bits()) * _MEMO_ENTRY_BYTES
 
+  def _read_blocks(self) -> int:
+    """Blocks a fill reads at a time (at least one)."""
+    share = min(_READ_BYTES, self.cache_bytes // _READ_SHARE)
+    return max(1, share // self._slot_bytes())
+
   def _init_slab(self) -> dict:
     b, d = self._fmt.block_rows, self._fmt.d
-    slots = max((self.cache_bytes - self._memo_bytes()) // self._slot_bytes(), 1)
+    spare = self.cache_bytes - self._memo_bytes() - self._read_blocks() * self._slot_bytes()
+    slots = max(spare // self._slot_bytes(), 1)
     memo = 1 << self._memo_bits()
     return {
         "keys": np.empty((slots, b), np.uint64),
@@ -572,9 +585,11 @@ class Table:
     ]
 
   def _capacity(self) -> int:
-    """Slots usable now: the budget left by the indexes (at least one)."""
+    """Slots usable now: the budget left by the indexes, the memo and the
+    blocks a fill reads at a time (at least one)."""
     slots = len(self._slab["owner"])
-    free = self.cache_bytes - self._index_bytes - self._memo_bytes()
+    free = (self.cache_bytes - self._index_bytes - self._memo_bytes() -
+            self._read_blocks() * self._slot_bytes())
     return max(1, min(slots, free // self._slot_bytes()))
 
   def _fill(self, wanted: list[tuple[list, np.ndarray]]) -> None:
@@ -594,26 +609,34 @@ class Table:
         slab["segs"][sid][1][slab["block"][sel]] = -1
       owner[victims] = -1
     free = np.flatnonzero(owner < 0)[:n]
-    reads = [(entry, b, segments.read_blocks(entry[0], self._fmt, b.tolist()))
-             for entry, b in wanted]
-    b_rows = self._fmt.block_rows
-    i = 0
-    for entry, blocks, got in reads:
-      for blk, (k, v, s) in zip(blocks.tolist(), got):
-        slot = int(free[i])
-        i += 1
-        r = len(k)
-        slab["keys"][slot, :r] = k
-        slab["keys"][slot, r:] = np.uint64(2**64 - 1)  # padding, never a hit
-        slab["count"][slot] = r
-        slab["vals"][slot * b_rows:slot * b_rows + r] = v
-        if s is not None:
-          slab["scales"][slot * b_rows:slot * b_rows + r] = s
-        slab["used"][slot] = self._tick
-        slab["gen"][slot] += 1
-        owner[slot] = entry[2]
-        slab["block"][slot] = blk
-        entry[1][blk] = slot
+    per, i = self._read_blocks(), 0
+    for entry, blocks in wanted:
+      for lo in range(0, len(blocks), per):  # bounded bytes in flight
+        part = blocks[lo:lo + per].tolist()
+        i = self._place(entry, part, segments.read_blocks(entry[0], self._fmt, part),
+                        free, i)
+
+  def _place(self, entry: list, blocks: list[int], got: list[tuple], free: np.ndarray,
+             i: int) -> int:
+    """Copies decoded blocks of a segment into the slots free[i:]; returns
+    the next free index."""
+    slab, owner, b_rows = self._slab, self._slab["owner"], self._fmt.block_rows
+    for blk, (k, v, s) in zip(blocks, got):
+      slot = int(free[i])
+      i += 1
+      r = len(k)
+      slab["keys"][slot, :r] = k
+      slab["keys"][slot, r:] = np.uint64(2**64 - 1)  # padding, never a hit
+      slab["count"][slot] = r
+      slab["vals"][slot * b_rows:slot * b_rows + r] = v
+      if s is not None:
+        slab["scales"][slot * b_rows:slot * b_rows + r] = s
+      slab["used"][slot] = self._tick
+      slab["gen"][slot] += 1
+      owner[slot] = entry[2]
+      slab["block"][slot] = blk
+      entry[1][blk] = slot
+    return i
 
   def _pieces(self, sk: np.ndarray, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """Sorted query keys [m] -> yields (start, pos) for consecutive pieces
