@@ -113,6 +113,10 @@ class ExportTest(absltest.TestCase):
     self.assertTrue(found.all())
     self.assertLessEqual(small.memory_bytes(), 1 << 16)
     np.testing.assert_array_equal(values, insemb_table.Table(_store(self.ref)).lookup(keys)[0])
+    # A budget the indexes alone would fill is refused, naming the flag.
+    config.store.cache_bytes = small.full_index_bytes()
+    with self.assertRaisesRegex(tables.StoreError, "--config.store.cache_bytes="):
+      tables.open_checked(config, self.ref, "source_temporal", self.ds.schema.fingerprint)
 
   def test_two_processes_export_the_same_table(self):
     workdir = self._copy()

@@ -71,7 +71,9 @@ upsert of 3e8 rows writes ~1.2e6 rows per shard plus its share of merges; a
 reader touching every shard holds ~6 GB of segment indexes, one touching a day's
 worth of segments or a subset of shards holds proportionally less (a second
 index level, fences of index pages, would cut this to KBs; not needed below
-~1e10 rows).
+~1e10 rows). A run's reader (`tables.open_checked`) is refused at start when
+the indexes of every shard would take more than half its cache_bytes, so
+such a reader needs --config.store.cache_bytes >= ~12 GB there.
 
 Precision of the stored dtypes (what a lookup returns vs. what was written):
   float32   exact;
@@ -496,6 +498,11 @@ class Table:
                        f"content checksum {segments.checksum_hex(total)} of "
                        f"{rows:,} rows does not match the metadata ({want}, "
                        f"{len(self):,} rows)")
+
+  def full_index_bytes(self) -> int:
+    """Bytes of the segment indexes a reader holds once it has read every
+    shard (16 per block: fence, row count, cache slot)."""
+    return 16 * sum(s["blocks"] for shard in self.metadata["shards"] for s in shard)
 
   def bytes_on_disk(self) -> int:
     """Bytes of the database's files (all kept versions; local tables), or

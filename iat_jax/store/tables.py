@@ -54,13 +54,22 @@ def open_checked(config: ml_collections.ConfigDict, workdir: str, source: str,
                  fingerprint: str) -> insemb_table.Table:
   """The published table of `source`, checked to hold config.model.insemb_dim
   wide InsEmbs from `source` of the dataset with `fingerprint`; its reader
-  holds at most --config.store.cache_bytes.
+  holds at most --config.store.cache_bytes, of which the segment indexes of
+  every shard may take at most half.
 
   Raises:
-    StoreError: missing, corrupt, or not the table this run expects.
+    StoreError: missing, corrupt, or not the table this run expects, or its
+      indexes too big for the budget.
   """
   table = insemb_table.Table(path(config, workdir, source),
                              cache_bytes=config.store.cache_bytes)
+  index = table.full_index_bytes()
+  if 2 * index > config.store.cache_bytes:
+    raise StoreError(
+        f"--config.store.cache_bytes={config.store.cache_bytes}: the segment "
+        f"indexes of {table.path} take {index:,} B once every shard is read, "
+        f"more than half the reader's budget (the rest caches blocks); pass at "
+        f"least --config.store.cache_bytes={2 * index}")
   table.check(d=config.model.insemb_dim, source=source, dataset=fingerprint)
   return table
 
