@@ -65,6 +65,7 @@ _PATH = flags.DEFINE_list("path", None, "Internal: the table(s).")
 _ROWS = flags.DEFINE_integer("rows", 0, "Internal: rows of the table.")
 
 _BATCH_ROWS = 65_536
+_GIB = 2.0**30
 
 
 def _load() -> str:
@@ -246,10 +247,9 @@ def main(argv):
     paths = _PATH.value if _PHASE.value == "compare" else _PATH.value[0]
     print(json.dumps(fn(paths, _ROWS.value)))
     return
-  gib = 2.0**30
   print(
       f"InsEmb store benchmark: d={_D.value} {_DTYPE.value}, lookup "
-      f"{_BATCH.value}x{_L.value}, cache {_CACHE.value / gib:.2f} GiB; {_load()}",
+      f"{_BATCH.value}x{_L.value}, cache {_CACHE.value / _GIB:.2f} GiB; {_load()}",
       flush=True)
   for n in map(int, _SIZES.value):
     root = tempfile.mkdtemp(prefix="bench_store_", dir=_DIR.value)
@@ -258,7 +258,7 @@ def main(argv):
     try:
       print(f"\nN={n:,}:", flush=True)
       for b, path in zip(layouts, paths):
-        _layout(path, n, b, gib)
+        _layout(path, n, b)
       if len(paths) > 1:
         c = _run_phase("compare", ",".join(paths), n)
         first = c["warm_s"][0]
@@ -270,14 +270,14 @@ def main(argv):
       shutil.rmtree(root, ignore_errors=True)
 
 
-def _layout(path: str, n: int, block_rows: int, gib: float) -> None:
+def _layout(path: str, n: int, block_rows: int) -> None:
   """Phases 1-3 on a table of n rows in blocks of block_rows."""
   e = _run_phase("export", path, n, block_rows)
   total = e["write_s"] + e["merge_s"] + e["publish_s"]
   print(
       f" {block_rows} rows/block: export {n / total / 1e6:.2f} M rows/s ({total:.1f} "
       f"s: write {e['write_s']:.1f}, merge {e['merge_s']:.1f}, publish "
-      f"{e['publish_s']:.1f}); writer peak RSS {e['rss'] / gib:.2f} GiB; "
+      f"{e['publish_s']:.1f}); writer peak RSS {e['rss'] / _GIB:.2f} GiB; "
       f"{e['bytes'] / n:.1f} B/row on disk; {e['load']}",
       flush=True)
   lk = _run_phase("lookup", path, n, block_rows)
@@ -290,8 +290,8 @@ def _layout(path: str, n: int, block_rows: int, gib: float) -> None:
       f"ratio {lk['gather_s'] / lk['warm_s']:.2f}",
       flush=True)
   print(
-      f"  reader: peak RSS {lk['rss'] / gib:.2f} GiB (process before the "
-      f"reader {lk['rss_before_reader'] / gib:.2f} GiB, incl. the 1M-row "
+      f"  reader: peak RSS {lk['rss'] / _GIB:.2f} GiB (process before the "
+      f"reader {lk['rss_before_reader'] / _GIB:.2f} GiB, incl. the 1M-row "
       f"numpy reference); own accounting {lk['reader_bytes'] / 2**20:.0f} "
       f"MiB; {lk['load']}",
       flush=True)
@@ -301,7 +301,7 @@ def _layout(path: str, n: int, block_rows: int, gib: float) -> None:
         f"  upsert {_UPSERT.value:,} rows: {u['upsert_s']:.1f} s, "
         f"{u['written'] / 2**20:.0f} MiB written vs {u['table_bytes'] / 2**20:.0f} "
         f"MiB table ({u['written'] / u['table_bytes']:.3f}x a full rewrite); "
-        f"max {u['segments']} segments/shard; peak RSS {u['rss'] / gib:.2f} "
+        f"max {u['segments']} segments/shard; peak RSS {u['rss'] / _GIB:.2f} "
         f"GiB; {u['load']}",
         flush=True)
 

@@ -620,17 +620,15 @@ class Table:
     for entry, blocks in wanted:
       for lo in range(0, len(blocks), per):  # bounded bytes in flight
         part = blocks[lo:lo + per].tolist()
-        i = self._place(entry, part, segments.read_blocks(entry[0], self._fmt, part),
-                        free, i)
+        self._place(entry, part, segments.read_blocks(entry[0], self._fmt, part),
+                    free[i:i + len(part)].tolist())
+        i += len(part)
 
-  def _place(self, entry: list, blocks: list[int], got: list[tuple], free: np.ndarray,
-             i: int) -> int:
-    """Copies decoded blocks of a segment into the slots free[i:]; returns
-    the next free index."""
+  def _place(self, entry: list, blocks: list[int], got: list[tuple],
+             slots: list[int]) -> None:
+    """Copies decoded blocks of a segment into the given free slots."""
     slab, owner, b_rows = self._slab, self._slab["owner"], self._fmt.block_rows
-    for blk, (k, v, s) in zip(blocks, got):
-      slot = int(free[i])
-      i += 1
+    for blk, (k, v, s), slot in zip(blocks, got, slots):
       r = len(k)
       slab["keys"][slot, :r] = k
       slab["keys"][slot, r:] = np.uint64(2**64 - 1)  # padding, never a hit
@@ -643,7 +641,6 @@ class Table:
       owner[slot] = entry[2]
       slab["block"][slot] = blk
       entry[1][blk] = slot
-    return i
 
   def _pieces(self, sk: np.ndarray, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """Sorted query keys [m] -> yields (start, pos) for consecutive pieces
