@@ -24,9 +24,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-  """No usable checkpoint where one is needed; the message says what to do."""
+from iat_jax import errors
 
 
 def _reason(e: BaseException) -> str:
@@ -102,7 +100,7 @@ class Checkpoints:
     failed newer ones are moved to ckpt.damaged/<step>-<time> (kept, and
     their step numbers free for the redone saves). If none restores, nothing
     is moved (a changed model config fails every step alike) and it is a
-    CheckpointError naming the directory."""
+    errors.CheckpointError naming the directory."""
     failed = []
     for step in sorted(self.ckpt.all_steps(), reverse=True):
       try:
@@ -118,7 +116,7 @@ class Checkpoints:
       return state, step
     if failed:
       directory = os.fspath(self.ckpt.directory)
-      raise CheckpointError(
+      raise errors.CheckpointError(
           f"no checkpoint in {directory} restores (tried steps {failed}; see the "
           f"warnings above); if the model flags changed, re-run with the original "
           f"ones or another --workdir, else delete {os.path.dirname(directory)} "
@@ -135,7 +133,7 @@ class Checkpoints:
       try:
         shutil.move(src, dst)
       except OSError as e:
-        raise CheckpointError(f"checkpoint {src} does not restore and cannot be moved "
+        raise errors.CheckpointError(f"checkpoint {src} does not restore and cannot be moved "
                               f"aside ({e}); delete it and re-run") from None
     self.ckpt.reload()
 
@@ -150,13 +148,13 @@ class Checkpoints:
                    })
 
   def restore_best(self, abstract_params: Any) -> tuple[int, Any]:
-    """(step, params) of the best checkpoint; CheckpointError naming best/ and
+    """(step, params) of the best checkpoint; errors.CheckpointError naming best/ and
     what to do when there is none or it does not restore (best/ keeps one
     step, so there is nothing to fall back to)."""
     step = self.best.best_step()
     where = os.fspath(self.best.directory)
     if step is None:
-      raise CheckpointError(f"no best checkpoint in {where}; train this stage "
+      raise errors.CheckpointError(f"no best checkpoint in {where}; train this stage "
                             f"(--mode=train) before evaluating or exporting it")
     try:
       out = self.best.restore(
@@ -164,7 +162,7 @@ class Checkpoints:
           args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
     except Exception as e:  # pylint: disable=broad-except
       stage = os.path.dirname(where)
-      raise CheckpointError(
+      raise errors.CheckpointError(
           f"best checkpoint {os.path.join(where, str(step))} does not restore "
           f"({_reason(e)}); delete {stage} to retrain this stage (or restore "
           f"{where} from a backup)") from None

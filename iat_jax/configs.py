@@ -6,7 +6,7 @@ An experiment file defines `get_config(arg=None)` that starts from
 call it before any work, and it names the offending flag. Two checks need
 more than the config and run as soon as that is known: `validate_devices`
 (the mesh against the device count, before the dataset is built) and
-`validate_data` (batch sizes against the split sizes, right after
+`orders.validate_data` (batch sizes against the split sizes, right after
 `sources.prepare`); the memory a compiled train step needs is checked when
 the stage is built (`iat_jax.train.train_lib.check_memory`).
 """
@@ -18,7 +18,6 @@ import numpy as np
 
 from iat_jax import models
 from iat_jax import stages
-from iat_jax.data import input_pipeline
 from iat_jax.data import schema as schema_lib
 from iat_jax.data import sources
 from iat_jax.models import source as source_models
@@ -146,6 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.process_id = -1
 
   c.store = ml_collections.ConfigDict()
+  # Storage engine of the InsEmb tables: a key of iat_jax.store.tables.BACKENDS
+  # ("ocdbt": TensorStore OCDBT, the one for real runs; "memory": in-process,
+  # for tests and baselines).
+  c.store.backend = "ocdbt"
   # Value dtype of exported InsEmb tables: float32, bfloat16 or int8.
   c.store.dtype = "float32"
   # Downstream: which source model's store it reads ("" = from pipeline).
@@ -288,31 +291,3 @@ def validate_devices(config: ml_collections.ConfigDict, num_devices: int) -> Non
     raise ValueError(f"--config.mesh_shape: {shape} over --config.mesh_axes="
                      f"{tuple(config.mesh_axes)} needs {need} devices, this run has "
                      f"{num_devices}; use -1 for one axis to take all devices")
-
-
-def validate_data(config: ml_collections.ConfigDict, ds, stage_names) -> None:
-  """Raises ValueError naming the flag and the limit when a train batch of one
-  of `stage_names` is larger than what it batches: a batch of more instances
-  than the train split (or user chunks than it has) would train a single,
-  mostly padding step. Evaluation batches may be larger (padding is fine
-  there). Cheap: call right after `sources.prepare`, before any training."""
-  orders = {stages.get(name).order for name in stage_names}
-  train_rows = int(ds.schema.split_sizes[0])
-  if orders & {"temporal", "history"} and config.batch_size > train_rows:
-    raise ValueError(f"--config.batch_size: {config.batch_size} is larger than the "
-                     f"train split ({train_rows} instances of {ds.path}); use at "
-                     f"most {train_rows}")
-  if "stream" in orders:
-    rows = sum(len(ds.split_rows(s)) for s in config.stream.splits)
-    if config.batch_size > rows:
-      raise ValueError(f"--config.batch_size: {config.batch_size} is larger than "
-                       f"the streamed splits {tuple(config.stream.splits)} ({rows} "
-                       f"instances); use at most {rows}")
-  if "user_chunks" in orders:
-    chunks = input_pipeline.UserChunks.build(ds, "train", config.data.user_chunk_len)
-    n, users = len(chunks.start), len(np.unique(chunks.user))
-    if config.users_per_batch > n:
-      raise ValueError(f"--config.users_per_batch: {config.users_per_batch} is "
-                       f"larger than the {n} train chunks (of --config.data."
-                       f"user_chunk_len={config.data.user_chunk_len}) of the "
-                       f"{users} users with train rows; use at most {n}")

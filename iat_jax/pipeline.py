@@ -25,6 +25,7 @@ import ml_collections
 from iat_jax import configs
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
+from iat_jax.data import orders
 from iat_jax.data import sources
 from iat_jax.store import tables
 from iat_jax.train import trainers
@@ -82,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dict. With pipeline.sources_from, source models and their stores are read
   from that workdir instead of being trained and exported here."""
   ds = sources.prepare(config, workdir)
-  configs.validate_data(config, ds, [m.stage for m in steps(config)])
+  orders.validate_data(config, ds, [m.stage for m in steps(config)])
   sources_from = config.pipeline.sources_from
   models = {}
   for model in steps(config):

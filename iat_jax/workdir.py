@@ -26,6 +26,8 @@ from typing import Any
 from absl import logging
 import jax
 
+from iat_jax import errors
+
 
 def stage_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
@@ -78,10 +80,6 @@ def write_results(directory: str, results: dict) -> None:
 LOCK_NAME = "writer.lock"
 
 
-class LockError(RuntimeError):
-  """Another process holds a workdir's writer lock."""
-
-
 class WriterLock:
   """An exclusive `fcntl.flock` on <workdir>/writer.lock, held while a run writes.
 
@@ -117,7 +115,7 @@ class WriterLock:
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         holder = _read_holder(fd)
         os.close(fd)
-        raise LockError(
+        raise errors.LockError(
             f"workdir {self.workdir} is in use by another run ({holder}; lock "
             f"{self.path}); wait for it to finish or stop it, or pass another "
             f"--workdir") from None

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from iat_jax import errors
 from iat_jax import checkpointing
 from iat_jax import sharding
 from iat_jax.data import input_pipeline as ip
@@ -87,7 +88,7 @@ class CheckpointsTest(absltest.TestCase):
   def test_best_tracking(self):
     ckpts = checkpointing.Checkpoints(self.dir, keep=2, best_metric=METRIC)
     target = checkpointing.abstract(_state(self.mesh, 0.0)["params"])
-    with self.assertRaisesRegex(checkpointing.CheckpointError, "no best checkpoint"):
+    with self.assertRaisesRegex(errors.CheckpointError, "no best checkpoint"):
       ckpts.restore_best(target)
     for step, auc in ((1, 0.6), (2, 0.7), (3, 0.65)):
       ckpts.save_best(step,

@@ -6,6 +6,7 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import dataset
 from iat_jax.data import history
 from tests import data_fixtures
@@ -97,7 +98,7 @@ class ActionDelayTest(absltest.TestCase):
     ds = data_fixtures.make_dataset(path, num_users=3, label_delay=(0, 60))
     chunk = {k: np.asarray(ds[k]) for k in dataset.row_shapes(ds.schema)}
     del chunk["action_now"]
-    with self.assertRaisesRegex(dataset.DataError, "action_now"):
+    with self.assertRaisesRegex(errors.DataError, "action_now"):
       with dataset.Writer(path, ds.schema, ds.num_rows) as w:
         w.append(chunk)
 
@@ -131,7 +132,7 @@ class WriterErrorsTest(absltest.TestCase):
     self._assert_old_intact()
 
   def test_users_split_across_chunks(self):
-    with self.assertRaisesRegex(dataset.DataError, "whole users"):
+    with self.assertRaisesRegex(errors.DataError, "whole users"):
       with dataset.Writer(self.path, self.old.schema, 6) as w:
         w.append(self._chunk(3, uid=1))
         w.append(self._chunk(3, uid=1))
@@ -140,7 +141,7 @@ class WriterErrorsTest(absltest.TestCase):
   def test_unsorted_rows(self):
     c = self._chunk(3)
     c["ts"] = np.array([10, 5, 20])
-    with self.assertRaisesRegex(dataset.DataError, "chunk row 1"):
+    with self.assertRaisesRegex(errors.DataError, "chunk row 1"):
       with dataset.Writer(self.path, self.old.schema, 3) as w:
         w.append(c)
     self._assert_old_intact()
@@ -149,13 +150,13 @@ class WriterErrorsTest(absltest.TestCase):
     c = self._chunk(3)
     c["cat"] = c["cat"].copy()
     c["cat"][2, 1] = 99
-    with self.assertRaisesRegex(dataset.DataError, "field category: id 99"):
+    with self.assertRaisesRegex(errors.DataError, "field category: id 99"):
       with dataset.Writer(self.path, self.old.schema, 3) as w:
         w.append(c)
     self._assert_old_intact()
 
   def test_row_count_mismatch(self):
-    with self.assertRaisesRegex(dataset.DataError, "announced"):
+    with self.assertRaisesRegex(errors.DataError, "announced"):
       with dataset.Writer(self.path, self.old.schema, 5) as w:
         w.append(self._chunk(3))
     self._assert_old_intact()

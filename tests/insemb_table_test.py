@@ -27,6 +27,7 @@ from absl.testing import parameterized
 import ml_collections
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.store import estimate
 from iat_jax.store import insemb_table
 from iat_jax.store import memory_table
@@ -330,38 +331,38 @@ class InsEmbTableTest(parameterized.TestCase):
     table.verify()
     self.assertGreater(table.bytes_on_disk(), 500 * (12 + 8 + 4))
     table.check(d=12, source="source_user", dataset="build-1")
-    with self.assertRaisesRegex(insemb_table.StoreError,
+    with self.assertRaisesRegex(errors.StoreError,
                                 r"d=12.*d=32.*--config\.model\.insemb_dim"):
       table.check(d=32, source="source_user")
-    with self.assertRaisesRegex(insemb_table.StoreError,
+    with self.assertRaisesRegex(errors.StoreError,
                                 r"'source_temporal'.*--config\.store\.source"):
       table.check(d=12, source="source_temporal")
-    with self.assertRaisesRegex(insemb_table.StoreError, r"exported from dataset"):
+    with self.assertRaisesRegex(errors.StoreError, r"exported from dataset"):
       table.check(d=12, source="source_user", dataset="another-build")
 
   def test_errors(self):
     missing = os.path.join(self.dir, "nothing_here")
-    with self.assertRaisesRegex(insemb_table.StoreError, missing):
+    with self.assertRaisesRegex(errors.StoreError, missing):
       insemb_table.Table(missing)
     keys, values = _data(10, 4)
-    with self.assertRaisesRegex(insemb_table.StoreError, "duplicate InsIDs"):
+    with self.assertRaisesRegex(errors.StoreError, "duplicate InsIDs"):
       _write(self.dir, np.concatenate([keys, keys[:1]]),
              np.concatenate([values, values[:1]]))
     bad = values.copy()
     bad[3, 1] = np.nan
-    with self.assertRaisesRegex(insemb_table.StoreError, "non-finite"):
+    with self.assertRaisesRegex(errors.StoreError, "non-finite"):
       _write(self.dir, keys, bad)
-    with self.assertRaisesRegex(insemb_table.StoreError, "do not match keys"):
+    with self.assertRaisesRegex(errors.StoreError, "do not match keys"):
       _write(self.dir, keys[:5], values)
-    with self.assertRaisesRegex(insemb_table.StoreError, "dtype 'float16'"):
+    with self.assertRaisesRegex(errors.StoreError, "dtype 'float16'"):
       _write(self.dir, keys, values, dtype="float16")
-    with self.assertRaisesRegex(insemb_table.StoreError, "no InsEmb table"):
+    with self.assertRaisesRegex(errors.StoreError, "no InsEmb table"):
       insemb_table.Table(self.dir)  # nothing was created
     # An export closed but not merged cannot be published.
     w = insemb_table.ExportWriter(os.path.join(self.dir, "db"), "x", d=4)
     w.add(keys, values)
     w.close()
-    with self.assertRaisesRegex(insemb_table.StoreError, "not merged yet"):
+    with self.assertRaisesRegex(errors.StoreError, "not merged yet"):
       insemb_table.publish(os.path.join(self.dir, "db"),
                            "x",
                            source="s",
@@ -375,17 +376,17 @@ class InsEmbTableTest(parameterized.TestCase):
     seg = table.metadata["shards"][0][0]["name"]
     kv = insemb_table._open(path)  # pylint: disable=protected-access
     kv.write(f"{seg}/00000000", b"short").result()
-    with self.assertRaisesRegex(insemb_table.StoreError, "corrupt or truncated"):
+    with self.assertRaisesRegex(errors.StoreError, "corrupt or truncated"):
       insemb_table.Table(path).verify()
     kv.write(f"{seg}/index", None).result()
-    with self.assertRaisesRegex(insemb_table.StoreError, "index of segment.*missing"):
+    with self.assertRaisesRegex(errors.StoreError, "index of segment.*missing"):
       insemb_table.Table(path).lookup(tkeys)
     kv.write("meta", b"{not json").result()
-    with self.assertRaisesRegex(insemb_table.StoreError, "corrupt metadata"):
+    with self.assertRaisesRegex(errors.StoreError, "corrupt metadata"):
       insemb_table.Table(path)
     with open(os.path.join(path, "manifest.ocdbt"), "r+b") as f:
       f.write(b"garbage!")
-    with self.assertRaises(insemb_table.StoreError):
+    with self.assertRaises(errors.StoreError):
       insemb_table.Table(path)
 
   def test_verify_detects_corruption(self):
@@ -399,7 +400,7 @@ class InsEmbTableTest(parameterized.TestCase):
       byte = f.read(1)
       f.seek(os.path.getsize(data) // 2)
       f.write(bytes([byte[0] ^ 0xFF]))
-    with self.assertRaisesRegex(insemb_table.StoreError, "checksum"):
+    with self.assertRaisesRegex(errors.StoreError, "checksum"):
       insemb_table.Table(self.dir).verify()
 
   def test_pinned_versions_and_pickled_readers(self):
@@ -462,7 +463,7 @@ class InsEmbTableTest(parameterized.TestCase):
     # A writer whose version is stale fails instead of losing an update.
     stale = insemb_table.Writer(self.dir)
     writer.upsert(keys[:3], values[:3])
-    with self.assertRaisesRegex(insemb_table.StoreError, "another writer"):
+    with self.assertRaisesRegex(errors.StoreError, "another writer"):
       stale.upsert(keys[3:6], values[3:6])
 
   def test_killed_export_resumes_to_identical_table(self):

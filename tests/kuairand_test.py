@@ -17,6 +17,7 @@ from absl.testing import parameterized
 import ml_collections
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import dataset
 from iat_jax.data import download
 from iat_jax.data import kuairand
@@ -335,7 +336,7 @@ class SmallFilesTest(absltest.TestCase):
 
 
 class BadInputTest(parameterized.TestCase):
-  """Each bad input raises DataError naming file and line; nothing is written."""
+  """Each bad input raises errors.DataError naming file and line; nothing is written."""
 
   def setUp(self):
     super().setUp()
@@ -345,7 +346,7 @@ class BadInputTest(parameterized.TestCase):
 
   def assert_fails(self, files, *expected):
     _write(self.data, files)
-    with self.assertRaises(dataset.DataError) as cm:
+    with self.assertRaises(errors.DataError) as cm:
       kuairand.build(self.data, self.out, 4)
     for text in expected:
       self.assertIn(text, str(cm.exception))
@@ -409,7 +410,7 @@ class BadInputTest(parameterized.TestCase):
     kuairand.build(_write(self.data, _files()), self.out, 4)
     before = np.asarray(dataset.Dataset(self.out)["ins_id"]).copy()
     _write(self.data, {_LOG: _log(_ROWS + [_log_row(0, 0, like=5)])})
-    with self.assertRaisesRegex(dataset.DataError, f"{_LOG}, line 12"):
+    with self.assertRaisesRegex(errors.DataError, f"{_LOG}, line 12"):
       kuairand.build(self.data, self.out, 4)
     self.assertCountEqual(os.listdir(self.tmp), ["data", "out"])
     np.testing.assert_array_equal(dataset.Dataset(self.out)["ins_id"], before)

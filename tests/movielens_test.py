@@ -16,6 +16,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import dataset
 from iat_jax.data import download
 from iat_jax.data import hashing
@@ -189,7 +190,7 @@ _BAD_1M = ("ratings.dat", "users.dat", "movies.dat")
 
 
 class BadInputTest(parameterized.TestCase):
-  """Each bad input raises DataError naming file and line; nothing is written."""
+  """Each bad input raises errors.DataError naming file and line; nothing is written."""
 
   def setUp(self):
     super().setUp()
@@ -202,7 +203,7 @@ class BadInputTest(parameterized.TestCase):
     if files is not None:
       shutil.rmtree(self.data, ignore_errors=True)
       _write(self.data, files)
-    with self.assertRaises(dataset.DataError) as cm:
+    with self.assertRaises(errors.DataError) as cm:
       movielens.build(self.data, self.out, 4)
     for text in expected:
       self.assertIn(text, str(cm.exception))
@@ -265,7 +266,7 @@ class BadInputTest(parameterized.TestCase):
     movielens.build(_write(self.data, _files_1m()), self.out, 4)
     before = np.asarray(dataset.Dataset(self.out)["ins_id"]).copy()
     _write(self.data, {"ratings.dat": _RATINGS_1M + "2::1::9::5\n"})
-    with self.assertRaisesRegex(dataset.DataError, "ratings.dat, line 7"):
+    with self.assertRaisesRegex(errors.DataError, "ratings.dat, line 7"):
       movielens.build(self.data, self.out, 4)
     self.assertCountEqual(os.listdir(self.tmp), ["data", "out"])
     ds = dataset.Dataset(self.out)
@@ -365,7 +366,7 @@ class DownloadTest(absltest.TestCase):
   def test_unreachable_server(self):
     tmp = self.create_tempdir().full_path
     url = "http://127.0.0.1:9/ml-100k.zip"  # discard port: connection refused
-    with self.assertRaisesRegex(download.DownloadError, "127.0.0.1:9/ml-100k.zip"):
+    with self.assertRaisesRegex(errors.DownloadError, "127.0.0.1:9/ml-100k.zip"):
       download.download(url, os.path.join(tmp, "ml"), "u.data", timeout=5)
     self.assertEqual(os.listdir(tmp), [])
 

@@ -10,6 +10,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from iat_jax import errors
 from iat_jax import configs
 from iat_jax import pipeline
 from iat_jax import stages
@@ -161,19 +162,19 @@ class OpenStoreTest(absltest.TestCase):
     config.update(stage="downstream")
     config.store.source = "source_temporal"
     config.model.insemb_dim = self.config.model.insemb_dim + 2
-    with self.assertRaisesRegex(tables.StoreError, "--config.model.insemb_dim"):
+    with self.assertRaisesRegex(errors.StoreError, "--config.model.insemb_dim"):
       pipeline.open_store(config, self.workdir, self.ds)
 
   def test_missing_store(self):
     config = mf.tiny_config()
     config.stage = "downstream"  # reads source_user's store: never exported
-    with self.assertRaisesRegex(tables.StoreError, "no InsEmb table.*--mode=export"):
+    with self.assertRaisesRegex(errors.StoreError, "no InsEmb table.*--mode=export"):
       pipeline.open_store(config, self.workdir, self.ds)
 
   def test_store_of_another_dataset(self):
     other = types.SimpleNamespace(
         schema=dataclasses.replace(self.ds.schema, fingerprint="another"))
-    with self.assertRaisesRegex(tables.StoreError, "exported from dataset 'tiny'"):
+    with self.assertRaisesRegex(errors.StoreError, "exported from dataset 'tiny'"):
       pipeline.open_store(self.config, self.workdir, other)
 
 

@@ -23,6 +23,7 @@ import grain
 import jax
 import jax.numpy as jnp
 
+from iat_jax import errors
 from iat_jax import checkpointing
 from iat_jax import configs
 from iat_jax import workdir as workdir_lib
@@ -132,7 +133,7 @@ class WriterLockTest(_Reference):
   def test_lock_is_exclusive_in_process_and_released(self):
     workdir = tempfile.mkdtemp()
     lock = workdir_lib.WriterLock(workdir).acquire()
-    with self.assertRaisesRegex(workdir_lib.LockError, f"pid {os.getpid()}"):
+    with self.assertRaisesRegex(errors.LockError, f"pid {os.getpid()}"):
       workdir_lib.WriterLock(workdir).acquire()  # flock is per open file
     lock.release()
     workdir_lib.WriterLock(workdir).acquire().release()
@@ -220,7 +221,7 @@ class CheckpointFallbackTest(absltest.TestCase):
 
   def test_none_restores_names_the_directory_and_moves_nothing(self):
     with self.assertRaisesRegex(
-        checkpointing.CheckpointError, rf"no checkpoint in {self.dir}/ckpt restores.*"
+        errors.CheckpointError, rf"no checkpoint in {self.dir}/ckpt restores.*"
         rf"delete {self.dir} to train this stage afresh"):
       self.restore([1, 2, 3], "truncated_array")
     self.assertEqual(sorted(os.listdir(os.path.join(self.dir, "ckpt"))),
@@ -231,7 +232,7 @@ class CheckpointFallbackTest(absltest.TestCase):
     ckpts = checkpointing.Checkpoints(self.dir, keep=3, best_metric="auc")
     try:
       with self.assertRaisesRegex(
-          checkpointing.CheckpointError, rf"best checkpoint {self.dir}/best/3 does not "
+          errors.CheckpointError, rf"best checkpoint {self.dir}/best/3 does not "
           rf"restore .*delete {self.dir} to retrain"):
         ckpts.restore_best(checkpointing.abstract(self.state))
     finally:

@@ -15,6 +15,7 @@ import time
 from absl.testing import absltest
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import dataset
 from iat_jax.store import insemb_table
 from iat_jax.store import tables
@@ -115,7 +116,7 @@ class ExportTest(absltest.TestCase):
     np.testing.assert_array_equal(values, insemb_table.Table(_store(self.ref)).lookup(keys)[0])
     # A budget the indexes alone would fill is refused, naming the flag.
     config.store.cache_bytes = small.full_index_bytes()
-    with self.assertRaisesRegex(tables.StoreError, "--config.store.cache_bytes="):
+    with self.assertRaisesRegex(errors.StoreError, "--config.store.cache_bytes="):
       tables.open_checked(config, self.ref, "source_temporal", self.ds.schema.fingerprint)
 
   def test_two_processes_export_the_same_table(self):

@@ -2,7 +2,7 @@
 
 File hashing and fingerprints, value parsing that names file:line, id lookups,
 each row's earlier rows of its user, writing whole users in chunks, the
-download/build command line. Every check raises `dataset.DataError` naming
+download/build command line. Every check raises `errors.DataError` naming
 the file and the 1-based line.
 """
 
@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import dataset
 from iat_jax.data import download as download_lib
 from iat_jax.data import history
@@ -83,7 +84,7 @@ def read_text(path: str, encoding: str) -> str:
     text = raw.decode(encoding)
   except UnicodeDecodeError as e:
     line = raw.count(b"\n", 0, e.start) + 1
-    raise dataset.DataError(
+    raise errors.DataError(
         f"{path}, line {line}: bad encoding: byte 0x{raw[e.start]:02x} is not "
         f"valid {encoding}") from None
   return text.replace("\r\n", "\n").rstrip("\n")
@@ -97,8 +98,8 @@ def _is_int(s: str) -> bool:
   return s.isascii() and s.isdigit() and len(s) <= MAX_DIGITS
 
 
-def _int_error(path: str, lineno: int, what: str, s: str) -> dataset.DataError:
-  return dataset.DataError(
+def _int_error(path: str, lineno: int, what: str, s: str) -> errors.DataError:
+  return errors.DataError(
       f"{path}, line {lineno}: {what} {s!r} is not a non-negative integer")
 
 
@@ -140,7 +141,7 @@ def bad_int_lines(text: bytes, sep: int, num_fields: int) -> np.ndarray:
 
 
 def int_line_error(path: str, lineno: int, line: str, fields: list[str],
-                   names: tuple[str, ...]) -> dataset.DataError:
+                   names: tuple[str, ...]) -> errors.DataError:
   """The error for a line of integer fields that failed `bad_int_lines`.
 
   Args:
@@ -153,7 +154,7 @@ def int_line_error(path: str, lineno: int, line: str, fields: list[str],
   for what, s in zip(names, fields):
     if not _is_int(s):
       return _int_error(path, lineno, what, s)
-  return dataset.DataError(f"{path}, line {lineno}: malformed line {line[:100]!r}")
+  return errors.DataError(f"{path}, line {lineno}: malformed line {line[:100]!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def check_unique(path: str, ids, what: str, first_line: int) -> None:
   if (counts > 1).any():
     dup = uniq[counts > 1][0]
     lines = np.flatnonzero(ids == dup)[:2] + first_line
-    raise dataset.DataError(f"{path}, line {lines[1]}: {what} {dup} already "
+    raise errors.DataError(f"{path}, line {lines[1]}: {what} {dup} already "
                             f"listed on line {lines[0]}")
 
 
@@ -199,7 +200,7 @@ def lookup(where: Callable[[int], str], values: np.ndarray, known: np.ndarray,
   ok = known[order][pos] == values
   if not ok.all():
     k = int(np.flatnonzero(~ok)[0])
-    raise dataset.DataError(
+    raise errors.DataError(
         f"{where(k)}: unknown {what} {values[k]} (not in {other}); "
         f"{int((~ok).sum())} {rows} refer to {what}s missing from {other}")
   return order[pos]
@@ -345,5 +346,5 @@ def main(argv: list[str], usage: str, archive: Callable[[flags.FlagValues], tupl
       download_lib.download(url, f.data_dir, marker=marker, timeout=f.timeout)
     if f.out_dir:
       build(f.data_dir, f.out_dir, f.seq_len)
-  except (download_lib.DownloadError, dataset.DataError) as e:
+  except (errors.DownloadError, errors.DataError) as e:
     raise SystemExit(f"error: {e}") from None

@@ -45,14 +45,11 @@ from typing import Mapping
 from absl import logging
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import history
 from iat_jax.data import schema as schema_lib
 
 _SEQ = ("item", "category", "action")
-
-
-class DataError(ValueError):
-  """Bad input data; the message names the file and line (or the rows)."""
 
 
 def row_shapes(schema: schema_lib.Schema) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -144,10 +141,10 @@ class Writer:
     if n == 0:
       return
     if self.written + n > self.num_rows:
-      raise DataError(f"more rows than the {self.num_rows} announced")
+      raise errors.DataError(f"more rows than the {self.num_rows} announced")
     for name, (shape, _) in row_shapes(self.schema).items():
       if name not in chunk or np.shape(chunk[name]) != (n,) + shape:
-        raise DataError(f"column {name!r}: expected shape {(n,) + shape}, got "
+        raise errors.DataError(f"column {name!r}: expected shape {(n,) + shape}, got "
                         f"{np.shape(chunk.get(name))}")
     uid, ts, ins = (np.asarray(chunk[k]) for k in ("uid", "ts", "ins_id"))
     self._check_order(uid, ts, ins)
@@ -187,14 +184,14 @@ class Writer:
 
   def _check_order(self, uid, ts, ins) -> None:
     if self.last is not None and uid[0] <= self.last[0]:
-      raise DataError(f"user {uid[0]} starts a chunk but is not after user "
+      raise errors.DataError(f"user {uid[0]} starts a chunk but is not after user "
                       f"{self.last[0]}: chunks must hold whole users in order")
     key_ok = (uid[1:] > uid[:-1]) | ((uid[1:] == uid[:-1]) & ((ts[1:] > ts[:-1]) |
                                                               ((ts[1:] == ts[:-1]) &
                                                                (ins[1:] > ins[:-1]))))
     if not key_ok.all():
       bad = int(np.flatnonzero(~key_ok)[0]) + 1
-      raise DataError(f"rows not strictly sorted by (uid, ts, ins_id) at chunk "
+      raise errors.DataError(f"rows not strictly sorted by (uid, ts, ins_id) at chunk "
                       f"row {bad} (uid {uid[bad]}, ts {ts[bad]}): duplicate "
                       f"InsID or unsorted input")
 
@@ -207,7 +204,7 @@ class Writer:
       if len(bad):
         c = bad[0]
         value = lo[c] if lo[c] < 0 else hi[c]
-        raise DataError(f"field {self.schema.categorical[c].name}: id {value} "
+        raise errors.DataError(f"field {self.schema.categorical[c].name}: id {value} "
                         f"outside [0, {vocab[c]})")
     limits = [(f"mh_{f.name}", f.vocab_size) for f in self.schema.multi_hot] + [
         ("item", self.schema.vocab_size(self.schema.seq_item_field)),
@@ -218,15 +215,15 @@ class Writer:
     for name, vocab in limits:
       v = np.asarray(chunk[name])
       if v.size and (v.min() < 0 or v.max() >= vocab):
-        raise DataError(f"column {name}: ids outside [0, {vocab})")
+        raise errors.DataError(f"column {name}: ids outside [0, {vocab})")
 
   def _finalize(self) -> None:
     if self.written != self.num_rows:
-      raise DataError(f"{self.written} rows written, {self.num_rows} announced")
+      raise errors.DataError(f"{self.written} rows written, {self.num_rows} announced")
     n = self.num_rows
     ts, ins = self.cols["ts"], self.cols["ins_id"]
     if len(np.unique(ins)) != n:
-      raise DataError("InsIDs are not unique (duplicate instances)")
+      raise errors.DataError("InsIDs are not unique (duplicate instances)")
     order = np.lexsort((ins, ts))
     n_train = int(round(n * self.fractions[0]))
     n_valid = int(round(n * self.fractions[1]))

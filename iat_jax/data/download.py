@@ -19,9 +19,7 @@ import zipfile
 
 from absl import logging
 
-
-class DownloadError(RuntimeError):
-  """The archive could not be fetched or unpacked; the message says what to do."""
+from iat_jax import errors
 
 
 def _by_hand(url: str, data_dir: str, marker: str) -> str:
@@ -51,7 +49,7 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
     data_dir.
 
   Raises:
-    DownloadError: no network, a server error, a bad archive, or a non-empty
+    errors.DownloadError: no network, a server error, a bad archive, or a non-empty
       `data_dir` without `marker`. Nothing is left behind.
   """
   data_dir = os.path.abspath(data_dir)
@@ -59,7 +57,7 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
     logging.info("%s already holds %s; not downloading", data_dir, marker)
     return data_dir
   if os.path.isdir(data_dir) and os.listdir(data_dir):
-    raise DownloadError(f"{data_dir} is not empty but holds no {marker}; give "
+    raise errors.DownloadError(f"{data_dir} is not empty but holds no {marker}; give "
                         f"an empty or new --data_dir")
   parent = os.path.dirname(data_dir)
   os.makedirs(parent, exist_ok=True)
@@ -72,12 +70,12 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
           open(archive, "wb") as f:
         shutil.copyfileobj(r, f)
     except urllib.error.HTTPError as e:
-      raise DownloadError(f"cannot download {url}: the server answered HTTP "
+      raise errors.DownloadError(f"cannot download {url}: the server answered HTTP "
                           f"{e.code} {e.reason}. " +
                           _by_hand(url, data_dir, marker)) from None
     except (urllib.error.URLError, OSError) as e:
       reason = getattr(e, "reason", e)
-      raise DownloadError(f"cannot download {url}: the network is unreachable "
+      raise errors.DownloadError(f"cannot download {url}: the network is unreachable "
                           f"({reason}). " + _by_hand(url, data_dir, marker)) from None
     unpacked = os.path.join(tmp, "unpacked")
     try:
@@ -88,11 +86,11 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
         with tarfile.open(archive) as t:
           t.extractall(unpacked, filter="data")  # no links out, no ".."
     except (zipfile.BadZipFile, tarfile.TarError) as e:
-      raise DownloadError(f"{url} is not a valid zip or tar archive ({e})") from None
+      raise errors.DownloadError(f"{url} is not a valid zip or tar archive ({e})") from None
     src = next(
         (root for root, _, files in sorted(os.walk(unpacked)) if marker in files), None)
     if src is None:
-      raise DownloadError(f"{url} holds no {marker}")
+      raise errors.DownloadError(f"{url} holds no {marker}")
     if os.path.isdir(data_dir):
       os.rmdir(data_dir)  # empty, checked above
     os.rename(src, data_dir)

@@ -60,7 +60,7 @@ of the same (user, video, time_ms) in file order (425 such repeats with
 different outcomes in the 04-25..05-08 extract).
 
 Validation policy: nothing is written unless every file is valid. Each problem
-raises `dataset.DataError` naming the file and the 1-based line (line 1 is the
+raises `errors.DataError` naming the file and the 1-based line (line 1 is the
 header): a missing file, a wrong header, an empty log, a byte other than a
 digit / comma / newline in a log, a wrong number of fields, an empty or
 non-numeric field, a 0/1 column outside {0, 1}, a tab outside 0..14, an hourmin
@@ -94,6 +94,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import adapter
 from iat_jax.data import dataset
 from iat_jax.data import hashing
@@ -145,20 +146,20 @@ def log_files(data_dir: str) -> list[str]:
   logs = sorted(
       os.path.basename(p) for p in glob.glob(os.path.join(data_dir, LOG_GLOB)))
   if not logs:
-    raise dataset.DataError(
+    raise errors.DataError(
         f"no KuaiRand log in {data_dir}: expected {LOG_GLOB} (KuaiRand-Pure); "
         f"fetch it with `python -m iat_jax.data.kuairand --download "
         f"--data_dir={data_dir}`")
   for name in (USERS_FILE, VIDEOS_FILE):
     if not os.path.isfile(os.path.join(data_dir, name)):
-      raise dataset.DataError(f"missing file {name} in {data_dir} (found "
+      raise errors.DataError(f"missing file {name} in {data_dir} (found "
                               f"{logs[0]}, so expected the KuaiRand-Pure files)")
   return logs
 
 
 def _check_header(path: str, header: str, expected: tuple[str, ...]) -> None:
   if header.strip() != ",".join(expected):
-    raise dataset.DataError(
+    raise errors.DataError(
         f"{path}, line 1: header {header[:200]!r} is not the KuaiRand-Pure "
         f"header {','.join(expected)!r}")
 
@@ -168,11 +169,11 @@ def _read_csv(path: str, columns: tuple[str, ...]) -> list[list[str]]:
   lines = adapter.read_text(path, "UTF-8").split("\n")
   _check_header(path, lines[0], columns)
   if len(lines) < 2:
-    raise dataset.DataError(f"{path}: no rows after the header")
+    raise errors.DataError(f"{path}: no rows after the header")
   rows = []
   for i, row in enumerate(csv.reader(lines[1:]), 2):
     if len(row) != len(columns):
-      raise dataset.DataError(
+      raise errors.DataError(
           f"{path}, line {i}: expected {len(columns)} comma-separated fields, "
           f"got {len(row)}: {lines[i - 1][:100]!r}")
     rows.append(row)
@@ -188,7 +189,7 @@ def _number(path: str, lineno: int, what: str, s: str) -> float | None:
   except ValueError:
     value = float("nan")
   if not np.isfinite(value):
-    raise dataset.DataError(f"{path}, line {lineno}: {what} {s!r} is not a number")
+    raise errors.DataError(f"{path}, line {lineno}: {what} {s!r} is not a number")
   return value
 
 
@@ -239,19 +240,19 @@ def _parse_videos(path: str) -> dict:
           raise ValueError
         day = datetime.date.fromisoformat(f["upload_dt"]).toordinal()
       except ValueError:
-        raise dataset.DataError(f"{path}, line {i}: upload_dt {f['upload_dt']!r} "
+        raise errors.DataError(f"{path}, line {i}: upload_dt {f['upload_dt']!r} "
                                 f"is not a yyyy-mm-dd date") from None
     out["upload_day"].append(day)
     duration = _number(path, i, "video_duration", f["video_duration"])
     if duration is not None and duration < 0:
-      raise dataset.DataError(f"{path}, line {i}: video_duration {duration} < 0")
+      raise errors.DataError(f"{path}, line {i}: video_duration {duration} < 0")
     out["duration_s"].append(np.nan if duration is None else duration / 1000.0)
     music = _number(path, i, "music_type", f["music_type"])
     out["music_type"].append("" if music is None else repr(music))
     tags = [t.strip() for t in f["tag"].split(",")] if f["tag"].strip() else []
     for t in tags:
       if not (t.isdigit() and int(t) < _MAX_TAG):
-        raise dataset.DataError(
+        raise errors.DataError(
             f"{path}, line {i}: tag {t!r} is not an integer in 0..{_MAX_TAG - 1}")
     out["tags"].append([int(t) + 1 for t in tags])
   for k in ("id", "author", "upload_day"):
@@ -264,11 +265,11 @@ def _parse_videos(path: str) -> dict:
   return out
 
 
-def _bad_log_line(path: str, lineno: int, line: str) -> dataset.DataError:
+def _bad_log_line(path: str, lineno: int, line: str) -> errors.DataError:
   """The error for a log line that failed the vectorized checks."""
   fields = line.split(",")
   if len(fields) != len(LOG_COLUMNS):
-    return dataset.DataError(
+    return errors.DataError(
         f"{path}, line {lineno}: expected {len(LOG_COLUMNS)} comma-separated "
         f"fields ({','.join(LOG_COLUMNS)}), got {len(fields)}: {line[:100]!r}")
   return adapter.int_line_error(path, lineno, line, fields, LOG_COLUMNS)
@@ -286,7 +287,7 @@ def _parse_log(path: str) -> np.ndarray:
   header, _, body = norm.partition(b"\n")
   _check_header(path, header.decode("latin-1"), LOG_COLUMNS)
   if not body.strip():
-    raise dataset.DataError(f"{path}: empty log (no rows after the header)")
+    raise errors.DataError(f"{path}: empty log (no rows after the header)")
   text = body + b"\n"
   bad = adapter.bad_int_lines(text, ord(","), len(LOG_COLUMNS))
   if bad.size:
@@ -303,7 +304,7 @@ def _parse_log(path: str) -> np.ndarray:
   for name, wrong, why in checks:
     if wrong.any():
       k = int(np.flatnonzero(wrong)[0])
-      raise dataset.DataError(
+      raise errors.DataError(
           f"{path}, line {k + 2}: {name} {values[k, _COL[name]]} {why} "
           f"({int(wrong.sum())} such lines)")
   _dates_to_days(values[:, _COL["date"]], lambda k: f"{path}, line {k + 2}")
@@ -324,7 +325,7 @@ def _dates_to_days(dates: np.ndarray, where) -> np.ndarray:
                               int(d) % 100).toordinal()
     except ValueError:
       k = int(np.flatnonzero(dates == d)[0])
-      raise dataset.DataError(
+      raise errors.DataError(
           f"{where(k)}: date {d} is not a yyyymmdd calendar date") from None
   return days[inverse.reshape(-1)]
 
@@ -373,7 +374,7 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
   rank[o] = np.arange(n) - np.maximum.accumulate(np.where(run, np.arange(n), 0))
   if rank.max() >= _MAX_REPEATS:
     k = int(np.argmax(rank))
-    raise dataset.DataError(f"{where(k)}: more than {_MAX_REPEATS} rows of the "
+    raise errors.DataError(f"{where(k)}: more than {_MAX_REPEATS} rows of the "
                             f"same user, video and time_ms")
   ts = time_ms // 1000
   ins = hashing.ins_ids(uid, ts, video, time_ms * _MAX_REPEATS + rank)
@@ -496,7 +497,7 @@ def build(data_dir: str, out_dir: str, seq_len: int = 50) -> str:
     seq_len and adapter version.
 
   Raises:
-    dataset.DataError: a missing or bad input file; nothing is written.
+    errors.DataError: a missing or bad input file; nothing is written.
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")

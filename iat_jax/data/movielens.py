@@ -45,7 +45,7 @@ what the strictly-past-aggregate baselines of issue 17 — LR and trees — read
 InsID = `hashing.ins_ids(uid, ts, movie, request_id=line number)`.
 
 Validation policy: nothing is written unless every file is valid. Each problem
-raises `dataset.DataError` naming the file and the 1-based line: a missing file,
+raises `errors.DataError` naming the file and the 1-based line: a missing file,
 an empty ratings file, bytes of the ratings file that are not ASCII (users files
 must decode as UTF-8, movies files are latin-1), a wrong number of fields, a
 non-numeric id, a rating outside 1..5, an unknown gender / age / occupation /
@@ -72,6 +72,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import adapter
 from iat_jax.data import dataset
 from iat_jax.data import hashing
@@ -124,12 +125,12 @@ def detect_format(data_dir: str) -> _Format:
     if os.path.isfile(os.path.join(data_dir, fmt.ratings)):
       for name in (fmt.users, fmt.movies):
         if not os.path.isfile(os.path.join(data_dir, name)):
-          raise dataset.DataError(
+          raise errors.DataError(
               f"missing file {name} in {data_dir} (found {fmt.ratings}, so "
               f"expected the {fmt.name} files {fmt.ratings}, {fmt.users}, "
               f"{fmt.movies})")
       return fmt
-  raise dataset.DataError(
+  raise errors.DataError(
       f"no MovieLens ratings file in {data_dir}: expected u.data (ML-100K) or "
       f"ratings.dat (ML-1M); fetch one with `python -m iat_jax.data.movielens "
       f"--download=ml-100k --data_dir={data_dir}`")
@@ -143,7 +144,7 @@ def _read_lines(path: str, encoding: str) -> list[str]:
   """Lines of a small text file, trailing blank lines dropped."""
   text = adapter.read_text(path, encoding)
   if not text:
-    raise dataset.DataError(f"{path}: empty file")
+    raise errors.DataError(f"{path}: empty file")
   return text.split("\n")
 
 
@@ -151,7 +152,7 @@ def _split(path: str, lineno: int, line: str, sep: str, names) -> list[str]:
   """`line` split at `sep`; errors unless there is one field per name."""
   fields = line.split(sep)
   if len(fields) != len(names):
-    raise dataset.DataError(
+    raise errors.DataError(
         f"{path}, line {lineno}: expected {len(names)} fields "
         f"({', '.join(names)}) separated by {sep!r}, got {len(fields)}: "
         f"{line[:100]!r}")
@@ -168,22 +169,22 @@ def _parse_users(path: str, fmt: _Format) -> dict[str, np.ndarray]:
     f = dict(zip(names, _split(path, i, line, fmt.sep, names)))
     cols["id"].append(adapter.parse_int(path, i, "user id", f["user id"]))
     if f["gender"] not in ("M", "F"):
-      raise dataset.DataError(f"{path}, line {i}: gender {f['gender']!r} is not M or F")
+      raise errors.DataError(f"{path}, line {i}: gender {f['gender']!r} is not M or F")
     cols["gender"].append(1 if f["gender"] == "M" else 2)
     age = adapter.parse_int(path, i, "age", f["age"])
     if is_1m:
       if age not in AGE_CODES:
-        raise dataset.DataError(
+        raise errors.DataError(
             f"{path}, line {i}: age code {age} is not one of {AGE_CODES}")
       cols["age"].append(AGE_CODES.index(age) + 1)
       occ = adapter.parse_int(path, i, "occupation", f["occupation"])
       if occ > 20:
-        raise dataset.DataError(f"{path}, line {i}: occupation {occ} not in 0..20")
+        raise errors.DataError(f"{path}, line {i}: occupation {occ} not in 0..20")
       cols["occupation"].append(occ + 1)
     else:
       cols["age"].append(int(np.searchsorted(AGE_CODES, age, side="right")) or 1)
       if f["occupation"] not in OCCUPATIONS_100K:
-        raise dataset.DataError(
+        raise errors.DataError(
             f"{path}, line {i}: unknown occupation {f['occupation']!r}")
       cols["occupation"].append(OCCUPATIONS_100K.index(f["occupation"]) + 1)
     cols["zip"].append(f["zip"].strip()[:3].upper())
@@ -213,19 +214,19 @@ def _parse_movies(path: str, fmt: _Format) -> dict[str, np.ndarray]:
       g = [x for x in f[2].split("|") if x and x != "(no genres listed)"]
       for x in g:
         if x not in GENRES:
-          raise dataset.DataError(f"{path}, line {i}: unknown genre {x!r}")
+          raise errors.DataError(f"{path}, line {i}: unknown genre {x!r}")
       genres.append([GENRES.index(x) + 1 for x in g])
     else:
       if f[2]:
         d = _DATE.match(f[2])
         if not d:
-          raise dataset.DataError(
+          raise errors.DataError(
               f"{path}, line {i}: release date {f[2]!r} is not like 01-Jan-1995")
         year = int(d.group(1))
       flags_ = f[5:]
       bad = [x for x in flags_ if x not in ("0", "1")]
       if bad:
-        raise dataset.DataError(
+        raise errors.DataError(
             f"{path}, line {i}: genre flag {bad[0]!r} is not 0 or 1")
       genres.append([k + 1 for k, x in enumerate(flags_) if x == "1"])
     years.append(year)
@@ -253,12 +254,12 @@ def _parse_ratings(path: str, sep: bytes) -> np.ndarray:
   if high.size:
     p = int(high[0])
     line = raw.count(b"\n", 0, p) + 1
-    raise dataset.DataError(
+    raise errors.DataError(
         f"{path}, line {line}: bad encoding: non-ASCII byte 0x{raw[p]:02x} "
         f"(a ratings file is plain ASCII)")
   norm = raw.replace(b"\r\n", b"\n").rstrip(b"\n")
   if not norm.strip():
-    raise dataset.DataError(f"{path}: empty ratings file (no rating lines)")
+    raise errors.DataError(f"{path}: empty ratings file (no rating lines)")
   text = norm + b"\n"
   bad_lines = []
   if sep != b"\t":  # a tab would pass for a separator once `sep` is replaced
@@ -279,7 +280,7 @@ def _parse_ratings(path: str, sep: bytes) -> np.ndarray:
   out = np.flatnonzero((rating < 1) | (rating > 5))
   if out.size:
     k = int(out[0])
-    raise dataset.DataError(f"{path}, line {k + 1}: rating {rating[k]} outside 1..5 "
+    raise errors.DataError(f"{path}, line {k + 1}: rating {rating[k]} outside 1..5 "
                             f"({out.size} such lines)")
   return values
 
@@ -293,7 +294,7 @@ def _check_duplicates(path: str, user, movie, ts) -> None:
     pairs = np.flatnonzero(same)
     k = pairs[np.argmin(line[o][pairs + 1])]
     a, b = line[o][k], line[o][k + 1]
-    raise dataset.DataError(
+    raise errors.DataError(
         f"{path}: {int(same.sum())} duplicate rating lines (same user, movie and "
         f"timestamp as an earlier line); first duplicate: line {a} and line {b} "
         f"(user {user[a - 1]}, movie {movie[a - 1]}, ts {ts[a - 1]}). Duplicates "
@@ -443,7 +444,7 @@ def build(data_dir: str, out_dir: str, seq_len: int = 50) -> str:
     seq_len and adapter version.
 
   Raises:
-    dataset.DataError: a missing or bad input file; nothing is written.
+    errors.DataError: a missing or bad input file; nothing is written.
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")

@@ -98,8 +98,9 @@ import ml_collections
 import numpy as np
 import tensorstore as ts
 
+from iat_jax import errors
 from iat_jax.store import segments
-from iat_jax.store.segments import DTYPES, StoreError, quantize  # pylint: disable=unused-import
+from iat_jax.store.segments import DTYPES, quantize  # pylint: disable=unused-import
 
 FORMAT = "iat-insemb-ocdbt/1"
 DEFAULT_SHARD_BITS = 6
@@ -142,7 +143,7 @@ def _open(path: str,
   try:
     return ts.KvStore.open(spec, context=context).result()
   except ValueError as e:
-    raise StoreError(f"InsEmb store {path}: cannot open the OCDBT database "
+    raise errors.StoreError(f"InsEmb store {path}: cannot open the OCDBT database "
                      f"({e})") from e
 
 
@@ -154,7 +155,7 @@ def _latest_generation(path: str, sub: str = "") -> int | None:
       return None
     return int(ts.ocdbt.dump(base).result()["versions"][-1]["generation_number"])
   except (ValueError, KeyError, IndexError) as e:
-    raise StoreError(f"InsEmb store {path}: unreadable OCDBT manifest ({e})") from e
+    raise errors.StoreError(f"InsEmb store {path}: unreadable OCDBT manifest ({e})") from e
 
 
 def _fmt(meta: dict) -> segments.Format:
@@ -166,17 +167,17 @@ def _check_values(path: str, keys, values, d: int | None = None):
   keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
   values = np.asarray(values, np.float32)
   if values.ndim != 2 or len(values) != len(keys):
-    raise StoreError(f"{path}: values {values.shape} do not match keys "
+    raise errors.StoreError(f"{path}: values {values.shape} do not match keys "
                      f"[{len(keys)}]; expected [num_keys, d]")
   if d is not None and values.shape[1] != d:
-    raise StoreError(f"{path}: values have width {values.shape[1]}, the table d={d}")
+    raise errors.StoreError(f"{path}: values have width {values.shape[1]}, the table d={d}")
   if not np.isfinite(values).all():
-    raise StoreError(f"{path}: non-finite InsEmb values")
+    raise errors.StoreError(f"{path}: non-finite InsEmb values")
   if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
     if (keys[1:] == keys[:-1]).any():
-      raise StoreError(f"{path}: duplicate InsIDs in the rows being written")
+      raise errors.StoreError(f"{path}: duplicate InsIDs in the rows being written")
     values = np.take(values, order, axis=0)
   return keys, values
 
@@ -196,15 +197,15 @@ def _sorted_distinct(x: np.ndarray) -> np.ndarray:
 
 def _check_block_rows(block_rows: int) -> None:
   if block_rows < 2 or block_rows & (block_rows - 1):
-    raise StoreError(f"block_rows={block_rows} is not a power of two >= 2")
+    raise errors.StoreError(f"block_rows={block_rows} is not a power of two >= 2")
 
 
 def _new_meta(*, d, dtype, source, source_step, source_config, dataset, shard_bits,
               block_rows) -> dict:
   if dtype not in DTYPES:
-    raise StoreError(f"store dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    raise errors.StoreError(f"store dtype {dtype!r} is not one of {sorted(DTYPES)}")
   if not 1 <= shard_bits <= 16:
-    raise StoreError(f"shard_bits={shard_bits} is not in 1..16")
+    raise errors.StoreError(f"shard_bits={shard_bits} is not in 1..16")
   _check_block_rows(block_rows)
   if isinstance(source_config, ml_collections.ConfigDict):
     source_config = json.loads(source_config.to_json_best_effort())
@@ -228,15 +229,15 @@ def _read_meta(kv: ts.KvStore, path: str) -> tuple[dict | None, bytes]:
   try:
     r = kv.read("meta").result()
   except ValueError as e:
-    raise StoreError(f"InsEmb store {path}: cannot read its metadata ({e})") from e
+    raise errors.StoreError(f"InsEmb store {path}: cannot read its metadata ({e})") from e
   if r.state != "value":
     return None, r.stamp.generation
   try:
     meta = json.loads(r.value)
   except ValueError as e:
-    raise StoreError(f"InsEmb store {path}: corrupt metadata ({e})") from e
+    raise errors.StoreError(f"InsEmb store {path}: corrupt metadata ({e})") from e
   if meta.get("format") != FORMAT:
-    raise StoreError(f"InsEmb store {path}: format {meta.get('format')!r}, this "
+    raise errors.StoreError(f"InsEmb store {path}: format {meta.get('format')!r}, this "
                      f"code reads {FORMAT!r}; re-export it")
   return meta, r.stamp.generation
 
@@ -268,16 +269,16 @@ def _commit(path: str, kv: ts.KvStore, meta: dict, based_on: bytes,
     txn.commit_sync()
   except ValueError as e:
     if "mismatch" in str(e).lower():
-      raise StoreError(f"InsEmb store {path}: another writer published a "
+      raise errors.StoreError(f"InsEmb store {path}: another writer published a "
                        f"version meanwhile; redo this write on top of it") from e
-    raise StoreError(f"InsEmb store {path}: commit failed ({e})") from e
+    raise errors.StoreError(f"InsEmb store {path}: commit failed ({e})") from e
   gen = _latest_generation(path)
   while gen and gen > 0:  # the commit is the newest or just below later ones
     got, _ = _read_meta(_open(path, gen), path)
     if got and got["uuid"] == meta["uuid"]:
       return gen
     gen -= 1
-  raise StoreError(f"InsEmb store {path}: the committed version vanished")
+  raise errors.StoreError(f"InsEmb store {path}: the committed version vanished")
 
 
 def _segment_name(shard: int, tag: str) -> str:
@@ -325,7 +326,7 @@ def write(path: str,
     The OCDBT generation of the published version (`Table.version`).
 
   Raises:
-    StoreError: bad dtype, shapes, duplicate keys, non-finite values, or a
+    errors.StoreError: bad dtype, shapes, duplicate keys, non-finite values, or a
       concurrent writer published first.
   """
   values = np.asarray(values, np.float32)
@@ -425,14 +426,14 @@ class Table:
     if version is None:
       version = _latest_generation(path)
       if version is None:
-        raise StoreError(f"no InsEmb table at {path} (no OCDBT database); run "
+        raise errors.StoreError(f"no InsEmb table at {path} (no OCDBT database); run "
                          f"--mode=export first")
     self.version = int(version)
     ctx = ts.Context({"cache_pool": {"total_bytes_limit": _TS_CACHE_BYTES}})
     self._kv = _open(path, self.version, context=ctx)
     meta, _ = _read_meta(self._kv, path)
     if meta is None:
-      raise StoreError(f"InsEmb store {path}: version {self.version} has no "
+      raise errors.StoreError(f"InsEmb store {path}: version {self.version} has no "
                        f"published table (missing metadata); run --mode=export")
     self.metadata: dict[str, Any] = meta
     self._fmt = _fmt(meta)
@@ -462,16 +463,16 @@ class Table:
     return self.metadata["num_rows"]
 
   def check(self, *, d: int, source: str, dataset: str | None = None) -> None:
-    """Raises StoreError unless the table has width d, came from `source` and
+    """Raises errors.StoreError unless the table has width d, came from `source` and
     (if given) was exported from the dataset with fingerprint `dataset`."""
     m = self.metadata
     if dataset is not None and m.get("dataset") != dataset:
-      raise StoreError(
+      raise errors.StoreError(
           f"InsEmb store {self.path} was exported from dataset "
           f"{m.get('dataset')!r}, not the one this run reads ({dataset!r}): its "
           f"InsIDs would all be missing; re-export it (--mode=export)")
     if m["d"] != d or m["source"] != source:
-      raise StoreError(
+      raise errors.StoreError(
           f"InsEmb store {self.path} holds d={m['d']} from {m['source']!r}, but "
           f"the downstream config expects d={d} (--config.model.insemb_dim) from "
           f"{source!r} (--config.store.source)")
@@ -483,7 +484,7 @@ class Table:
     copy or in a test, not per step.
 
     Raises:
-      StoreError: the content differs from what the writers hashed.
+      errors.StoreError: the content differs from what the writers hashed.
     """
     total, rows = (0, 0), 0
     for shard in self._segs:
@@ -494,7 +495,7 @@ class Table:
         rows += len(keys)
     want = self.metadata["checksum"]
     if rows != len(self) or segments.checksum_hex(total) != want:
-      raise StoreError(f"InsEmb store {self.path} (version {self.version}): "
+      raise errors.StoreError(f"InsEmb store {self.path} (version {self.version}): "
                        f"content checksum {segments.checksum_hex(total)} of "
                        f"{rows:,} rows does not match the metadata ({want}, "
                        f"{len(self):,} rows)")
@@ -673,7 +674,7 @@ class Table:
           wanted.append((lev.entries[i], miss[e == i] - lev.starts[i]))
     if total > self._capacity():  # more blocks than fit: two halves in turn
       if len(sk) == 1:
-        raise StoreError(f"InsEmb store {self.path}: cache_bytes="
+        raise errors.StoreError(f"InsEmb store {self.path}: cache_bytes="
                          f"{self.cache_bytes} cannot hold one block per segment")
       half = len(sk) // 2
       yield from self._pieces(sk[:half], start)
@@ -875,7 +876,7 @@ class Writer:
       The OCDBT generation of the new version.
 
     Raises:
-      StoreError: bad shapes, duplicate or non-finite rows, or another writer
+      errors.StoreError: bad shapes, duplicate or non-finite rows, or another writer
         published since this writer's version.
     """
     t = self.table
@@ -976,7 +977,7 @@ class ExportWriter:
                shard_bits: int = DEFAULT_SHARD_BITS,
                block_rows: int = DEFAULT_BLOCK_ROWS):
     if dtype not in DTYPES:
-      raise StoreError(f"store dtype {dtype!r} is not one of {sorted(DTYPES)}")
+      raise errors.StoreError(f"store dtype {dtype!r} is not one of {sorted(DTYPES)}")
     _check_block_rows(block_rows)
     self.path, self.export_id = path, export_id
     self.config = {
@@ -992,7 +993,7 @@ class ExportWriter:
     r = self._kv.read("config").result()
     if r.state == "value":
       if json.loads(r.value) != self.config:
-        raise StoreError(f"InsEmb export {export_id} at {path} was started with "
+        raise errors.StoreError(f"InsEmb export {export_id} at {path} was started with "
                          f"{json.loads(r.value)}, not {self.config}")
     else:
       self._kv.write("config", json.dumps(self.config).encode()).result()
@@ -1011,7 +1012,7 @@ class ExportWriter:
   def skip(self, rows: int) -> None:
     """Says the caller starts feeding at row `rows` (<= done_rows) of its stream."""
     if not 0 <= rows <= self.done_rows:
-      raise StoreError(f"skip({rows}): only {self.done_rows} rows are durable")
+      raise errors.StoreError(f"skip({rows}): only {self.done_rows} rows are durable")
     self._drop = self.done_rows - rows
 
   def add(self, keys: np.ndarray, values: np.ndarray) -> None:
@@ -1020,14 +1021,14 @@ class ExportWriter:
     keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
     values = np.asarray(values, np.float32)
     if values.shape != (len(keys), self._fmt.d):
-      raise StoreError(f"{self.path}: values {values.shape} do not match keys "
+      raise errors.StoreError(f"{self.path}: values {values.shape} do not match keys "
                        f"[{len(keys)}] x d={self._fmt.d}")
     drop = min(self._drop, len(keys))
     self._drop -= drop
     if drop == len(keys):
       return
     if self.closed:
-      raise StoreError(f"InsEmb export {self.export_id}: this process's slice "
+      raise errors.StoreError(f"InsEmb export {self.export_id}: this process's slice "
                        f"was closed after {self.done_rows} rows; more were given")
     self._buf.append((keys[drop:], values[drop:]))
     self._buf_rows += len(keys) - drop
@@ -1083,7 +1084,7 @@ def _export_runs(path: str, export_id: str, process_count: int):
   config, per_shard = None, None
   for p in range(process_count):
     if _latest_generation(path, _staging(export_id, p)) is None:
-      raise StoreError(f"InsEmb export {export_id} at {path}: process {p} never "
+      raise errors.StoreError(f"InsEmb export {export_id} at {path}: process {p} never "
                        f"started (no staging database)")
     kv = _open(path, sub=_staging(export_id, p))
     cfg = segments.read_json(kv, "config", f"export {export_id} process {p} config")
@@ -1091,10 +1092,10 @@ def _export_runs(path: str, export_id: str, process_count: int):
       config = cfg
       per_shard = [[] for _ in range(2**cfg["shard_bits"])]
     elif cfg != config:
-      raise StoreError(f"InsEmb export {export_id}: processes disagree on "
+      raise errors.StoreError(f"InsEmb export {export_id}: processes disagree on "
                        f"{cfg} vs {config}")
     if kv.read("final").result().state != "value":
-      raise StoreError(f"InsEmb export {export_id} at {path}: process {p} has "
+      raise errors.StoreError(f"InsEmb export {export_id} at {path}: process {p} has "
                        f"not closed its slice (ExportWriter.close)")
     final = segments.read_json(kv, "final", f"export {export_id} process {p}")
     for c in range(final["chunks"]):
@@ -1102,7 +1103,7 @@ def _export_runs(path: str, export_id: str, process_count: int):
       for s, seg in done["runs"].items():
         per_shard[int(s)].append(segments.Source(kv, seg))
   if config is None or config["process_count"] != process_count:
-    raise StoreError(
+    raise errors.StoreError(
         f"InsEmb export {export_id}: process_count={process_count} "
         f"does not match the writers' {config and config['process_count']}")
   return config, per_shard
@@ -1164,7 +1165,7 @@ def publish(path: str,
     The OCDBT generation of the published version.
 
   Raises:
-    StoreError: some shard was not merged, or the export has duplicate InsIDs.
+    errors.StoreError: some shard was not merged, or the export has duplicate InsIDs.
   """
   kv = _open(path)
   old, based_on = _read_meta(kv, path)
@@ -1187,14 +1188,14 @@ def publish(path: str,
       continue
     marker = json.loads(r.value)
     if marker["duplicates"]:
-      raise StoreError(f"{path}: duplicate InsIDs in export {export_id} "
+      raise errors.StoreError(f"{path}: duplicate InsIDs in export {export_id} "
                        f"({marker['duplicates']} in shard {s})")
     if marker["segment"]:
       meta["shards"][s] = [marker["segment"]]
       meta["num_rows"] += marker["segment"]["rows"]
     total = segments.add_checksums(total, segments.parse_checksum(marker["checksum"]))
   if unmerged:
-    raise StoreError(f"InsEmb export {export_id} at {path}: shards {unmerged} "
+    raise errors.StoreError(f"InsEmb export {export_id} at {path}: shards {unmerged} "
                      f"are not merged yet (merge_export on every process)")
   meta["checksum"] = segments.checksum_hex(total)
   meta["export_id"] = export_id

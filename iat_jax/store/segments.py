@@ -24,14 +24,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorstore as ts
 
+from iat_jax import errors
+
 DTYPES = {"float32": ts.float32, "bfloat16": ts.bfloat16, "int8": ts.int8}
 _TXN_BYTES = 64 << 20  # blocks per OCDBT commit while a segment is written
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _SEEDS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xD6E8FEB86659FD93))
-
-
-class StoreError(ValueError):
-  """A store that is missing, corrupt or does not match what the reader expects."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +151,7 @@ def decode_block(blob: bytes, fmt: Format, rows: int,
                  where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """Block bytes -> (keys [r], stored [r, d], scales [r] or None)."""
   if len(blob) != rows * fmt.row_bytes:
-    raise StoreError(f"InsEmb store: block {where} has {len(blob)} bytes, "
+    raise errors.StoreError(f"InsEmb store: block {where} has {len(blob)} bytes, "
                      f"expected {rows} rows x {fmt.row_bytes} B (corrupt or "
                      f"truncated)")
   buf = np.frombuffer(blob, np.uint8)
@@ -171,9 +169,9 @@ def read_value(kv: ts.KvStore, key: str, what: str) -> bytes:
   try:
     r = kv.read(key).result()
   except ValueError as e:
-    raise StoreError(f"InsEmb store: cannot read {what} ({e})") from e
+    raise errors.StoreError(f"InsEmb store: cannot read {what} ({e})") from e
   if r.state != "value":
-    raise StoreError(f"InsEmb store: {what} is missing (key {key!r})")
+    raise errors.StoreError(f"InsEmb store: {what} is missing (key {key!r})")
   return r.value
 
 
@@ -181,9 +179,9 @@ def read_json(kv: ts.KvStore, key: str, what: str) -> dict:
   try:
     return json.loads(read_value(kv, key, what))
   except (ValueError, UnicodeDecodeError) as e:
-    if isinstance(e, StoreError):
+    if isinstance(e, errors.StoreError):
       raise
-    raise StoreError(f"InsEmb store: {what} is not valid JSON ({e})") from e
+    raise errors.StoreError(f"InsEmb store: {what} is not valid JSON ({e})") from e
 
 
 @dataclasses.dataclass
@@ -200,7 +198,7 @@ class Index:
 def read_index(kv: ts.KvStore, name: str, blocks: int) -> Index:
   blob = read_value(kv, f"{name}/index", f"index of segment {name}")
   if len(blob) != 12 * blocks:
-    raise StoreError(f"InsEmb store: index of segment {name} has {len(blob)} "
+    raise errors.StoreError(f"InsEmb store: index of segment {name} has {len(blob)} "
                      f"bytes, expected {blocks} blocks x 12 B (corrupt)")
   buf = np.frombuffer(blob, np.uint8)
   return Index(buf[:8 * blocks].view(np.uint64).copy(),
@@ -232,7 +230,7 @@ class Batch:
       try:
         self._txn.commit_sync()
       except ValueError as e:
-        raise StoreError(f"InsEmb store: write failed ({e})") from e
+        raise errors.StoreError(f"InsEmb store: write failed ({e})") from e
     self._txn, self._bytes = None, 0
 
 
@@ -318,9 +316,9 @@ def read_blocks(src: Source, fmt: Format, blocks: Sequence[int]) -> list[tuple]:
     try:
       r = f.result()
     except ValueError as e:
-      raise StoreError(f"InsEmb store: cannot read block {name}/{b:08x} ({e})") from e
+      raise errors.StoreError(f"InsEmb store: cannot read block {name}/{b:08x} ({e})") from e
     if r.state != "value":
-      raise StoreError(f"InsEmb store: block {name}/{b:08x} is missing")
+      raise errors.StoreError(f"InsEmb store: block {name}/{b:08x} is missing")
     out.append(decode_block(r.value, fmt, int(idx.counts[b]), f"{name}/{b:08x}"))
   return out
 

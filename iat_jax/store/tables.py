@@ -21,13 +21,14 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.store import insemb_table
 
 DTYPES = tuple(insemb_table.DTYPES)
 DEFAULT_SHARD_BITS = insemb_table.DEFAULT_SHARD_BITS
 DEFAULT_BLOCK_ROWS = insemb_table.DEFAULT_BLOCK_ROWS
 DEFAULT_CACHE_BYTES = insemb_table.DEFAULT_CACHE_BYTES
-StoreError = insemb_table.StoreError
+errors.StoreError = errors.StoreError
 Table = insemb_table.Table
 
 
@@ -58,14 +59,14 @@ def open_checked(config: ml_collections.ConfigDict, workdir: str, source: str,
   every shard may take at most half.
 
   Raises:
-    StoreError: missing, corrupt, or not the table this run expects, or its
+    errors.StoreError: missing, corrupt, or not the table this run expects, or its
       indexes too big for the budget.
   """
   table = insemb_table.Table(path(config, workdir, source),
                              cache_bytes=config.store.cache_bytes)
   index = table.full_index_bytes()
   if 2 * index > config.store.cache_bytes:
-    raise StoreError(
+    raise errors.StoreError(
         f"--config.store.cache_bytes={config.store.cache_bytes}: the segment "
         f"indexes of {table.path} take {index:,} B once every shard is read, "
         f"more than half the reader's budget (the rest caches blocks); pass at "
@@ -78,7 +79,7 @@ def is_published(table_path: str, source: str, step: int) -> bool:
   """Whether `table_path` holds a version exported from `source` at `step`."""
   try:
     meta = insemb_table.Table(table_path).metadata
-  except StoreError:
+  except errors.StoreError:
     return False
   return meta["source"] == source and meta["source_step"] == step
 
@@ -103,7 +104,7 @@ def exists(table_path: str) -> bool:
   """Whether `table_path` holds a published table (any version)."""
   try:
     insemb_table.Table(table_path, cache_bytes=1 << 20)
-  except StoreError:
+  except errors.StoreError:
     return False
   return True
 
@@ -234,7 +235,7 @@ def publish_copy(config: ml_collections.ConfigDict, src: insemb_table.Table,
     part = np.asarray(keys[lo:lo + chunk])
     values, found = src.lookup(part)
     if not found.all():
-      raise StoreError(f"{src.path}: {int((~found).sum())} of the InsIDs to copy "
+      raise errors.StoreError(f"{src.path}: {int((~found).sum())} of the InsIDs to copy "
                        f"are missing")
     w.add(part, values)
   finish_export(w)

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from iat_jax import errors
 from iat_jax import checkpointing
 from iat_jax import metrics as metrics_lib
 from iat_jax import sharding
@@ -333,7 +334,7 @@ def export_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
   path = tables.path(config, workdir, config.stage)
   tables.open_checked(config, workdir, config.stage, ds.schema.fingerprint)
   if not tables.is_published(path, config.stage, step):
-    raise tables.StoreError(f"{path}: not the store of the finished stream (its "
+    raise errors.StoreError(f"{path}: not the store of the finished stream (its "
                             f"last step {step}); re-run the stream into a fresh "
                             f"--workdir")
   return path
@@ -345,7 +346,7 @@ def _past_insembs(store: _Shared, batch) -> np.ndarray:
   values, found = store.lookup(keys.reshape(-1))
   missing = mask.reshape(-1) & ~found
   if missing.any():
-    raise tables.StoreError(f"{store.path}: {int(missing.sum())} past instances "
+    raise errors.StoreError(f"{store.path}: {int(missing.sum())} past instances "
                             f"have no stored InsEmb")
   values[~mask.reshape(-1)] = 0.0
   return values.reshape(keys.shape + (-1,))
@@ -357,7 +358,7 @@ def _progressive(ds: dataset_lib.Dataset, preds: _Shared | tables.Table,
   rows = np.sort(ds.split_rows(split))
   probs, found = preds.lookup(np.asarray(ds["ins_id"])[rows])
   if not found.all():
-    raise tables.StoreError(f"{preds.path}: {int((~found).sum())} {split} "
+    raise errors.StoreError(f"{preds.path}: {int((~found).sum())} {split} "
                             f"instances have no stream prediction")
   return metrics_lib.task_metrics(ds.schema.tasks, np.asarray(ds["labels"][rows]),
                                   probs)

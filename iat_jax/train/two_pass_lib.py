@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from iat_jax import errors
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.store import tables
@@ -101,14 +102,14 @@ class PassTables:
     """float32 [n, d] of train instances with InsIDs keys [n] at dataset rows [n].
 
     Raises:
-      StoreError: the keeping pass did not store some of them.
+      errors.StoreError: the keeping pass did not store some of them.
     """
     out = np.zeros((len(keys), self.tables[0].dim), np.float32)
     for k, table in enumerate(self.tables):
       mine = self.keep[rows] == k
       values, found = table.lookup(keys[mine])
       if not found.all():
-        raise tables.StoreError(
+        raise errors.StoreError(
             f"{table.path}: pass {PASSES[k][0]} stored no InsEmb for "
             f"{int((~found).sum())} of its train instances; rerun its training")
       out[mine] = values
