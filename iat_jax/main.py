@@ -33,15 +33,14 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from iat_jax import errors
 from iat_jax import allocator
-from iat_jax import checkpointing
 from iat_jax import configs
 from iat_jax import distributed
+from iat_jax import errors
 from iat_jax import pipeline
+from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import orders
-from iat_jax.data import download
 from iat_jax.data import sources
 from iat_jax.train import trainers
 
@@ -83,12 +82,13 @@ def user_error(e: BaseException) -> str | None:
   """The one-line `error:` message of a failure the user can act on, or None
   for anything else (a bug: it keeps its traceback).
 
-  Follows the exception's causes, so an OSError that Orbax or TensorStore
-  wrapped still reads as one."""
+  A failure the user can act on is an `errors.UserError`, or an OSError the
+  user can fix (a full or read-only disk, a permission). Follows the
+  exception's causes, so an error that Orbax or TensorStore wrapped still
+  reads as one."""
   seen = 0
   while e is not None and seen < 8:
-    if isinstance(e, (errors.LockError, errors.CheckpointError,
-                      errors.DownloadError, FloatingPointError)):
+    if isinstance(e, errors.UserError):
       return str(e)
     if isinstance(e, OSError) and e.errno in _OS_ADVICE:
       where = f" ({e.filename})" if e.filename else f" writing under --workdir={_WORKDIR.value}"
@@ -97,9 +97,6 @@ def user_error(e: BaseException) -> str | None:
     if "No space left on device" in str(e):  # ENOSPC as TensorStore reports it
       return (f"no space left on device writing under --workdir={_WORKDIR.value}; "
               f"{_OS_ADVICE[errno.ENOSPC]}")
-    if isinstance(e, ValueError) and (str(e).startswith("--config.") or
-                                      type(e).__name__ in ("errors.DataError", "errors.StoreError")):
-      return str(e)
     e, seen = e.__cause__ or e.__context__, seen + 1
   return None
 
@@ -134,7 +131,7 @@ def _run(config, workdir: str, mode: str) -> None:
     return
   ds = sources.prepare(config, workdir)
   if mode == "train":
-    orders.validate_data(config, ds, (config.stage,))
+    orders.check_sizes(config, ds, [stages.get(config.stage).order])
   table = pipeline.open_store(config, workdir, ds)
   if mode == "train":
     trainers.train(config, workdir, config.stage, ds, table)

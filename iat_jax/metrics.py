@@ -15,31 +15,40 @@ import numpy as np
 import tensorboardX
 
 
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+def auc(labels: np.ndarray,
+        scores: np.ndarray,
+        weights: np.ndarray | None = None) -> float:
   """Exact ROC AUC over all instances (Mann-Whitney U; ties count half).
+
+  The probability that a random positive scores above a random negative,
+  each drawn with probability proportional to its weight: sum over (positive
+  i, negative j) of w_i w_j ([s_i > s_j] + [s_i == s_j] / 2), over the total
+  positive weight times the total negative weight. O(n log n): one sort,
+  then each run of tied scores at once.
 
   Args:
     labels: [n] in {0, 1}.
     scores: [n] any real scores.
+    weights: [n] >= 0 instance weights (None = all 1).
 
   Returns:
-    AUC, or NaN when only one class is present.
+    AUC, or NaN when either class has no (weight of) instances.
   """
-  labels = np.asarray(labels) > 0.5
-  n_pos = labels.sum()
-  n_neg = len(labels) - n_pos
-  if n_pos == 0 or n_neg == 0:
+  labels = np.asarray(labels).reshape(-1) > 0.5
+  scores = np.asarray(scores).reshape(-1)
+  w = np.ones(len(scores)) if weights is None else np.asarray(weights, np.float64)
+  pos, neg = np.where(labels, w, 0.0), np.where(labels, 0.0, w)
+  w_pos, w_neg = pos.sum(), neg.sum()
+  if w_pos <= 0 or w_neg <= 0:
     return float("nan")
   order = np.argsort(scores, kind="stable")
-  sorted_scores = np.asarray(scores)[order]
-  # Average ranks (1-based) over runs of tied scores.
-  new = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]
-  run = np.cumsum(new) - 1
-  starts = np.flatnonzero(new)
-  ends = np.r_[starts[1:], len(scores)]
-  ranks = np.empty(len(scores))
-  ranks[order] = ((starts + ends + 1) / 2.0)[run]
-  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+  sorted_scores = scores[order]
+  starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+  # Per run of tied scores: its positive and negative weight.
+  run_pos = np.add.reduceat(pos[order], starts)
+  run_neg = np.add.reduceat(neg[order], starts)
+  below = np.cumsum(run_neg) - run_neg  # negative weight strictly below the run
+  return float((run_pos * (below + run_neg / 2.0)).sum() / (w_pos * w_neg))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

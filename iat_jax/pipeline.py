@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from iat_jax import configs
+from iat_jax import errors
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import orders
@@ -72,9 +73,10 @@ def reused_source(sources_from: str, name: str) -> dict:
   """The results of source model `name` finished in workdir `sources_from`."""
   directory = workdir_lib.stage_dir(sources_from, name)
   if not workdir_lib.is_complete(directory):
-    raise ValueError(f"--config.pipeline.sources_from: "
-                     f"{workdir_lib.results_path(directory)} does not exist; "
-                     f"finish that pipeline's {name} first")
+    raise errors.ConfigError(
+        "pipeline.sources_from",
+        f"{workdir_lib.results_path(directory)} does not exist; "
+        f"finish that pipeline's {name} first")
   return workdir_lib.load_results(directory)
 
 
@@ -83,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dict. With pipeline.sources_from, source models and their stores are read
   from that workdir instead of being trained and exported here."""
   ds = sources.prepare(config, workdir)
-  orders.validate_data(config, ds, [m.stage for m in steps(config)])
+  orders.check_sizes(config, ds, [stages.get(m.stage).order for m in steps(config)])
   sources_from = config.pipeline.sources_from
   models = {}
   for model in steps(config):

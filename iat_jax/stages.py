@@ -5,7 +5,8 @@ the package needs to know about it:
 
   name     the value of --config.stage (and the default stage directory);
   model    (run config, schema) -> the Flax module (`iat_jax.models`);
-  order    the batches it trains and evaluates on (see `ORDERS`);
+  order    the batches it trains and evaluates on: a key of
+           `iat_jax.data.orders.ORDERS`;
   exports  whether its InsEmbs go to a store (`--mode=export`);
   reads    the config key naming the source whose store it reads, or None;
   trainer  the trainer that runs it (a key of `iat_jax.train.trainers.TRAINERS`).
@@ -24,17 +25,11 @@ from typing import Callable
 import flax.linen as nn
 import ml_collections
 
+from iat_jax import errors
 from iat_jax.data import schema as schema_lib
 from iat_jax.models import iat
 from iat_jax.models import ranker
 from iat_jax.models import source
-
-# Batch orders (see `iat_jax.data.input_pipeline`):
-#   temporal     a split's instances in time order, [B, ...];
-#   user_chunks  each user's instances cut into chunks, [B_users, T, ...];
-#   stream       time order with each instance's K visible past rows;
-#   history      temporal + each instance's L strictly-earlier InsEmbs.
-ORDERS = ("temporal", "user_chunks", "stream", "history")
 
 ModelFn = Callable[[ml_collections.ConfigDict, schema_lib.Schema], nn.Module]
 
@@ -124,9 +119,9 @@ PIPELINE: dict[str, PipelineModel] = {
 
 
 def get(name: str) -> Stage:
-  """The stage called `name`; ValueError naming --config.stage otherwise."""
+  """The stage called `name`; ConfigError naming --config.stage otherwise."""
   if name not in STAGES:
-    raise ValueError(f"--config.stage: {name!r} is not one of {tuple(STAGES)}")
+    raise errors.ConfigError("stage", f"{name!r} is not one of {tuple(STAGES)}")
   return STAGES[name]
 
 

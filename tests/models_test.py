@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from iat_jax import configs
+from iat_jax.data import examples
 from iat_jax.data import synthetic
 from iat_jax.models import embedding
 from iat_jax.models import interaction
@@ -113,7 +114,7 @@ class BaseModelTest(parameterized.TestCase):
   )
   def test_forward_backward(self, overrides):
     model = mf.make_model("base", **overrides)
-    batch = mf.base_batch(SCHEMA)
+    batch = examples.base_batch(SCHEMA)
     params = mf.random_params(model, batch)
     (loss, out), grads = _loss_grads(model)(params, batch)
     self.assertEqual(out["logits"].shape, (4, SCHEMA.num_tasks))
@@ -124,7 +125,7 @@ class BaseModelTest(parameterized.TestCase):
 
   def test_dropout(self):
     model = mf.make_model("base", seq=dict(encoder="din"), dropout_rate=0.5)
-    batch = mf.base_batch(SCHEMA)
+    batch = examples.base_batch(SCHEMA)
     params = mf.random_params(model, batch)
     fn = mf.jit(lambda p, b, r, train: model.apply(
         {"params": p}, b, train=train, rngs={"dropout": r})["logits"],
@@ -143,7 +144,7 @@ class BaseModelTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "--config.model.seq.encoder: 'rnn'"):
       configs.validate(config)
     with self.assertRaisesRegex(ValueError, "unknown sequence encoder 'rnn'"):
-      mf.abstract_params(mf.make_model("base", config), mf.base_batch(SCHEMA))
+      mf.abstract_params(mf.make_model("base", config), examples.base_batch(SCHEMA))
     config = mf.tiny_config(iat=dict(encoder="none"))  # only seq allows 'none'
     with self.assertRaisesRegex(ValueError, "--config.model.iat.encoder: 'none'"):
       configs.validate(config)
@@ -161,7 +162,7 @@ class UserSourceTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.model = mf.make_model("source_user")
-    cls.batch = mf.user_batch(SCHEMA, bu=2, t=5)
+    cls.batch = examples.user_batch(SCHEMA, bu=2, t=5)
     cls.params = mf.random_params(cls.model, cls.batch)
     cls.fwd = staticmethod(_forward(cls.model))
     cls.out = jax.device_get(cls.fwd(cls.params, cls.batch))
@@ -193,7 +194,7 @@ class UserSourceTest(parameterized.TestCase):
     mask = np.ones((2, 5), bool)
     mask[0, 1] = False  # a dummy in the middle
     mask[1, 3:] = False  # dummies at the end
-    batch["mask"] = mask
+    batch["mask"] = batch["token_mask"] = mask
     base = self.fwd(self.params, batch)
     out = self.fwd(self.params, _perturbed(batch, FEATURE_KEYS, ~mask))
     for k in ("logits", "sit_out"):
@@ -274,7 +275,7 @@ class StreamSourceTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.model = mf.make_model("source_stream")
-    cls.batch = mf.stream_batch(SCHEMA, d=D, b=4, k=3)  # row i: i valid past
+    cls.batch = examples.stream_batch(SCHEMA, d=D, b=4, k=3)  # row i: i valid past
     cls.params = mf.random_params(cls.model, cls.batch)
     cls.fwd = staticmethod(_forward(cls.model))
     cls.out = jax.device_get(cls.fwd(cls.params, cls.batch))
@@ -387,7 +388,7 @@ class DownstreamTest(parameterized.TestCase):
   )
   def test_forward_backward_and_padding(self, overrides):
     model = mf.make_model("downstream", **overrides)
-    batch = mf.downstream_batch(SCHEMA, d=D, l=L, b=4)
+    batch = examples.downstream_batch(SCHEMA, d=D, l=L, b=4)
     self.assertFalse(batch["hist_mask"][0].any())  # row 0: no history
     params = mf.random_params(model, batch)
     step = _loss_grads(model)
@@ -411,7 +412,7 @@ class DownstreamTest(parameterized.TestCase):
 
   def test_unknown_label_is_not_a_negative(self):
     model = mf.make_model("downstream", interaction="mlp", seq=dict(encoder="din"))
-    batch = mf.downstream_batch(SCHEMA, d=D, l=L, b=4)
+    batch = examples.downstream_batch(SCHEMA, d=D, l=L, b=4)
     params = mf.random_params(model, batch)
     step = _loss_grads(model)
     zeros = np.zeros_like(batch["hist_labels"])
@@ -435,7 +436,7 @@ class CostTest(absltest.TestCase):
     """Whole temporal source with DIN + RankMixer, counted by hand."""
     c = mf.tiny_config(seq=dict(encoder="din")).model
     model = mf.make_model("source_temporal", seq=dict(encoder="din"))
-    params = mf.abstract_params(model, mf.base_batch(SCHEMA))
+    params = mf.abstract_params(model, examples.base_batch(SCHEMA))
     e, w, nt = c.embed_dim, c.seq.width, SCHEMA.num_tasks
     fd = len(SCHEMA.dense)
     _, rows = embedding.table_layout(SCHEMA, c.vocab_pad_multiple)
@@ -465,7 +466,7 @@ class CostTest(absltest.TestCase):
 
   def test_flops_positive_and_grow_with_batch(self):
     model = mf.make_model("base")
-    b4, b8 = mf.base_batch(SCHEMA, 4), mf.base_batch(SCHEMA, 8)
+    b4, b8 = examples.base_batch(SCHEMA, 4), examples.base_batch(SCHEMA, 8)
     params = mf.random_params(model, b4)
     fn = lambda p, b: model.apply({"params": p}, b)["logits"]
     f4, f8 = cost.flops(fn, params, b4), cost.flops(fn, params, b8)

@@ -14,8 +14,9 @@ import numpy as np
 
 from iat_jax import allocator
 from iat_jax import stages
-from iat_jax.data import input_pipeline
+from iat_jax.data import examples
 from iat_jax.data import history
+from iat_jax.data import input_pipeline
 from iat_jax.models import layers
 from iat_jax.models import sequence
 from iat_jax.store import memory_table
@@ -280,7 +281,7 @@ class DedupedHistoryTest(absltest.TestCase):
     config.model.iat.layers = 2
     schema = mf.SCHEMA
     l, d = config.model.hist_len, config.model.insemb_dim
-    dense = mf.downstream_batch(schema,
+    dense = examples.downstream_batch(schema,
                                 d,
                                 l=l,
                                 b=5,

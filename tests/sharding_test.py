@@ -14,6 +14,7 @@ import optax
 
 from iat_jax import configs
 from iat_jax import sharding
+from iat_jax.data import examples
 from iat_jax.data import history
 from iat_jax.data import input_pipeline
 from iat_jax.models import embedding
@@ -63,9 +64,9 @@ class ShardedModelTest(parameterized.TestCase):
     cfg = mf.tiny_config(seq=dict(encoder=encoder)).model
     model = mf.make_model(stage, seq=dict(encoder=encoder))
     if stage == "source_user":
-      batch = mf.user_batch(SCHEMA, bu=4, t=3)
+      batch = examples.user_batch(SCHEMA, bu=4, t=3)
     else:
-      batch = mf.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=cfg.hist_len, b=8)
+      batch = examples.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=cfg.hist_len, b=8)
     mesh = sharding.make_mesh((4, 2))
     rules = RULES
     dev_batch = steps.to_device(batch, mesh)
@@ -117,7 +118,7 @@ class DedupedShardedTest(absltest.TestCase):
     # the mesh's 4 batch shards on its own, each device gathers its block.
     cfg = mf.tiny_config().model
     model = mf.make_model("downstream")
-    dense = mf.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=cfg.hist_len, b=8)
+    dense = examples.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=cfg.hist_len, b=8)
     rng = np.random.default_rng(1)
     keys = np.arange(1, 11, dtype=np.uint64) * 7919
     vectors = rng.normal(size=(10, cfg.insemb_dim)).astype(np.float32)

@@ -7,6 +7,7 @@ import jax
 
 from iat_jax import configs
 from iat_jax import stages
+from iat_jax.data import orders
 from iat_jax.train import trainers
 from tests import model_fixtures as mf
 
@@ -28,7 +29,7 @@ class StageTableTest(parameterized.TestCase):
     self.assertNotEmpty(jax.tree.leaves(variables["params"]))
     if stage.exports:  # a source: its InsEmbs are what the store holds
       self.assertEqual(out["insemb"].shape, lead + (config.model.insemb_dim,))
-    self.assertIn(stage.order, stages.ORDERS)
+    self.assertIn(stage.order, orders.ORDERS)
     self.assertIn(stage.trainer, trainers.TRAINERS)
     source = stages.read_source(config, stage)
     if stage.reads is None:

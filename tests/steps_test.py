@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from iat_jax import sharding
+from iat_jax.data import examples
 from iat_jax.data import input_pipeline
 from iat_jax.train import steps
 from tests import model_fixtures as mf
@@ -28,7 +29,7 @@ class StepsTest(absltest.TestCase):
     cls.model = mf.make_model("base", cls.config)
     cls.mesh = sharding.make_mesh((4, 2), cls.config.mesh_axes)
     cls.rules = tuple(cls.config.logical_axis_rules)
-    cls.batch = mf.base_batch(SCHEMA, b=16)
+    cls.batch = examples.base_batch(SCHEMA, b=16)
     cls.batch["row"] = np.arange(16)  # a host-only key: never reaches the model
     cls.dev_batch = steps.to_device(cls.batch, cls.mesh)
     tx = steps.make_optimizer(cls.config, NUM_STEPS)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.models import layers
 
 Array = jax.Array
@@ -69,8 +70,8 @@ def token_split(sizes: Mapping[str, tuple[int, int]],
   """
   items = sum(n for n, _ in sizes.values())
   if not len(sizes) <= num_tokens <= items:
-    raise ValueError(
-        f"--config.model.mixer_tokens={num_tokens}: RankMixer gives each of the "
+    raise errors.ConfigError(
+        f"model.mixer_tokens={num_tokens}", f"RankMixer gives each of the "
         f"{len(sizes)} feature groups {tuple(sizes)} its own tokens without cutting "
         f"any of their {items} items (fields, sequence token, IAT token), so it "
         f"must be between {len(sizes)} and {items}")

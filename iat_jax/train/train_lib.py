@@ -18,11 +18,13 @@ import ml_collections
 import numpy as np
 
 from iat_jax import checkpointing
+from iat_jax import errors
 from iat_jax import metrics as metrics_lib
 from iat_jax import sharding
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import orders
 from iat_jax.data import input_pipeline
 from iat_jax.train import cost
 from iat_jax.train import predict
@@ -37,52 +39,16 @@ def batches(config: ml_collections.ConfigDict,
             train: bool,
             table=None,
             order: str | None = None):
-  """The Grain MapDataset a stage reads for a split (train or eval order).
-
-  `order` overrides the user-chunk order of user-order stages (default:
-  shuffled for training, users ascending for evaluation). Their evaluation
-  chunks lead with `eval_context` earlier rows of the user (any split) that
-  the SIT sees and the batch's mask leaves out, so predict, evaluate and
-  export count and write each instance of `split` once.
-  """
-  common = dict(seed=config.seed,
-                process_index=jax.process_index(),
-                process_count=jax.process_count())
-  if train:
-    common["num_epochs"] = config.num_epochs
-  batch_order = stages.get(stage).order
-  if batch_order == "user_chunks":
-    t = config.data.user_chunk_len
-    users = config.users_per_batch if train else max(config.eval_batch_size //
-                                                     t, 1) * jax.process_count()
-    return input_pipeline.user_ordered(ds,
-                                       split,
-                                       users,
-                                       t,
-                                       order=order or ("shuffle" if train else "users"),
-                                       context=0 if train else eval_context(config),
-                                       **common)
-  # The InsEmbs travel deduplicated per batch shard (`LookupInsEmb(compact)`).
-  history = dict(history_len=config.model.hist_len,
-                 num_gap_buckets=config.model.num_gap_buckets,
-                 table=table,
-                 compact=True,
-                 groups=sharding.local_batch_shards(
-                     sharding.make_mesh(tuple(config.mesh_shape), tuple(
-                         config.mesh_axes)))) if batch_order == "history" else {}
-  return input_pipeline.temporal(ds,
-                                 split,
-                                 config.batch_size if train else config.eval_batch_size,
-                                 shuffle_window=config.shuffle_window if train else 0,
-                                 **common,
-                                 **history)
-
-
-def eval_context(config: ml_collections.ConfigDict) -> int:
-  """Context rows leading each user-order evaluation chunk (data.eval_context,
-  -1 = user_chunk_len // 2)."""
-  c = config.data.eval_context
-  return config.data.user_chunk_len // 2 if c < 0 else c
+  """The Grain MapDataset stage `stage` reads for a split: its batch order's
+  training or evaluation chain (`orders.batches`); `order` overrides the
+  user-chunk order of user-order stages."""
+  return orders.batches(config,
+                        ds,
+                        stages.get(stage).order,
+                        split,
+                        train=train,
+                        table=table,
+                        chunk_order=order)
 
 
 class _Preemption:
@@ -262,7 +228,7 @@ def run_loop(st: Run,
       state, out, aux = st.train_step(state, steps.to_device(batch, st.mesh))
       loss = float(out["loss"].addressable_data(0))  # replicated scalar
       if not np.isfinite(loss):
-        raise FloatingPointError(
+        raise errors.DivergedError(
             f"{st.name}: non-finite loss {loss} at step {step}; stopped without "
             f"saving; {_last_good(st)}; lower --config.optimizer.learning_rate or "
             f"set --config.optimizer.grad_clip_norm")
@@ -406,18 +372,14 @@ def available_memory() -> tuple[int, str]:
 
 
 def _size_flags(config) -> str:
-  order = stages.get(config.stage).order
-  flags = (["--config.users_per_batch", "--config.data.user_chunk_len"]
-           if order == "user_chunks" else ["--config.batch_size"])
-  if order == "history":
-    flags.append("--config.model.hist_len")
-  if order == "stream":
-    flags.append("--config.stream.k")
-  return ", ".join(flags + ["--config.data.seq_len", "the model widths"])
+  return ", ".join([
+      orders.size_flags(stages.get(config.stage).order), "--config.data.seq_len",
+      "the model widths"
+  ])
 
 
 def check_memory(compiled, config, name: str) -> None:
-  """Raises ValueError naming the size flags when the compiled train step
+  """Raises ConfigError naming the size flags when the compiled train step
   needs more memory per device than there is (XLA's memory analysis of the
   executable: arguments + outputs + temporaries - donated buffers). Its inputs
   are already resident on an accelerator; on CPU only what the step
@@ -435,8 +397,8 @@ def check_memory(compiled, config, name: str) -> None:
   )[0].platform == "cpu" and not os.environ.get("IAT_JAX_MEMORY_BYTES"):
     need = new
   if need > limit:
-    raise ValueError(
-        f"--config.batch_size / sizes: the train step of {name} needs "
+    raise errors.ConfigError(
+        "batch_size / sizes", f"the train step of {name} needs "
         f"{need / 2**30:.2f} GiB per device, more than the {limit / 2**30:.2f} GiB "
         f"of {what}; lower {_size_flags(config)}, or shard over more devices "
         f"(--config.mesh_shape)")
@@ -454,9 +416,7 @@ def _finite(m: dict[str, float]) -> dict[str, float]:
 
 
 def _instances_per_step(config) -> int:
-  if stages.get(config.stage).order == "user_chunks":
-    return config.users_per_batch * config.data.user_chunk_len
-  return config.batch_size
+  return orders.get(stages.get(config.stage).order).instances(config)
 
 
 def load_best(config, workdir: str, name: str, ds, table=None) -> tuple[Run, int, Any]:
