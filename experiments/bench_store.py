@@ -1,20 +1,20 @@
-r"""Benchmark: the InsEmb store (`iat_jax.store.insemb_table`) at scale.
+r"""Benchmark: the OCDBT InsEmb store (`iat_jax.store.insemb_table`) at scale.
 
 For each --sizes (rows; d=--dim, --dtype), in a fresh subprocess per phase so
 peak RSS (ru_maxrss) is that phase's own:
 
-1. export: one `ExportWriter` fed synthetic rows in batches of 65,536 (keys
+1. export: one `export.ExportWriter` fed synthetic rows in batches of 65,536 (keys
    are random hashes, values generated per batch, never all in memory), then
    `merge_export` and `publish`: rows/s of each phase and the writer's peak
    RSS (target < 2 GiB, independent of size).
 2. lookup of one downstream batch (--batch x --hist_len = 131,072 random
-   present keys) on a `Table` with --cache_bytes: cold (a fresh reader, the
+   present keys) on a `reader.Table` with --cache_bytes: cold (a fresh reader, the
    files evicted from the page cache with posix_fadvise) and warm (median of
    --repeats calls after --warmup calls, new keys each), and the reader's
    peak RSS (target: within 2x between sizes). Beside it, in the same
    process, the numpy ceiling: `values[rows]` of the same number of random
    rows of an in-memory float32 [1M, d] array (target ratio >= 0.25 warm).
-3. upsert of --upsert_rows (random: half replaced, half new) into the table:
+3. `writer.upsert` of --upsert_rows (random: half replaced, half new):
    seconds and bytes written, vs the table's bytes (what a full rewrite
    writes).
 
@@ -46,7 +46,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from iat_jax.store import insemb_table
+from iat_jax.store import backend
+from iat_jax.store import export
+from iat_jax.store import reader
+from iat_jax.store import writer
 
 _SIZES = flags.DEFINE_list("sizes", ["1000000", "10000000"], "Table rows N.")
 _D = flags.DEFINE_integer("dim", 64, "InsEmb width d.")
@@ -57,7 +60,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed warm lookups.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed lookups before them.")
 _CACHE = flags.DEFINE_integer("cache_bytes", 1 << 30, "Reader cache budget.")
 _UPSERT = flags.DEFINE_integer("upsert_rows", 1_000_000, "Rows of the upsert.")
-_BLOCK_ROWS = flags.DEFINE_list("block_rows", [str(insemb_table.DEFAULT_BLOCK_ROWS)],
+_BLOCK_ROWS = flags.DEFINE_list("block_rows", [str(backend.DEFAULT_BLOCK_ROWS)],
                                 "Rows per stored block: one table layout each.")
 _DIR = flags.DEFINE_string("tmp_dir", "/tmp", "Parent of the tables.")
 _PHASE = flags.DEFINE_string("phase", None, "Internal: run one phase.")
@@ -103,19 +106,19 @@ def _dir_bytes(path: str) -> int:
 def _phase_export(path: str, n: int) -> dict:
   d = _D.value
   t0 = time.perf_counter()
-  w = insemb_table.ExportWriter(path,
-                                "bench",
-                                d=d,
-                                dtype=_DTYPE.value,
-                                block_rows=int(_BLOCK_ROWS.value[0]))
+  w = export.ExportWriter(path,
+                          "bench",
+                          d=d,
+                          dtype=_DTYPE.value,
+                          block_rows=int(_BLOCK_ROWS.value[0]))
   for start in range(0, n, _BATCH_ROWS):
     m = min(_BATCH_ROWS, n - start)
     w.add(_keys(start, m), _values(start, m, d))
   w.close()
   t1 = time.perf_counter()
-  insemb_table.merge_export(path, "bench")
+  w.merge()
   t2 = time.perf_counter()
-  insemb_table.publish(path, "bench", source="bench", source_step=0, source_config=None)
+  w.publish(source="bench", source_step=0, source_config=None)
   t3 = time.perf_counter()
   return {
       "write_s": t1 - t0,
@@ -135,7 +138,7 @@ def _phase_lookup(path: str, n: int) -> dict:
   base_rss = _peak_rss()
   _evict(path)
   t = time.perf_counter()
-  table = insemb_table.Table(path, cache_bytes=_CACHE.value)
+  table = reader.Table(path, cache_bytes=_CACHE.value)
   open_s = time.perf_counter() - t
   rows = rng.integers(0, n, q)
   t = time.perf_counter()
@@ -171,7 +174,7 @@ def _phase_compare(paths: list[str], n: int) -> dict:
   """Warm lookups of the same random keys on each table, interleaved."""
   q = _BATCH.value * _L.value
   rng = np.random.default_rng(3)
-  tabs = [insemb_table.Table(p, cache_bytes=_CACHE.value) for p in paths]
+  tabs = [reader.Table(p, cache_bytes=_CACHE.value) for p in paths]
   times = [[] for _ in tabs]
   for i in range(_WARMUP.value + _REPEATS.value):
     keys = _sample_keys(rng.integers(0, n, q))
@@ -201,9 +204,8 @@ def _phase_upsert(path: str, n: int) -> dict:
   values = _values(n, m, _D.value)
   before = _dir_bytes(path)
   t = time.perf_counter()
-  insemb_table.upsert(path, keys, values)
+  table = writer.upsert(reader.Table(path, cache_bytes=256 << 20), keys, values)
   secs = time.perf_counter() - t
-  table = insemb_table.Table(path)
   assert len(table) == n + m - m // 2
   return {
       "upsert_s": secs,
@@ -219,8 +221,8 @@ def _run_phase(phase: str, path: str, n: int, block_rows: int = 0) -> dict:
   out = subprocess.run(
       [
           sys.executable, __file__, f"--phase={phase}", f"--path={path}", f"--rows={n}",
-          f"--block_rows={block_rows or _BLOCK_ROWS.value[0]}",
-          f"--dim={_D.value}", f"--dtype={_DTYPE.value}", f"--batch={_BATCH.value}",
+          f"--block_rows={block_rows or _BLOCK_ROWS.value[0]}", f"--dim={_D.value}",
+          f"--dtype={_DTYPE.value}", f"--batch={_BATCH.value}",
           f"--hist_len={_L.value}", f"--repeats={_REPEATS.value}",
           f"--warmup={_WARMUP.value}", f"--cache_bytes={_CACHE.value}",
           f"--upsert_rows={_UPSERT.value}"
@@ -262,10 +264,11 @@ def main(argv):
       if len(paths) > 1:
         c = _run_phase("compare", ",".join(paths), n)
         first = c["warm_s"][0]
-        print(f"  warm lookups of {c['keys']:,} keys interleaved: " + "; ".join(
-            f"{b} rows/block {t * 1e3:.0f} ms ({first / t:.2f}x {layouts[0]})"
-            for b, t in zip(layouts, c["warm_s"])) + f"; {c['load']}",
-              flush=True)
+        print(
+            f"  warm lookups of {c['keys']:,} keys interleaved: " +
+            "; ".join(f"{b} rows/block {t * 1e3:.0f} ms ({first / t:.2f}x {layouts[0]})"
+                      for b, t in zip(layouts, c["warm_s"])) + f"; {c['load']}",
+            flush=True)
     finally:
       shutil.rmtree(root, ignore_errors=True)
 

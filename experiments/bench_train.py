@@ -50,8 +50,10 @@ from ml_collections import config_flags
 import numpy as np
 
 from iat_jax import allocator
+from iat_jax import stages
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
+from iat_jax.data import orders
 from iat_jax.data import sources
 from iat_jax.models import sequence
 from iat_jax.store import memory_table
@@ -140,13 +142,13 @@ class _StepBench:
     c = config.copy_and_resolve_references()
     c.stage = stage
     with every_row(variant == "before"):
-      self.run = train_lib.Run(c, workdir, f"{stage}-{variant}", ds, table)
+      self.run = train_lib.Run(stages.get(stage), c, workdir, f"{stage}-{variant}", ds,
+                               table)
     self.flops = cost.compiled_flops(self.run.train_step)
     self.batch = steps.to_device(self.run.train_data[0], self.run.mesh)
     self.state = self.run.state
     self.faults = self.timed = 0
-    self.instances = (c.users_per_batch *
-                      c.data.user_chunk_len if stage == "source_user" else c.batch_size)
+    self.instances = orders.get(self.run.stage.order).instances(c)
     self._step()
 
   def _step(self):
@@ -184,19 +186,21 @@ class _DotsBench:
     rng = np.random.default_rng(0)
     self.args = [
         tuple(
-            jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in (d.lhs, d.rhs))
+            jnp.asarray(rng.standard_normal(a.shape), a.dtype)
+            for a in (d.lhs, d.rhs))
         for d in dots
     ]
 
     def products(args):
       return [
-          jax.lax.dot_general(x, y, d.dimension_numbers,
+          jax.lax.dot_general(x,
+                              y,
+                              d.dimension_numbers,
                               preferred_element_type=d.preferred_element_type)
           for (x, y), d in zip(args, dots)
       ]
 
-    self.fn = jax.jit(products,
-                      compiler_options=steps.compiler_options(bench.run.mesh))
+    self.fn = jax.jit(products, compiler_options=steps.compiler_options(bench.run.mesh))
     jax.block_until_ready(self.fn(self.args))
 
   def time(self, n: int) -> float:
@@ -270,7 +274,7 @@ def section_steps(config, workdir, ds, peak: float) -> None:
 def section_store(config, workdir, ds) -> None:
   source = config.copy_and_resolve_references()
   source.stage = "source_temporal"
-  st = train_lib.Run(source, workdir, "source_temporal", ds)
+  st = train_lib.Run(stages.get(source.stage), source, workdir, "source_temporal", ds)
   path = f"{workdir}/store"
   t = time.perf_counter()
   out = tables.export_writer(source,
@@ -281,7 +285,7 @@ def section_store(config, workdir, ds) -> None:
   n = 0
   for split in ("train", "valid", "test"):
     for batch in input_pipeline.iterate(
-        train_lib.batches(source, ds, "source_temporal", split, train=False)):
+        orders.batches(source, ds, st.stage.order, split, train=False)):
       mask = np.asarray(batch["mask"]).reshape(-1)
       res = st.eval_step(st.state.params, steps.to_device(batch, st.mesh))
       values = predict.local_rows(res["insemb"])
@@ -294,13 +298,15 @@ def section_store(config, workdir, ds) -> None:
   print(f"\n3. export through the store: {n:,} instances in {dt:.1f} s = "
         f"{n / dt:,.0f} instances/s  [{_load()}]")
   keys = np.asarray(ds["ins_id"])
-  values, _ = tables.Table(path).lookup(keys)  # the same (quantized) values
+  values, _ = tables.open_table(source,
+                                path).lookup(keys)  # the same (quantized) values
   down = config.copy_and_resolve_references()
   down.stage = "downstream"
   results = {}
-  for name, table in (("store", tables.Table(path)),
+  for name, table in (("store", tables.open_table(source, path)),
                       ("in-memory", memory_table.MemoryTable(keys, values))):
-    st = train_lib.Run(down, workdir, f"downstream-{name}", ds, table)
+    st = train_lib.Run(stages.get(down.stage), down, workdir, f"downstream-{name}", ds,
+                       table)
     it = input_pipeline.iterate(st.train_data)
     state = st.state
     state, out, _ = st.train_step(state, steps.to_device(next(it), st.mesh))

@@ -133,8 +133,9 @@ class Checkpoints:
       try:
         shutil.move(src, dst)
       except OSError as e:
-        raise errors.CheckpointError(f"checkpoint {src} does not restore and cannot be moved "
-                              f"aside ({e}); delete it and re-run") from None
+        raise errors.CheckpointError(
+            f"checkpoint {src} does not restore and cannot be moved "
+            f"aside ({e}); delete it and re-run") from None
     self.ckpt.reload()
 
   def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
@@ -155,7 +156,7 @@ class Checkpoints:
     where = os.fspath(self.best.directory)
     if step is None:
       raise errors.CheckpointError(f"no best checkpoint in {where}; train this stage "
-                            f"(--mode=train) before evaluating or exporting it")
+                                   f"(--mode=train) before evaluating or exporting it")
     try:
       out = self.best.restore(
           step,

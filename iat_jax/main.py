@@ -34,11 +34,11 @@ import jax
 from ml_collections import config_flags
 
 from iat_jax import allocator
-from iat_jax import configs
 from iat_jax import distributed
 from iat_jax import errors
 from iat_jax import pipeline
 from iat_jax import stages
+from iat_jax import validation
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import orders
 from iat_jax.data import sources
@@ -129,19 +129,20 @@ def _run(config, workdir: str, mode: str) -> None:
   if mode == "pipeline":
     pipeline.run(config, workdir)
     return
+  stage = stages.get(config.stage)  # a single stage runs as the model of its name
   ds = sources.prepare(config, workdir)
   if mode == "train":
-    orders.check_sizes(config, ds, [stages.get(config.stage).order])
-  table = pipeline.open_store(config, workdir, ds)
+    orders.check_sizes(config, ds, [stage.order])
+  table = pipeline.open_store(stage, config, workdir, ds)
   if mode == "train":
-    trainers.train(config, workdir, config.stage, ds, table)
+    trainers.train(stage, config, workdir, stage.name, ds, table)
   elif mode == "evaluate":
     print(
-        json.dumps(trainers.evaluate(config, workdir, config.stage, ds, table),
+        json.dumps(trainers.evaluate(stage, config, workdir, stage.name, ds, table),
                    indent=1,
                    sort_keys=True))
   else:
-    print(trainers.export(config, workdir, config.stage, ds))
+    print(trainers.export(stage, config, workdir, stage.name, ds))
 
 
 def main(argv) -> None:
@@ -153,11 +154,11 @@ def main(argv) -> None:
   workdir, mode = os.path.abspath(_WORKDIR.value), _MODE.value  # Orbax wants absolute
   lock = None
   try:
-    configs.validate(config)
+    validation.validate(config)
     distributed.maybe_initialize(config)
     logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
                  jax.devices())
-    configs.validate_devices(config, jax.device_count())
+    validation.validate_devices(config, jax.device_count())
     # One writer per workdir: process 0 holds the lock for the whole job (the
     # other processes of a jax.distributed job write only under its control).
     if mode in WRITING_MODES and jax.process_index() == 0:

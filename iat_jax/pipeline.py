@@ -22,7 +22,6 @@ from absl import logging
 import jax
 import ml_collections
 
-from iat_jax import configs
 from iat_jax import errors
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
@@ -37,20 +36,20 @@ def stage_config(config: ml_collections.ConfigDict,
   """The run config of one pipeline model: its stage and the source it reads
   (the stage's `reads` key: store.source, or stream.init_from)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.stage = model.stage
+  cfg.stage = model.stage.name
   if model.source:
-    block, key = stages.get(model.stage).reads.split(".")
+    block, key = model.stage.reads.split(".")
     cfg[block][key] = model.source
   return cfg
 
 
-def open_store(config: ml_collections.ConfigDict, workdir: str, ds):
-  """The store config.stage's batches look InsEmbs up in (checked), or None.
+def open_store(stage: stages.Stage, config: ml_collections.ConfigDict, workdir: str,
+               ds):
+  """The store `stage`'s batches look InsEmbs up in (checked), or None.
 
-  Only the history order reads a store through the input pipeline; the
+  Only an order that reads a store gets one through the input pipeline; the
   streaming stage opens the one it starts from itself."""
-  stage = stages.get(config.stage)
-  if stage.order != "history":
+  if not orders.get(stage.order).reads_store:
     return None
   return tables.open_checked(config, workdir, stages.read_source(config, stage),
                              ds.schema.fingerprint)
@@ -85,12 +84,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dict. With pipeline.sources_from, source models and their stores are read
   from that workdir instead of being trained and exported here."""
   ds = sources.prepare(config, workdir)
-  orders.check_sizes(config, ds, [stages.get(m.stage).order for m in steps(config)])
+  orders.check_sizes(config, ds, [m.stage.order for m in steps(config)])
   sources_from = config.pipeline.sources_from
   models = {}
   for model in steps(config):
     cfg = stage_config(config, model)
-    exports = stages.get(model.stage).exports
+    exports = model.stage.exports
     if sources_from and exports:
       models[model.name] = reused_source(sources_from, model.name)
       continue
@@ -99,10 +98,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("pipeline: %s already complete", model.name)
       models[model.name] = workdir_lib.load_results(directory)
     else:
-      table = open_store(cfg, sources_from or workdir, ds)
-      models[model.name] = trainers.train(cfg, workdir, model.name, ds, table)
+      table = open_store(model.stage, cfg, sources_from or workdir, ds)
+      models[model.name] = trainers.train(model.stage, cfg, workdir, model.name, ds,
+                                          table)
     if exports:
-      trainers.export(cfg, workdir, model.name, ds)
+      trainers.export(model.stage, cfg, workdir, model.name, ds)
   results = {"dataset": ds.schema.dataset, "models": models}
   if sources_from:
     results["sources_from"] = sources_from

@@ -97,23 +97,25 @@ SOURCES = tuple(name for name, s in STAGES.items() if s.exports)
 
 @dataclasses.dataclass(frozen=True)
 class PipelineModel:
-  """A model of the pipeline: `stage` trained, reading `source`'s store (the
-  config key `Stage.reads` of `stage` is set to `source`)."""
+  """A model of the pipeline: `stage` trained into <workdir>/<name>, reading
+  the store of model `source` (the config key `Stage.reads` of `stage` is set
+  to `source`). A source model's store is its own: <workdir>/stores/<name>
+  (`tables.path`), so two models over one stage never share one."""
   name: str
-  stage: str
+  stage: Stage
   source: str | None = None
 
 
 # In the order the pipeline runs them.
 PIPELINE: dict[str, PipelineModel] = {
     m.name: m for m in (
-        PipelineModel("base", "base"),
-        PipelineModel("source_temporal", "source_temporal"),
-        PipelineModel("temporal_iat", "downstream", "source_temporal"),
-        PipelineModel("source_user", "source_user"),
-        PipelineModel("user_iat", "downstream", "source_user"),
-        PipelineModel("source_stream", "source_stream", "source_user"),
-        PipelineModel("stream_iat", "downstream", "source_stream"),
+        PipelineModel("base", STAGES["base"]),
+        PipelineModel("source_temporal", STAGES["source_temporal"]),
+        PipelineModel("temporal_iat", STAGES["downstream"], "source_temporal"),
+        PipelineModel("source_user", STAGES["source_user"]),
+        PipelineModel("user_iat", STAGES["downstream"], "source_user"),
+        PipelineModel("source_stream", STAGES["source_stream"], "source_user"),
+        PipelineModel("stream_iat", STAGES["downstream"], "source_stream"),
     )
 }
 
@@ -132,7 +134,7 @@ def make_model(config: ml_collections.ConfigDict, schema: schema_lib.Schema,
 
 
 def read_source(config: ml_collections.ConfigDict, stage: Stage) -> str | None:
-  """The source stage whose store `stage` reads under `config` (or None)."""
+  """The model whose store `stage` reads under `config` (or None)."""
   if stage.reads is None:
     return None
   block, key = stage.reads.split(".")

@@ -11,8 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from iat_jax import errors
 from iat_jax import checkpointing
+from iat_jax import errors
 from iat_jax import sharding
 from iat_jax.data import input_pipeline as ip
 from tests import data_fixtures

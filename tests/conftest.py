@@ -9,6 +9,8 @@ workers inherit this process's environment, hence its session directory.
 With workers, the controller starts building the shared tiny pipeline
 (`cli_fixtures.shared_pipeline`) in the background at once, so that the
 workers run the in-process tests meanwhile instead of waiting for it.
+Tests that run programs in subprocesses or whole pipelines are marked `slow`;
+`-m "not slow"` is the fast tier.
 """
 
 import os
@@ -51,8 +53,8 @@ def pytest_configure(config):
   global _prebuild
   if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
     return  # an xdist worker, or no workers: built on first use
-  if not _wants_pipeline(config.args):
-    return
+  if not _wants_pipeline(config.args) or "not slow" in (config.option.markexpr or ""):
+    return  # the fast tier (-m "not slow") runs no pipeline
   log = open(os.path.join(os.environ["IAT_TEST_SESSION"], "prebuild.log"), "w")
   _prebuild = subprocess.Popen([
       sys.executable, "-c",

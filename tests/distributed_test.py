@@ -7,6 +7,7 @@ import tempfile
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset
@@ -15,6 +16,8 @@ from iat_jax.data import sources
 from iat_jax.store import insemb_table
 from tests import cli_fixtures as cli
 from tests import model_fixtures as mf
+
+pytestmark = pytest.mark.slow  # subprocess / end-to-end runs
 
 
 class TwoProcessTest(absltest.TestCase):

@@ -2,13 +2,18 @@
 the user-order source's evaluation batches (what evaluate and export read)."""
 
 import os
+import shutil
 import tempfile
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
-from iat_jax import configs
+from iat_jax import pipeline
 from iat_jax import sharding
+from iat_jax import stages
+from iat_jax import validation
+from iat_jax.data import orders
 from iat_jax.data import sources
 from iat_jax.store import tables
 from iat_jax.train import export_lib
@@ -21,6 +26,7 @@ from tests import data_fixtures
 from tests import model_fixtures as mf
 
 
+@pytest.mark.slow
 class ExportTest(absltest.TestCase):
 
   @classmethod
@@ -29,11 +35,14 @@ class ExportTest(absltest.TestCase):
     cls.workdir = tempfile.mkdtemp()
     cls.config = mf.tiny_config()
     cls.config.stage = "source_temporal"
+    cls.stage = stages.get(cls.config.stage)
     cls.config.data.cache_dir = cli.DATA  # shared with this process's CLI runs
-    configs.validate(cls.config)
+    validation.validate(cls.config)
     cls.ds = sources.prepare(cls.config, cls.workdir)
-    cls.results = trainers.train(cls.config, cls.workdir, "source_temporal", cls.ds)
-    cls.path = export_lib.export(cls.config, cls.workdir, "source_temporal", cls.ds)
+    cls.results = trainers.train(cls.stage, cls.config, cls.workdir, "source_temporal",
+                                 cls.ds)
+    cls.path = export_lib.export(cls.stage, cls.config, cls.workdir, "source_temporal",
+                                 cls.ds)
 
   def test_table_holds_every_instance(self):
     self.assertEqual(self.path, os.path.join(self.workdir, "stores", "source_temporal"))
@@ -51,32 +60,52 @@ class ExportTest(absltest.TestCase):
 
   def test_export_again_is_skipped(self):
     versions = sorted(os.listdir(self.path))
-    version = tables.Table(self.path).version
+    version = tables.open_table(self.config, self.path).version
     with self.assertLogs(level="INFO") as logs:
-      path = export_lib.export(self.config, self.workdir, "source_temporal", self.ds)
+      path = export_lib.export(self.stage, self.config, self.workdir, "source_temporal",
+                               self.ds)
     self.assertEqual(path, self.path)
     self.assertTrue(any("already done" in line for line in logs.output), logs.output)
-    self.assertEqual(tables.Table(self.path).version, version)
+    self.assertEqual(tables.open_table(self.config, self.path).version, version)
     self.assertEqual(sorted(os.listdir(self.path)), versions)
 
   def test_evaluate_matches_training_results(self):
-    got = train_lib.evaluate_stage(self.config, self.workdir, "source_temporal",
-                                   self.ds)
+    got = train_lib.evaluate_stage(self.stage, self.config, self.workdir,
+                                   "source_temporal", self.ds)
     self.assertEqual(got["best_step"], self.results["best_step"])
     for split in ("valid", "test"):
       for name, value in self.results[split].items():
         self.assertAlmostEqual(got[split][name], value, places=6, msg=name)
+
+  def test_two_models_over_one_stage_keep_their_own_stores(self):
+    """A second model over source_temporal writes stores/<its name>, leaves the
+    first one's alone, and a downstream reading it gets its store."""
+    shutil.copytree(os.path.join(self.workdir, "source_temporal"),
+                    os.path.join(self.workdir, "source_b"))
+    version = tables.open_table(self.config, self.path).version
+    other = export_lib.export(self.stage, self.config, self.workdir, "source_b",
+                              self.ds)
+    self.assertEqual(other, os.path.join(self.workdir, "stores", "source_b"))
+    self.assertEqual(tables.open_table(self.config, self.path).version, version)
+    model = stages.PipelineModel("iat_b", stages.STAGES["downstream"], "source_b")
+    cfg = pipeline.stage_config(self.config, model)
+    table = pipeline.open_store(model.stage, cfg, self.workdir, self.ds)
+    self.assertEqual((table.path, table.metadata["source"]), (other, "source_b"))
+    keys = np.asarray(self.ds["ins_id"])
+    np.testing.assert_array_equal(
+        table.lookup(keys)[0],
+        tables.open_table(self.config, self.path).lookup(keys)[0])
 
   def test_needs_a_source_stage(self):
     config = mf.tiny_config()
     config.stage = "base"
     with self.assertRaisesRegex(ValueError, "--config.stage='base': export needs a "
                                 "source stage"):
-      export_lib.export(config, self.workdir, "base", self.ds)
+      export_lib.export(stages.get("base"), config, self.workdir, "base", self.ds)
 
 
 class UserOrderEvaluationTest(absltest.TestCase):
-  """source_user's valid batches (`train_lib.batches`, eval order) with a
+  """source_user's valid batches (its order's evaluation chain) with a
   random-parameter model on the tiny data."""
 
   @classmethod
@@ -86,11 +115,7 @@ class UserOrderEvaluationTest(absltest.TestCase):
     cls.config = mf.tiny_config()
     cls.config.stage = "source_user"
     cls.model = mf.make_model("source_user", cls.config)
-    cls.data = train_lib.batches(cls.config,
-                                 cls.ds,
-                                 "source_user",
-                                 "valid",
-                                 train=False)
+    cls.data = orders.batches(cls.config, cls.ds, "user_chunks", "valid", train=False)
     cls.params = mf.random_params(cls.model, steps.model_inputs(cls.data[0]))
     cls.fwd = staticmethod(
         mf.jit(lambda p, b: cls.model.apply({"params": p}, b)["sit_out"]))
@@ -151,12 +176,12 @@ class UserOrderEvaluationTest(absltest.TestCase):
     self.assertGreater(context, 0)  # the batches carry rows that do not count
 
   def test_eval_context_is_checked(self):
-    self.assertEqual(train_lib.eval_context(self.config),
+    self.assertEqual(orders.eval_context(self.config),
                      self.config.data.user_chunk_len // 2)
     config = mf.tiny_config()
     config.data.eval_context = config.data.user_chunk_len
     with self.assertRaisesRegex(ValueError, "--config.data.eval_context"):
-      configs.validate(config)
+      validation.validate(config)
 
 
 def _perturbed(batch, where):

@@ -9,6 +9,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from iat_jax.data import batching
 from iat_jax.data import input_pipeline as ip
 from iat_jax.store import memory_table
 from tests import data_fixtures
@@ -54,12 +55,13 @@ class PipelineTest(parameterized.TestCase):
     ds = self.ds
     rows = ds.split_rows("train")
     for epoch in range(2):
-      got = ip.window_shuffle(rows, 32, seed=5, epoch=epoch)
+      got = batching.window_shuffle(rows, 32, seed=5, epoch=epoch)
       self.assertFalse((got == rows).all())
       for w in range(0, len(rows), 32):
         self.assertCountEqual(got[w:w + 32], rows[w:w + 32])
-    self.assertFalse((ip.window_shuffle(rows, 32, 5,
-                                        0) == ip.window_shuffle(rows, 32, 5, 1)).all())
+    self.assertFalse(
+        (batching.window_shuffle(rows, 32, 5,
+                                 0) == batching.window_shuffle(rows, 32, 5, 1)).all())
 
   def test_epochs_cover_split_once_each(self):
     ds = self.ds
@@ -260,12 +262,12 @@ class EpochBoundaryThreadsTest(parameterized.TestCase):
   def test_thread_pool_reads_each_batch_with_its_epochs_order(self):
     n, b, epochs = 20000, 5000, 4
     order = lambda e: np.random.default_rng(e).permutation(n)
-    serial = ip.EpochBatches(n, b, epochs, order)
+    serial = batching.EpochBatches(n, b, epochs, order)
     want = [serial[i] for i in range(len(serial))]
     per_epoch = serial.batches_per_epoch
     # The last batch of each epoch and the first of the next, over and over.
     around = [k * per_epoch + d for k in range(1, epochs) for d in (-1, 0)] * 50
-    shared = ip.EpochBatches(n, b, epochs, order)
+    shared = batching.EpochBatches(n, b, epochs, order)
     with futures.ThreadPoolExecutor(8) as pool:
       got = list(pool.map(shared.__getitem__, around))
     for i, g in zip(around, got):
@@ -284,7 +286,7 @@ class EpochBoundaryThreadsTest(parameterized.TestCase):
 
   def test_chunk_epochs_are_fresh_padded_permutations(self):
     n, b, epochs = 10, 4, 3
-    batches = ip.chunk_batches(n, b, epochs, seed=1, fixed=None)
+    batches = batching.chunk_batches(n, b, epochs, seed=1, fixed=None)
     self.assertLen(batches, 3 * epochs)
     per_epoch = [
         np.concatenate([batches[e * 3 + k] for k in range(3)]) for e in range(epochs)
@@ -294,10 +296,10 @@ class EpochBoundaryThreadsTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.sort(ids[:n]), np.arange(n))
     self.assertFalse(np.array_equal(per_epoch[0], per_epoch[1]))
     # Seeds s and s + 1 do not share epochs (Grain reseeds epoch e with seed + e).
-    other = ip.chunk_batches(n, b, epochs, seed=2, fixed=None)
+    other = batching.chunk_batches(n, b, epochs, seed=2, fixed=None)
     self.assertFalse(
         np.array_equal(np.concatenate([other[k] for k in range(3)]), per_epoch[1]))
-    fixed = ip.chunk_batches(n, b, epochs, seed=1, fixed=np.arange(n)[::-1])
+    fixed = batching.chunk_batches(n, b, epochs, seed=1, fixed=np.arange(n)[::-1])
     np.testing.assert_array_equal(fixed[5], [1, 0, -1, -1])
 
 

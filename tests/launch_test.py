@@ -6,10 +6,13 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 
 from iat_jax import allocator
 from iat_jax import launch_lib
 from tests import cli_fixtures as cli
+
+pytestmark = pytest.mark.slow  # subprocess / end-to-end runs
 
 LAUNCH = os.path.join(cli.REPO, "launch")
 MAIN_ARGS = [

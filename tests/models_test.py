@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from iat_jax import configs
+from iat_jax import models
+from iat_jax import validation
 from iat_jax.data import examples
 from iat_jax.data import synthetic
 from iat_jax.models import embedding
@@ -72,14 +73,14 @@ class EncoderTest(parameterized.TestCase):
 
   @parameterized.parameters("din", "transformer", "longer")
   def test_padding_is_ignored_and_empty_is_finite(self, name):
-    block = sequence.encoder_config(name,
-                                    width=8,
-                                    heads=2,
-                                    layers=1,
-                                    ffn_mult=2,
-                                    din_mlp=(8,),
-                                    longer_merge=3,
-                                    longer_recent_k=2)
+    block = models.encoder_config(name,
+                                  width=8,
+                                  heads=2,
+                                  layers=1,
+                                  ffn_mult=2,
+                                  din_mlp=(8,),
+                                  longer_merge=3,
+                                  longer_recent_k=2)
     enc = sequence.make_encoder(block, max_len=7, dropout_rate=0.0, dtype=jnp.float32)
     rng = np.random.default_rng(0)
     query = rng.normal(size=(3, 5)).astype(np.float32)
@@ -142,18 +143,18 @@ class BaseModelTest(parameterized.TestCase):
       mf.make_model("bogus")
     config = mf.tiny_config(seq=dict(encoder="rnn"))
     with self.assertRaisesRegex(ValueError, "--config.model.seq.encoder: 'rnn'"):
-      configs.validate(config)
+      validation.validate(config)
     with self.assertRaisesRegex(ValueError, "unknown sequence encoder 'rnn'"):
       mf.abstract_params(mf.make_model("base", config), examples.base_batch(SCHEMA))
     config = mf.tiny_config(iat=dict(encoder="none"))  # only seq allows 'none'
     with self.assertRaisesRegex(ValueError, "--config.model.iat.encoder: 'none'"):
-      configs.validate(config)
+      validation.validate(config)
 
   def test_negative_label_delay_names_the_flag(self):
     config = mf.tiny_config()
     config.data.synthetic.conversion_delay = -1
     with self.assertRaisesRegex(ValueError, "--config.data.synthetic.conversion_delay"):
-      configs.validate(config)
+      validation.validate(config)
 
 
 class UserSourceTest(parameterized.TestCase):
@@ -485,8 +486,8 @@ class CostTest(absltest.TestCase):
 
     dots = cost.dot_generals(jax.make_jaxpr(fn)(a, b, c, q))
     self.assertEqual([(d.lhs.shape, d.rhs.shape) for d in dots],
-                     [((4, 8), (8, 16))] + [((4, 16), (16, 16))] * 3 +
-                     [((2, 3, 5), (2, 3, 5))])
+                     [((4, 8), (8, 16))] + [((4, 16), (16, 16))] * 3 + [((2, 3, 5),
+                                                                         (2, 3, 5))])
     self.assertEqual([d.flops for d in dots],
                      [2 * 4 * 8 * 16] + [2 * 4 * 16 * 16] * 3 + [2 * 2 * 3 * 3 * 5])
     # Differentiating a @ w in w: the forward product and a^T @ cotangent.
@@ -566,7 +567,7 @@ class GroupTokenTest(absltest.TestCase):
   def test_too_few_tokens_names_the_flag(self):
     config = mf.tiny_config(mixer_tokens=4, mixer_token_dim=8)
     with self.assertRaisesRegex(ValueError, "--config.model.mixer_tokens: 4 is less"):
-      configs.validate(config)
+      validation.validate(config)
     # The model's own check (this schema has 5 groups with the IAT token).
     model = mf.make_model("downstream", config)
     with self.assertRaisesRegex(ValueError, "--config.model.mixer_tokens=4"):

@@ -14,7 +14,9 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import ml_collections
 import numpy as np
+import pytest
 
 from iat_jax import errors
 from iat_jax.data import dataset
@@ -262,6 +264,20 @@ class BadInputTest(parameterized.TestCase):
     os.remove(os.path.join(_write(self.data, _files_100k()), "u.item"))
     self.assert_fails(None, "missing file u.item", self.data)
 
+  def test_source_check_names_the_data_dir(self):
+    check = lambda d: movielens.validate_config(ml_collections.ConfigDict(dict(dir=d)))
+    with self.assertRaisesWithLiteralMatch(
+        errors.ConfigError, "--config.data.dir: required for data.source=movielens"):
+      check("")
+    with self.assertRaisesRegex(errors.ConfigError,
+                                "^--config.data.dir: .* is not a directory"):
+      check(os.path.join(self.tmp, "nowhere"))
+    os.makedirs(self.data)
+    with self.assertRaisesRegex(errors.ConfigError,
+                                "^--config.data.dir: no MovieLens ratings file"):
+      check(self.data)
+    check(_write(self.data, _files_100k()))
+
   def test_bad_rebuild_keeps_previous_dataset(self):
     movielens.build(_write(self.data, _files_1m()), self.out, 4)
     before = np.asarray(dataset.Dataset(self.out)["ins_id"]).copy()
@@ -344,6 +360,7 @@ class MovieLens1MSubsetTest(absltest.TestCase):
 
 class DownloadTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_command_offline_names_url(self):
     tmp = self.create_tempdir().full_path
     data_dir = os.path.join(tmp, "ml")

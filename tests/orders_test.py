@@ -2,6 +2,7 @@
 and example batch agree with each other, and a new order needs only its entry."""
 
 import dataclasses
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -9,9 +10,13 @@ import grain
 import numpy as np
 
 from iat_jax import errors
+from iat_jax import pipeline
 from iat_jax import stages
+from iat_jax import validation
+from iat_jax.data import batching
 from iat_jax.data import input_pipeline
 from iat_jax.data import orders
+from iat_jax.train import memory
 from iat_jax.train import train_lib
 from tests import data_fixtures
 from tests import model_fixtures as mf
@@ -72,14 +77,14 @@ class OrderTableTest(parameterized.TestCase):
       orders.check_sizes(config, self.ds, ["user_chunks", "temporal"])
 
   def test_a_new_order_is_one_entry(self):
-    """An order of time-reversed batches, registered alone, reaches a stage's
-    batches, its size flags and its progress rate through the table."""
+    """An order of time-reversed batches, registered alone, is what a stage
+    naming it trains on, with its size flags, progress rate and checks."""
 
     def reversed_time(config, ds, split, ctx):
       rows = ds.split_rows(split)[::-1]
-      source = input_pipeline.EpochBatches(len(rows), config.batch_size, 1,
-                                           lambda epoch: rows)
-      read = input_pipeline.ReadInstances(ds, input_pipeline.ProcessSlice(0, 1))
+      source = batching.EpochBatches(len(rows), config.batch_size, 1,
+                                     lambda epoch: rows)
+      read = input_pipeline.ReadInstances(ds, batching.ProcessSlice(0, 1))
       return grain.MapDataset.source(source).map(read)
 
     temporal = orders.get("temporal")
@@ -97,12 +102,14 @@ class OrderTableTest(parameterized.TestCase):
     try:
       config = mf.tiny_config()
       config.stage = stage.name
-      batch = _first(train_lib.batches(config, self.ds, stage.name, "train",
-                                       train=True))
+      validation.validate(config)
+      run = train_lib.Run(stage, config, tempfile.mkdtemp(), stage.name, self.ds)
+      batch = _first(run.train_data)
       ts = self.ds["ts"][batch["row"][batch["mask"]]]
       self.assertTrue((np.diff(ts) <= 0).all())  # newest first
-      self.assertIn("--config.shuffle_window", train_lib._size_flags(config))  # pylint: disable=protected-access
-      self.assertEqual(train_lib._instances_per_step(config), 2 * config.batch_size)  # pylint: disable=protected-access
+      self.assertIn("--config.shuffle_window", memory.size_flags(stage.order))
+      self.assertEqual(orders.get(stage.order).instances(config), 2 * config.batch_size)
+      self.assertIsNone(pipeline.open_store(stage, config, "/nonexistent", self.ds))
       orders.check_sizes(config, self.ds, ["reversed_time"])
     finally:
       del orders.ORDERS["reversed_time"], stages.STAGES[stage.name]

@@ -11,6 +11,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from iat_jax import allocator
 from iat_jax import stages
@@ -282,10 +283,10 @@ class DedupedHistoryTest(absltest.TestCase):
     schema = mf.SCHEMA
     l, d = config.model.hist_len, config.model.insemb_dim
     dense = examples.downstream_batch(schema,
-                                d,
-                                l=l,
-                                b=5,
-                                num_gap_buckets=config.model.num_gap_buckets)
+                                      d,
+                                      l=l,
+                                      b=5,
+                                      num_gap_buckets=config.model.num_gap_buckets)
     rng = np.random.default_rng(3)
     unique = np.zeros((64, d), np.float32)
     unique[:6] = rng.normal(size=(6, d))  # 6 distinct past instances, repeated
@@ -310,6 +311,7 @@ class DedupedHistoryTest(absltest.TestCase):
     _assert_trees_close(self, ga, gb)
 
 
+@pytest.mark.slow
 class AllocatorTest(absltest.TestCase):
   """`python -m iat_jax.main` re-executes itself once with the malloc settings."""
 

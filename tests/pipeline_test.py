@@ -9,12 +9,14 @@ import types
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 
 from iat_jax import errors
-from iat_jax import configs
 from iat_jax import pipeline
 from iat_jax import stages
+from iat_jax import validation
 from iat_jax import workdir as workdir_lib
+from iat_jax.data import orders
 from iat_jax.store import tables
 from tests import cli_fixtures as cli
 from tests import data_fixtures
@@ -78,7 +80,7 @@ class StageConfigTest(absltest.TestCase):
     with self.assertRaisesRegex(
         ValueError, r"--config\.stream\.init_from: "
         r"'source_stream' is not one of"):
-      configs.validate(config)
+      validation.validate(config)
 
   def test_default_pipeline_streams_after_user_iat(self):
     self.assertEqual(
@@ -135,16 +137,19 @@ class OpenStoreTest(absltest.TestCase):
                    step=3,
                    fingerprint=cls.ds.schema.fingerprint)
 
-  def test_only_the_history_order_reads_a_store(self):
+  def test_only_orders_that_read_a_store_get_one(self):
     for name, stage in stages.STAGES.items():
-      if stage.order != "history":
+      if not orders.get(stage.order).reads_store:
         config = mf.tiny_config()
         config.stage = name
-        self.assertIsNone(pipeline.open_store(config, self.workdir, self.ds), name)
+        self.assertIsNone(
+            pipeline.open_store(stages.get(config.stage), config, self.workdir,
+                                self.ds), name)
 
   def test_opens_the_published_table(self):
     self.assertEqual(self.path, os.path.join(self.workdir, "stores", "source_temporal"))
-    table = pipeline.open_store(self.config, self.workdir, self.ds)
+    table = pipeline.open_store(stages.get(self.config.stage), self.config,
+                                self.workdir, self.ds)
     self.assertIsInstance(table, tables.Table)
     values, found = table.lookup(self.keys[:50])
     self.assertTrue(found.all())
@@ -163,21 +168,23 @@ class OpenStoreTest(absltest.TestCase):
     config.store.source = "source_temporal"
     config.model.insemb_dim = self.config.model.insemb_dim + 2
     with self.assertRaisesRegex(errors.StoreError, "--config.model.insemb_dim"):
-      pipeline.open_store(config, self.workdir, self.ds)
+      pipeline.open_store(stages.get(config.stage), config, self.workdir, self.ds)
 
   def test_missing_store(self):
     config = mf.tiny_config()
     config.stage = "downstream"  # reads source_user's store: never exported
     with self.assertRaisesRegex(errors.StoreError, "no InsEmb table.*--mode=export"):
-      pipeline.open_store(config, self.workdir, self.ds)
+      pipeline.open_store(stages.get(config.stage), config, self.workdir, self.ds)
 
   def test_store_of_another_dataset(self):
     other = types.SimpleNamespace(
         schema=dataclasses.replace(self.ds.schema, fingerprint="another"))
     with self.assertRaisesRegex(errors.StoreError, "exported from dataset 'tiny'"):
-      pipeline.open_store(self.config, self.workdir, other)
+      pipeline.open_store(stages.get(self.config.stage), self.config, self.workdir,
+                          other)
 
 
+@pytest.mark.slow
 class StreamInPipelineTest(absltest.TestCase):
   """The shared tiny pipeline ran the streaming source and stream_iat."""
 

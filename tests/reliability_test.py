@@ -22,10 +22,11 @@ from absl.testing import absltest
 import grain
 import jax
 import jax.numpy as jnp
+import pytest
 
-from iat_jax import errors
 from iat_jax import checkpointing
 from iat_jax import configs
+from iat_jax import errors
 from iat_jax import workdir as workdir_lib
 from tests import cli_fixtures as cli
 
@@ -47,6 +48,7 @@ def can_mount() -> bool:
   return ok
 
 
+@pytest.mark.slow
 class _Reference(absltest.TestCase):
   """One uninterrupted tiny `train` run the tests compare against or copy."""
 

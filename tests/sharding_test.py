@@ -59,14 +59,14 @@ class MeshTest(absltest.TestCase):
 
 class ShardedModelTest(parameterized.TestCase):
 
-  @parameterized.parameters(("downstream", "transformer"), ("source_user", "din"))
-  def test_sharded_matches_single_device(self, stage, encoder):
+  @parameterized.parameters(
+      ("downstream", "transformer",
+       lambda m: examples.downstream_batch(SCHEMA, d=m.insemb_dim, l=m.hist_len, b=8)),
+      ("source_user", "din", lambda m: examples.user_batch(SCHEMA, bu=4, t=3)))
+  def test_sharded_matches_single_device(self, stage, encoder, make_batch):
     cfg = mf.tiny_config(seq=dict(encoder=encoder)).model
     model = mf.make_model(stage, seq=dict(encoder=encoder))
-    if stage == "source_user":
-      batch = examples.user_batch(SCHEMA, bu=4, t=3)
-    else:
-      batch = examples.downstream_batch(SCHEMA, d=cfg.insemb_dim, l=cfg.hist_len, b=8)
+    batch = make_batch(cfg)
     mesh = sharding.make_mesh((4, 2))
     rules = RULES
     dev_batch = steps.to_device(batch, mesh)

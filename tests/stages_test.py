@@ -5,9 +5,10 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 
-from iat_jax import configs
 from iat_jax import stages
+from iat_jax import validation
 from iat_jax.data import orders
+from iat_jax.models import source as source_models
 from iat_jax.train import trainers
 from tests import model_fixtures as mf
 
@@ -19,7 +20,7 @@ class StageTableTest(parameterized.TestCase):
     stage = stages.get(name)
     config = mf.tiny_config()
     config.stage = name
-    configs.validate(config)
+    validation.validate(config)
     model = mf.make_model(name, config)
     batch = mf.stage_batch(name, config)
     out, variables = jax.eval_shape(
@@ -46,13 +47,13 @@ class StageTableTest(parameterized.TestCase):
   def test_every_pipeline_models_source_exports_before_it(self):
     order = list(stages.PIPELINE)
     for name, model in stages.PIPELINE.items():
-      stage = stages.get(model.stage)
+      stage = model.stage
       if model.source is None:
         self.assertIsNone(stage.reads, name)
         continue
       self.assertIsNotNone(stage.reads, name)  # the key the source is set as
       source = stages.PIPELINE[model.source]
-      self.assertTrue(stages.get(source.stage).exports, name)
+      self.assertTrue(source.stage.exports, name)
       self.assertLess(order.index(model.source), order.index(name))
 
   def test_read_source_follows_the_config_key(self):
@@ -67,7 +68,7 @@ class StageTableTest(parameterized.TestCase):
 
   def test_stream_model_takes_its_mode_from_the_stream_block(self):
     config = mf.tiny_config()
-    for mode in configs.STREAM_MODES:
+    for mode in source_models.STREAM_MODES:
       config.stream.mode = mode
       self.assertEqual(mf.make_model("source_stream", config).mode, mode)
 
@@ -78,7 +79,7 @@ class StageTableTest(parameterized.TestCase):
     config = mf.tiny_config()
     config.stage = "nope"
     with self.assertRaisesRegex(ValueError, r"--config\.stage: 'nope'"):
-      configs.validate(config)
+      validation.validate(config)
 
 
 if __name__ == "__main__":

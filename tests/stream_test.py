@@ -7,11 +7,15 @@ import tempfile
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
-from iat_jax.data import input_pipeline as ip
+from iat_jax import configs
 from iat_jax import workdir as workdir_lib
+from iat_jax.data import input_pipeline as ip
 from iat_jax.metrics import read_jsonl
-from iat_jax.store import insemb_table
+from iat_jax.store import reader
+from iat_jax.store import writer
+from iat_jax.train import stream_lib
 from tests import cli_fixtures as cli
 from tests import data_fixtures
 
@@ -29,13 +33,13 @@ class StreamPipelineTest(absltest.TestCase):
     rank[ds["temporal_order"]] = np.arange(ds.num_rows)
     # Every instance's stored InsEmb holds its own timestamp: a leak would show.
     path = os.path.join(tempfile.mkdtemp(), "t")
-    insemb_table.write(path,
-                       np.asarray(ds["ins_id"]),
-                       np.repeat(np.asarray(ds["ts"], np.float32)[:, None], 2, 1),
-                       source="source_stream",
-                       source_step=0,
-                       source_config=None)
-    table = insemb_table.Table(path)
+    writer.write(path,
+                 np.asarray(ds["ins_id"]),
+                 np.repeat(np.asarray(ds["ts"], np.float32)[:, None], 2, 1),
+                 source="source_stream",
+                 source_step=0,
+                 source_config=None)
+    table = reader.Table(path)
     seen, visible = set(), 0
     for b in ip.iterate(ip.stream(ds, ("valid", "test"), 8, 6)):
       m, pm = b["mask"], b["past_mask"]
@@ -83,6 +87,31 @@ class StreamPipelineTest(absltest.TestCase):
     self.assertTrue((b["past_cat"][~pm] == 0).all())
 
 
+class SharedTableTest(absltest.TestCase):
+
+  def test_reads_through_its_buffer_within_the_cache_flag(self):
+    config = configs.base_config()
+    config.store.cache_bytes = 3 << 20
+    path = os.path.join(tempfile.mkdtemp(), "preds")
+    shared = stream_lib._Shared.open_or_create(  # pylint: disable=protected-access
+        config,
+        path,
+        d=2,
+        dtype="float32",
+        source="s",
+        fingerprint="f")
+    shared.put(np.array([4], np.uint64), np.ones((1, 2), np.float32), step=1)
+    np.testing.assert_array_equal(
+        shared.lookup(np.array([4, 5], np.uint64))[1], [True, False])
+    self.assertLen(reader.Table(path), 0)  # nothing durable before a flush
+    shared.flush(2)
+    table = reader.Table(path)
+    self.assertEqual((len(table), table.metadata["source_step"]), (1, 2))
+    upserts = shared._upserts  # pylint: disable=protected-access
+    self.assertEqual(upserts.table.cache_bytes, 3 << 20)
+
+
+@pytest.mark.slow
 class StreamTrainingTest(absltest.TestCase):
 
   @classmethod
@@ -96,8 +125,8 @@ class StreamTrainingTest(absltest.TestCase):
     return cli.fresh_stream(self.base)
 
   def _store_sha(self, workdir):
-    return insemb_table.Table(os.path.join(workdir, "stores",
-                                           "source_stream")).metadata["checksum"]
+    return reader.Table(os.path.join(workdir, "stores",
+                                     "source_stream")).metadata["checksum"]
 
   def test_resume_after_kill_matches_uninterrupted(self):
     ref = self._copy()
@@ -125,6 +154,7 @@ class StreamTrainingTest(absltest.TestCase):
     self.assertFalse(any("staleness_cosine" in r for r in rows))
 
 
+@pytest.mark.slow
 class StreamStageCliTest(absltest.TestCase):
   """--mode=evaluate / export of the pipeline's finished source_stream."""
 
@@ -149,10 +179,10 @@ class StreamStageCliTest(absltest.TestCase):
   def test_export_returns_the_up_to_date_store_unchanged(self):
     workdir = cli.copy_of(self.base)
     path = os.path.join(workdir, "stores", "source_stream")
-    before = insemb_table.Table(path).metadata
+    before = reader.Table(path).metadata
     out = cli.run_main(workdir, "export", "--config.stage=source_stream").stdout
     self.assertEqual(out.strip().splitlines()[-1], path)
-    self.assertEqual(insemb_table.Table(path).metadata, before)
+    self.assertEqual(reader.Table(path).metadata, before)
     self.assertEqual(before["source_step"], self.results["best_step"])
 
   def test_unfinished_stream_is_refused_naming_the_flag(self):

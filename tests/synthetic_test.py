@@ -7,10 +7,14 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import ml_collections
 import numpy as np
+import pytest
 
+from iat_jax import errors
 from iat_jax.data import dataset
 from iat_jax.data import synthetic
+from iat_jax.data import synthetic_world
 
 # About 40 rows per user, so a block is ~800 users and the base build has three
 # blocks; seq_len is short so that sequences fill up.
@@ -148,8 +152,8 @@ class SyntheticTest(absltest.TestCase):
       self.assertTrue(((mh[:, 1:] == 0) | (mh[:, :-1] != 0)).all())
     self.assertTrue((ds["mh_item_tags"][:, 0] > 0).all())
     ts = np.asarray(ds["ts"])
-    self.assertGreaterEqual(ts.min(), synthetic.EPOCH)
-    self.assertLess(ts.max(), synthetic.EPOCH + 30 * 86400)
+    self.assertGreaterEqual(ts.min(), synthetic_world.EPOCH)
+    self.assertLess(ts.max(), synthetic_world.EPOCH + 30 * 86400)
 
   def test_rows_sorted_per_user(self):
     ds = self.ds
@@ -266,9 +270,26 @@ class SyntheticTest(absltest.TestCase):
   def test_bad_knobs(self):
     with self.assertRaises(ValueError):
       synthetic.build(os.path.join(self.dir, "bad"), num_categorical=1)
-    with self.assertRaises(ValueError):
+    with self.assertRaisesWithLiteralMatch(
+        errors.ConfigError, "--num_items: must be >= num_categories (10), got 5"):
       synthetic.build(os.path.join(self.dir, "bad"), num_items=5, num_categories=10)
+    self.assertFalse(os.path.exists(os.path.join(self.dir, "bad")))
 
+  def test_run_config_check_names_the_flag(self):
+    data = ml_collections.ConfigDict(
+        dict(seq_len=4, synthetic=synthetic.default_config()))
+    synthetic.validate_config(data)
+    data.synthetic.num_categorical = 1
+    with self.assertRaisesWithLiteralMatch(
+        errors.ConfigError, "--config.data.synthetic.num_categorical: must be >= 2 "
+        "(item_id and category), got 1"):
+      synthetic.validate_config(data)
+    data.synthetic.num_categorical, data.seq_len = 2, 0
+    with self.assertRaisesWithLiteralMatch(errors.ConfigError,
+                                           "--config.data.seq_len: must be > 0, got 0"):
+      synthetic.validate_config(data)
+
+  @pytest.mark.slow
   def test_command_line(self):
     out = os.path.join(self.dir, "cli")
     subprocess.run([
@@ -279,6 +300,17 @@ class SyntheticTest(absltest.TestCase):
                    capture_output=True)
     ds = dataset.Dataset(out)
     self.assertEqual(ds["cat"].shape, (500, 8))
+
+  @pytest.mark.slow
+  def test_command_line_bad_knob_is_one_line(self):
+    out = os.path.join(self.dir, "cli_bad")
+    proc = subprocess.run(
+        [sys.executable, "-m", "iat_jax.data.synthetic", f"--out={out}", "--days=0"],
+        capture_output=True,
+        text=True)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertEqual(proc.stderr.strip(), "error: --days: must be > 0, got 0")
+    self.assertFalse(os.path.exists(out))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 
-from iat_jax import configs
 from iat_jax import stages
+from iat_jax import validation
 from iat_jax import workdir as workdir_lib
 from iat_jax.store import tables
 from tests import cli_fixtures as cli
@@ -23,6 +24,7 @@ from tests import model_fixtures as mf
 MODELS = set(stages.PIPELINE)
 
 
+@pytest.mark.slow
 class TrainCliTest(absltest.TestCase):
 
   @classmethod
@@ -94,10 +96,10 @@ class TrainCliTest(absltest.TestCase):
 
 
 class ValidateTest(parameterized.TestCase):
-  """configs.validate (what main runs first) names the offending flag."""
+  """validation.validate (what main runs first) names the offending flag."""
 
   def test_tiny_config_is_valid(self):
-    configs.validate(mf.tiny_config())
+    validation.validate(mf.tiny_config())
 
   @parameterized.parameters(
       ("stage", "nope", "--config.stage"),
@@ -127,9 +129,10 @@ class ValidateTest(parameterized.TestCase):
       parent = parent[block]
     parent[key] = value
     with self.assertRaisesRegex(ValueError, needle):
-      configs.validate(config)
+      validation.validate(config)
 
 
+@pytest.mark.slow
 class PipelineTest(absltest.TestCase):
 
   @classmethod

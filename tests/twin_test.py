@@ -19,6 +19,7 @@ from absl.testing import parameterized
 import jax
 import numpy as np
 
+from iat_jax import stages
 from iat_jax.data import sources
 from iat_jax.store import memory_table
 from iat_jax.train import cost
@@ -26,6 +27,8 @@ from iat_jax.train import steps
 from iat_jax.train import train_lib
 from tests import cli_fixtures as cli
 from tests import model_fixtures as mf
+
+pytestmark = pytest.mark.slow  # subprocess / end-to-end runs
 
 
 def _load_twin():
@@ -86,7 +89,7 @@ class TwinTest(parameterized.TestCase):
     for stage in STAGES:
       c = config.copy_and_resolve_references()
       c.stage = stage
-      run = train_lib.Run(c, cls.workdir, stage, ds, table)
+      run = train_lib.Run(stages.get(stage), c, cls.workdir, stage, ds, table)
       cls.runs[stage] = run
       cls.host_state[stage] = jax.device_get(run.state)
       cls.batch[stage] = run.train_data[0]  # a real batch (downstream: deduplicated)

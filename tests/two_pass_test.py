@@ -5,14 +5,16 @@ import tempfile
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
 from iat_jax import configs
 from iat_jax.data import dataset
-from iat_jax.store import insemb_table
+from iat_jax.store import reader
 from iat_jax.train import two_pass_lib
 from tests import cli_fixtures as cli
 
 
+@pytest.mark.slow
 class TwoPassTest(absltest.TestCase):
 
   def test_each_train_instance_written_by_exactly_one_pass(self):
@@ -27,15 +29,17 @@ class TwoPassTest(absltest.TestCase):
     ins = np.asarray(ds["ins_id"])
     config = configs.base_config()
     config.model.insemb_dim, config.stage = 4, "source_user"
+    config.store.cache_bytes = 5 << 20
     passes = [
         two_pass_lib.pass_table(config, workdir, "source_user", p, ds).table
         for p, _ in two_pass_lib.PASSES
     ]
     for k, table in enumerate(passes):  # each pass stored exactly the rows it keeps
+      self.assertEqual(table.cache_bytes, 5 << 20)  # --config.store.cache_bytes
       _, found = table.lookup(ins)
       np.testing.assert_array_equal(found, train & (keep == k))
       self.assertLen(table, int((train & (keep == k)).sum()))
-    store = insemb_table.Table(os.path.join(workdir, "stores", "source_user"))
+    store = reader.Table(os.path.join(workdir, "stores", "source_user"))
     self.assertEqual(store.metadata["num_rows"], ds.num_rows)
     values, found = store.lookup(ins)
     self.assertTrue(found.all())

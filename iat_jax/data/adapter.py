@@ -73,6 +73,29 @@ def is_up_to_date(out_dir: str, fp: str) -> bool:
   return False
 
 
+def check_data_dir(data_dir: str, source: str, find: Callable[[str], object]) -> None:
+  """The check of --config.data.dir of a source read from files (its
+  `Source.validate`): a directory that holds the source's files.
+
+  Args:
+    data_dir: the value of --config.data.dir.
+    source: the source's name (--config.data.source).
+    find: the adapter's check of the files in a directory; raises
+      errors.DataError naming what is missing.
+
+  Raises:
+    errors.ConfigError: naming --config.data.dir.
+  """
+  if not data_dir:
+    raise errors.ConfigError("data.dir", f"required for data.source={source}")
+  if not os.path.isdir(data_dir):
+    raise errors.ConfigError("data.dir", f"{data_dir!r} is not a directory")
+  try:
+    find(data_dir)
+  except errors.DataError as e:
+    raise errors.ConfigError("data.dir", str(e)) from None
+
+
 def read_text(path: str, encoding: str) -> str:
   """A small text file, "\\r\\n" -> "\\n" and trailing newlines dropped.
 
@@ -176,7 +199,7 @@ def check_unique(path: str, ids, what: str, first_line: int) -> None:
     dup = uniq[counts > 1][0]
     lines = np.flatnonzero(ids == dup)[:2] + first_line
     raise errors.DataError(f"{path}, line {lines[1]}: {what} {dup} already "
-                            f"listed on line {lines[0]}")
+                           f"listed on line {lines[0]}")
 
 
 def lookup(where: Callable[[int], str], values: np.ndarray, known: np.ndarray,

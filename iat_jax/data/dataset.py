@@ -145,7 +145,7 @@ class Writer:
     for name, (shape, _) in row_shapes(self.schema).items():
       if name not in chunk or np.shape(chunk[name]) != (n,) + shape:
         raise errors.DataError(f"column {name!r}: expected shape {(n,) + shape}, got "
-                        f"{np.shape(chunk.get(name))}")
+                               f"{np.shape(chunk.get(name))}")
     uid, ts, ins = (np.asarray(chunk[k]) for k in ("uid", "ts", "ins_id"))
     self._check_order(uid, ts, ins)
     self._check_ids(chunk)
@@ -185,15 +185,15 @@ class Writer:
   def _check_order(self, uid, ts, ins) -> None:
     if self.last is not None and uid[0] <= self.last[0]:
       raise errors.DataError(f"user {uid[0]} starts a chunk but is not after user "
-                      f"{self.last[0]}: chunks must hold whole users in order")
+                             f"{self.last[0]}: chunks must hold whole users in order")
     key_ok = (uid[1:] > uid[:-1]) | ((uid[1:] == uid[:-1]) & ((ts[1:] > ts[:-1]) |
                                                               ((ts[1:] == ts[:-1]) &
                                                                (ins[1:] > ins[:-1]))))
     if not key_ok.all():
       bad = int(np.flatnonzero(~key_ok)[0]) + 1
       raise errors.DataError(f"rows not strictly sorted by (uid, ts, ins_id) at chunk "
-                      f"row {bad} (uid {uid[bad]}, ts {ts[bad]}): duplicate "
-                      f"InsID or unsorted input")
+                             f"row {bad} (uid {uid[bad]}, ts {ts[bad]}): duplicate "
+                             f"InsID or unsorted input")
 
   def _check_ids(self, chunk) -> None:
     cat = np.asarray(chunk["cat"])
@@ -205,7 +205,7 @@ class Writer:
         c = bad[0]
         value = lo[c] if lo[c] < 0 else hi[c]
         raise errors.DataError(f"field {self.schema.categorical[c].name}: id {value} "
-                        f"outside [0, {vocab[c]})")
+                               f"outside [0, {vocab[c]})")
     limits = [(f"mh_{f.name}", f.vocab_size) for f in self.schema.multi_hot] + [
         ("item", self.schema.vocab_size(self.schema.seq_item_field)),
         ("category", self.schema.vocab_size(self.schema.seq_category_field)),

@@ -58,35 +58,15 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
     return data_dir
   if os.path.isdir(data_dir) and os.listdir(data_dir):
     raise errors.DownloadError(f"{data_dir} is not empty but holds no {marker}; give "
-                        f"an empty or new --data_dir")
+                               f"an empty or new --data_dir")
   parent = os.path.dirname(data_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(data_dir) + ".download-", dir=parent)
   try:
     archive = os.path.join(tmp, os.path.basename(url) or "archive.zip")
-    logging.info("downloading %s", url)
-    try:
-      with urllib.request.urlopen(url, timeout=timeout) as r, \
-          open(archive, "wb") as f:
-        shutil.copyfileobj(r, f)
-    except urllib.error.HTTPError as e:
-      raise errors.DownloadError(f"cannot download {url}: the server answered HTTP "
-                          f"{e.code} {e.reason}. " +
-                          _by_hand(url, data_dir, marker)) from None
-    except (urllib.error.URLError, OSError) as e:
-      reason = getattr(e, "reason", e)
-      raise errors.DownloadError(f"cannot download {url}: the network is unreachable "
-                          f"({reason}). " + _by_hand(url, data_dir, marker)) from None
+    _fetch(url, archive, timeout, data_dir, marker)
     unpacked = os.path.join(tmp, "unpacked")
-    try:
-      if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-          z.extractall(unpacked)  # zipfile drops absolute and ".." components
-      else:
-        with tarfile.open(archive) as t:
-          t.extractall(unpacked, filter="data")  # no links out, no ".."
-    except (zipfile.BadZipFile, tarfile.TarError) as e:
-      raise errors.DownloadError(f"{url} is not a valid zip or tar archive ({e})") from None
+    _unpack(url, archive, unpacked)
     src = next(
         (root for root, _, files in sorted(os.walk(unpacked)) if marker in files), None)
     if src is None:
@@ -98,3 +78,36 @@ def download(url: str, data_dir: str, marker: str, timeout: float = 60.0) -> str
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return data_dir
+
+
+def _fetch(url: str, archive: str, timeout: float, data_dir: str, marker: str) -> None:
+  """Downloads `url` into the file `archive`; DownloadError saying how to
+  fetch it by hand when the server or the network fails."""
+  logging.info("downloading %s", url)
+  try:
+    with urllib.request.urlopen(url, timeout=timeout) as r, open(archive, "wb") as f:
+      shutil.copyfileobj(r, f)
+  except urllib.error.HTTPError as e:
+    raise errors.DownloadError(f"cannot download {url}: the server answered HTTP "
+                               f"{e.code} {e.reason}. " +
+                               _by_hand(url, data_dir, marker)) from None
+  except (urllib.error.URLError, OSError) as e:
+    reason = getattr(e, "reason", e)
+    raise errors.DownloadError(f"cannot download {url}: the network is unreachable "
+                               f"({reason}). " +
+                               _by_hand(url, data_dir, marker)) from None
+
+
+def _unpack(url: str, archive: str, unpacked: str) -> None:
+  """Unpacks the zip or tar `archive` (from `url`) into the directory `unpacked`,
+  keeping every member inside it."""
+  try:
+    if zipfile.is_zipfile(archive):
+      with zipfile.ZipFile(archive) as z:
+        z.extractall(unpacked)  # zipfile drops absolute and ".." components
+    else:
+      with tarfile.open(archive) as t:
+        t.extractall(unpacked, filter="data")  # no links out, no ".."
+  except (zipfile.BadZipFile, tarfile.TarError) as e:
+    raise errors.DownloadError(
+        f"{url} is not a valid zip or tar archive ({e})") from None

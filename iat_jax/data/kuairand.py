@@ -78,6 +78,11 @@ a no-op.
 Download (CC BY-SA 4.0, fetched from the authors' Zenodo record; the archive
 also holds the random-exposure logs):
   python -m iat_jax.data.kuairand --download --data_dir=DIR [--out_dir=OUT]
+
+This module is longer than most (~600 lines) on purpose: the description
+above is the adapter's specification, and its parsers (with the file:line
+checks, half of the code) and features follow it line by line; split, one
+format would be spread over several files.
 """
 
 from __future__ import annotations
@@ -92,11 +97,11 @@ import re
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 
 from iat_jax import errors
 from iat_jax.data import adapter
-from iat_jax.data import dataset
 from iat_jax.data import hashing
 from iat_jax.data import schema as schema_lib
 
@@ -153,8 +158,18 @@ def log_files(data_dir: str) -> list[str]:
   for name in (USERS_FILE, VIDEOS_FILE):
     if not os.path.isfile(os.path.join(data_dir, name)):
       raise errors.DataError(f"missing file {name} in {data_dir} (found "
-                              f"{logs[0]}, so expected the KuaiRand-Pure files)")
+                             f"{logs[0]}, so expected the KuaiRand-Pure files)")
   return logs
+
+
+def validate_config(data: ml_collections.ConfigDict) -> None:
+  """The KuaiRand source's check of the run config's data block
+  (`Source.validate`): --config.data.dir holds the KuaiRand-Pure files.
+
+  Raises:
+    errors.ConfigError: naming --config.data.dir.
+  """
+  adapter.check_data_dir(data.dir, "kuairand", log_files)
 
 
 def _check_header(path: str, header: str, expected: tuple[str, ...]) -> None:
@@ -241,7 +256,7 @@ def _parse_videos(path: str) -> dict:
         day = datetime.date.fromisoformat(f["upload_dt"]).toordinal()
       except ValueError:
         raise errors.DataError(f"{path}, line {i}: upload_dt {f['upload_dt']!r} "
-                                f"is not a yyyy-mm-dd date") from None
+                               f"is not a yyyy-mm-dd date") from None
     out["upload_day"].append(day)
     duration = _number(path, i, "video_duration", f["video_duration"])
     if duration is not None and duration < 0:
@@ -343,6 +358,167 @@ def _dedupe(values: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Features.
 
+# Outcome columns counted over a user's earlier rows: (column, field suffix).
+_EARLIER = (("is_click", "clicks"), ("long_view", "long_views"), ("is_like", "likes"))
+# The dense fields, in column order (see `_dense`), and their groups.
+_DENSE_GROUPS = {
+    "log_earlier_count": "user",
+    "log_gap_hours": "context",
+    "earlier_click_rate": "user",
+    "earlier_long_view_rate": "user",
+    "earlier_like_rate": "user",
+    "log_duration_s": "item"
+}
+
+
+def _repeat_rank(c: dict[str, np.ndarray], where) -> np.ndarray:
+  """Each row's rank among the rows of its (user, video, time_ms), in file order.
+
+  Args:
+    c: the log columns, {name: int64 [n]}, file order.
+    where: row index -> "file, line n" (for errors).
+
+  Returns:
+    int64 [n], each < _MAX_REPEATS.
+  """
+  uid, video, time_ms = c["user_id"], c["video_id"], c["time_ms"]
+  n = len(uid)
+  o = np.lexsort((np.arange(n), time_ms, video, uid))
+  run = np.ones(n, dtype=bool)
+  run[1:] = ((uid[o][1:] != uid[o][:-1]) | (video[o][1:] != video[o][:-1]) |
+             (time_ms[o][1:] != time_ms[o][:-1]))
+  rank = np.empty(n, dtype=np.int64)
+  rank[o] = np.arange(n) - np.maximum.accumulate(np.where(run, np.arange(n), 0))
+  if rank.max() >= _MAX_REPEATS:
+    k = int(np.argmax(rank))
+    raise errors.DataError(f"{where(k)}: more than {_MAX_REPEATS} rows of the "
+                           f"same user, video and time_ms")
+  return rank
+
+
+def _sorted_log(log: np.ndarray, where, users, videos) -> dict[str, np.ndarray]:
+  """The log rows joined with their user and video, sorted by (uid, ts, ins_id).
+
+  Args:
+    log, where: as `_instances`.
+    users, videos: from `_parse_users` / `_parse_videos`.
+
+  Returns:
+    {name: [n]}: the LOG_COLUMNS, "ts" (seconds), "ins" (InsID, uint64),
+    "upos" / "vpos" (row of the user / video in its file), "day" (ordinal of
+    the date), "duration_s" (the video's length, float64, 0 if unknown) and
+    "duration_known" (bool).
+  """
+  c = {name: log[:, k] for name, k in _COL.items()}
+  upos = adapter.lookup(where, c["user_id"], users["id"], "user", USERS_FILE,
+                        "log rows")
+  vpos = adapter.lookup(where, c["video_id"], videos["id"], "video", VIDEOS_FILE,
+                        "log rows")
+  rank = _repeat_rank(c, where)
+  ts = c["time_ms"] // 1000
+  ins = hashing.ins_ids(c["user_id"], ts, c["video_id"],
+                        c["time_ms"] * _MAX_REPEATS + rank)
+  day = _dates_to_days(c["date"], where)
+  o = np.lexsort((ins, ts, c["user_id"]))
+  c.update(ts=ts, ins=ins, upos=upos, vpos=vpos, day=day)
+  r = {name: v[o] for name, v in c.items()}
+  # The video's length: the videos file's, else the log row's duration_ms.
+  duration_s = videos["duration_s"][r["vpos"]]
+  from_log = r["duration_ms"] / 1000.0
+  duration_s = np.where(np.isnan(duration_s) & (from_log > 0), from_log, duration_s)
+  r["duration_known"] = ~np.isnan(duration_s)
+  r["duration_s"] = np.where(r["duration_known"], duration_s, 0.0)
+  return r
+
+
+def _past(r: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Aggregates of each row's strictly earlier rows of its user.
+
+  Args:
+    r: from `_sorted_log`.
+
+  Returns:
+    int64 [n] each: "earlier" (their count), "gap_s" (seconds since the
+    latest, 0 without), "is_click", "long_view", "is_like" (their sums).
+  """
+  user_start, hist_end, gap_s = adapter.earlier_rows(r["user_id"], r["ts"])
+  out = {"earlier": hist_end - user_start, "gap_s": gap_s}
+  for name in ("is_click", "long_view", "is_like"):
+    csum = np.concatenate([[0], np.cumsum(r[name])])
+    out[name] = csum[hist_end] - csum[user_start]
+  return out
+
+
+def _tag_table(videos) -> tuple[np.ndarray, int]:
+  """Tag ids of each video, int32 [V, max(_MIN_TAGS, most tags)] 0-padded,
+  and their vocabulary size."""
+  max_tags = max(_MIN_TAGS, max(len(t) for t in videos["tags"]))
+  tag_table = np.zeros((len(videos["id"]), max_tags), dtype=np.int32)
+  for k, t in enumerate(videos["tags"]):
+    tag_table[k, :len(t)] = t
+  return tag_table, max(2, int(tag_table.max()) + 1)
+
+
+def _categorical(users, videos, tags: tuple[np.ndarray, int], r: dict[str, np.ndarray],
+                 past: dict[str, np.ndarray]) -> list:
+  """The categorical fields: (name, vocabulary size, ids int [n], group) each.
+
+  Args:
+    users, videos: from `_parse_users` / `_parse_videos`.
+    tags: from `_tag_table`.
+    r, past: from `_sorted_log` / `_past`.
+  """
+  upos, vpos, day = r["upos"], r["vpos"], r["day"]
+  tag_table, tag_vocab = tags
+  authors, author_ids = np.unique(videos["author"], return_inverse=True)
+  duration_id = np.where(r["duration_known"],
+                         adapter.log2_bucket(r["duration_s"], 1, _DURATION_VOCAB), 0)
+  upload_day = videos["upload_day"][vpos]
+  age = np.clip(day - upload_day + 2, 1, _AGE_VOCAB - 1)
+  gap_id = np.where(past["earlier"] > 0,
+                    adapter.log2_bucket(past["gap_s"] // 60, 2, _GAP_VOCAB), 1)
+  fields = [("user_id", len(users["id"]) + 1, upos + 1, "user")]
+  fields += [
+      (name, users[name][1], users[name][0][upos], "user") for name in USER_FIELDS
+  ]
+  fields += [
+      ("video_id", len(videos["id"]) + 1, (vpos + 1).astype(np.int32), "item"),
+      ("author_id", len(authors) + 1, author_ids[vpos] + 1, "item"),
+  ]
+  fields += [(name, videos[name][1], videos[name][0][vpos], "item")
+             for name in ("video_type", "upload_type", "music_type")]
+  fields += [
+      ("first_tag", tag_vocab, tag_table[vpos, 0], "item"),
+      ("duration", _DURATION_VOCAB, duration_id, "item"),
+      ("upload_age", _AGE_VOCAB, np.where(upload_day >= 0, age, 0), "item"),
+      ("tab", _TAB_VOCAB, r["tab"] + 1, "context"),
+      ("hour", 25, r["hourmin"] // 100 + 1, "context"),
+      ("weekday", 8, (day - 1) % 7 + 1, "context"),  # ordinal 1 was a Monday
+      ("gap", _GAP_VOCAB, gap_id, "context"),
+      ("earlier_count", _COUNT_VOCAB,
+       adapter.log2_bucket(past["earlier"], 1, _COUNT_VOCAB), "user"),
+  ]
+  fields += [(f"earlier_{what}", _COUNT_VOCAB,
+              adapter.log2_bucket(past[name], 1, _COUNT_VOCAB), "user")
+             for name, what in _EARLIER]
+  return fields
+
+
+def _dense(r: dict[str, np.ndarray], past: dict[str, np.ndarray]) -> np.ndarray:
+  """The dense fields `_DENSE_GROUPS`: float32 [n, 6]."""
+  earlier = past["earlier"]
+  rate = lambda k: np.where(earlier > 0, k / np.maximum(earlier, 1), 0.0)
+  dense = np.stack([
+      np.log1p(earlier),
+      np.log1p(past["gap_s"] / 3600.0),
+      rate(past["is_click"]),
+      rate(past["long_view"]),
+      rate(past["is_like"]),
+      np.log1p(r["duration_s"])
+  ],
+                   axis=1)
+  return dense.astype(np.float32)
+
 
 def _instances(log: np.ndarray, where, users, videos, seq_len: int,
                sources: dict[str, str], fingerprint: str):
@@ -359,121 +535,29 @@ def _instances(log: np.ndarray, where, users, videos, seq_len: int,
       (uid, ts, ins_id).
     schema: the dataset's `schema.Schema`.
   """
-  c = {name: log[:, k] for name, k in _COL.items()}
-  upos = adapter.lookup(where, c["user_id"], users["id"], "user", USERS_FILE,
-                        "log rows")
-  vpos = adapter.lookup(where, c["video_id"], videos["id"], "video", VIDEOS_FILE,
-                        "log rows")
-  uid, video, time_ms = c["user_id"], c["video_id"], c["time_ms"]
-  n = len(uid)
-  o = np.lexsort((np.arange(n), time_ms, video, uid))
-  run = np.ones(n, dtype=bool)
-  run[1:] = ((uid[o][1:] != uid[o][:-1]) | (video[o][1:] != video[o][:-1]) |
-             (time_ms[o][1:] != time_ms[o][:-1]))
-  rank = np.empty(n, dtype=np.int64)
-  rank[o] = np.arange(n) - np.maximum.accumulate(np.where(run, np.arange(n), 0))
-  if rank.max() >= _MAX_REPEATS:
-    k = int(np.argmax(rank))
-    raise errors.DataError(f"{where(k)}: more than {_MAX_REPEATS} rows of the "
-                            f"same user, video and time_ms")
-  ts = time_ms // 1000
-  ins = hashing.ins_ids(uid, ts, video, time_ms * _MAX_REPEATS + rank)
-  day = _dates_to_days(c["date"], where)
-
-  o = np.lexsort((ins, ts, uid))
-  c = {name: v[o] for name, v in c.items()}
-  uid, ts, ins, upos, vpos, day = (x[o] for x in (uid, ts, ins, upos, vpos, day))
-  user_start, hist_end, gap_s = adapter.earlier_rows(uid, ts)
-  earlier = hist_end - user_start
-  has_prev = earlier > 0
-
-  def earlier_sum(x):  # sum of x over the user's strictly-earlier rows
-    csum = np.concatenate([[0], np.cumsum(x)])
-    return csum[hist_end] - csum[user_start]
-
-  n_click, n_long, n_like = (
-      earlier_sum(c[t]) for t in ("is_click", "long_view", "is_like"))
-  rate = lambda k: np.where(has_prev, k / np.maximum(earlier, 1), 0.0)
-
-  max_tags = max(_MIN_TAGS, max(len(t) for t in videos["tags"]))
-  tag_table = np.zeros((len(videos["id"]), max_tags), dtype=np.int32)
-  for k, t in enumerate(videos["tags"]):
-    tag_table[k, :len(t)] = t
-  tag_vocab = max(2, int(tag_table.max()) + 1)
-  authors, author_ids = np.unique(videos["author"], return_inverse=True)
-  duration_s = videos["duration_s"][vpos]
-  from_log = c["duration_ms"] / 1000.0
-  duration_s = np.where(np.isnan(duration_s) & (from_log > 0), from_log, duration_s)
-  known = ~np.isnan(duration_s)
-  duration_s = np.where(known, duration_s, 0.0)
-  duration_id = np.where(known, adapter.log2_bucket(duration_s, 1, _DURATION_VOCAB), 0)
-  upload_day = videos["upload_day"][vpos]
-  age = np.clip(day - upload_day + 2, 1, _AGE_VOCAB - 1)
-  minutes = gap_s // 60
-  fields = [("user_id", len(users["id"]) + 1, upos + 1, "user")]
-  fields += [
-      (name, users[name][1], users[name][0][upos], "user") for name in USER_FIELDS
-  ]
-  video_id = (vpos + 1).astype(np.int32)
-  first_tag = tag_table[vpos, 0]
-  fields += [
-      ("video_id", len(videos["id"]) + 1, video_id, "item"),
-      ("author_id", len(authors) + 1, author_ids[vpos] + 1, "item"),
-      ("video_type", videos["video_type"][1], videos["video_type"][0][vpos], "item"),
-      ("upload_type", videos["upload_type"][1], videos["upload_type"][0][vpos], "item"),
-      ("music_type", videos["music_type"][1], videos["music_type"][0][vpos], "item"),
-      ("first_tag", tag_vocab, first_tag, "item"),
-      ("duration", _DURATION_VOCAB, duration_id, "item"),
-      ("upload_age", _AGE_VOCAB, np.where(upload_day >= 0, age, 0), "item"),
-      ("tab", _TAB_VOCAB, c["tab"] + 1, "context"),
-      ("hour", 25, c["hourmin"] // 100 + 1, "context"),
-      ("weekday", 8, (day - 1) % 7 + 1, "context"),  # ordinal 1 was a Monday
-      ("gap", _GAP_VOCAB,
-       np.where(has_prev, adapter.log2_bucket(minutes, 2, _GAP_VOCAB), 1), "context"),
-      ("earlier_count", _COUNT_VOCAB, adapter.log2_bucket(earlier, 1,
-                                                          _COUNT_VOCAB), "user"),
-      ("earlier_clicks", _COUNT_VOCAB, adapter.log2_bucket(n_click, 1,
-                                                           _COUNT_VOCAB), "user"),
-      ("earlier_long_views", _COUNT_VOCAB, adapter.log2_bucket(n_long, 1,
-                                                               _COUNT_VOCAB), "user"),
-      ("earlier_likes", _COUNT_VOCAB, adapter.log2_bucket(n_like, 1,
-                                                          _COUNT_VOCAB), "user"),
-  ]
-  dense = np.stack([
-      np.log1p(earlier),
-      np.log1p(gap_s / 3600.0),
-      rate(n_click),
-      rate(n_long),
-      rate(n_like),
-      np.log1p(duration_s)
-  ],
-                   axis=1)
-  engaged = c["is_follow"] | c["is_comment"] | c["is_forward"]
-  action = 1 + c["is_click"] + 2 * c["long_view"] + 4 * c["is_like"] + 8 * engaged
-  dense_groups = {
-      "log_earlier_count": "user",
-      "log_gap_hours": "context",
-      "earlier_click_rate": "user",
-      "earlier_long_view_rate": "user",
-      "earlier_like_rate": "user",
-      "log_duration_s": "item"
-  }
+  r = _sorted_log(log, where, users, videos)
+  past = _past(r)
+  tag_table, tag_vocab = _tag_table(videos)
+  fields = _categorical(users, videos, (tag_table, tag_vocab), r, past)
+  ids = {name: v for name, _, v, _ in fields}
+  engaged = r["is_follow"] | r["is_comment"] | r["is_forward"]
+  action = 1 + r["is_click"] + 2 * r["long_view"] + 4 * r["is_like"] + 8 * engaged
   cols = {
-      "uid": uid,
-      "ts": ts,
-      "ins_id": ins,
+      "uid": r["user_id"],
+      "ts": r["ts"],
+      "ins_id": r["ins"],
       "cat": np.stack([v for _, _, v, _ in fields], axis=1).astype(np.int32),
-      "dense": dense.astype(np.float32),
-      "labels": np.stack([c[t] for t in TASKS], axis=1).astype(np.float32),
-      "mh_tags": tag_table[vpos],
-      "item": video_id,
-      "category": first_tag.astype(np.int32),
+      "dense": _dense(r, past),
+      "labels": np.stack([r[t] for t in TASKS], axis=1).astype(np.float32),
+      "mh_tags": tag_table[r["vpos"]],
+      "item": ids["video_id"],
+      "category": ids["first_tag"].astype(np.int32),
       "action": action.astype(np.int32),
   }
+  multi_hot = schema_lib.MultiHot("tags", tag_vocab, tag_table.shape[1])
   schema = schema_lib.Schema(dataset="kuairand-pure",
-                             **adapter.schema_features(
-                                 fields, schema_lib.MultiHot("tags", tag_vocab,
-                                                             max_tags), dense_groups),
+                             **adapter.schema_features(fields, multi_hot,
+                                                       _DENSE_GROUPS),
                              tasks=TASKS,
                              seq_len=seq_len,
                              seq_item_field="video_id",

@@ -60,6 +60,11 @@ adapter version is a no-op.
 Download (the data may not be redistributed, so it is fetched from GroupLens):
   python -m iat_jax.data.movielens --download=ml-100k --data_dir=DIR \
       [--out_dir=OUT]
+
+This module is longer than most (~550 lines) on purpose: the description
+above is the adapter's specification, and its parsers (with the file:line
+checks, half of the code) and features follow it line by line; split, one
+format would be spread over several files.
 """
 
 from __future__ import annotations
@@ -70,11 +75,11 @@ import re
 
 from absl import app
 from absl import flags
+import ml_collections
 import numpy as np
 
 from iat_jax import errors
 from iat_jax.data import adapter
-from iat_jax.data import dataset
 from iat_jax.data import hashing
 from iat_jax.data import schema as schema_lib
 
@@ -134,6 +139,16 @@ def detect_format(data_dir: str) -> _Format:
       f"no MovieLens ratings file in {data_dir}: expected u.data (ML-100K) or "
       f"ratings.dat (ML-1M); fetch one with `python -m iat_jax.data.movielens "
       f"--download=ml-100k --data_dir={data_dir}`")
+
+
+def validate_config(data: ml_collections.ConfigDict) -> None:
+  """The MovieLens source's check of the run config's data block
+  (`Source.validate`): --config.data.dir holds the files of one format.
+
+  Raises:
+    errors.ConfigError: naming --config.data.dir.
+  """
+  adapter.check_data_dir(data.dir, "movielens", detect_format)
 
 
 # ---------------------------------------------------------------------------
@@ -226,8 +241,7 @@ def _parse_movies(path: str, fmt: _Format) -> dict[str, np.ndarray]:
       flags_ = f[5:]
       bad = [x for x in flags_ if x not in ("0", "1")]
       if bad:
-        raise errors.DataError(
-            f"{path}, line {i}: genre flag {bad[0]!r} is not 0 or 1")
+        raise errors.DataError(f"{path}, line {i}: genre flag {bad[0]!r} is not 0 or 1")
       genres.append([k + 1 for k, x in enumerate(flags_) if x == "1"])
     years.append(year)
   adapter.check_unique(path, ids, "movie", 1)
@@ -281,7 +295,7 @@ def _parse_ratings(path: str, sep: bytes) -> np.ndarray:
   if out.size:
     k = int(out[0])
     raise errors.DataError(f"{path}, line {k + 1}: rating {rating[k]} outside 1..5 "
-                            f"({out.size} such lines)")
+                           f"({out.size} such lines)")
   return values
 
 
@@ -310,6 +324,140 @@ def _id_vocab(n: int) -> int:
   return 1 << max(4, int(np.ceil(np.log2(4 * n + 1))))
 
 
+def _sorted_ratings(fmt: _Format, paths: dict[str, str], users, movies,
+                    ratings: np.ndarray) -> dict[str, np.ndarray]:
+  """The ratings joined with their user and movie, sorted by (uid, ts, ins_id).
+
+  Args:
+    fmt, paths: the detected format and its file paths.
+    users, movies: from `_parse_users` / `_parse_movies`.
+    ratings: int64 [n, 4] (user, movie, rating, ts) in file order.
+
+  Returns:
+    {"uid", "movie", "rating", "ts", "ins", "upos", "mpos"}: int64 [n] ("ins"
+    uint64), upos / mpos the row of the user / movie in its file.
+  """
+  rpath = paths[fmt.ratings]
+  uid, movie, rating, ts = (ratings[:, k] for k in range(4))
+  where = lambda k: f"{rpath}, line {k + 1}"
+  upos = adapter.lookup(where, uid, users["id"], "user", fmt.users, "rating lines")
+  mpos = adapter.lookup(where, movie, movies["id"], "movie", fmt.movies, "rating lines")
+  _check_duplicates(rpath, uid, movie, ts)
+  line = np.arange(1, len(ts) + 1)
+  ins = hashing.ins_ids(uid, ts, movie, line)
+  o = np.lexsort((ins, ts, uid))
+  cols = dict(uid=uid, movie=movie, rating=rating, ts=ts, ins=ins, upos=upos, mpos=mpos)
+  return {name: x[o] for name, x in cols.items()}
+
+
+def _past(r: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Aggregates of each rating's strictly earlier ratings (the module docstring).
+
+  Args:
+    r: from `_sorted_ratings`.
+
+  Returns:
+    [n] each: "earlier" (count of the user's), "gap_s" (seconds since the
+    user's previous one), "mean_prev" (their mean - 3.5), "m_count" (count of
+    the movie's, by anyone), "m_mean" and "m_like" (their mean - 3.5 and like
+    rate - 0.5); a mean or rate is 0 without earlier ratings.
+  """
+  rating = r["rating"]
+  user_start, hist_end, gap_s = adapter.earlier_rows(r["uid"], r["ts"])
+  earlier = hist_end - user_start
+  csum = np.concatenate([[0], np.cumsum(rating)])
+  mean_prev = np.where(
+      earlier > 0, (csum[hist_end] - csum[user_start]) / np.maximum(earlier, 1) - 3.5,
+      0.0)
+  m_count, m_sums = adapter.earlier_in_group(
+      r["movie"], r["ts"],
+      np.stack([rating, rating >= 4], axis=1).astype(np.float64))
+  m_seen = m_count > 0
+  m_mean, m_like = (np.where(m_seen, m_sums[:, k] / np.maximum(m_count, 1) - c, 0.0)
+                    for k, c in ((0, 3.5), (1, 0.5)))
+  return dict(earlier=earlier,
+              gap_s=gap_s,
+              mean_prev=mean_prev,
+              m_count=m_count,
+              m_mean=m_mean,
+              m_like=m_like)
+
+
+def _genre_table(movies) -> np.ndarray:
+  """Genre ids of each movie: int32 [M, max(_MIN_GENRES, most genres)], 0-padded."""
+  max_genres = max(_MIN_GENRES, max(len(g) for g in movies["genres"]))
+  genre_table = np.zeros((len(movies["id"]), max_genres), dtype=np.int32)
+  for k, g in enumerate(movies["genres"]):
+    genre_table[k, :len(g)] = g
+  return genre_table
+
+
+def _categorical(users, movies, genre_table: np.ndarray, r: dict[str, np.ndarray],
+                 past: dict[str, np.ndarray]) -> tuple:
+  """The categorical fields: (name, vocabulary size, ids int [n], group) each.
+
+  Args:
+    users, movies: from `_parse_users` / `_parse_movies`.
+    genre_table: from `_genre_table`.
+    r, past: from `_sorted_ratings` / `_past`.
+  """
+  upos, mpos, ts = r["upos"], r["mpos"], r["ts"]
+  year = movies["year"][mpos]
+  year_id = np.where(year > 0, np.searchsorted(_YEAR_EDGES, year, side="right") + 1, 0)
+  zips = users["zip"]
+  zip_vocab = _id_vocab(len(set(zips)))
+  zip_ids = np.where(
+      zips != "", hashing.hash_to_vocab(hashing.string_ids(zips), zip_vocab, _ZIP_SALT),
+      0)
+  minutes = past["gap_s"] // 60
+  gap_id = np.where(past["earlier"] > 0, adapter.log2_bucket(minutes, 2, _GAP_VOCAB), 1)
+  # Users and movies are closed sets: exact ids (their row in users/movies + 1),
+  # since hashing 1,682 movies into even 4x as many buckets merged ~10% of them.
+  user_vocab, movie_vocab = len(users["id"]) + 1, len(movies["id"]) + 1
+  return (
+      ("user_id", user_vocab, upos + 1, "user"),
+      ("gender", 3, users["gender"][upos], "user"),
+      ("age", len(AGE_CODES) + 1, users["age"][upos], "user"),
+      ("occupation", 22, users["occupation"][upos], "user"),
+      ("zip_prefix", zip_vocab, zip_ids[upos], "user"),
+      ("movie_id", movie_vocab, (mpos + 1).astype(np.int32), "item"),
+      ("release_year", len(_YEAR_EDGES) + 2, year_id, "item"),
+      ("first_genre", len(GENRES) + 1, genre_table[mpos, 0], "item"),
+      ("hour", 25, (ts // 3600) % 24 + 1, "context"),
+      ("weekday", 8, (ts // 86400 + 3) % 7 + 1, "context"),  # 1970-01-01 was a Thursday
+      ("gap", _GAP_VOCAB, gap_id, "context"),
+      ("earlier_count", _COUNT_VOCAB,
+       adapter.log2_bucket(past["earlier"], 1, _COUNT_VOCAB), "user"),
+      ("movie_earlier_count", _COUNT_VOCAB,
+       adapter.log2_bucket(past["m_count"], 1, _COUNT_VOCAB), "item"),
+  )
+
+
+# The dense fields, in column order (see `_dense`), and their groups.
+_DENSE_GROUPS = {
+    "log_earlier_count": "user",
+    "log_gap_hours": "context",
+    "release_year_norm": "item",
+    "earlier_mean_rating": "user",
+    "log_movie_earlier_count": "item",
+    "movie_earlier_mean_rating": "item",
+    "movie_earlier_like_rate": "item"
+}
+
+
+def _dense(movies, r: dict[str, np.ndarray], past: dict[str, np.ndarray]) -> np.ndarray:
+  """The dense fields `_DENSE_GROUPS`: float32 [n, 7]."""
+  year = movies["year"][r["mpos"]]
+  dense = np.stack([
+      np.log1p(past["earlier"]),
+      np.log1p(past["gap_s"] / 3600.0),
+      np.where(year > 0, (year - 1990) / 10.0, 0.0), past["mean_prev"],
+      np.log1p(past["m_count"]), past["m_mean"], past["m_like"]
+  ],
+                   axis=1)
+  return dense.astype(np.float32)
+
+
 def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.ndarray,
                seq_len: int, sources: dict[str, str],
                fingerprint: str) -> tuple[dict[str, np.ndarray], schema_lib.Schema]:
@@ -326,101 +474,28 @@ def _instances(fmt: _Format, paths: dict[str, str], users, movies, ratings: np.n
       (uid, ts, ins_id).
     schema: the dataset's `schema.Schema`.
   """
-  rpath = paths[fmt.ratings]
-  uid, movie, rating, ts = (ratings[:, k] for k in range(4))
-  where = lambda k: f"{rpath}, line {k + 1}"
-  upos = adapter.lookup(where, uid, users["id"], "user", fmt.users, "rating lines")
-  mpos = adapter.lookup(where, movie, movies["id"], "movie", fmt.movies, "rating lines")
-  _check_duplicates(rpath, uid, movie, ts)
-
-  line = np.arange(1, len(ts) + 1)
-  ins = hashing.ins_ids(uid, ts, movie, line)
-  o = np.lexsort((ins, ts, uid))
-  uid, movie, rating, ts, ins, upos, mpos = (
-      x[o] for x in (uid, movie, rating, ts, ins, upos, mpos))
-  user_start, hist_end, gap_s = adapter.earlier_rows(uid, ts)
-  earlier = hist_end - user_start
-  has_prev = earlier > 0
-  csum = np.concatenate([[0], np.cumsum(rating)])
-  mean_prev = np.where(
-      has_prev, (csum[hist_end] - csum[user_start]) / np.maximum(earlier, 1) - 3.5, 0.0)
-
-  m_count, m_sums = adapter.earlier_in_group(
-      movie, ts,
-      np.stack([rating, rating >= 4], axis=1).astype(np.float64))
-  m_seen = m_count > 0
-  m_mean, m_like = (np.where(m_seen, m_sums[:, k] / np.maximum(m_count, 1) - c, 0.0)
-                    for k, c in ((0, 3.5), (1, 0.5)))
-
-  max_genres = max(_MIN_GENRES, max(len(g) for g in movies["genres"]))
-  genre_table = np.zeros((len(movies["id"]), max_genres), dtype=np.int32)
-  for k, g in enumerate(movies["genres"]):
-    genre_table[k, :len(g)] = g
-  year = movies["year"][mpos]
-  year_id = np.where(year > 0, np.searchsorted(_YEAR_EDGES, year, side="right") + 1, 0)
-  zips = users["zip"]
-  zip_vocab = _id_vocab(len(set(zips)))
-  zip_ids = np.where(
-      zips != "", hashing.hash_to_vocab(hashing.string_ids(zips), zip_vocab, _ZIP_SALT),
-      0)
-  minutes = gap_s // 60
-  gap_id = np.where(has_prev, adapter.log2_bucket(minutes, 2, _GAP_VOCAB), 1)
-  # Users and movies are closed sets: exact ids (their row in users/movies + 1),
-  # since hashing 1,682 movies into even 4x as many buckets merged ~10% of them.
-  user_vocab, movie_vocab = len(users["id"]) + 1, len(movies["id"]) + 1
-  movie_id = (mpos + 1).astype(np.int32)
-  first_genre = genre_table[mpos, 0]
-  fields = (
-      ("user_id", user_vocab, upos + 1, "user"),
-      ("gender", 3, users["gender"][upos], "user"),
-      ("age", len(AGE_CODES) + 1, users["age"][upos], "user"),
-      ("occupation", 22, users["occupation"][upos], "user"),
-      ("zip_prefix", zip_vocab, zip_ids[upos], "user"),
-      ("movie_id", movie_vocab, movie_id, "item"),
-      ("release_year", len(_YEAR_EDGES) + 2, year_id, "item"),
-      ("first_genre", len(GENRES) + 1, first_genre, "item"),
-      ("hour", 25, (ts // 3600) % 24 + 1, "context"),
-      ("weekday", 8, (ts // 86400 + 3) % 7 + 1, "context"),  # 1970-01-01 was a Thursday
-      ("gap", _GAP_VOCAB, gap_id, "context"),
-      ("earlier_count", _COUNT_VOCAB, adapter.log2_bucket(earlier, 1,
-                                                          _COUNT_VOCAB), "user"),
-      ("movie_earlier_count", _COUNT_VOCAB,
-       adapter.log2_bucket(m_count, 1, _COUNT_VOCAB), "item"),
-  )
-  dense = np.stack([
-      np.log1p(earlier),
-      np.log1p(gap_s / 3600.0),
-      np.where(year > 0, (year - 1990) / 10.0, 0.0), mean_prev,
-      np.log1p(m_count), m_mean, m_like
-  ],
-                   axis=1)
-  dense_groups = {
-      "log_earlier_count": "user",
-      "log_gap_hours": "context",
-      "release_year_norm": "item",
-      "earlier_mean_rating": "user",
-      "log_movie_earlier_count": "item",
-      "movie_earlier_mean_rating": "item",
-      "movie_earlier_like_rate": "item"
-  }
+  r = _sorted_ratings(fmt, paths, users, movies, ratings)
+  past = _past(r)
+  genre_table = _genre_table(movies)
+  fields = _categorical(users, movies, genre_table, r, past)
+  ids = {name: v for name, _, v, _ in fields}
+  rating = r["rating"]
   cols = {
-      "uid": uid,
-      "ts": ts,
-      "ins_id": ins,
+      "uid": r["uid"],
+      "ts": r["ts"],
+      "ins_id": r["ins"],
       "cat": np.stack([v for _, _, v, _ in fields], axis=1).astype(np.int32),
-      "dense": dense.astype(np.float32),
+      "dense": _dense(movies, r, past),
       "labels": np.stack([rating >= 4, rating == 5], axis=1).astype(np.float32),
-      "mh_genres": genre_table[mpos],
-      "item": movie_id.astype(np.int32),
-      "category": first_genre.astype(np.int32),
+      "mh_genres": genre_table[r["mpos"]],
+      "item": ids["movie_id"].astype(np.int32),
+      "category": ids["first_genre"].astype(np.int32),
       "action": rating.astype(np.int32),
   }
+  multi_hot = schema_lib.MultiHot("genres", len(GENRES) + 1, genre_table.shape[1])
   schema = schema_lib.Schema(dataset=fmt.name,
-                             **adapter.schema_features(
-                                 fields,
-                                 schema_lib.MultiHot("genres",
-                                                     len(GENRES) + 1, max_genres),
-                                 dense_groups),
+                             **adapter.schema_features(fields, multi_hot,
+                                                       _DENSE_GROUPS),
                              tasks=("like", "love"),
                              seq_len=seq_len,
                              seq_item_field="movie_id",

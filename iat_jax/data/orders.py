@@ -44,6 +44,7 @@ import numpy as np
 
 from iat_jax import errors
 from iat_jax import sharding
+from iat_jax.data import batching
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import examples
 from iat_jax.data import input_pipeline
@@ -177,7 +178,7 @@ def _user_chunks(config: Config, ds, split: str, ctx: Context, *,
 
 
 def _check_chunks(config: Config, ds) -> None:
-  chunks = input_pipeline.UserChunks.build(ds, "train", config.data.user_chunk_len)
+  chunks = batching.UserChunks.build(ds, "train", config.data.user_chunk_len)
   n, users = len(chunks.start), len(np.unique(chunks.user))
   if config.users_per_batch > n:
     raise errors.ConfigError(

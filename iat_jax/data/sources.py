@@ -5,11 +5,16 @@ A source is one entry of `SOURCES`, keyed by `config.data.source`:
   name       the value of --config.data.source
   subdir     data config -> the dataset's directory name under the cache dir
   build      (data config, out path, seed) -> builds (or reuses) the dataset
-  validate   data config -> raises ValueError naming the --config.data.* flag
+  validate   data config -> raises errors.ConfigError naming the
+             --config.data.* flag of a value `build` cannot use
 
-Adding a dataset = one module under `iat_jax/data/` with a `build` and one
-`register(Source(...))` entry below. Nothing outside `iat_jax/data/` branches
-on the source name: the rest of the package calls `prepare(config, workdir)`.
+Adding a dataset = one module under `iat_jax/data/` with a `build` and a
+`validate_config`, and one `register(Source(...))` entry below; knobs of its
+own go into a block config.data.<name> that the module declares
+(`default_config`, added by `iat_jax.configs.base_config`, as
+`synthetic.default_config`). Nothing outside `iat_jax/data/` branches on the
+source name: the rest of the package calls `validate(config)` (through
+`iat_jax.validation.validate`) and `prepare(config, workdir)`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from iat_jax import errors
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import kuairand
 from iat_jax.data import movielens
@@ -50,18 +56,17 @@ def register(source: Source) -> Source:
 
 
 def get(name: str) -> Source:
-  """The source called `name`; ValueError naming --config.data.source otherwise."""
+  """The source called `name`; errors.ConfigError naming --config.data.source
+  otherwise."""
   if name not in SOURCES:
-    raise ValueError(f"--config.data.source: {name!r} is not one of {tuple(SOURCES)}")
+    raise errors.ConfigError("data.source", f"{name!r} is not one of {tuple(SOURCES)}")
   return SOURCES[name]
 
 
-def need_dir(data: DataConfig, source: str) -> None:
-  """A source read from files needs --config.data.dir to be a directory."""
-  if not data.dir:
-    raise ValueError(f"--config.data.dir: required for data.source={source}")
-  if not os.path.isdir(data.dir):
-    raise ValueError(f"--config.data.dir: {data.dir!r} is not a directory")
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises errors.ConfigError naming the flag unless the run's data source can
+  build its dataset from config.data (no file is parsed)."""
+  get(config.data.source).validate(config.data)
 
 
 def _dir_name(data: DataConfig) -> str:
@@ -73,21 +78,21 @@ register(
            subdir=lambda data: "synthetic",
            build=lambda data, out, seed: synthetic.build(
                out, seed=seed, seq_len=data.seq_len, **data.synthetic),
-           validate=lambda data: None))
+           validate=synthetic.validate_config))
 
 register(
     Source(name="movielens",
            subdir=_dir_name,
            build=lambda data, out, seed: movielens.build(
                data.dir, out, seq_len=data.seq_len),
-           validate=lambda data: need_dir(data, "movielens")))
+           validate=movielens.validate_config))
 
 register(
     Source(name="kuairand",
            subdir=_dir_name,
            build=lambda data, out, seed: kuairand.build(
                data.dir, out, seq_len=data.seq_len),
-           validate=lambda data: need_dir(data, "kuairand")))
+           validate=kuairand.validate_config))
 
 
 def dataset_path(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -88,6 +88,11 @@ Named fields, labels and named dense values come from streams that do not
 depend on num_categorical, num_dense or num_tasks. InsIDs are
 `hashing.ins_ids(uid, ts, item index, request_id)` with request_id the global
 instance counter before the within-tie sort; uid is the user index.
+
+Code. This module holds the knobs (`Config`; the run config's block
+data.synthetic, `default_config`, and its check, `validate_config`), the
+schema and the driver (`build`, the command line); `synthetic_world` draws
+what all user blocks share and `synthetic_rows` the rows of one block.
 """
 
 from __future__ import annotations
@@ -96,66 +101,27 @@ import dataclasses
 import hashlib
 import json
 import time
-import zlib
+from typing import Callable
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 import numpy as np
 
+from iat_jax import errors
 from iat_jax.data import dataset
-from iat_jax.data import hashing
-from iat_jax.data import history
 from iat_jax.data import schema as schema_lib
+from iat_jax.data import synthetic_rows as rows_lib
+from iat_jax.data import synthetic_world as world_lib
 
 VERSION = "synthetic-v2"  # v2: conversion label delay, action 4
-EPOCH = 1_700_000_000  # 2023-11-14 22:13:20 UTC.
-_LATENT = 16
 _ROWS_PER_BLOCK = 32_768  # Target rows of one user block.
-_SLAB_CELLS = 1 << 21  # Generic-field cells generated at once.
-_NOISE_BINS = 1024  # Random-index bins of a request-noise field (2^k).
-_CROSS_BINS = 64  # Noise bins of a cross field (2^k, >= its multiplier).
-_ITEM_BUCKETS = 4096  # Item buckets the item-attribute fields are defined on.
-_SLATE_NEW = 0.45
-_DRIFT = 0.8
-
-# name -> raw cardinality (None: depends on the knobs, see `_Tables`).
-_NAMED_CARD = {
-    "item_id": None,
-    "category": None,
-    "surface": 6,
-    "device": 4,
-    "campaign": 16,
-    "position": 10,
-    "hour": 24,
-    "age": 8,
-    "gender": 3,
-    "city": 200,
-    "seller": None,
-    "brand": None,
-    "price_bucket": 20,
-    "weekday": 7,
-    "network": 5,
-    "os": 4,
-    "segment": 16
-}
-_NAMED = tuple(_NAMED_CARD)
-# Context fields with a hidden per-user preference: (name, cardinality).
-_SENSITIVE = (("surface", 6), ("device", 4), ("campaign", 16), ("hour6", 4))
-_PREF_SIZE = sum(c for _, c in _SENSITIVE)
-_PREF_OFFSET = np.cumsum([0] + [c for _, c in _SENSITIVE])[:-1]
-_DENSE = ("price_z", "discount", "relevance", "item_pop", "hour_sin", "hour_cos",
-          "log_position", "tenure")
-# Request-context bases of the generic cross fields.
-_CROSS_BASES = ("surface", "device", "campaign", "position", "hour", "network")
-_GENERIC_KINDS = ("req_noise", "req_noise", "req_cross", "item_attr")  # Mix.
 # Fields of the 'user' and 'item' groups (schema.GROUPS; by name, generic kind
 # or dense source, see `make_schema`); all others are 'context'.
 _USER, _ITEM = ("age", "gender", "city", "segment",
                 "tenure"), ("item_id", "category", "seller", "brand", "price_bucket",
                             "item_tags", "price_z", "discount", "item_pop", "item_attr")
-_NUM_TAGS = 8  # Tags per category.
-_NUM_TERMS = 500  # General query-term pool.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,25 +140,33 @@ class Config:
   vocab_size: int = 1000
   conversion_delay: int = 86400
 
-  def validate(self) -> None:
-    """Raises ValueError on knobs the generator cannot honour."""
-    if self.seed < 0:
-      raise ValueError("seed must be >= 0")
-    if min(self.num_users, self.num_instances, self.num_tasks, self.num_categories,
-           self.days, self.seq_len) < 1:
-      raise ValueError(f"knobs must be positive: {self}")
-    if self.num_categorical < 2:
-      raise ValueError("num_categorical must be >= 2 (item_id and category)")
-    if self.num_dense < 0:
-      raise ValueError("num_dense must be >= 0")
-    if self.num_items < self.num_categories:
-      raise ValueError("num_items must be >= num_categories")
-    if self.vocab_size < 2:
-      raise ValueError("vocab_size must be >= 2")
-    if self.conversion_delay < 0:
-      raise ValueError("conversion_delay must be >= 0")
-    if self.days > 40_000:  # Relative times are packed into 32 bits.
-      raise ValueError("days must be <= 40000")
+  def validate(self, flag: Callable[[str], str] = "--{}".format) -> None:
+    """Raises errors.ConfigError on a knob the generator cannot honour.
+
+    Args:
+      flag: knob name -> the flag that set it, named by the error; by default
+        the module's own command-line flag (--num_users). A run config's
+        knobs are checked by `validate_config`.
+    """
+
+    def need(ok: bool, knob: str, rule: str) -> None:
+      if not ok:
+        raise errors.ConfigError(flag(knob), f"{rule}, got {getattr(self, knob)}")
+
+    need(self.seed >= 0, "seed", "must be >= 0")
+    for knob in ("num_users", "num_instances", "num_tasks", "num_categories", "days",
+                 "seq_len"):
+      need(getattr(self, knob) > 0, knob, "must be > 0")
+    need(self.num_categorical >= 2, "num_categorical",
+         "must be >= 2 (item_id and category)")
+    need(self.num_dense >= 0, "num_dense", "must be >= 0")
+    need(self.num_items >= self.num_categories, "num_items",
+         f"must be >= num_categories ({self.num_categories})")
+    need(self.vocab_size >= 2, "vocab_size", "must be >= 2")
+    need(self.conversion_delay >= 0, "conversion_delay",
+         "seconds until a conversion label is known; must be >= 0")
+    need(self.days <= 40_000, "days",
+         "must be <= 40000 (relative times are packed into 32 bits)")
 
   def fingerprint(self) -> str:
     """sha256 of the knobs and the generator version (not of chunk_rows)."""
@@ -205,170 +179,46 @@ class Config:
     return int(np.clip(round(_ROWS_PER_BLOCK / mean), 1, 1 << 16))
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-  return 1.0 / (1.0 + np.exp(-x))
+# The knobs a run config sets, as --config.data.synthetic.<knob>; the others
+# keep their defaults, the seed is --config.seed and seq_len --config.data.seq_len.
+RUN_KNOBS = ("num_users", "num_instances", "num_categorical", "num_dense", "num_tasks",
+             "conversion_delay")
 
 
-def _zipf(n: int, a: float) -> np.ndarray:
-  p = 1.0 / (np.arange(n) + 1.0)**a
-  return p / p.sum()
+def default_config() -> ml_collections.ConfigDict:
+  """The run config's block data.synthetic: RUN_KNOBS at their `Config` defaults."""
+  return ml_collections.ConfigDict({knob: getattr(Config, knob) for knob in RUN_KNOBS})
 
 
-def _salt(seed: int, name: str) -> int:
-  return int(hashing.mix(np.uint64(seed) ^ np.uint64(zlib.crc32(name.encode()))))
+def validate_config(data: ml_collections.ConfigDict) -> None:
+  """The synthetic source's check of the run config's data block (`Source.validate`).
+
+  Raises errors.ConfigError naming the flag, e.g.
+  "--config.data.synthetic.num_users: must be > 0, got 0".
+  """
+  flag = lambda knob: "data.seq_len" if knob == "seq_len" else f"data.synthetic.{knob}"
+  Config(seq_len=data.seq_len, **data.synthetic).validate(flag)
 
 
-def _cdf_sample(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
-  """Inverse-CDF sampling: cdf [k] ending at 1, u [...] in [0, 1) -> [...]."""
-  return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
-
-
-class _Tables:
-  """Everything shared by all user blocks (items, effects, hash tables)."""
-
-  def __init__(self, cfg: Config):
-    self.cfg = cfg
-    c, i, k = cfg.num_categories, cfg.num_items, _LATENT
-    rng = np.random.default_rng([cfg.seed, 0])
-    self.cat_mean = rng.standard_normal((c, k))
-    item_cat = np.concatenate([np.arange(c), rng.choice(c, i - c, p=_zipf(c, 0.7))])
-    self.item_cat = rng.permutation(item_cat)
-    self.item_vec = (self.cat_mean[self.item_cat] + 0.7 * rng.standard_normal(
-        (i, k))) / np.sqrt(1.49)
-    self.item_bias = 0.5 * rng.standard_normal(i)
-    self.item_pop = rng.permutation(_zipf(i, 0.9))
-    cat_logprice = 3.0 + rng.standard_normal(c)
-    self.item_logprice = cat_logprice[self.item_cat] + 0.5 * rng.standard_normal(i)
-    self.raw_card = dict(_NAMED_CARD,
-                         item_id=i,
-                         category=c,
-                         seller=i // 20 + 1,
-                         brand=i // 50 + 1)
-    self.item_seller = rng.integers(0, self.raw_card["seller"], i)
-    self.item_brand = rng.integers(0, self.raw_card["brand"], i)
-    ntags = rng.integers(1, 5, i)
-    tag_off = np.argsort(rng.random((i, _NUM_TAGS)), axis=1)[:, :4]
-    tag_raw = self.item_cat[:, None] * _NUM_TAGS + tag_off
-    tag_ids = hashing.hash_to_vocab(tag_raw, cfg.vocab_size,
-                                    _salt(cfg.seed, "item_tags"))
-    self.item_tags = np.where(np.arange(4) < ntags[:, None], tag_ids, 0)
-    self.term_table = hashing.hash_to_vocab(np.arange(c * _NUM_TAGS + _NUM_TERMS),
-                                            cfg.vocab_size,
-                                            _salt(cfg.seed, "query_terms"))
-    # Popularity-weighted item sampling within a category.
-    self.item_order = np.argsort(self.item_cat, kind="stable")
-    pop_sorted = self.item_pop[self.item_order]
-    self.pop_cum = np.cumsum(pop_sorted)
-    self.cat_start = np.searchsorted(self.item_cat[self.item_order], np.arange(c))
-    self.cat_end = np.append(self.cat_start[1:], i)
-    self.cat_cum0 = self.pop_cum[self.cat_start] - pop_sorted[self.cat_start]
-    self.cat_total = self.pop_cum[self.cat_end - 1] - self.cat_cum0
-    self.cat_cdf = np.cumsum(self.cat_total) / self.cat_total.sum()
-    # Global effects and marginal distributions.
-    self.g_surface = 0.3 * rng.standard_normal(6)
-    self.g_device = 0.2 * rng.standard_normal(4)
-    self.g_campaign = 0.3 * rng.standard_normal(16)
-    self.g_age = 0.2 * rng.standard_normal(8)
-    hours = np.arange(24)
-    self.g_hour = 0.2 * np.cos(2 * np.pi * (hours - 20) / 24)
-    self.g_pos = -0.12 * np.arange(10)
-    self.hour_cdf = np.cumsum(
-        _normalize(0.3 + np.exp(np.cos(2 * np.pi * (hours - 20) / 24))))
-    self.age_cdf = np.cumsum(_zipf(8, 0.3))
-    self.city_cdf = np.cumsum(_zipf(200, 1.0))
-    self.campaign_cdf = np.cumsum(_zipf(16, 0.8))
-    self.network_cdf = np.cumsum(_zipf(5, 1.2))
-    # Hash tables of the named fields (item_id and category are not hashed).
-    self.table = {
-        name:
-            hashing.hash_to_vocab(np.arange(self.raw_card[name]), cfg.vocab_size,
-                                  _salt(cfg.seed, name)) for name in _NAMED[2:]
-    }
-    self.table["item_id"] = np.arange(1, i + 1, dtype=np.int32)
-    self.table["category"] = np.arange(1, c + 1, dtype=np.int32)
-    self._generic_fields(cfg)
-    self._extra_tasks(cfg)
-
-  def _generic_fields(self, cfg: Config) -> None:
-    """Specs and lookup tables of the generic categorical and dense fields.
-
-    Generic field values are lookups `gen_table[offset_f + index]`, with the
-    index a cheap function of per-row random bits, a request-context field or
-    the item's attribute bucket (see `_gen_generic`).
-    """
-    rng = np.random.default_rng([cfg.seed, 3])
-    g = max(cfg.num_categorical - len(_NAMED), 0)
-    counts = np.bincount(np.arange(g) % len(_GENERIC_KINDS),
-                         minlength=len(_GENERIC_KINDS))
-    self.gen_noise = int(counts[0] + counts[1])
-    self.gen_cross = int(counts[2])
-    self.gen_item = int(counts[3])
-    names, tables = [], []
-    col = len(_NAMED)
-    for _ in range(self.gen_noise):  # A skewed value over card raw values.
-      card = int(np.exp(rng.uniform(np.log(2), np.log(_NOISE_BINS))))
-      skew = rng.uniform(1.0, 3.0)
-      bins = (np.arange(_NOISE_BINS) + 0.5) / _NOISE_BINS
-      names.append(f"req_noise_{col:04d}")
-      tables.append((card * bins**skew).astype(np.int64))
-      col += 1
-    # Cross fields, grouped by their base field: base * m + U[0, m).
-    self.cross_src = np.arange(self.gen_cross) * len(_CROSS_BASES) // max(
-        self.gen_cross, 1)
-    for j in range(self.gen_cross):
-      base_card = self.raw_card[_CROSS_BASES[self.cross_src[j]]]
-      m = int(rng.integers(1, _CROSS_BINS + 1))
-      names.append(f"req_cross_{col:04d}")
-      tables.append((np.arange(base_card)[:, None] * m +
-                     np.arange(_CROSS_BINS) * m // _CROSS_BINS).reshape(-1))
-      col += 1
-    # Item attributes: a random value per item bucket.
-    self.item_bucket = rng.integers(0, _ITEM_BUCKETS, cfg.num_items, dtype=np.uint32)
-    for _ in range(self.gen_item):
-      card = int(np.exp(rng.uniform(np.log(2), np.log(1000))))
-      names.append(f"item_attr_{col:04d}")
-      tables.append(rng.integers(0, card, _ITEM_BUCKETS))
-      col += 1
-    self.gen_names = tuple(names)
-    sizes = np.array([len(x) for x in tables], dtype=np.int64)
-    self.gen_offset = np.concatenate([[0], np.cumsum(sizes)])[:-1].astype(np.uint32)
-    self.gen_table = np.concatenate([
-        hashing.hash_to_vocab(x, cfg.vocab_size, _salt(cfg.seed, name))
-        for x, name in zip(tables, names)
-    ] or [np.zeros(1, np.int32)])
-    gd = max(cfg.num_dense - len(_DENSE), 0)
-    self.dense_src = rng.integers(0, len(_DENSE), gd)
-    self.dense_w = rng.uniform(0.0, 1.0, gd).astype(np.float32)
-
-  def _extra_tasks(self, cfg: Config) -> None:
-    rng = np.random.default_rng([cfg.seed, 4])
-    extra = max(cfg.num_tasks - 2, 0)
-    self.task_bias = rng.normal(-0.5, 0.5, extra)
-    self.task_w = rng.normal(0.0, 0.7, (extra, 3))
-
-
-def _normalize(p: np.ndarray) -> np.ndarray:
-  return p / p.sum()
-
-
-def make_schema(cfg: Config, tables: _Tables | None = None) -> schema_lib.Schema:
+def make_schema(cfg: Config,
+                tables: world_lib.World | None = None) -> schema_lib.Schema:
   """The schema of the dataset `build` writes for `cfg` (writer fields 0)."""
-  tables = tables or _Tables(cfg)
-  named = _NAMED[:cfg.num_categorical]
+  tables = tables or world_lib.World(cfg)
+  named = world_lib.NAMED[:cfg.num_categorical]
   cats = [schema_lib.Categorical(n, cfg.vocab_size) for n in named]
   cats[0] = schema_lib.Categorical("item_id", cfg.num_items + 1)
   cats[1] = schema_lib.Categorical("category", cfg.num_categories + 1)
   cats += [schema_lib.Categorical(n, cfg.vocab_size) for n in tables.gen_names]
-  dense = _DENSE[:cfg.num_dense] + tuple(
-      f"dense_{k:03d}" for k in range(len(_DENSE), cfg.num_dense))
+  dense = world_lib.DENSE[:cfg.num_dense] + tuple(
+      f"dense_{k:03d}" for k in range(len(world_lib.DENSE), cfg.num_dense))
   tasks = ("click", "conversion") + tuple(f"task_{k}" for k in range(2, cfg.num_tasks))
   multi_hot = (schema_lib.MultiHot("item_tags", cfg.vocab_size, 4),
                schema_lib.MultiHot("query_terms", cfg.vocab_size, 4))
   # Each field's group follows its name, a generic field's its kind, a noisy
   # dense copy's its source.
   keys = (named + tuple(n.rsplit("_", 1)[0] for n in tables.gen_names) +
-          tuple(f.name for f in multi_hot) + _DENSE[:cfg.num_dense] +
-          tuple(_DENSE[k] for k in tables.dense_src))
+          tuple(f.name for f in multi_hot) + world_lib.DENSE[:cfg.num_dense] +
+          tuple(world_lib.DENSE[k] for k in tables.dense_src))
   names = tuple(f.name for f in cats + list(multi_hot)) + dense
   groups = {
       n: "user" if k in _USER else "item" if k in _ITEM else "context"
@@ -401,211 +251,56 @@ def user_counts(cfg: Config) -> np.ndarray:
   return rng.multinomial(cfg.num_instances, w / w.sum())
 
 
-def _segment_starts(lu: np.ndarray) -> np.ndarray:
-  """Bool [n]: True where a new run of equal values starts."""
-  new = np.ones(len(lu), dtype=bool)
-  new[1:] = lu[1:] != lu[:-1]
-  return new
+def _chunk_spans(block_rows: np.ndarray, chunk_rows: int) -> list[tuple[int, int, int]]:
+  """Consecutive user blocks grouped into write chunks of at most `chunk_rows`
+  rows (a block bigger than that is a chunk of its own).
+
+  Args:
+    block_rows: int64 [num_blocks] rows of each user block.
+    chunk_rows: the target rows per chunk.
+
+  Returns:
+    (first block, end block, rows) of each chunk.
+  """
+  spans, blk, nblocks = [], 0, len(block_rows)
+  while blk < nblocks:
+    end, rows = blk + 1, int(block_rows[blk])
+    while end < nblocks and rows + block_rows[end] <= chunk_rows:
+      rows += int(block_rows[end])
+      end += 1
+    spans.append((blk, end, rows))
+    blk = end
+  return spans
 
 
-def _gen_block(t: _Tables, block: int, users: np.ndarray, counts: np.ndarray, row0: int,
-               out: dict[str, np.ndarray]) -> None:
-  """Generates the rows of one user block into `out` (views [n, ...]).
+def _gen_chunk(t: world_lib.World, counts: np.ndarray, span: tuple[int, int, int],
+               row0: int, shapes: dict) -> dict[str, np.ndarray]:
+  """The columns {name: [rows, ...]} of the user blocks of one `_chunk_spans` span.
 
   Args:
     t: shared tables.
-    block: block number (keys the random streams).
-    users: int64 [b] global user indices of the block.
-    counts: int64 [b] rows per user (> 0).
-    row0: global row number of the block's first row.
-    out: column name -> array [n, ...] to fill, n = counts.sum().
+    counts: int64 [num_users] rows per user (`user_counts`).
+    span: (first block, end block, rows).
+    row0: global row number of the chunk's first row.
+    shapes: `dataset.row_shapes` of the schema.
   """
-  cfg = t.cfg
-  rng = np.random.default_rng([cfg.seed, 10, block])
-  b, n, k = len(users), int(counts.sum()), _LATENT
-  span = cfg.days * 86400
-  lu = np.repeat(np.arange(b), counts)
-  # Per-user latent state.
-  z0 = rng.standard_normal((b, k))
-  pref = 0.45 * rng.standard_normal((b, _PREF_SIZE))
-  price_sens = 0.6 + 0.4 * rng.standard_normal(b)
-  ubias = 0.4 * rng.standard_normal(b)
-  late = rng.random(b) < 0.3
-  start_day = np.where(late, rng.integers(0, cfg.days // 2 + 1, b), 0)
-  fav_surface = rng.integers(0, 6, b)
-  main_device = rng.integers(0, 4, b)
-  age = _cdf_sample(t.age_cdf, rng.random(b))
-  gender = rng.integers(0, 3, b)
-  city = _cdf_sample(t.city_cdf, rng.random(b))
-  segment = rng.integers(0, 16, b)
-  # Requests (slates) and their sorted times.
-  new_req = rng.random(n) < _SLATE_NEW
-  new_req |= _segment_starts(lu)
-  req_of_row = np.cumsum(new_req) - 1
-  ru = lu[new_req]
-  r = len(ru)
-  days_left = cfg.days - start_day[ru]
-  day = start_day[ru] + (rng.random(r) * days_left).astype(np.int64)
-  r_hour = _cdf_sample(t.hour_cdf, rng.random(r))
-  ts_rel = day * 86400 + r_hour * 3600 + rng.integers(0, 3600, r)
-  ts_rel = np.sort((ru.astype(np.int64) << 32) | ts_rel) & 0xFFFFFFFF
-  r_surface = np.where(rng.random(r) < 0.4, fav_surface[ru], rng.integers(0, 6, r))
-  r_device = np.where(rng.random(r) < 0.6, main_device[ru], rng.integers(0, 4, r))
-  r_os = (r_device + (rng.random(r) < 0.1) * rng.integers(1, 4, r)) % 4
-  r_network = _cdf_sample(t.network_cdf, rng.random(r))
-  # Interest drift: Brownian motion sampled at the request times.
-  first = _segment_starts(ru)
-  prev = np.where(first, start_day[ru] * 86400, np.roll(ts_rel, 1))
-  incr = (_DRIFT * np.sqrt((ts_rel - prev) / span))[:, None] * (rng.standard_normal(
-      (r, k)))
-  cs = np.cumsum(incr, axis=0)
-  base = (cs - incr)[first]  # Cumulative sum before each user's first request.
-  z_req = z0[ru] + cs - base[np.cumsum(first) - 1]
-  # The upstream recommender picks a category (inverse CDF of each request's
-  # softmax; the CDF rows are offset by the request number so that one
-  # searchsorted serves all rows), then an item by popularity.
-  c = cfg.num_categories
-  logits = (1.5 / np.sqrt(k)) * (z_req @ t.cat_mean.T)
-  cdf = np.cumsum(np.exp(logits - logits.max(axis=1, keepdims=True)), axis=1)
-  cdf /= cdf[:, -1:]
-  cdf += np.arange(r)[:, None]
-  cat = np.searchsorted(cdf.reshape(-1), req_of_row + rng.random(n),
-                        side="right") - req_of_row * c
-  cat = np.clip(cat, 0, c - 1)
-  explore = rng.random(n) < 0.3
-  cat = np.where(explore, _cdf_sample(t.cat_cdf, rng.random(n)), cat)
-  target = t.cat_cum0[cat] + rng.random(n) * t.cat_total[cat]
-  pos = np.clip(np.searchsorted(t.pop_cum, target, side="right"), t.cat_start[cat],
-                t.cat_end[cat] - 1)
-  item = t.item_order[pos]
-  # InsIDs, then the final row order (uid, ts, ins_id).
-  uid = users[lu]
-  ts = EPOCH + ts_rel[req_of_row]
-  ins = hashing.ins_ids(uid, ts, item, row0 + np.arange(n))
-  perm = np.lexsort((ins, ts, lu))
-  uid, ts, ins, item, req_of_row, lu = (
-      a[perm] for a in (uid, ts, ins, item, req_of_row, lu))
-  z = z_req[req_of_row]
-  cat = t.item_cat[item]
-  # Instance context.
-  position = np.minimum(np.arange(n) - history.history_end(lu, ts), 9)
-  hour = (ts // 3600) % 24
-  weekday = (ts // 86400 + 3) % 7  # Monday = 0.
-  surface, device = r_surface[req_of_row], r_device[req_of_row]
-  campaign = _cdf_sample(t.campaign_cdf, rng.random(n))
-  discount = np.where(rng.random(n) < 0.3, 0.5 * rng.random(n), 0.0)
-  logprice = t.item_logprice[item] + np.log1p(-discount)
-  price_z = (logprice - 3.0) / 1.15
-  price_bucket = np.clip(((logprice - 1.0) * 4).astype(np.int64), 0, 19)
-  # Labels.
-  aff = np.einsum("nk,nk->n", z, t.item_vec[item]) / np.sqrt(k)
-  ctx_vals = (surface, device, campaign, hour // 6)
-  pref_u = sum(pref[lu, off + v] for off, v in zip(_PREF_OFFSET, ctx_vals))
-  logit_click = (-2.5 + aff + 0.5 * t.item_bias[item] + 0.8 * pref_u + ubias[lu] +
-                 t.g_surface[surface] + t.g_device[device] + t.g_campaign[campaign] +
-                 t.g_hour[hour] + t.g_pos[position] + t.g_age[age[lu]])
-  logit_conv = (-2.4 + 0.6 * aff + 1.2 * pref_u - price_sens[lu] * price_z +
-                0.5 * ubias[lu] + 1.6 * discount)
-  click = rng.random(n) < _sigmoid(logit_click)
-  conv = click & (rng.random(n) < _sigmoid(logit_conv))
-  # Query terms: mostly from the shown item's category.
-  nterms = np.where(rng.random(n) < 0.4, 0, rng.integers(1, 5, n))
-  from_cat = rng.random((n, 4)) < 0.6
-  term_raw = np.where(
-      from_cat, cat[:, None] * _NUM_TAGS + rng.integers(0, _NUM_TAGS, (n, 4)),
-      cfg.num_categories * _NUM_TAGS + rng.integers(0, _NUM_TERMS, (n, 4)))
-  relevance = (aff + rng.standard_normal(n)) / np.sqrt(2.0)
-  # Write the columns.
-  out["uid"][:] = uid
-  out["ts"][:] = ts
-  out["ins_id"][:] = ins
-  out["item"][:] = item + 1
-  out["category"][:] = cat + 1
-  out["action"][:] = 1 + click + conv
-  if "action_now" in out:  # the action while the conversion is unknown
-    out["action_now"][:] = np.where(click, 4, 1)
-  out["mh_item_tags"][:] = t.item_tags[item]
-  out["mh_query_terms"][:] = np.where(
-      np.arange(4) < nterms[:, None], t.term_table[term_raw], 0)
-  raw = {
-      "item_id": item,
-      "category": cat,
-      "surface": surface,
-      "device": device,
-      "campaign": campaign,
-      "position": position,
-      "hour": hour,
-      "age": age[lu],
-      "gender": gender[lu],
-      "city": city[lu],
-      "seller": t.item_seller[item],
-      "brand": t.item_brand[item],
-      "price_bucket": price_bucket,
-      "weekday": weekday,
-      "network": r_network[req_of_row],
-      "os": r_os[req_of_row],
-      "segment": segment[lu]
+  first, end, rows = span
+  upb = t.cfg.users_per_block()
+  chunk = {
+      name: np.empty((rows,) + shape, dtype) for name, (shape, dtype) in shapes.items()
   }
-  f_named = min(cfg.num_categorical, len(_NAMED))
-  for f, name in enumerate(_NAMED[:f_named]):
-    out["cat"][:, f] = t.table[name][raw[name]]
-  _gen_generic(t, block, out["cat"][:, f_named:], item, raw)
-  tenure = (ts - EPOCH - start_day[lu] * 86400) / span
-  dense = np.stack([
-      price_z, 2.0 * discount, relevance,
-      np.log(t.item_pop[item] * cfg.num_items) / 2.0,
-      np.sin(2 * np.pi * hour / 24),
-      np.cos(2 * np.pi * hour / 24),
-      np.log1p(position), tenure
-  ],
-                   axis=1).astype(np.float32)
-  nd = min(cfg.num_dense, len(_DENSE))
-  out["dense"][:, :nd] = dense[:, :nd]
-  if cfg.num_dense > nd:
-    drng = np.random.default_rng([cfg.seed, 12, block])
-    w = t.dense_w
-    out["dense"][:, nd:] = (w * dense[:, t.dense_src] +
-                            np.sqrt(1 - w * w) * drng.standard_normal(
-                                (n, len(w)), np.float32))
-  labels = [click, conv]
-  if cfg.num_tasks > 2:
-    trng = np.random.default_rng([cfg.seed, 13, block])
-    feats = np.stack([aff, pref_u, -price_sens[lu] * price_z], axis=1)
-    extra = (t.task_bias + feats @ t.task_w.T + 0.5 * (logit_conv + 2.4)[:, None])
-    labels += list((click[:, None] & (trng.random(extra.shape) < _sigmoid(extra))).T)
-  out["labels"][:] = np.stack(labels[:cfg.num_tasks], axis=1)
-
-
-def _gen_generic(t: _Tables, block: int, out: np.ndarray, item: np.ndarray,
-                 raw: dict[str, np.ndarray]) -> None:
-  """Fills the generic categorical fields: out int32 [n, G], in row slabs."""
-  n, g = out.shape
-  if g == 0:
-    return
-  rng = np.random.default_rng([t.cfg.seed, 11, block])
-  nn, nc = t.gen_noise, t.gen_cross
-  nr = nn + nc  # Fields that draw random bits.
-  ib = t.item_bucket[item]
-  src_bounds = np.searchsorted(t.cross_src, np.arange(len(_CROSS_BASES) + 1))
-  slab = max(1, _SLAB_CELLS // g)
-  for lo in range(0, n, slab):
-    hi = min(lo + slab, n)
-    o = out[lo:hi]
-    bits = rng.bit_generator.random_raw(-(-(hi - lo) * nr // 4))
-    bits = bits.view(np.uint16)[:(hi - lo) * nr].reshape(hi - lo, nr)
-    if nn:
-      idx = (bits[:, :nn] & np.uint16(_NOISE_BINS - 1)) + t.gen_offset[:nn]
-      np.take(t.gen_table, idx, out=o[:, :nn], mode="clip")
-    for s, name in enumerate(_CROSS_BASES):
-      a, b = nn + src_bounds[s], nn + src_bounds[s + 1]
-      if b > a:
-        base = (raw[name][lo:hi] * _CROSS_BINS).astype(np.uint32)
-        idx = (bits[:, a:b] & np.uint16(_CROSS_BINS - 1)) + t.gen_offset[a:b]
-        idx += base[:, None]
-        np.take(t.gen_table, idx, out=o[:, a:b], mode="clip")
-    if g > nr:
-      idx = ib[lo:hi, None] + t.gen_offset[nr:]
-      np.take(t.gen_table, idx, out=o[:, nr:], mode="clip")
+  lo = 0
+  for b in range(first, end):
+    users = np.arange(b * upb, min((b + 1) * upb, t.cfg.num_users))
+    c = counts[users]
+    users, c = users[c > 0], c[c > 0]
+    hi = lo + int(c.sum())
+    if hi > lo:
+      rows_lib.gen_block(t, b, users, c, row0 + lo, {
+          name: col[lo:hi] for name, col in chunk.items()
+      })
+    lo = hi
+  return chunk
 
 
 def build(out_dir: str,
@@ -645,6 +340,9 @@ def build(out_dir: str,
 
   Returns:
     out_dir.
+
+  Raises:
+    errors.ConfigError: a knob the generator cannot honour (`Config.validate`).
   """
   cfg = Config(seed=seed,
                num_users=num_users,
@@ -662,41 +360,24 @@ def build(out_dir: str,
   if dataset.is_complete(out_dir, cfg.fingerprint()):
     logging.info("synthetic dataset %s is up to date", out_dir)
     return out_dir
+  _write(cfg, out_dir, chunk_rows)
+  return out_dir
+
+
+def _write(cfg: Config, out_dir: str, chunk_rows: int) -> None:
+  """Generates the dataset of `cfg` chunk by chunk into `out_dir` (see `build`)."""
   t0 = time.time()
-  tables = _Tables(cfg)
+  tables = world_lib.World(cfg)
   schema = make_schema(cfg, tables)
   shapes = dataset.row_shapes(schema)
   counts = user_counts(cfg)
-  upb = cfg.users_per_block()
-  nblocks = -(-cfg.num_users // upb)
-  block_rows = np.add.reduceat(counts, np.arange(0, cfg.num_users, upb))
+  block_rows = np.add.reduceat(counts, np.arange(0, cfg.num_users,
+                                                 cfg.users_per_block()))
   done, next_log = 0, 0.0
   with dataset.Writer(out_dir, schema, cfg.num_instances) as writer:
-    blk = 0
-    while blk < nblocks:
-      end, rows = blk + 1, int(block_rows[blk])
-      while end < nblocks and rows + block_rows[end] <= chunk_rows:
-        rows += int(block_rows[end])
-        end += 1
-      chunk = {
-          name: np.empty((rows,) + shape, dtype)
-          for name, (shape, dtype) in shapes.items()
-      }
-      lo = 0
-      for b in range(blk, end):
-        users = np.arange(b * upb, min((b + 1) * upb, cfg.num_users))
-        c = counts[users]
-        users, c = users[c > 0], c[c > 0]
-        hi = lo + int(c.sum())
-        if hi > lo:
-          _gen_block(tables, b, users, c, done + lo, {
-              name: col[lo:hi] for name, col in chunk.items()
-          })
-        lo = hi
-      writer.append(chunk)
-      del chunk
-      done += rows
-      blk = end
+    for span in _chunk_spans(block_rows, chunk_rows):
+      writer.append(_gen_chunk(tables, counts, span, done, shapes))
+      done += span[2]
       elapsed = time.time() - t0
       if elapsed >= next_log or done == cfg.num_instances:
         rate = done / max(elapsed, 1e-9)
@@ -705,17 +386,22 @@ def build(out_dir: str,
                      (cfg.num_instances - done) / max(rate, 1e-9))
         next_log = elapsed + 10.0
   logging.info("synthetic: built %s in %.1f s", out_dir, time.time() - t0)
-  return out_dir
 
 
 _KNOBS = tuple(f.name for f in dataclasses.fields(Config))
 
 
 def main(argv) -> None:
-  """absl main: builds the dataset the flags describe (see `run`)."""
+  """absl main: builds the dataset the flags describe (see `run`); a knob the
+  generator cannot honour ends it with one line `error: --<knob>: ...`."""
   del argv
   fl = flags.FLAGS
-  build(fl.out, chunk_rows=fl.chunk_rows, **{name: getattr(fl, name) for name in _KNOBS})
+  try:
+    build(fl.out,
+          chunk_rows=fl.chunk_rows,
+          **{name: getattr(fl, name) for name in _KNOBS})
+  except errors.UserError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def run() -> None:

@@ -10,25 +10,48 @@ Which stage uses which is `iat_jax.stages.STAGES`. Every model:
 `model.apply(variables, batch, train=False) -> dict` with 'logits' float32
 [..., num_tasks]; sources add 'insemb' float32 [..., d]. Keys of the batch
 that a model does not use are ignored.
+
+This module holds only the config block `config.model` (`default_config`) and
+imports no Flax, so that config files stay light (`iat_jax.configs`); the
+allowed values of its name-valued knobs are checked with the modules that
+define them, by `iat_jax.validation.validate`.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import ml_collections
 
-from iat_jax.models import iat
-from iat_jax.models import interaction
-from iat_jax.models import sequence
 
-# Allowed values of the config's name-valued knobs (checked by
-# `iat_jax.configs.validate`), by their key under config.model.
-CHOICES = {
-    "seq.encoder": sequence.ENCODERS + ("none",),
-    "iat.encoder": sequence.ENCODERS,
-    "interaction": interaction.INTERACTIONS,
-    "iat_query": iat.QUERY_MODES,
-    "dtype": ("float32", "bfloat16"),
-}
+def encoder_config(encoder: str,
+                   *,
+                   width: int,
+                   heads: int,
+                   layers: int = 1,
+                   ffn_mult: int = 2,
+                   din_mlp: Sequence[int] = (32, 16),
+                   longer_merge: int = 2,
+                   longer_recent_k: int = 4) -> ml_collections.ConfigDict:
+  """The config block of one use of a sequence encoder (`sequence.make_encoder`)."""
+  c = ml_collections.ConfigDict()
+  # 'din' | 'transformer' | 'longer' (the behaviour sequence also allows 'none').
+  c.encoder = encoder
+  # Width of the encoder (tokens are projected to it).
+  c.width = width
+  # Attention heads.
+  c.heads = heads
+  # Transformer blocks (for 'longer': self-attention blocks after the cross).
+  c.layers = layers
+  # FFN width = ffn_mult * width in every transformer block.
+  c.ffn_mult = ffn_mult
+  # Hidden widths of DIN's attention scorer MLP.
+  c.din_mlp = tuple(din_mlp)
+  # LONGER: neighbouring tokens merged into one.
+  c.longer_merge = longer_merge
+  # LONGER: most recent merged tokens used as extra cross-attention queries.
+  c.longer_recent_k = longer_recent_k
+  return c
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.vocab_pad_multiple = 8
   # --- Hand-crafted behaviour sequence encoder of the base ranker
   # ('none' = no sequence token).
-  c.seq = sequence.encoder_config("transformer", width=32, heads=2)
+  c.seq = encoder_config("transformer", width=32, heads=2)
   # FFN width = ffn_mult * width, in RankMixer.
   c.ffn_mult = 2
   # --- Feature interaction (h has width D).
@@ -97,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.iat_query_dim = 64
   # Encoder of the IAT sequence ('transformer' | 'longer' | 'din'); its width
   # is what the query and InsTokens are projected to.
-  c.iat = sequence.encoder_config("transformer", width=64, heads=2)
+  c.iat = encoder_config("transformer", width=64, heads=2)
   # Put the IAT token after the interaction instead of into it (ablation).
   c.iat_after_interaction = False
   return c

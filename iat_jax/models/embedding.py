@@ -75,29 +75,8 @@ class FeatureEmbedding(nn.Module):
         nn.with_logical_partitioning(nn.initializers.normal(0.05), ("vocab", "embed")),
         (rows, e), jnp.float32)
 
-    # Every id of the instance, shifted into its block, gathered at once.
-    # Ids are clipped per field so a bad id cannot read another field's rows.
-    ids, lo, hi, sizes = [], [], [], []
-
-    def add(x, offset, vocab):
-      ids.append(x.astype(jnp.int32))
-      lo.append(np.full(x.shape[-1], offset, np.int32))
-      hi.append(np.full(x.shape[-1], offset + vocab - 1, np.int32))
-      sizes.append(x.shape[-1])
-
-    cat = batch["cat"]
-    for k, f in enumerate(s.categorical):
-      add(cat[..., k:k + 1], offsets[f"cat:{f.name}"], f.vocab_size)
-    for f in s.multi_hot:
-      add(batch[f"mh_{f.name}"], offsets[f"mh:{f.name}"], f.vocab_size)
-    add(batch["seq_item"], offsets[f"cat:{s.seq_item_field}"],
-        s.vocab_size(s.seq_item_field))
-    add(batch["seq_category"], offsets[f"cat:{s.seq_category_field}"],
-        s.vocab_size(s.seq_category_field))
-    add(batch["seq_action"], offsets["action"], s.num_actions)
-    all_ids = jnp.concatenate(ids, axis=-1)
-    rows_idx = jnp.clip(all_ids + np.concatenate(lo), np.concatenate(lo),
-                        np.concatenate(hi))
+    all_ids, lo, hi, sizes = _instance_ids(s, batch, offsets)
+    rows_idx = jnp.clip(all_ids + lo, lo, hi)
     emb = jnp.take(table, rows_idx, axis=0).astype(self.dtype)
     emb = layers.constrain(emb, "batch", None, "embed")
     parts = jnp.split(emb, np.cumsum(sizes)[:-1], axis=-2)
@@ -105,10 +84,10 @@ class FeatureEmbedding(nn.Module):
 
     fc, nm = len(s.categorical), len(s.multi_hot)
     tokens = [jnp.concatenate(parts[:fc], axis=-2)]  # [N, Fc, e]
-    for emb_f, ids_f in zip(parts[fc:fc + nm], id_parts[fc:fc + nm]):
-      w = (ids_f > 0).astype(self.dtype)[..., None]  # mean over non-padding
-      pooled = (emb_f * w).sum(-2) / jnp.maximum(w.sum(-2), 1.0)
-      tokens.append(pooled[..., None, :])
+    tokens += [
+        _mean_of_non_padding(emb_f, ids_f, self.dtype)
+        for emb_f, ids_f in zip(parts[fc:fc + nm], id_parts[fc:fc + nm])
+    ]
     if s.dense:
       fd = len(s.dense)
       # Each dense field x_f becomes its own token x_f * w_f + b_f.
@@ -140,3 +119,41 @@ class FeatureEmbedding(nn.Module):
         "item":
             fields[..., item_col, :],
     }
+
+
+def _instance_ids(
+    s: schema_lib.Schema, batch: dict[str, Array],
+    offsets: dict[str, int]) -> tuple[Array, np.ndarray, np.ndarray, list]:
+  """Every id of the instance in one array, and where each sits in the table.
+
+  Returns (ids [..., K] int32: categorical fields, multi-hot fields, sequence
+  items, categories and actions, in that order; lo, hi [K]: the first and last
+  table row of each id's field, so a bad id is clipped into its own field's
+  rows; sizes: the ids each of those parts takes).
+  """
+  ids, lo, hi, sizes = [], [], [], []
+
+  def add(x, offset, vocab):
+    ids.append(x.astype(jnp.int32))
+    lo.append(np.full(x.shape[-1], offset, np.int32))
+    hi.append(np.full(x.shape[-1], offset + vocab - 1, np.int32))
+    sizes.append(x.shape[-1])
+
+  cat = batch["cat"]
+  for k, f in enumerate(s.categorical):
+    add(cat[..., k:k + 1], offsets[f"cat:{f.name}"], f.vocab_size)
+  for f in s.multi_hot:
+    add(batch[f"mh_{f.name}"], offsets[f"mh:{f.name}"], f.vocab_size)
+  add(batch["seq_item"], offsets[f"cat:{s.seq_item_field}"],
+      s.vocab_size(s.seq_item_field))
+  add(batch["seq_category"], offsets[f"cat:{s.seq_category_field}"],
+      s.vocab_size(s.seq_category_field))
+  add(batch["seq_action"], offsets["action"], s.num_actions)
+  return jnp.concatenate(ids, axis=-1), np.concatenate(lo), np.concatenate(hi), sizes
+
+
+def _mean_of_non_padding(emb: Array, ids: Array, dtype) -> Array:
+  """[..., 1, e]: the mean of a multi-hot field's embeddings [..., n, e] over
+  its non-padding ids [..., n] (id 0 is padding)."""
+  w = (ids > 0).astype(dtype)[..., None]
+  return ((emb * w).sum(-2) / jnp.maximum(w.sum(-2), 1.0))[..., None, :]

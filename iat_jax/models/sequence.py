@@ -187,6 +187,24 @@ class LongerEncoder(nn.Module):
                                       dtype=self.dtype,
                                       name=name)
 
+  def _merge_tokens(self, x: Array, mask: Array, *, train: bool) -> tuple[Array, Array]:
+    """Runs of `merge` neighbouring tokens x [..., S, W] (mask [..., S]) ->
+    one token each [..., ceil(S / merge), W]: an inner self-attention block
+    over the run, then a projection of its concatenation; a merged token is
+    valid when any of its members is."""
+    lead, s, w, m = x.shape[:-2], x.shape[-2], self.width, self.merge
+    pad = (-s) % m
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
+    mask = jnp.pad(mask, [(0, 0)] * len(lead) + [(0, pad)])
+    g = (s + pad) // m
+    xg = x.reshape(lead + (g, m, w))
+    mg = mask.reshape(lead + (g, m))
+    xg = self._block("inner")(xg, attention.key_padding_mask(mg), train=train)
+    xg = xg * mg[..., None].astype(xg.dtype)  # padded members contribute 0
+    x = layers.dense(w, dtype=self.dtype,
+                     name="merge_proj")(xg.reshape(lead + (g, m * w)))
+    return x, mg.any(-1)
+
   @nn.compact
   def __call__(self,
                query: Array,
@@ -198,21 +216,10 @@ class LongerEncoder(nn.Module):
     w = self.width
     x = layers.ConcatDense(w, dtype=self.dtype, name="seq_proj")(seq)
     x = _PositionEmbedding(self.max_len, name="pos")(x)
-    lead, s = x.shape[:-2], x.shape[-2]
+    lead = x.shape[:-2]
 
     if self.merge > 1:
-      m = self.merge
-      pad = (-s) % m
-      x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
-      mask = jnp.pad(mask, [(0, 0)] * len(lead) + [(0, pad)])
-      g = (s + pad) // m
-      xg = x.reshape(lead + (g, m, w))
-      mg = mask.reshape(lead + (g, m))
-      xg = self._block("inner")(xg, attention.key_padding_mask(mg), train=train)
-      xg = xg * mg[..., None].astype(xg.dtype)  # padded members contribute 0
-      x = layers.dense(w, dtype=self.dtype,
-                       name="merge_proj")(xg.reshape(lead + (g, m * w)))
-      mask = mg.any(-1)
+      x, mask = self._merge_tokens(x, mask, train=train)
 
     glob = [layers.dense(w, dtype=self.dtype, name="query_proj")(query)[..., None, :]]
     if profile is not None:
@@ -253,43 +260,13 @@ class LongerEncoder(nn.Module):
     return layers.layer_norm(dtype=self.dtype, name="ln_out")(y[..., 0, :])
 
 
-def encoder_config(encoder: str,
-                   *,
-                   width: int,
-                   heads: int,
-                   layers: int = 1,
-                   ffn_mult: int = 2,
-                   din_mlp: Sequence[int] = (32, 16),
-                   longer_merge: int = 2,
-                   longer_recent_k: int = 4) -> ml_collections.ConfigDict:
-  """The config block of one use of a sequence encoder (`make_encoder`)."""
-  c = ml_collections.ConfigDict()
-  # 'din' | 'transformer' | 'longer' (the behaviour sequence also allows 'none').
-  c.encoder = encoder
-  # Width of the encoder (tokens are projected to it).
-  c.width = width
-  # Attention heads.
-  c.heads = heads
-  # Transformer blocks (for 'longer': self-attention blocks after the cross).
-  c.layers = layers
-  # FFN width = ffn_mult * width in every transformer block.
-  c.ffn_mult = ffn_mult
-  # Hidden widths of DIN's attention scorer MLP.
-  c.din_mlp = tuple(din_mlp)
-  # LONGER: neighbouring tokens merged into one.
-  c.longer_merge = longer_merge
-  # LONGER: most recent merged tokens used as extra cross-attention queries.
-  c.longer_recent_k = longer_recent_k
-  return c
-
-
 def make_encoder(c: ml_collections.ConfigDict,
                  *,
                  max_len: int,
                  dropout_rate: float,
                  dtype: layers.Dtype,
                  module_name: str | None = None) -> nn.Module:
-  """The encoder of config block `c` (see `encoder_config`) over <= max_len tokens."""
+  """The encoder of config block `c` (see `iat_jax.models.encoder_config`) over <= max_len tokens."""
   if c.encoder == "din":
     return DINEncoder(c.width, mlp_dims=tuple(c.din_mlp), dtype=dtype, name=module_name)
   if c.encoder == "transformer":

@@ -192,7 +192,7 @@ class UserSource(_SourceBase):
   """User-order source over chunks [B_users, T, ...].
 
   Tokens are the slots with token_mask (else mask) True: evaluation chunks
-  start with context rows (`input_pipeline.UserChunks`) that the SIT sees but
+  start with context rows (`batching.UserChunks`) that the SIT sees but
   that `mask` (the rows that count) leaves out.
 
   Returns {'logits': [Bu, T, nt], 'insemb': [Bu, T, d] (E, or E' when

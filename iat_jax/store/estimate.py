@@ -10,9 +10,9 @@ The paper's example: 3e8 instances/day kept 730 days at d=64 float32 is
   python -m iat_jax.store.estimate --instances_per_day=3e8 \
       --retention_days=730 --dim=64 --dtype=float32 [--store=PATH]
 
-With --store, the measured bytes per row on disk of that real table (all its
-files: keys, values, scales, zarr metadata) are printed beside the formula's
-figure for the table's own d and dtype.
+With --store, the measured bytes per row on disk of that real OCDBT table (all
+its files: keys, values, scales, segment indexes, the OCDBT manifest) are
+printed beside the formula's figure for the table's own d and dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 
-from iat_jax.store import insemb_table
+from iat_jax.store import reader
 
 BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "int8": 1}
 KEY_BYTES = 8
@@ -103,7 +103,7 @@ def report(instances_per_day: float,
   lines.append(f"  {'':24s}" +
                "".join(f"{'^ --dtype' if d == dtype else '':>14s}" for d in ests))
   if store:
-    table = insemb_table.Table(store)
+    table = reader.Table(store)
     m = table.metadata
     disk = table.bytes_on_disk()
     own = estimate_bytes(1, max(m["num_rows"], 1), m["d"], m["dtype"])

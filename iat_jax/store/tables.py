@@ -1,12 +1,17 @@
 """The store contract the rest of the package uses: where a source's InsEmb
 table lives, opening it checked against the run, publishing a new version,
-the lookup protocol the input pipeline consumes, the parallel resumable
-export (`export_writer` / `finish_export`, `publish_copy`), and tables that a
-training loop writes by upserts keyed by InsID (`Upserts`: the streaming
-stage's store and predictions, the two-pass tables).
+the parallel resumable export (`export_writer` / `finish_export`,
+`publish_copy`), and tables that a training loop writes by upserts keyed by
+InsID (`Upserts`: the streaming stage's store and predictions, the two-pass
+tables).
 
-The engine behind it is `insemb_table`; callers outside `iat_jax/store/` use
-only this module (and `StoreError`).
+Every function reaches its storage engine through `BACKENDS`, by
+--config.store.backend (`backend.Backend`: "ocdbt" for real runs, "memory"
+for tests and baselines); only this module reads the metadata keys the
+backends share. Callers outside `iat_jax/store/` use only this module (and
+errors.StoreError). At 1e11 rows the "ocdbt" backend's readers need
+--config.store.cache_bytes >= ~12 GB (`open_checked` refuses less). See
+docs/store.md.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Protocol
 
 import jax
 from jax.experimental import multihost_utils
@@ -22,48 +26,87 @@ import ml_collections
 import numpy as np
 
 from iat_jax import errors
+from iat_jax.store import backend as backend_lib
 from iat_jax.store import insemb_table
+from iat_jax.store import memory_table
+from iat_jax.store import rows
 
-DTYPES = tuple(insemb_table.DTYPES)
-DEFAULT_SHARD_BITS = insemb_table.DEFAULT_SHARD_BITS
-DEFAULT_BLOCK_ROWS = insemb_table.DEFAULT_BLOCK_ROWS
-DEFAULT_CACHE_BYTES = insemb_table.DEFAULT_CACHE_BYTES
-errors.StoreError = errors.StoreError
-Table = insemb_table.Table
+DTYPES = tuple(rows.DTYPES)
+DEFAULT_SHARD_BITS = backend_lib.DEFAULT_SHARD_BITS
+DEFAULT_BLOCK_ROWS = backend_lib.DEFAULT_BLOCK_ROWS
+DEFAULT_CACHE_BYTES = backend_lib.DEFAULT_CACHE_BYTES
+DEFAULT_BACKEND = "ocdbt"
+Backend = backend_lib.Backend
+Lookup = backend_lib.Lookup
+Table = backend_lib.Table
+
+# The storage engines, by --config.store.backend.
+BACKENDS: dict[str, Backend] = {
+    "ocdbt": insemb_table.Backend(),
+    "memory": memory_table.MemoryBackend(),
+}
 
 
-class Lookup(Protocol):
-  """What the input pipeline needs from an InsEmb table."""
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises errors.ConfigError naming the --config.store.* flag of a store
+  block that cannot run."""
+  store = config.store
+  get_backend(store.backend)
+  if store.dtype not in DTYPES:
+    raise errors.ConfigError("store.dtype", f"{store.dtype!r} is not one of {DTYPES}")
+  if not 1 <= store.shard_bits <= 16:
+    raise errors.ConfigError("store.shard_bits", f"{store.shard_bits} must be in 1..16")
+  b = store.block_rows
+  if b < 2 or b & (b - 1):
+    raise errors.ConfigError("store.block_rows", f"{b} must be a power of two >= 2")
+  if store.cache_bytes <= 0:
+    raise errors.ConfigError("store.cache_bytes",
+                             f"must be > 0, got {store.cache_bytes}")
 
-  def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint64 keys [n] -> (float32 values [n, d], bool found [n])."""
+
+def get_backend(name: str) -> Backend:
+  """BACKENDS[name]; errors.ConfigError naming --config.store.backend if none."""
+  if name not in BACKENDS:
+    raise errors.ConfigError("store.backend",
+                             f"{name!r} is not one of {tuple(BACKENDS)}")
+  return BACKENDS[name]
 
 
-def path(config: ml_collections.ConfigDict, workdir: str, source: str) -> str:
-  """Directory of source stage `source`'s table: --config.store.path, or
-  <workdir>/stores/<source>."""
-  return config.store.path or os.path.join(workdir, "stores", source)
+def path(config: ml_collections.ConfigDict, workdir: str, model: str) -> str:
+  """Directory of the store of model `model`: --config.store.path, or
+  <workdir>/stores/<model>.
+
+  The one rule naming a store: it is named by the model that writes it (a
+  pipeline model, or a single run's stage) and read under that name
+  (--config.store.source, --config.stream.init_from), so two models over one
+  stage never share a store."""
+  return config.store.path or os.path.join(workdir, "stores", model)
 
 
 def layout(config: ml_collections.ConfigDict) -> dict:
   """How the tables this run writes are laid out: --config.store.shard_bits
-  and --config.store.block_rows (see `insemb_table`)."""
+  and --config.store.block_rows (see docs/store.md)."""
   return {"shard_bits": config.store.shard_bits, "block_rows": config.store.block_rows}
 
 
+def open_table(config: ml_collections.ConfigDict, table_path: str) -> Table:
+  """The newest version at `table_path`, read within --config.store.cache_bytes."""
+  return get_backend(config.store.backend).open(table_path,
+                                                cache_bytes=config.store.cache_bytes)
+
+
 def open_checked(config: ml_collections.ConfigDict, workdir: str, source: str,
-                 fingerprint: str) -> insemb_table.Table:
+                 fingerprint: str) -> Table:
   """The published table of `source`, checked to hold config.model.insemb_dim
   wide InsEmbs from `source` of the dataset with `fingerprint`; its reader
   holds at most --config.store.cache_bytes, of which the segment indexes of
   every shard may take at most half.
 
   Raises:
-    errors.StoreError: missing, corrupt, or not the table this run expects, or its
-      indexes too big for the budget.
+    errors.StoreError: missing, corrupt, or not the table this run expects, or
+      its indexes too big for the budget.
   """
-  table = insemb_table.Table(path(config, workdir, source),
-                             cache_bytes=config.store.cache_bytes)
+  table = open_table(config, path(config, workdir, source))
   index = table.full_index_bytes()
   if 2 * index > config.store.cache_bytes:
     raise errors.StoreError(
@@ -71,42 +114,70 @@ def open_checked(config: ml_collections.ConfigDict, workdir: str, source: str,
         f"indexes of {table.path} take {index:,} B once every shard is read, "
         f"more than half the reader's budget (the rest caches blocks); pass at "
         f"least --config.store.cache_bytes={2 * index}")
-  table.check(d=config.model.insemb_dim, source=source, dataset=fingerprint)
+  check(table, d=config.model.insemb_dim, source=source, dataset=fingerprint)
   return table
 
 
-def is_published(table_path: str, source: str, step: int) -> bool:
-  """Whether `table_path` holds a version exported from `source` at `step`."""
+def check(table: Table, *, d: int, source: str, dataset: str | None = None) -> None:
+  """Raises errors.StoreError unless the table has width d, came from `source`
+  and (if given) was exported from the dataset with fingerprint `dataset`."""
+  m = table.metadata
+  if dataset is not None and m.get("dataset") != dataset:
+    raise errors.StoreError(
+        f"InsEmb store {table.path} was exported from dataset "
+        f"{m.get('dataset')!r}, not the one this run reads ({dataset!r}): its "
+        f"InsIDs would all be missing; re-export it (--mode=export)")
+  if m["d"] != d or m["source"] != source:
+    raise errors.StoreError(
+        f"InsEmb store {table.path} holds d={m['d']} from {m['source']!r}, but "
+        f"the downstream config expects d={d} (--config.model.insemb_dim) from "
+        f"{source!r} (--config.store.source)")
+
+
+def step_of(table: Table) -> int:
+  """The checkpoint step of the source model whose InsEmbs `table` holds."""
+  return table.metadata["source_step"]
+
+
+def _newest(backend: str, table_path: str) -> Table | None:
+  """The newest version at `table_path` (opened to read its metadata), or
+  None if there is no readable table there."""
   try:
-    meta = insemb_table.Table(table_path).metadata
+    return get_backend(backend).open(table_path, cache_bytes=1 << 20)
   except errors.StoreError:
-    return False
-  return meta["source"] == source and meta["source_step"] == step
+    return None
+
+
+def is_published(table_path: str,
+                 source: str,
+                 step: int,
+                 *,
+                 backend: str = DEFAULT_BACKEND) -> bool:
+  """Whether `table_path` holds a version exported from `source` at `step`."""
+  table = _newest(backend, table_path)
+  return (table is not None and table.metadata["source"] == source and
+          step_of(table) == step)
+
+
+def exists(table_path: str, *, backend: str = DEFAULT_BACKEND) -> bool:
+  """Whether `table_path` holds a published table (any version)."""
+  return _newest(backend, table_path) is not None
 
 
 def publish(config: ml_collections.ConfigDict, table_path: str, keys: np.ndarray,
-            values: np.ndarray, *, source: str, step: int, fingerprint: str) -> str:
+            values: np.ndarray, *, source: str, step: int, fingerprint: str) -> int:
   """Writes InsEmbs (uint64 keys [n], float32 values [n, d]) of `source` at
   checkpoint `step` as a new version, in --config.store.dtype and `layout`;
-  returns it."""
-  return insemb_table.write(table_path,
-                            keys,
-                            values,
-                            source=source,
-                            source_step=step,
-                            source_config=config.model,
-                            dtype=config.store.dtype,
-                            dataset=fingerprint,
-                            **layout(config))
-
-
-def exists(table_path: str) -> bool:
-  """Whether `table_path` holds a published table (any version)."""
-  try:
-    insemb_table.Table(table_path, cache_bytes=1 << 20)
-  except errors.StoreError:
-    return False
-  return True
+  returns its number."""
+  return get_backend(config.store.backend).publish(table_path,
+                                                   keys,
+                                                   values,
+                                                   source=source,
+                                                   source_step=step,
+                                                   source_config=config.model,
+                                                   dtype=config.store.dtype,
+                                                   dataset=fingerprint,
+                                                   **layout(config))
 
 
 # ---------------------------------------------------------------------------
@@ -119,9 +190,22 @@ def export_id(config: ml_collections.ConfigDict, source: str, step: int,
   rerun of a killed export finds its staging and resumes it (and a rerun with
   another --config.store.dtype or `layout` starts its own)."""
   tag = hashlib.sha256(
-      json.dumps([fingerprint, config.store.dtype, int(d),
-                  int(process_count), layout(config)]).encode()).hexdigest()[:12]
+      json.dumps(
+          [fingerprint, config.store.dtype,
+           int(d),
+           int(process_count),
+           layout(config)]).encode()).hexdigest()[:12]
   return f"{source}-s{int(step)}-p{int(process_count)}-{tag}"
+
+
+def holds_export(config: ml_collections.ConfigDict, table_path: str, *, source: str,
+                 step: int, fingerprint: str) -> bool:
+  """Whether the newest version at `table_path` is this run's export (same
+  dtype, layout, width and process count) of `source` at `step`."""
+  want = export_id(config, source, step, fingerprint, config.model.insemb_dim,
+                   jax.process_count())
+  table = _newest(config.store.backend, table_path)
+  return table is not None and table.metadata.get("export_id") == want
 
 
 def _barrier(name: str) -> None:
@@ -159,27 +243,28 @@ class Export:
     self.process_count = jax.process_count() if process_count is None else process_count
     d = config.model.insemb_dim
     self.id = export_id(config, source, step, fingerprint, d, self.process_count)
-    self._writer = insemb_table.ExportWriter(table_path,
-                                             self.id,
-                                             process_index=self.process_index,
-                                             process_count=self.process_count,
-                                             d=d,
-                                             dtype=config.store.dtype,
-                                             chunk_rows=config.store.export_chunk_rows,
-                                             **layout(config))
+    self.slice = get_backend(config.store.backend).export(
+        table_path,
+        self.id,
+        process_index=self.process_index,
+        process_count=self.process_count,
+        d=d,
+        dtype=config.store.dtype,
+        chunk_rows=config.store.export_chunk_rows,
+        **layout(config))
 
   @property
   def done_rows(self) -> int:
     """Rows of this process's stream already durable (from a killed run)."""
-    return self._writer.done_rows
+    return self.slice.done_rows
 
-  def skip(self, rows: int) -> None:
-    """The caller starts feeding at row `rows` (<= done_rows) of its stream."""
-    self._writer.skip(rows)
+  def skip(self, n: int) -> None:
+    """The caller starts feeding at row n (<= done_rows) of its stream."""
+    self.slice.skip(n)
 
   def add(self, keys: np.ndarray, values: np.ndarray) -> None:
     """Appends uint64 keys [n] -> float32 values [n, d] (durable rows dropped)."""
-    self._writer.add(keys, values)
+    self.slice.add(keys, values)
 
 
 def export_writer(config: ml_collections.ConfigDict, table_path: str, *, source: str,
@@ -196,27 +281,20 @@ def export_writer(config: ml_collections.ConfigDict, table_path: str, *, source:
 def finish_export(export: Export) -> None:
   """On every process: closes its slice, barrier, merges its shards, barrier,
   process 0 publishes one new version, barrier. Resumable at every point."""
-  export._writer.close()  # pylint: disable=protected-access
+  export.slice.close()
   _barrier(f"export-{export.id}-closed")
-  insemb_table.merge_export(export.path,
-                            export.id,
-                            process_index=export.process_index,
-                            process_count=export.process_count)
+  export.slice.merge()
   _barrier(f"export-{export.id}-merged")
   if export.process_index == 0:
-    insemb_table.publish(export.path,
-                         export.id,
-                         process_count=export.process_count,
-                         source=export.source,
+    export.slice.publish(source=export.source,
                          source_step=export.step,
                          source_config=export.source_config,
                          dataset=export.fingerprint)
   _barrier(f"export-{export.id}-published")
 
 
-def publish_copy(config: ml_collections.ConfigDict, src: insemb_table.Table,
-                 keys: np.ndarray, table_path: str, *, source: str, step: int,
-                 fingerprint: str) -> None:
+def publish_copy(config: ml_collections.ConfigDict, src: Table, keys: np.ndarray,
+                 table_path: str, *, source: str, step: int, fingerprint: str) -> None:
   """Publishes the rows of `keys` [N] found in `src` at `table_path` as
   `source` at `step`. Call it on every process: each copies its contiguous
   slice of `keys`, streamed in export chunks (see `Export`)."""
@@ -235,8 +313,8 @@ def publish_copy(config: ml_collections.ConfigDict, src: insemb_table.Table,
     part = np.asarray(keys[lo:lo + chunk])
     values, found = src.lookup(part)
     if not found.all():
-      raise errors.StoreError(f"{src.path}: {int((~found).sum())} of the InsIDs to copy "
-                       f"are missing")
+      raise errors.StoreError(f"{src.path}: {int((~found).sum())} of the InsIDs to "
+                              f"copy are missing")
     w.add(part, values)
   finish_export(w)
 
@@ -249,19 +327,25 @@ class Upserts:
   """A table that a training loop adds rows to, keyed by InsID.
 
   `put` buffers rows in memory; `flush` upserts the buffer as one new version
-  (`insemb_table.Writer.upsert`): call it before every checkpoint, so what a
-  checkpoint refers to is durable. `lookup` sees every row put so far (the
-  buffer first, then the newest version this writer published).
+  (`Backend.upsert`): call it before every checkpoint, so what a checkpoint
+  refers to is durable. `lookup` sees every row put so far (the buffer first,
+  then the newest version this writer published). Its reader holds at most
+  --config.store.cache_bytes.
+
+  Attributes:
+    table: the newest version this writer published or found (without the
+      buffer).
   """
 
   def __init__(self,
+               config: ml_collections.ConfigDict,
                table_path: str,
                *,
-               flush_rows: int = 1 << 16,
-               cache_bytes: int = 256 << 20):
+               flush_rows: int = 1 << 16):
     self.path = table_path
     self.flush_rows = flush_rows
-    self._writer = insemb_table.Writer(table_path, cache_bytes=cache_bytes)
+    self._backend = get_backend(config.store.backend)
+    self.table = self._backend.open(table_path, cache_bytes=config.store.cache_bytes)
     self._keys: list[np.ndarray] = []
     self._values: list[np.ndarray] = []
     self._rows = 0
@@ -269,6 +353,7 @@ class Upserts:
 
   @classmethod
   def open_or_create(cls,
+                     config: ml_collections.ConfigDict,
                      table_path: str,
                      *,
                      d: int,
@@ -278,21 +363,16 @@ class Upserts:
                      source_config=None,
                      **kw) -> Upserts:
     """Opens `table_path`, or publishes an empty table there first."""
-    if not exists(table_path):
-      insemb_table.write(table_path,
-                         np.zeros(0, np.uint64),
-                         np.zeros((0, d), np.float32),
-                         source=source,
-                         source_step=0,
-                         source_config=source_config,
-                         dtype=dtype,
-                         dataset=fingerprint)
-    return cls(table_path, **kw)
-
-  @property
-  def table(self) -> insemb_table.Table:
-    """The newest version this writer published (without the buffer)."""
-    return self._writer.table
+    if not exists(table_path, backend=config.store.backend):
+      get_backend(config.store.backend).publish(table_path,
+                                                np.zeros(0, np.uint64),
+                                                np.zeros((0, d), np.float32),
+                                                source=source,
+                                                source_step=0,
+                                                source_config=source_config,
+                                                dtype=dtype,
+                                                dataset=fingerprint)
+    return cls(config, table_path, **kw)
 
   def put(self,
           keys: np.ndarray,
@@ -323,7 +403,7 @@ class Upserts:
   def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint64 keys [n] -> (float32 values [n, d], bool found [n])."""
     keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
-    values, found = self._writer.table.lookup(keys)
+    values, found = self.table.lookup(keys)
     if self._rows and len(keys):
       pk, pv = self._pending()
       pos = np.minimum(np.searchsorted(pk, keys), len(pk) - 1)
@@ -333,9 +413,9 @@ class Upserts:
     return values, found
 
   def flush(self, step: int | None = None) -> None:
-    """Upserts the buffer as one new version (source_step=step if given)."""
+    """Upserts the buffer as one new version (its source step = step if given)."""
     if not self._rows:
       return
     keys, values = self._pending()
-    self._writer.upsert(keys, values, source_step=step)
+    self.table = self._backend.upsert(self.table, keys, values, source_step=step)
     self._keys, self._values, self._rows, self._sorted = [], [], 0, None

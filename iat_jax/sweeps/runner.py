@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from absl import logging
 import ml_collections
 
+from iat_jax import errors
 from iat_jax import launch_lib
 from iat_jax.sweeps import report
 
@@ -28,7 +29,7 @@ def load_config_module(config_arg: str):
   path = config_arg.partition(":")[0]
   spec = importlib.util.spec_from_file_location("iat_sweep_config", path)
   if spec is None:
-    raise ValueError(f"--config: cannot load {path!r}")
+    raise errors.ConfigError("--config", f"cannot load {path!r}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

@@ -7,7 +7,7 @@ and the addressable part of the step's output (no gather), into its part of
 the export (`tables.export_writer`) in durable chunks; then all processes
 merge and process 0 publishes one new table version (`tables.finish_export`).
 Only the rows a batch's mask counts are written: the context rows leading a
-user-order chunk (`input_pipeline.UserChunks`) are written by the chunk that
+user-order chunk (`batching.UserChunks`) are written by the chunk that
 evaluates them, so every instance once, its SIT (and an insemb_after_sit
 InsEmb) having seen its user's earlier rows of any split.
 
@@ -20,7 +20,7 @@ An export whose version is published (`tables.is_published`) is a no-op.
 
 from __future__ import annotations
 
-import os
+from typing import Protocol
 
 from absl import logging
 import jax
@@ -28,45 +28,57 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from iat_jax import errors
 from iat_jax import stages
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
+from iat_jax.data import orders
 from iat_jax.data import schema as schema_lib
 from iat_jax.store import tables
 from iat_jax.train import predict
 from iat_jax.train import steps
 from iat_jax.train import train_lib
-from iat_jax.train import two_pass_lib
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, name: str,
-           ds: dataset_lib.Dataset) -> str:
+class StoredInsEmbs(Protocol):
+  """InsEmbs stored while training, for train instances."""
+
+  def lookup(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32 [n, d] of the instances with InsIDs keys [n] at dataset rows [n]."""
+
+
+def export(stage: stages.Stage,
+           config: ml_collections.ConfigDict,
+           workdir: str,
+           name: str,
+           ds: dataset_lib.Dataset,
+           *,
+           model_dir: str | None = None,
+           stored: StoredInsEmbs | None = None) -> str:
   """Writes the InsEmb of every instance (train, valid, test) of `ds`.
 
-  Runs the best checkpoint of stage `name` (config.stage must be a source
-  stage) forward over all splits and publishes one new table version
-  (two-pass source_user: train instances take the InsEmbs the passes stored,
-  see `two_pass_lib`). Returns the store path.
+  Runs the best checkpoint of source stage `stage` in <workdir>/<model_dir>
+  (default `name`) forward over all splits and publishes one new version of
+  the store of model `name` (`tables.path`: a store is named by the model
+  that writes it). `stored` gives the train instances' InsEmbs instead (the
+  two-pass source's, see `two_pass_lib`). Returns the store path.
   """
-  if not stages.get(config.stage).exports:
-    raise ValueError(f"--config.stage={config.stage!r}: export needs a source stage "
-                     f"(one of {stages.SOURCES})")
-  two_pass = config.stage == "source_user" and config.two_pass
-  model_dir = os.path.join(name, two_pass_lib.PASSES[0][0]) if two_pass else name
-  st, step, params = train_lib.load_best(config, workdir, model_dir, ds)
-  path = tables.path(config, workdir, config.stage)
-  if tables.is_published(path, config.stage, step):
+  if not stage.exports:
+    raise errors.ConfigError(f"stage={stage.name!r}",
+                             f"export needs a source stage (one of {stages.SOURCES})")
+  st, step, params = train_lib.load_best(stage, config, workdir, model_dir or name, ds)
+  path = tables.path(config, workdir, name)
+  if tables.is_published(path, name, step, backend=config.store.backend):
     logging.info("export %s: already done (step %d)", path, step)
     return path
   out = tables.export_writer(config,
                              path,
-                             source=config.stage,
+                             source=name,
                              step=step,
                              fingerprint=ds.schema.fingerprint)
-  passes = two_pass_lib.PassTables(config, workdir, name, ds) if two_pass else None
   seq = [(split, i, data)
          for split in schema_lib.SPLITS
-         for data in [train_lib.batches(config, ds, config.stage, split, train=False)]
+         for data in [orders.batches(config, ds, stage.order, split, train=False)]
          for i in range(len(data))]
   first, rows = _durable_batches(out.done_rows, seq)
   if first:
@@ -83,8 +95,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, name: str,
       batch = next(it)
       mask = np.asarray(batch["mask"]).reshape(-1)
       keys = np.asarray(batch["ins_id"]).reshape(-1)[mask]
-      if passes is not None and split == "train":  # the passes' stored InsEmbs
-        values = passes.lookup(keys, np.asarray(batch["row"]).reshape(-1)[mask])
+      if stored is not None and split == "train":
+        values = stored.lookup(keys, np.asarray(batch["row"]).reshape(-1)[mask])
       else:
         res = st.eval_step(params, steps.to_device(batch, st.mesh))
         values = predict.local_rows(res["insemb"])

@@ -16,8 +16,8 @@ training) in timestamp order, batches mixing users. For each instance:
   3. write the new InsEmb back keyed by InsID (and the prediction), so later
      batches see it.
 
-The stage's store is the OCDBT table at tables.path(config, workdir,
-"source_stream"): a fresh stream (no checkpoint yet) publishes a copy of
+The stage's store is the one of the model it runs as, tables.path(config,
+workdir, name) (`source_stream` in the pipeline): a fresh stream (no checkpoint yet) publishes a copy of
 `init_from`'s exported table there once (every process copies its slice, in
 export chunks), then every step's new InsEmbs are upserted into it keyed by
 InsID (`_Shared` over `tables.Upserts`: buffered in memory, read through the
@@ -54,6 +54,7 @@ and returns its path: the stream keeps its store up to date itself.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from absl import logging
@@ -63,13 +64,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from iat_jax import errors
 from iat_jax import checkpointing
+from iat_jax import errors
 from iat_jax import metrics as metrics_lib
 from iat_jax import sharding
+from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
+from iat_jax.data import orders
 from iat_jax.store import tables
 from iat_jax.train import predict
 from iat_jax.train import steps
@@ -90,22 +93,26 @@ class _Shared:
   Every process `put`s the same global rows, so all buffers (and lookups)
   agree and reach `flush_rows` at the same step; `flush` is collective."""
 
-  def __init__(self, table_path: str, flush_rows: int = 1 << 16, **upserts):
-    """upserts: keyword arguments of `tables.Upserts` (cache_bytes)."""
-    self.path, self.flush_rows, self._upserts_kw = table_path, flush_rows, upserts
+  def __init__(self,
+               config: ml_collections.ConfigDict,
+               table_path: str,
+               flush_rows: int = 1 << 16):
+    self.path, self.flush_rows, self._config = table_path, flush_rows, config
     self._reopen()
 
   def _reopen(self) -> None:
-    self._upserts = tables.Upserts(self.path, flush_rows=_NEVER, **self._upserts_kw)
+    self._upserts = tables.Upserts(self._config, self.path, flush_rows=_NEVER)
     self._rows = 0
 
   @classmethod
-  def open_or_create(cls, table_path: str, **create) -> _Shared:
-    """Opens `table_path`, process 0 publishing an empty table there first."""
+  def open_or_create(cls, config: ml_collections.ConfigDict, table_path: str,
+                     **create) -> _Shared:
+    """Opens `table_path`, process 0 publishing an empty table there first
+    (create: keyword arguments of `tables.Upserts.open_or_create`)."""
     if jax.process_index() == 0:
-      tables.Upserts.open_or_create(table_path, **create)
+      tables.Upserts.open_or_create(config, table_path, **create)
     _barrier(f"stream-create-{table_path}")
-    return cls(table_path)
+    return cls(config, table_path)
 
   def put(self, keys: np.ndarray, values: np.ndarray, step: int) -> None:
     """Buffers global uint64 keys [n] -> float32 values [n, d]."""
@@ -128,32 +135,32 @@ class _Shared:
     self._rows = 0
 
 
-def _open_store(config, workdir: str, ds: dataset_lib.Dataset,
+def _open_store(config, workdir: str, name: str, ds: dataset_lib.Dataset,
                 started: bool) -> _Shared:
-  """The stage's store: before the first checkpoint, a copy of init_from's
-  table is published there (unless that copy is already there)."""
-  path = tables.path(config, workdir, config.stage)
+  """The store of the stream `name`: before the first checkpoint, a copy of
+  init_from's table is published there (unless that copy is already there)."""
+  path = tables.path(config, workdir, name)
   init_path = tables.path(config, workdir, config.stream.init_from)
   if path == init_path:
-    raise ValueError(f"--config.store.path={config.store.path!r}: the streaming "
-                     f"stage writes its own store; leave store.path empty")
+    raise errors.ConfigError(
+        f"--config.store.path={config.store.path!r}",
+        "the streaming stage writes its own store; leave "
+        "store.path empty")
   if not started:
-    init = tables.open_checked(config, workdir, config.stream.init_from,
-                               ds.schema.fingerprint)
-    step = init.metadata["source_step"]
-    copy_id = tables.export_id(config, config.stage, step, ds.schema.fingerprint,
-                               init.dim, jax.process_count())
-    if not (tables.exists(path) and
-            tables.Table(path).metadata.get("export_id") == copy_id):
+    fingerprint = ds.schema.fingerprint
+    init = tables.open_checked(config, workdir, config.stream.init_from, fingerprint)
+    step = tables.step_of(init)
+    if not tables.holds_export(
+        config, path, source=name, step=step, fingerprint=fingerprint):
       logging.info("stream: copying %s into %s", init_path, path)
       tables.publish_copy(config,
                           init,
                           np.asarray(ds["ins_id"]),
                           path,
-                          source=config.stage,
+                          source=name,
                           step=step,
-                          fingerprint=ds.schema.fingerprint)
-  return _Shared(path, cache_bytes=config.store.cache_bytes)
+                          fingerprint=fingerprint)
+  return _Shared(config, path)
 
 
 def _started(config, directory: str, ds: dataset_lib.Dataset) -> bool:
@@ -211,7 +218,8 @@ def _preds_path(workdir: str, name: str) -> str:
   return os.path.join(workdir_lib.stage_dir(workdir, name), "preds")
 
 
-def train_stream(config: ml_collections.ConfigDict,
+def train_stream(stage: stages.Stage,
+                 config: ml_collections.ConfigDict,
                  workdir: str,
                  name: str,
                  ds: dataset_lib.Dataset,
@@ -225,74 +233,106 @@ def train_stream(config: ml_collections.ConfigDict,
     Results with progressive 'valid' / 'test' metrics (also results.json).
   """
   assert table is None, "the streaming stage reads its own table"
-  recompute = config.stream.mode == "recompute"
-  store = _open_store(config, workdir, ds,
-                      _started(config, workdir_lib.stage_dir(workdir, name), ds))
-  preds = _Shared.open_or_create(_preds_path(workdir, name),
-                                 d=ds.schema.num_tasks,
-                                 dtype="float32",
-                                 source=f"{config.stage}/preds",
-                                 fingerprint=ds.schema.fingerprint)
-  data = input_pipeline.stream(ds,
-                               tuple(config.stream.splits),
-                               config.batch_size,
-                               config.stream.k,
-                               features=recompute,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-
-  def fill(batch):
-    if not recompute:
-      batch["past_insemb"] = _past_insembs(store, batch)
-    return batch
-
-  st = train_lib.Run(config,
-                     workdir,
-                     name,
-                     ds,
-                     train_data=data,
-                     fill=fill,
-                     aux=("probs", "insemb"))
+  store, preds = _open_tables(config, workdir, name, ds)
+  st = _stage(stage, config, workdir, name, ds, store)
   writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
   with train_lib.closing(st, writer):
-    it = input_pipeline.iterate(data)
+    it = input_pipeline.iterate(st.train_data)
     state, start = train_lib.resume(st, writer, it)
     if not start:  # a fresh stream starts from the batch-trained source
-      init = checkpointing.Checkpoints(
-          workdir_lib.stage_dir(workdir, config.stream.init_from), 1,
-          f"auc/{ds.schema.tasks[0]}")
-      try:
-        _, params = init.restore_best(checkpointing.abstract(state.params))
-      finally:
-        init.close()
-      state = state.replace(params=params)
+      state = _from_batch_trained(config, workdir, ds, state)
     cost = st.cost()
-    staleness = None if recompute else _Staleness(st)
-
-    def write_back(step, state, batch, aux):  # every process: the global batch
-      mask = predict.host_gather(batch["mask"])
-      keys = predict.host_gather(batch["ins_id"])[mask]
-      for out, key in ((store, "insemb"), (preds, "probs")):
-        out.put(keys, predict.host_gather(predict.local_rows(aux[key]))[mask], step)
-      if staleness is not None and step % config.log_every == 0:
-        writer.write(step, "stream",
-                     {"staleness_cosine": staleness(state.params, batch)})
-
-    def flush(step):  # everything the checkpoint refers to is durable
-      store.flush(step)
-      preds.flush(step)
-
+    staleness = None if config.stream.mode == "recompute" else _Staleness(st)
+    write_back = _WriteBack(config, writer, store, preds, staleness)
     train_lib.run_loop(st,
                        state,
                        it,
                        start,
                        writer,
                        after_step=write_back,
-                       before_checkpoint=flush,
+                       before_checkpoint=write_back.flush,
                        validate=False)
-    flush(st.num_steps)
+    write_back.flush(st.num_steps)
     results = _results(config, ds, preds)
     return train_lib.finish(st, writer, {**results, "best_step": st.num_steps, **cost})
+
+
+def _open_tables(config, workdir: str, name: str,
+                 ds: dataset_lib.Dataset) -> tuple[_Shared, _Shared]:
+  """(the stage's store, its predictions table), both created if missing."""
+  started = _started(config, workdir_lib.stage_dir(workdir, name), ds)
+  store = _open_store(config, workdir, name, ds, started)
+  preds = _Shared.open_or_create(config,
+                                 _preds_path(workdir, name),
+                                 d=ds.schema.num_tasks,
+                                 dtype="float32",
+                                 source=f"{name}/preds",
+                                 fingerprint=ds.schema.fingerprint)
+  return store, preds
+
+
+def _stage(stage: stages.Stage, config, workdir: str, name: str,
+           ds: dataset_lib.Dataset, store: _Shared) -> train_lib.Run:
+  """The stage over its order's time-ordered stream of config.stream.splits,
+  each batch completed with its past's stored InsEmbs right before its step
+  (Method 1; Method 2 reads the past's features instead)."""
+  recompute = config.stream.mode == "recompute"
+  return train_lib.Run(stage,
+                       config,
+                       workdir,
+                       name,
+                       ds,
+                       train_data=orders.batches(config,
+                                                 ds,
+                                                 stage.order,
+                                                 "train",
+                                                 train=True),
+                       fill=functools.partial(_fill_past, None if recompute else store),
+                       aux=("probs", "insemb"))
+
+
+def _fill_past(store: _Shared | None, batch: dict) -> dict:
+  """`batch` with "past_insemb" looked up in `store` (unless None)."""
+  if store is not None:
+    batch["past_insemb"] = _past_insembs(store, batch)
+  return batch
+
+
+def _from_batch_trained(config, workdir: str, ds: dataset_lib.Dataset, state):
+  """`state` with the parameters of config.stream.init_from's best checkpoint."""
+  init = checkpointing.Checkpoints(
+      workdir_lib.stage_dir(workdir, config.stream.init_from), 1,
+      f"auc/{ds.schema.tasks[0]}")
+  try:
+    _, params = init.restore_best(checkpointing.abstract(state.params))
+  finally:
+    init.close()
+  return state.replace(params=params)
+
+
+class _WriteBack:
+  """`run_loop`'s after_step, on every process: puts the global batch's new
+  InsEmbs and predictions into the store and the predictions table, and logs
+  the staleness every log step; `flush` (before_checkpoint) makes everything
+  a checkpoint refers to durable."""
+
+  def __init__(self, config, writer: metrics_lib.Writer, store: _Shared, preds: _Shared,
+               staleness: _Staleness | None):
+    self.log_every, self.writer = config.log_every, writer
+    self.store, self.preds, self.staleness = store, preds, staleness
+
+  def __call__(self, step: int, state, batch, aux) -> None:
+    mask = predict.host_gather(batch["mask"])
+    keys = predict.host_gather(batch["ins_id"])[mask]
+    for out, key in ((self.store, "insemb"), (self.preds, "probs")):
+      out.put(keys, predict.host_gather(predict.local_rows(aux[key]))[mask], step)
+    if self.staleness is not None and step % self.log_every == 0:
+      self.writer.write(step, "stream",
+                        {"staleness_cosine": self.staleness(state.params, batch)})
+
+  def flush(self, step: int) -> None:
+    self.store.flush(step)
+    self.preds.flush(step)
 
 
 def _results(config, ds: dataset_lib.Dataset, preds: _Shared | tables.Table) -> dict:
@@ -303,16 +343,23 @@ def _results(config, ds: dataset_lib.Dataset, preds: _Shared | tables.Table) -> 
   }
 
 
-def _finished(config, workdir: str, name: str, mode: str) -> dict:
-  """The results of the finished stage in <workdir>/<name>, or ValueError."""
+def _finished(stage: stages.Stage, workdir: str, name: str, mode: str) -> dict:
+  """The results of the finished stage in <workdir>/<name>.
+
+  Raises:
+    errors.ConfigError: the stage has not finished.
+  """
   directory = workdir_lib.stage_dir(workdir, name)
   if not workdir_lib.is_complete(directory):
-    raise ValueError(f"--config.stage={config.stage}: {mode} needs the finished "
-                     f"stream in {directory}; run --mode=train first (it resumes)")
+    raise errors.ConfigError(
+        f"--config.stage={stage.name}",
+        f"{mode} needs the finished stream in {directory}; run "
+        f"--mode=train first (it resumes)")
   return workdir_lib.load_results(directory)
 
 
-def evaluate_stream(config: ml_collections.ConfigDict,
+def evaluate_stream(stage: stages.Stage,
+                    config: ml_collections.ConfigDict,
                     workdir: str,
                     name: str,
                     ds: dataset_lib.Dataset,
@@ -321,19 +368,19 @@ def evaluate_stream(config: ml_collections.ConfigDict,
   its predictions table (made before each instance's own step; no model
   runs, nothing is retrained)."""
   assert table is None, "the streaming stage reads its own table"
-  step = _finished(config, workdir, name, "evaluate")["best_step"]
-  preds = tables.Table(_preds_path(workdir, name))
+  step = _finished(stage, workdir, name, "evaluate")["best_step"]
+  preds = tables.open_table(config, _preds_path(workdir, name))
   return {**_results(config, ds, preds), "best_step": step}
 
 
-def export_stream(config: ml_collections.ConfigDict, workdir: str, name: str,
-                  ds: dataset_lib.Dataset) -> str:
+def export_stream(stage: stages.Stage, config: ml_collections.ConfigDict, workdir: str,
+                  name: str, ds: dataset_lib.Dataset) -> str:
   """The finished stream's store (already up to date: the stream flushed it
   at its last step); checks it is published there and returns its path."""
-  step = _finished(config, workdir, name, "export")["best_step"]
-  path = tables.path(config, workdir, config.stage)
-  tables.open_checked(config, workdir, config.stage, ds.schema.fingerprint)
-  if not tables.is_published(path, config.stage, step):
+  step = _finished(stage, workdir, name, "export")["best_step"]
+  path = tables.path(config, workdir, name)
+  tables.open_checked(config, workdir, name, ds.schema.fingerprint)
+  if not tables.is_published(path, name, step, backend=config.store.backend):
     raise errors.StoreError(f"{path}: not the store of the finished stream (its "
                             f"last step {step}); re-run the stream into a fresh "
                             f"--workdir")

@@ -8,7 +8,6 @@ directory layout is `iat_jax.workdir`'s.
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
@@ -24,31 +23,12 @@ from iat_jax import sharding
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
-from iat_jax.data import orders
 from iat_jax.data import input_pipeline
+from iat_jax.data import orders
 from iat_jax.train import cost
+from iat_jax.train import memory
 from iat_jax.train import predict
 from iat_jax.train import steps
-
-
-def batches(config: ml_collections.ConfigDict,
-            ds: dataset_lib.Dataset,
-            stage: str,
-            split: str,
-            *,
-            train: bool,
-            table=None,
-            order: str | None = None):
-  """The Grain MapDataset stage `stage` reads for a split: its batch order's
-  training or evaluation chain (`orders.batches`); `order` overrides the
-  user-chunk order of user-order stages."""
-  return orders.batches(config,
-                        ds,
-                        stages.get(stage).order,
-                        split,
-                        train=train,
-                        table=table,
-                        chunk_order=order)
 
 
 class _Preemption:
@@ -110,6 +90,7 @@ class Run:
   """
 
   def __init__(self,
+               stage: stages.Stage,
                config: ml_collections.ConfigDict,
                workdir: str,
                name: str,
@@ -119,6 +100,7 @@ class Run:
                train_data=None,
                fill=lambda batch: batch,
                aux: tuple[str, ...] = ()):
+    self.stage = stage
     self.config = config
     self.name = name
     self.dir = workdir_lib.stage_dir(workdir, name)
@@ -127,9 +109,9 @@ class Run:
     self.fill = fill
     self.mesh = sharding.make_mesh(tuple(config.mesh_shape), tuple(config.mesh_axes))
     self.rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
-    self.model = stages.make_model(config, ds.schema, config.stage)
-    self.train_data = train_data if train_data is not None else batches(
-        config, ds, config.stage, "train", train=True, table=table)
+    self.model = stage.model(config, ds.schema)
+    self.train_data = train_data if train_data is not None else orders.batches(
+        config, ds, stage.order, "train", train=True, table=table)
     self.num_steps = len(self.train_data)
     sample = steps.to_device(fill(self.train_data[0]), self.mesh)
     tx = steps.make_optimizer(config, self.num_steps)
@@ -140,13 +122,14 @@ class Run:
     self.train_step = PerShape(
         steps.make_train_step(self.model, self.shardings, self.mesh, self.rules, aux),
         self.state, sample)
-    self.eval_step = steps.make_eval_step(
-        self.model,
-        self.shardings.params,
-        self.mesh,
-        self.rules,
-        outputs=("probs", "insemb") if stages.get(config.stage).exports else ("probs",))
-    check_memory(self.train_step.first, config, name)
+    self.eval_step = steps.make_eval_step(self.model,
+                                          self.shardings.params,
+                                          self.mesh,
+                                          self.rules,
+                                          outputs=("probs",
+                                                   "insemb") if stage.exports else
+                                          ("probs",))
+    memory.check(self.train_step.first, stage.order, name)
     self.ckpts = checkpointing.Checkpoints(self.dir, config.keep_checkpoints,
                                            f"auc/{ds.schema.tasks[0]}")
 
@@ -166,12 +149,12 @@ class Run:
 
   def evaluate(self, params, split: str) -> dict[str, float]:
     """Task metrics of `params` over every instance of `split`."""
-    data = batches(self.config,
-                   self.ds,
-                   self.config.stage,
-                   split,
-                   train=False,
-                   table=self.table)
+    data = orders.batches(self.config,
+                          self.ds,
+                          self.stage.order,
+                          split,
+                          train=False,
+                          table=self.table)
     res = predict.predict(self.eval_step, params, data, self.mesh)
     return metrics_lib.task_metrics(self.ds.schema.tasks, res["labels"], res["probs"])
 
@@ -219,28 +202,20 @@ def run_loop(st: Run,
     The final state.
   """
   config = st.config
-  progress = metrics_lib.Progress(st.num_steps, _instances_per_step(config),
+  progress = metrics_lib.Progress(st.num_steps,
+                                  orders.get(st.stage.order).instances(config),
                                   config.log_every, start)
   preempt = _Preemption()
   try:
     for step in range(start + 1, st.num_steps + 1):
       batch = st.fill(next(it))
       state, out, aux = st.train_step(state, steps.to_device(batch, st.mesh))
-      loss = float(out["loss"].addressable_data(0))  # replicated scalar
-      if not np.isfinite(loss):
-        raise errors.DivergedError(
-            f"{st.name}: non-finite loss {loss} at step {step}; stopped without "
-            f"saving; {_last_good(st)}; lower --config.optimizer.learning_rate or "
-            f"set --config.optimizer.grad_clip_norm")
+      loss = _finite_loss(st, out, step)
       if after_step is not None:
         after_step(step, state, batch, aux)
       last = step == st.num_steps
       if step % config.log_every == 0 or last:
-        logged = {"loss": loss}
-        if "hist_missing" in batch:  # history InsIDs the store lacked, this step
-          logged["hist_missing"] = float(batch["hist_missing"])
-        writer.write(step, "train", logged)
-        progress(step, loss)
+        _log(writer, progress, step, loss, batch)
       if validate and ((config.eval_every and step % config.eval_every == 0) or last):
         valid = st.evaluate(state.params, "valid")
         writer.write(step, "valid", valid)
@@ -269,7 +244,8 @@ def finish(st: Run, writer: metrics_lib.Writer, results: dict) -> dict:
   return results
 
 
-def train(config: ml_collections.ConfigDict,
+def train(stage: stages.Stage,
+          config: ml_collections.ConfigDict,
           workdir: str,
           name: str,
           ds: dataset_lib.Dataset,
@@ -278,11 +254,12 @@ def train(config: ml_collections.ConfigDict,
           train_data=None,
           after_step=None,
           before_checkpoint=None) -> dict:
-  """Trains config.stage into <workdir>/<name>; resumes from its checkpoints.
+  """Trains `stage` into <workdir>/<name>; resumes from its checkpoints.
 
   Args:
-    config, workdir, name, ds, table: the run (config.stage into
-      <workdir>/<name>, reading InsEmbs from `table` if it is downstream).
+    stage, config, workdir, name, ds, table: the run (`stage`, whose name is
+      config.stage, into <workdir>/<name>, reading InsEmbs from `table` if it
+      is downstream).
     train_data: batches to train on instead of the stage's default order.
     after_step: `f(step, state, batch, aux)` with aux {'probs', 'insemb'}
       of the step's forward pass (see `run_loop`).
@@ -292,13 +269,7 @@ def train(config: ml_collections.ConfigDict,
     The stage's results dict (also written to results.json).
   """
   aux = ("probs", "insemb") if after_step else ()
-  st = Run(config,
-           workdir,
-           name or config.stage,
-           ds,
-           table,
-           train_data=train_data,
-           aux=aux)
+  st = Run(stage, config, workdir, name, ds, table, train_data=train_data, aux=aux)
   writer = metrics_lib.Writer(st.dir, active=jax.process_index() == 0)
   with closing(st, writer):
     it = input_pipeline.iterate(st.train_data, config.worker_count)
@@ -345,63 +316,25 @@ class closing:  # pylint: disable=invalid-name
         logging.warning("%s: while stopping after an error: %s", self.st.name, e)
 
 
-def available_memory() -> tuple[int, str]:
-  """(bytes one device may use, where that number comes from).
-
-  Accelerators: the device's memory limit. CPU: the host's available memory
-  (/proc/meminfo MemAvailable, else physical pages) shared by its local
-  devices. IAT_JAX_MEMORY_BYTES overrides both (e.g. on a shared host)."""
-  if os.environ.get("IAT_JAX_MEMORY_BYTES"):
-    return int(os.environ["IAT_JAX_MEMORY_BYTES"]), "IAT_JAX_MEMORY_BYTES"
-  device = jax.local_devices()[0]
-  if device.platform != "cpu":
-    stats = device.memory_stats() or {}
-    if stats.get("bytes_limit"):
-      return int(stats["bytes_limit"]), f"{device.device_kind} memory limit"
-  total = None
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          total = int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  if total is None:
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return total // max(jax.local_device_count(), 1), "host memory available per device"
+def _finite_loss(st: Run, out, step: int) -> float:
+  """The step's loss (a replicated scalar); DivergedError if not finite."""
+  loss = float(out["loss"].addressable_data(0))
+  if not np.isfinite(loss):
+    raise errors.DivergedError(
+        f"{st.name}: non-finite loss {loss} at step {step}; stopped without "
+        f"saving; {_last_good(st)}; lower --config.optimizer.learning_rate or "
+        f"set --config.optimizer.grad_clip_norm")
+  return loss
 
 
-def _size_flags(config) -> str:
-  return ", ".join([
-      orders.size_flags(stages.get(config.stage).order), "--config.data.seq_len",
-      "the model widths"
-  ])
-
-
-def check_memory(compiled, config, name: str) -> None:
-  """Raises ConfigError naming the size flags when the compiled train step
-  needs more memory per device than there is (XLA's memory analysis of the
-  executable: arguments + outputs + temporaries - donated buffers). Its inputs
-  are already resident on an accelerator; on CPU only what the step
-  allocates is compared with the host's available memory."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend has it
-    m = None
-  if m is None:
-    return
-  new = m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-  need = new + m.argument_size_in_bytes
-  limit, what = available_memory()
-  if jax.local_devices(
-  )[0].platform == "cpu" and not os.environ.get("IAT_JAX_MEMORY_BYTES"):
-    need = new
-  if need > limit:
-    raise errors.ConfigError(
-        "batch_size / sizes", f"the train step of {name} needs "
-        f"{need / 2**30:.2f} GiB per device, more than the {limit / 2**30:.2f} GiB "
-        f"of {what}; lower {_size_flags(config)}, or shard over more devices "
-        f"(--config.mesh_shape)")
+def _log(writer: metrics_lib.Writer, progress: metrics_lib.Progress, step: int,
+         loss: float, batch: dict) -> None:
+  """The train-metric line of `step` and the progress line (rate, ETA)."""
+  logged = {"loss": loss}
+  if "hist_missing" in batch:  # history InsIDs the store lacked, this step
+    logged["hist_missing"] = float(batch["hist_missing"])
+  writer.write(step, "train", logged)
+  progress(step, loss)
 
 
 def _last_good(st: Run) -> str:
@@ -415,23 +348,29 @@ def _finite(m: dict[str, float]) -> dict[str, float]:
   return {k: (v if np.isfinite(v) else -1.0) for k, v in m.items()}
 
 
-def _instances_per_step(config) -> int:
-  return orders.get(stages.get(config.stage).order).instances(config)
-
-
-def load_best(config, workdir: str, name: str, ds, table=None) -> tuple[Run, int, Any]:
+def load_best(stage: stages.Stage,
+              config,
+              workdir: str,
+              name: str,
+              ds,
+              table=None) -> tuple[Run, int, Any]:
   """A trained stage with its best params: (run, best step, params).
 
   Its checkpoint managers are closed: the run only evaluates."""
-  st = Run(config, workdir, name, ds, table)
+  st = Run(stage, config, workdir, name, ds, table)
   with closing(st):
     step, params = st.ckpts.restore_best(checkpointing.abstract(st.state.params))
   return st, step, params
 
 
-def evaluate_stage(config, workdir: str, name: str, ds, table=None) -> dict:
+def evaluate_stage(stage: stages.Stage,
+                   config,
+                   workdir: str,
+                   name: str,
+                   ds,
+                   table=None) -> dict:
   """Valid and test metrics of a trained stage's best params."""
-  st, step, params = load_best(config, workdir, name, ds, table)
+  st, step, params = load_best(stage, config, workdir, name, ds, table)
   return {
       "valid": st.evaluate(params, "valid"),
       "test": st.evaluate(params, "test"),

@@ -1,15 +1,24 @@
-"""The trainers a stage can name (`iat_jax.stages.Stage.trainer`), and the
-evaluation and export that go with each.
+"""The trainers a stage can name (`iat_jax.stages.Stage.trainer`): one table,
+each row with how its stages train, evaluate and export.
 
-Each trainer is `train(config, workdir, name, ds, table) -> results dict`:
-trains config.stage into <workdir>/<name>, resuming from its checkpoints, and
-writes its results.json; `table` is the InsEmb store a downstream stage reads.
-`evaluate` re-evaluates a trained stage (the streaming source: its progressive
-metrics, from the predictions it stored) and `export` writes (or, for the
-streaming source, checks) a source stage's store.
+  train     (stage, config, workdir, name, ds, table) -> results dict: trains
+            `stage` into <workdir>/<name>, resuming from its checkpoints, and
+            writes its results.json; `table` is the InsEmb store a downstream
+            stage reads;
+  evaluate  (stage, config, workdir, name, ds, table) -> valid / test metrics
+            of the trained stage (the streaming source: its progressive
+            metrics, from the predictions it stored);
+  export    (stage, config, workdir, name, ds) -> the path of the store of
+            model `name` (`tables.path`), written from the trained source (the
+            streaming source: checked, as it kept its store up to date).
+
+Adding a trainer = one `TRAINERS` row; a stage names it by key.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import ml_collections
 
@@ -20,38 +29,48 @@ from iat_jax.train import stream_lib
 from iat_jax.train import train_lib
 from iat_jax.train import two_pass_lib
 
-TRAINERS = {
-    "loop": train_lib.train,
-    "user_order": two_pass_lib.train_user_order,
-    "stream": stream_lib.train_stream,
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """How the stages naming this trainer train, evaluate and export."""
+  train: Callable[..., dict]
+  evaluate: Callable[..., dict]
+  export: Callable[..., str]
+
+
+TRAINERS: dict[str, Trainer] = {
+    "loop":
+        Trainer(train_lib.train, train_lib.evaluate_stage, export_lib.export),
+    "user_order":
+        Trainer(two_pass_lib.train_user_order, train_lib.evaluate_stage,
+                two_pass_lib.export_user_order),
+    "stream":
+        Trainer(stream_lib.train_stream, stream_lib.evaluate_stream,
+                stream_lib.export_stream),
 }
-# Trainers whose stages evaluate / export differently from the default.
-EVALUATORS = {"stream": stream_lib.evaluate_stream}
-EXPORTERS = {"stream": stream_lib.export_stream}
 
 
-def train(config: ml_collections.ConfigDict,
+def train(stage: stages.Stage,
+          config: ml_collections.ConfigDict,
           workdir: str,
           name: str,
           ds: dataset_lib.Dataset,
           table=None) -> dict:
-  """Trains config.stage with the trainer its `stages` entry names."""
-  return TRAINERS[stages.get(config.stage).trainer](config, workdir, name, ds, table)
+  """Trains `stage` (config.stage) into <workdir>/<name> with its trainer."""
+  return TRAINERS[stage.trainer].train(stage, config, workdir, name, ds, table)
 
 
-def evaluate(config: ml_collections.ConfigDict,
+def evaluate(stage: stages.Stage,
+             config: ml_collections.ConfigDict,
              workdir: str,
              name: str,
              ds: dataset_lib.Dataset,
              table=None) -> dict:
-  """Valid / test metrics of trained stage config.stage in <workdir>/<name>."""
-  trainer = stages.get(config.stage).trainer
-  return EVALUATORS.get(trainer, train_lib.evaluate_stage)(config, workdir, name, ds,
-                                                           table)
+  """Valid / test metrics of trained `stage` in <workdir>/<name>."""
+  return TRAINERS[stage.trainer].evaluate(stage, config, workdir, name, ds, table)
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, name: str,
-           ds: dataset_lib.Dataset) -> str:
-  """The store of trained source stage config.stage (<workdir>/<name>); its path."""
-  trainer = stages.get(config.stage).trainer
-  return EXPORTERS.get(trainer, export_lib.export)(config, workdir, name, ds)
+def export(stage: stages.Stage, config: ml_collections.ConfigDict, workdir: str,
+           name: str, ds: dataset_lib.Dataset) -> str:
+  """The store of model `name`, trained source `stage`; its path."""
+  return TRAINERS[stage.trainer].export(stage, config, workdir, name, ds)

@@ -7,11 +7,13 @@ half of the users; pass "reversed" visits them in descending order and keeps
 those of the other half, which it visits late. Every train instance gets
 exactly one InsEmb, each written by the pass in which its user came late
 (`keeper`). Each pass upserts the InsEmbs it keeps, keyed by InsID, into its
-own OCDBT table <workdir>/<name>/<pass>/insembs (`tables.Upserts`; flushed
-before every checkpoint, so a resumed pass rewrites identical rows). `export`
+own table <workdir>/<name>/<pass>/insembs (`tables.Upserts`, read within
+--config.store.cache_bytes; flushed before every checkpoint, so a resumed
+pass rewrites identical rows). `export`
 streams them (train instances, looked up per batch) together with the normal
 pass's best model's InsEmbs of the valid and test instances into one table
-version.
+version. Without --config.two_pass, the user-order source trains and exports
+as every other stage does (`train_lib.train`, `export_lib.export`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import ml_collections
 import numpy as np
 
 from iat_jax import errors
+from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
+from iat_jax.data import orders
 from iat_jax.store import tables
+from iat_jax.train import export_lib
 from iat_jax.train import train_lib
 
 # (pass name, chunk order); pass k keeps the rows whose keeper is k.
@@ -39,15 +44,17 @@ def keeper(ds: dataset_lib.Dataset) -> np.ndarray:
 
 def pass_table(config, workdir: str, name: str, pass_name: str, ds) -> tables.Upserts:
   """The InsEmbs one pass stored (only the rows it keeps), keyed by InsID."""
-  return tables.Upserts.open_or_create(os.path.join(workdir, name, pass_name,
+  return tables.Upserts.open_or_create(config,
+                                       os.path.join(workdir, name, pass_name,
                                                     "insembs"),
                                        d=config.model.insemb_dim,
                                        dtype="float32",
-                                       source=f"{config.stage}/{pass_name}",
+                                       source=f"{name}/{pass_name}",
                                        fingerprint=ds.schema.fingerprint)
 
 
-def train_user_order(config: ml_collections.ConfigDict,
+def train_user_order(stage: stages.Stage,
+                     config: ml_collections.ConfigDict,
                      workdir: str,
                      name: str,
                      ds: dataset_lib.Dataset,
@@ -55,19 +62,39 @@ def train_user_order(config: ml_collections.ConfigDict,
   """The user-order source's trainer: two passes with --config.two_pass, else
   the plain loop (`train_lib.train`)."""
   if not config.two_pass:
-    return train_lib.train(config, workdir, name, ds, table)
-  return train(config, workdir, name, ds)
+    return train_lib.train(stage, config, workdir, name, ds, table)
+  return train(stage, config, workdir, name, ds)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, name: str,
-          ds: dataset_lib.Dataset) -> dict:
+def export_user_order(stage: stages.Stage, config: ml_collections.ConfigDict,
+                      workdir: str, name: str, ds: dataset_lib.Dataset) -> str:
+  """The user-order source's export: with --config.two_pass, the normal
+  pass's best model and the InsEmbs the passes stored for train instances."""
+  if not config.two_pass:
+    return export_lib.export(stage, config, workdir, name, ds)
+  return export_lib.export(stage,
+                           config,
+                           workdir,
+                           name,
+                           ds,
+                           model_dir=os.path.join(name, PASSES[0][0]),
+                           stored=PassTables(config, workdir, name, ds))
+
+
+def train(stage: stages.Stage, config: ml_collections.ConfigDict, workdir: str,
+          name: str, ds: dataset_lib.Dataset) -> dict:
   """Runs both passes (each resumable); returns the normal pass's results."""
   if jax.process_count() > 1:
     raise NotImplementedError("two-pass training runs in one process")
   keep = keeper(ds)
   for k, (pass_name, order) in enumerate(PASSES):
     table = pass_table(config, workdir, name, pass_name, ds)
-    data = train_lib.batches(config, ds, config.stage, "train", train=True, order=order)
+    data = orders.batches(config,
+                          ds,
+                          stage.order,
+                          "train",
+                          train=True,
+                          chunk_order=order)
 
     def write_back(step, state, batch, aux, table=table, k=k):
       del step, state
@@ -77,7 +104,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, name: str,
 
     sub = os.path.join(name, pass_name)
     if not workdir_lib.is_complete(workdir_lib.stage_dir(workdir, sub)):
-      train_lib.train(config,
+      train_lib.train(stage,
+                      config,
                       workdir,
                       sub,
                       ds,
