@@ -43,7 +43,9 @@ def get_config(arg=None):
   c.data.synthetic.num_categorical = 100
   c.data.synthetic.num_dense = 16
   c.batch_size = 4096
-  c.eval_batch_size = 8192
+  # Rows per device (data shard): 8,192 per evaluation batch on an 8-device
+  # host, as a global train batch of 4,096 is.
+  c.eval_batch_size = 1024
   # 64 users x 64 instances = 4,096 instances per user-order batch.
   c.users_per_batch = 64
   c.shuffle_window = 65_536
