@@ -76,6 +76,17 @@ class OrderTableTest(parameterized.TestCase):
     with self.assertRaisesRegex(errors.ConfigError, "--config.users_per_batch"):
       orders.check_sizes(config, self.ds, ["user_chunks", "temporal"])
 
+  def test_train_batch_must_split_over_the_data_shards(self):
+    config = mf.tiny_config()
+    config.mesh_shape = (8, 1)
+    config.users_per_batch = 4  # 4 user chunks over 8 data shards
+    with self.assertRaisesRegex(
+        errors.ConfigError, r"--config.users_per_batch: 4 does not split evenly "
+        r"over the 8 data shards .*use a multiple of 8"):
+      orders.check_sizes(config, self.ds, ["temporal", "user_chunks"])
+    config.mesh_shape = (2, 4)
+    orders.check_sizes(config, self.ds, ["temporal", "user_chunks"])
+
   def test_a_new_order_is_one_entry(self):
     """An order of time-reversed batches, registered alone, is what a stage
     naming it trains on, with its size flags, progress rate and checks."""

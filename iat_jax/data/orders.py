@@ -323,9 +323,19 @@ def size_flags(order: str) -> str:
 
 def check_sizes(config: Config, ds: dataset_lib.Dataset, order_names) -> None:
   """Raises ConfigError naming the flag and the limit when a train batch of
-  one of `order_names` is larger than what it batches: a batch of more
-  instances than the train split (or user chunks than it has) would train a
-  single, mostly padding step. Evaluation batches may be larger (padding is
-  fine there). Cheap: call right after `sources.prepare`, before training."""
+  one of `order_names` does not split evenly over the mesh's data shards, or
+  is larger than what it batches: a batch of more instances than the train
+  split (or user chunks than it has) would train a single, mostly padding
+  step. Evaluation batches may be larger (padding is fine there). Cheap:
+  call right after `sources.prepare`, before training."""
+  shards = data_shards(config)
   for name in dict.fromkeys(order_names):
-    get(name).check(config, ds)
+    order = get(name)
+    rows = order.rows(config)
+    if rows % shards:
+      raise errors.ConfigError(
+          order.size_flags[0], f"{rows} does not split evenly over the {shards} "
+          f"data shards of the mesh (--config.mesh_shape="
+          f"{tuple(config.mesh_shape)} on {len(jax.devices())} devices); use a "
+          f"multiple of {shards}")
+    order.check(config, ds)
