@@ -156,11 +156,13 @@ class OpenStoreTest(absltest.TestCase):
     np.testing.assert_array_equal(values, self.values[:50])
 
   def test_is_published(self):
-    self.assertTrue(tables.is_published(self.path, "source_temporal", 3))
-    self.assertFalse(tables.is_published(self.path, "source_temporal", 4))
-    self.assertFalse(tables.is_published(self.path, "source_user", 3))
+    config = self.config
+    self.assertTrue(tables.is_published(config, self.path, "source_temporal", 3))
+    self.assertFalse(tables.is_published(config, self.path, "source_temporal", 4))
+    self.assertFalse(tables.is_published(config, self.path, "source_user", 3))
     self.assertFalse(
-        tables.is_published(os.path.join(self.workdir, "none"), "source_temporal", 3))
+        tables.is_published(config, os.path.join(self.workdir, "none"),
+                            "source_temporal", 3))
 
   def test_mismatched_store_names_the_flag(self):
     config = mf.tiny_config()
@@ -208,7 +210,7 @@ class StreamInPipelineTest(absltest.TestCase):
   def test_stream_iat_reads_the_store_at_the_streams_last_step(self):
     path = os.path.join(self.workdir, "stores", "source_stream")
     self.assertTrue(
-        tables.is_published(path, "source_stream",
+        tables.is_published(mf.tiny_config(), path, "source_stream",
                             self.results["source_stream"]["best_step"]))
     train = [
         r for r in cli.metric_lines(self.workdir, "stream_iat") if r["split"] == "train"

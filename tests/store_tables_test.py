@@ -84,9 +84,9 @@ class RegistryTest(absltest.TestCase):
     got, found = table.lookup(self.keys[::-1])
     self.assertTrue(found.all())
     np.testing.assert_array_equal(got, self.values[::-1])
-    self.assertTrue(
-        tables.is_published(self.path, "source_temporal", 3, backend="dummy"))
-    self.assertFalse(tables.is_published(self.path, "source_temporal", 3))  # ocdbt
+    self.assertTrue(tables.is_published(self.config, self.path, "source_temporal", 3))
+    self.assertFalse(  # the same path under the ocdbt backend
+        tables.is_published(_config("ocdbt"), self.path, "source_temporal", 3))
     self.assertEqual(self.dummy.calls, ["publish", "open", "open"])
 
   def test_a_registered_backend_exports_and_upserts(self):

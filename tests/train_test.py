@@ -159,7 +159,8 @@ class PipelineTest(absltest.TestCase):
       self.assertTrue(all(r["hist_missing"] == 0 for r in train))
     for store in ("source_temporal", "source_user"):  # published OCDBT tables
       self.assertTrue(
-          tables.is_published(os.path.join(self.workdir, "stores", store), store,
+          tables.is_published(mf.tiny_config(),
+                              os.path.join(self.workdir, "stores", store), store,
                               res["models"][store]["best_step"]))
 
   def test_second_run_trains_nothing(self):

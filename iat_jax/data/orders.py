@@ -82,10 +82,13 @@ class Order:
   example: Callable[[Config, schema_lib.Schema, int], dict]
 
 
+def _mesh(config: Config) -> jax.sharding.Mesh:
+  return sharding.make_mesh(tuple(config.mesh_shape), tuple(config.mesh_axes))
+
+
 def data_shards(config: Config) -> int:
   """Blocks the mesh splits a batch's leading axis into (its 'data' axis)."""
-  return sharding.make_mesh(tuple(config.mesh_shape),
-                            tuple(config.mesh_axes)).shape["data"]
+  return _mesh(config).shape["data"]
 
 
 def eval_context(config: Config) -> int:
@@ -135,7 +138,6 @@ def _history(config: Config, ds, split: str, ctx: Context, *,
              train: bool) -> grain.MapDataset:
   """Temporal batches + history; InsEmbs travel deduplicated per batch shard
   (`input_pipeline.LookupInsEmb(compact)`)."""
-  mesh = sharding.make_mesh(tuple(config.mesh_shape), tuple(config.mesh_axes))
   return _temporal(config,
                    ds,
                    split,
@@ -145,7 +147,7 @@ def _history(config: Config, ds, split: str, ctx: Context, *,
                    num_gap_buckets=config.model.num_gap_buckets,
                    table=ctx.table,
                    compact=True,
-                   groups=sharding.local_batch_shards(mesh))
+                   groups=sharding.local_batch_shards(_mesh(config)))
 
 
 def _example_history(config: Config, schema, seed: int) -> dict:
@@ -306,8 +308,8 @@ def abstract_batch(config: Config,
                    order: str,
                    rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a global batch of `order` (`rows` leading rows,
-  default its train batch's), without its data (a one-row example,
-  widened): for ahead-of-time compilation and cost estimates."""
+  default its train batch's), without its data (its example batch, the
+  leading axis widened): for ahead-of-time compilation and cost estimates."""
   entry = get(order)
   rows = entry.rows(config) if rows is None else rows
   one = entry.example(config, schema, 0)

@@ -266,7 +266,8 @@ def make_encoder(c: ml_collections.ConfigDict,
                  dropout_rate: float,
                  dtype: layers.Dtype,
                  module_name: str | None = None) -> nn.Module:
-  """The encoder of config block `c` (see `iat_jax.models.encoder_config`) over <= max_len tokens."""
+  """The encoder of config block `c` (see `iat_jax.models.encoder_config`) over
+  <= max_len tokens."""
   if c.encoder == "din":
     return DINEncoder(c.width, mlp_dims=tuple(c.din_mlp), dtype=dtype, name=module_name)
   if c.encoder == "transformer":

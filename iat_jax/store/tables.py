@@ -35,7 +35,6 @@ DTYPES = tuple(rows.DTYPES)
 DEFAULT_SHARD_BITS = backend_lib.DEFAULT_SHARD_BITS
 DEFAULT_BLOCK_ROWS = backend_lib.DEFAULT_BLOCK_ROWS
 DEFAULT_CACHE_BYTES = backend_lib.DEFAULT_CACHE_BYTES
-DEFAULT_BACKEND = "ocdbt"
 Backend = backend_lib.Backend
 Lookup = backend_lib.Lookup
 Table = backend_lib.Table
@@ -139,29 +138,26 @@ def step_of(table: Table) -> int:
   return table.metadata["source_step"]
 
 
-def _newest(backend: str, table_path: str) -> Table | None:
+def _newest(config: ml_collections.ConfigDict, table_path: str) -> Table | None:
   """The newest version at `table_path` (opened to read its metadata), or
   None if there is no readable table there."""
   try:
-    return get_backend(backend).open(table_path, cache_bytes=1 << 20)
+    return get_backend(config.store.backend).open(table_path, cache_bytes=1 << 20)
   except errors.StoreError:
     return None
 
 
-def is_published(table_path: str,
-                 source: str,
-                 step: int,
-                 *,
-                 backend: str = DEFAULT_BACKEND) -> bool:
+def is_published(config: ml_collections.ConfigDict, table_path: str, source: str,
+                 step: int) -> bool:
   """Whether `table_path` holds a version exported from `source` at `step`."""
-  table = _newest(backend, table_path)
+  table = _newest(config, table_path)
   return (table is not None and table.metadata["source"] == source and
           step_of(table) == step)
 
 
-def exists(table_path: str, *, backend: str = DEFAULT_BACKEND) -> bool:
+def exists(config: ml_collections.ConfigDict, table_path: str) -> bool:
   """Whether `table_path` holds a published table (any version)."""
-  return _newest(backend, table_path) is not None
+  return _newest(config, table_path) is not None
 
 
 def publish(config: ml_collections.ConfigDict, table_path: str, keys: np.ndarray,
@@ -204,7 +200,7 @@ def holds_export(config: ml_collections.ConfigDict, table_path: str, *, source: 
   dtype, layout, width and process count) of `source` at `step`."""
   want = export_id(config, source, step, fingerprint, config.model.insemb_dim,
                    jax.process_count())
-  table = _newest(config.store.backend, table_path)
+  table = _newest(config, table_path)
   return table is not None and table.metadata.get("export_id") == want
 
 
@@ -363,7 +359,7 @@ class Upserts:
                      source_config=None,
                      **kw) -> Upserts:
     """Opens `table_path`, or publishes an empty table there first."""
-    if not exists(table_path, backend=config.store.backend):
+    if not exists(config, table_path):
       get_backend(config.store.backend).publish(table_path,
                                                 np.zeros(0, np.uint64),
                                                 np.zeros((0, d), np.float32),

@@ -68,7 +68,7 @@ def export(stage: stages.Stage,
                              f"export needs a source stage (one of {stages.SOURCES})")
   st, step, params = train_lib.load_best(stage, config, workdir, model_dir or name, ds)
   path = tables.path(config, workdir, name)
-  if tables.is_published(path, name, step, backend=config.store.backend):
+  if tables.is_published(config, path, name, step):
     logging.info("export %s: already done (step %d)", path, step)
     return path
   out = tables.export_writer(config,

@@ -17,8 +17,8 @@ training) in timestamp order, batches mixing users. For each instance:
      batches see it.
 
 The stage's store is the one of the model it runs as, tables.path(config,
-workdir, name) (`source_stream` in the pipeline): a fresh stream (no checkpoint yet) publishes a copy of
-`init_from`'s exported table there once (every process copies its slice, in
+workdir, name) (`source_stream` in the pipeline): a fresh stream (no
+checkpoint yet) publishes a copy of `init_from`'s exported table there once (every process copies its slice, in
 export chunks), then every step's new InsEmbs are upserted into it keyed by
 InsID (`_Shared` over `tables.Upserts`: buffered in memory, read through the
 buffer, flushed as one new version before every checkpoint and whenever the
@@ -72,7 +72,6 @@ from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
-from iat_jax.data import orders
 from iat_jax.store import tables
 from iat_jax.train import predict
 from iat_jax.train import steps
@@ -273,20 +272,16 @@ def _open_tables(config, workdir: str, name: str,
 
 def _stage(stage: stages.Stage, config, workdir: str, name: str,
            ds: dataset_lib.Dataset, store: _Shared) -> train_lib.Run:
-  """The stage over its order's time-ordered stream of config.stream.splits,
-  each batch completed with its past's stored InsEmbs right before its step
-  (Method 1; Method 2 reads the past's features instead)."""
+  """The stage over its order's time-ordered stream of config.stream.splits
+  (its training chain), each batch completed with its past's stored InsEmbs
+  right before its step (Method 1; Method 2 reads the past's features
+  instead)."""
   recompute = config.stream.mode == "recompute"
   return train_lib.Run(stage,
                        config,
                        workdir,
                        name,
                        ds,
-                       train_data=orders.batches(config,
-                                                 ds,
-                                                 stage.order,
-                                                 "train",
-                                                 train=True),
                        fill=functools.partial(_fill_past, None if recompute else store),
                        aux=("probs", "insemb"))
 
@@ -380,7 +375,7 @@ def export_stream(stage: stages.Stage, config: ml_collections.ConfigDict, workdi
   step = _finished(stage, workdir, name, "export")["best_step"]
   path = tables.path(config, workdir, name)
   tables.open_checked(config, workdir, name, ds.schema.fingerprint)
-  if not tables.is_published(path, name, step, backend=config.store.backend):
+  if not tables.is_published(config, path, name, step):
     raise errors.StoreError(f"{path}: not the store of the finished stream (its "
                             f"last step {step}); re-run the stream into a fresh "
                             f"--workdir")

@@ -122,13 +122,12 @@ class Run:
     self.train_step = PerShape(
         steps.make_train_step(self.model, self.shardings, self.mesh, self.rules, aux),
         self.state, sample)
+    outputs = ("probs", "insemb") if stage.exports else ("probs",)
     self.eval_step = steps.make_eval_step(self.model,
                                           self.shardings.params,
                                           self.mesh,
                                           self.rules,
-                                          outputs=("probs",
-                                                   "insemb") if stage.exports else
-                                          ("probs",))
+                                          outputs=outputs)
     memory.check(self.train_step.first, stage.order, name)
     self.ckpts = checkpointing.Checkpoints(self.dir, config.keep_checkpoints,
                                            f"auc/{ds.schema.tasks[0]}")
