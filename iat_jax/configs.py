@@ -35,6 +35,9 @@ MAX_LEN = 8192
 # the Flax models; tests/configs_test.py checks that the two agree.
 PIPELINE_MODELS = ("base", "source_temporal", "temporal_iat", "source_user", "user_iat",
                    "source_stream", "stream_iat")
+# The models of `iat_jax.continuous.loop.MODELS`, likewise (continuous.models).
+CONTINUOUS_MODELS = ("base", "source_temporal", "temporal_iat", "source_user",
+                     "user_iat")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -76,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dir = ""
   # Where the preprocessed dataset is cached; "" = <workdir>/data.
   c.data.cache_dir = ""
+  # Continuous training's periods (iat_jax.data.periods): "<n><unit>" by time
+  # (unit s, m, h, d, w; "1d": calendar days, UTC) or "rows:<n>" by count.
+  c.data.period = "1d"
   # Hand-crafted behaviour sequence length S.
   c.data.seq_len = 32
   # Synthetic generator knobs (see iat_jax.data.synthetic.build).
@@ -114,6 +120,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.stream.k = 16
   # 'fetch' stored InsEmbs (Method 1) | 'recompute' them (Method 2).
   c.stream.mode = "fetch"
+
+  c.continuous = ml_collections.ConfigDict()
+  # --mode=continuous (iat_jax.continuous.loop): the models it trains
+  # period after period (a downstream needs its source).
+  c.continuous.models = CONTINUOUS_MODELS
+  # The first periods are warm-up: trained warmup_epochs passes each, their
+  # metrics reported apart.
+  c.continuous.warmup_periods = 1
+  c.continuous.warmup_epochs = 1
+  # How long after an instance its InsEmb is visible to the downstream models
+  # ("0": as soon as the source processed it; "6h", "1d", ...).
+  c.continuous.sync_lag = "0"
+  # The last period this invocation runs (-1: the log's last): a daily job
+  # runs the periods the log has so far; the next one continues.
+  c.continuous.through = -1
 
   c.optimizer = ml_collections.ConfigDict()
   # Adam(W) with linear warm-up then cosine decay to 0.
@@ -173,6 +194,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Memory budget of each reader of a table (its block cache and the segment
   # indexes it loaded): per process, and per input worker process.
   c.store.cache_bytes = store_backend.DEFAULT_CACHE_BYTES
+  # Continuous training: keep the InsEmbs and index entries of this many
+  # periods before the current one (0 = all), by event time (Eq. 12's
+  # retention days); flush a source's new InsEmbs every this many steps.
+  c.store.retention_periods = 0
+  c.store.flush_every = 50
 
   c.pipeline = ml_collections.ConfigDict()
   # Models `--mode=pipeline` produces (a subset of iat_jax.stages.PIPELINE,

@@ -1,4 +1,5 @@
-"""Command line: train / evaluate / export one stage, or run the whole pipeline.
+"""Command line: train / evaluate / export one stage, run the whole pipeline,
+or train continuously period after period (--mode=continuous).
 
   python -m iat_jax.main --config=experiments/configs/demo.py --workdir=DIR \
       --mode=pipeline [--config.key=value ...]
@@ -40,12 +41,13 @@ from iat_jax import pipeline
 from iat_jax import stages
 from iat_jax import validation
 from iat_jax import workdir as workdir_lib
+from iat_jax.continuous import loop
 from iat_jax.data import orders
 from iat_jax.data import sources
 from iat_jax.train import trainers
 
-MODES = ("train", "evaluate", "export", "pipeline")
-WRITING_MODES = ("train", "export", "pipeline")
+MODES = ("train", "evaluate", "export", "pipeline", "continuous")
+WRITING_MODES = ("train", "export", "pipeline", "continuous")
 
 _CONFIG = config_flags.DEFINE_config_file("config",
                                           None,
@@ -126,6 +128,13 @@ def fail(message: str) -> None:
 
 
 def _run(config, workdir: str, mode: str) -> None:
+  if mode == "continuous":
+    loop.run(config, workdir, sources.prepare(config, workdir))
+    return
+  if os.path.isdir(os.path.join(workdir, "continuous")):
+    raise errors.ConfigError(
+        "--workdir", f"{workdir} holds a continuous run (continuous/); "
+        f"--mode={mode} needs a workdir of its own")
   if mode == "pipeline":
     pipeline.run(config, workdir)
     return

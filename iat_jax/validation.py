@@ -36,6 +36,7 @@ import numpy as np
 from iat_jax import configs
 from iat_jax import errors
 from iat_jax import stages
+from iat_jax.data import periods
 from iat_jax.data import schema as schema_lib
 from iat_jax.data import sources
 from iat_jax.models import iat
@@ -72,6 +73,7 @@ def validate(config: Config) -> None:
   _check_stages(config)
   _check_mesh(config)
   _check_model(config)
+  _check_continuous(config)
 
 
 def validate_devices(config: Config, num_devices: int) -> None:
@@ -163,6 +165,29 @@ def _check_mesh(config: Config) -> None:
         "model.vocab_pad_multiple",
         f"must be divisible by the model mesh axis ({model_axis}) so embedding "
         f"rows split evenly")
+
+
+def _check_continuous(config: Config) -> None:
+  """Continuous training's knobs: models, warm-up, sync lag, periods, store."""
+  models = tuple(config.continuous.models)
+  unknown = set(models) - set(configs.CONTINUOUS_MODELS)
+  _need(
+      bool(models) and not unknown, "continuous.models",
+      f"{sorted(unknown) or 'none'}: must be a non-empty subset of "
+      f"{configs.CONTINUOUS_MODELS}")
+  for model, source in (("temporal_iat", "source_temporal"), ("user_iat",
+                                                               "source_user")):
+    _need(model not in models or source in models, "continuous.models",
+          f"{model} reads the InsEmbs of {source}: add {source}")
+  c = config.continuous
+  _need(c.warmup_periods >= 0, "continuous.warmup_periods", "must be >= 0")
+  _need(c.warmup_epochs >= 1, "continuous.warmup_epochs", "must be >= 1")
+  _need(c.through >= -1, "continuous.through", "must be -1 (all) or a period")
+  periods.duration(c.sync_lag, "continuous.sync_lag")
+  periods.check_spec(config.data.period)
+  _need(config.store.retention_periods >= 0, "store.retention_periods",
+        "must be >= 0 (0 keeps every period)")
+  _need(config.store.flush_every > 0, "store.flush_every", "must be > 0")
 
 
 def _check_model(config: Config) -> None:

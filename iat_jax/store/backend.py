@@ -119,6 +119,9 @@ class Backend(Protocol):
     """Publishes keys uint64 [n] -> values float32 [n, d] as a whole new
     version; returns its number."""
 
+  def drop(self, path: str) -> None:
+    """Deletes the table at `path`, every version (nothing there: no-op)."""
+
   def upsert(self,
              table: Table,
              keys: np.ndarray,

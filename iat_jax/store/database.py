@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 from typing import Any, Iterable
 import uuid
 
@@ -67,6 +68,15 @@ def latest_generation(path: str, sub: str = "") -> int | None:
   except (ValueError, KeyError, IndexError) as e:
     raise errors.StoreError(
         f"InsEmb store {path}: unreadable OCDBT manifest ({e})") from e
+
+
+def drop(path: str) -> None:
+  """Deletes the database at `path` and everything beside it (its staging)."""
+  if "://" in path:
+    base = ts.KvStore.open(base_spec(path)).result()
+    base.delete_range(ts.KvStore.KeyRange()).result()
+  else:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def layout_format(meta: dict) -> rows.Format:

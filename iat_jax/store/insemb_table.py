@@ -13,6 +13,7 @@ index). See docs/store.md.
 
 from __future__ import annotations
 
+from iat_jax.store import database
 from iat_jax.store import export as export_lib
 from iat_jax.store import reader
 from iat_jax.store import writer
@@ -29,3 +30,4 @@ class Backend:
   publish = staticmethod(writer.write)
   upsert = staticmethod(writer.upsert)
   export = staticmethod(export_lib.ExportWriter)
+  drop = staticmethod(database.drop)

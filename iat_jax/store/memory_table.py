@@ -145,6 +145,10 @@ class MemoryBackend:
                               f"memory store holds 1..{len(versions)})")
     return versions[version - 1]
 
+  def drop(self, path: str) -> None:
+    """Forgets every version at `path`."""
+    self._versions.pop(self._key(path), None)
+
   def _commit(self, path: str, keys: np.ndarray, stored: np.ndarray,
               scales: np.ndarray | None, meta: dict[str, Any]) -> MemoryTable:
     """Publishes sorted rows with metadata `meta` as the next version."""

@@ -160,6 +160,11 @@ def exists(config: ml_collections.ConfigDict, table_path: str) -> bool:
   return _newest(config, table_path) is not None
 
 
+def drop(config: ml_collections.ConfigDict, table_path: str) -> None:
+  """Deletes the table at `table_path`, every version (none there: no-op)."""
+  get_backend(config.store.backend).drop(table_path)
+
+
 def publish(config: ml_collections.ConfigDict, table_path: str, keys: np.ndarray,
             values: np.ndarray, *, source: str, step: int, fingerprint: str) -> int:
   """Writes InsEmbs (uint64 keys [n], float32 values [n, d]) of `source` at

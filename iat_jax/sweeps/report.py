@@ -71,7 +71,8 @@ def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (PNG files, no display)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
@@ -81,7 +82,7 @@ def _pyplot():
 def plot_metrics(rows: Sequence[dict], points: Sequence[dict], seeds: int,
                  out_dir: str) -> list[str]:
   """test_<metric>_<task>.png: mean and 95% t-interval over seeds per model."""
-  plt, values = _pyplot(), collections.defaultdict(list)
+  plt, values = pyplot(), collections.defaultdict(list)
   for r in rows:
     if r["split"] == "test":
       values[r["point"], r["model"], r["task"], r["metric"]].append(r["value"])
@@ -175,7 +176,7 @@ _X_LABELS = {
 
 def plot_scaling(fits: Sequence[dict], out_dir: str) -> list[str]:
   """scaling_<x>.png: the observations and the fitted line, task x metric."""
-  plt, paths = _pyplot(), []
+  plt, paths = pyplot(), []
   for xname in dict.fromkeys(f["x"] for f in fits):
     sub = [f for f in fits if f["x"] == xname]
     tasks = list(dict.fromkeys(f["task"] for f in sub))

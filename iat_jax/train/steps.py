@@ -34,12 +34,17 @@ class TrainState(train_state.TrainState):
 
 
 def make_optimizer(config: ml_collections.ConfigDict,
-                   num_steps: int) -> optax.GradientTransformation:
-  """AdamW, warm-up + cosine schedule, global-norm clipping (config.optimizer)."""
+                   num_steps: int | None = None) -> optax.GradientTransformation:
+  """AdamW, warm-up + cosine schedule over num_steps (None: warm-up, then
+  constant, for training that never ends), global-norm clipping
+  (config.optimizer)."""
   opt = config.optimizer
-  warmup = min(opt.warmup_steps, max(num_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup,
-                                                max(num_steps, warmup + 1))
+  if num_steps is None:
+    schedule = optax.warmup_constant_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+  else:
+    warmup = min(opt.warmup_steps, max(num_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup,
+                                                  max(num_steps, warmup + 1))
   chain = [optax.adamw(schedule, weight_decay=opt.weight_decay)]
   if opt.grad_clip_norm > 0:
     chain.insert(0, optax.clip_by_global_norm(opt.grad_clip_norm))
