@@ -25,6 +25,8 @@ def get_config(arg=None):
   c.num_epochs = 2
   c.eval_every = 0
   c.checkpoint_every = 200
+  # Continuous training: one period a day (the extract's 14 days).
+  c.data.period = "1d"
   if a.runlocal:
     c.num_epochs = 1
     c.data.seq_len = 16

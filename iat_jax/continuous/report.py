@@ -94,7 +94,7 @@ def table(results: dict) -> str:
   lines = [
       f"continuous: {len(results['periods'])} of {results['num_periods']} periods "
       f"done, {results['record_periods']} after warm-up",
-      f"{'model':<16}" + "".join(f"{k:>14}{'dAUC vs base (95% CI)':>30}" for k in keys)
+      f"{'model':<16}" + "".join(f"{k:>16}{'dAUC vs base, 95% CI (wins)':>34}" for k in keys)
   ]
   for n, m in overall.items():
     line = f"{n:<16}"
@@ -102,7 +102,7 @@ def table(results: dict) -> str:
       d = results["vs_base"].get(n, {}).get(k)
       ci = ("" if d is None else f"{d['mean']:+.4f} ± {d['ci95']:.4f} "
             f"({d['better']}/{d['periods']})")
-      line += f"{m[k]:>14.4f}{ci:>30}"
+      line += f"{m[k]:>16.4f}{ci:>34}"
     lines.append(line)
   return "\n".join(lines)
 
