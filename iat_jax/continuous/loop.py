@@ -45,7 +45,10 @@ continues), after checking that the periods already trained on are unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import resource
+import time
 
 from absl import logging
 import jax
@@ -350,6 +353,26 @@ class Run:
         table.drop_before(p + 1 - self.retention)
     return row
 
+  def log_cost(self, p: int, seconds: float, grown: int) -> None:
+    """Appends period p's cost to timing.jsonl (kept apart from the metrics:
+    a resumed run's results equal an uninterrupted run's, its timings not):
+    wall seconds, rows/s, bytes the period added on disk (its InsEmb tables,
+    the index's new generation, the new checkpoint, less what retention and
+    checkpoint rotation removed), resident and peak memory."""
+    rows = len(self.periods.rows(p))
+    line = {
+        "period": p,
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s": rows / max(seconds, 1e-9),
+        "bytes_grown": grown,
+        "rss_bytes": _rss_bytes(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    }
+    if jax.process_index() == 0:
+      with open(os.path.join(self.dir, "timing.jsonl"), "a") as f:
+        f.write(json.dumps(line, sort_keys=True) + "\n")
+
   def close(self) -> None:
     self.ckpt.close()
     self.writer.close()
@@ -369,6 +392,24 @@ class _Progress:
     if self.step % self.inner.every == 0:
       logging.info("period %d, %s:", p, name)
     self.inner(self.step, loss)
+
+
+def _tree_bytes(path: str) -> int:
+  """Bytes of the files under `path` (a local directory)."""
+  total = 0
+  for root, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(root, f))
+      except OSError:  # removed meanwhile (checkpoint rotation)
+        pass
+  return total
+
+
+def _rss_bytes() -> int:
+  """Resident memory of this process now."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_workdir(workdir: str) -> None:
@@ -397,7 +438,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, ds) -> dict:
                  if p < config.continuous.warmup_periods else 1) for p in todo)
     progress = _Progress(total, config.batch_size, config.log_every)
     for p in todo:
+      t0, before = time.time(), _tree_bytes(st.dir)
       row = st.run_period(p, progress)
+      st.log_cost(p, time.time() - t0, _tree_bytes(st.dir) - before)
       logging.info("period %d/%d done: %s", p, len(st.periods) - 1,
                    report.brief(row, st.tasks[0]))
     results = report.summarize(st.meta["periods"], st.hists, st.tasks, st.names,
