@@ -129,6 +129,7 @@ def fail(message: str) -> None:
 
 def _run(config, workdir: str, mode: str) -> None:
   if mode == "continuous":
+    loop.check_workdir(workdir)
     loop.run(config, workdir, sources.prepare(config, workdir))
     return
   if os.path.isdir(os.path.join(workdir, "continuous")):

@@ -423,12 +423,12 @@ def check_workdir(workdir: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, ds) -> dict:
   """Runs (or resumes) the continuous run in <workdir>/continuous through
-  period `continuous.through`; writes and returns its results."""
+  period `continuous.through`; writes and returns its results. The caller
+  checks the workdir first (`check_workdir`, before building the dataset)."""
   if jax.process_count() > 1:
     raise errors.ConfigError(
         "--mode", "continuous runs on one process (of any number of devices) "
         "for now; launch it with one process")
-  check_workdir(workdir)
   st = Run(config, workdir, ds)
   try:
     start = st.resume()
