@@ -86,9 +86,10 @@ def main(argv) -> None:
   print(f"{'period':>6} {'rows':>8} {'seconds':>8} {'rows/s':>8} {'MB grown':>9} "
         f"{'RSS GB':>7} {'peak GB':>8}")
   for r in rows:
-    print(f"{r['period']:>6} {r['rows']:>8} {r['seconds']:>8.1f} {r['rows_per_s']:>8.0f} "
-          f"{r['bytes_grown'] / 1e6:>9.1f} {r['rss_bytes'] / 2**30:>7.2f} "
-          f"{r['peak_rss_bytes'] / 2**30:>8.2f}")
+    print(
+        f"{r['period']:>6} {r['rows']:>8} {r['seconds']:>8.1f} {r['rows_per_s']:>8.0f} "
+        f"{r['bytes_grown'] / 1e6:>9.1f} {r['rss_bytes'] / 2**30:>7.2f} "
+        f"{r['peak_rss_bytes'] / 2**30:>8.2f}")
   last = min(10, len(rows) - 1)
   total_rows = sum(r["rows"] for r in rows)
   out = {
@@ -96,8 +97,9 @@ def main(argv) -> None:
       "continuous_wall_s": wall,
       "time_ratio": _ratio(rows, "seconds", 2, last),
       "bytes_ratio": _ratio(rows, "bytes_grown", 2, last),
-      "rss_after_2_max_over_min": (max(r["rss_bytes"] for r in rows[2:]) /
-                                   min(r["rss_bytes"] for r in rows[2:])),
+      "rss_after_2_max_over_min":
+          (max(r["rss_bytes"] for r in rows[2:]) / min(r["rss_bytes"] for r in rows[2:])
+          ),
       "continuous_rows_per_s": total_rows * len(_MODELS.value) / wall,
       "models": _MODELS.value,
   }
@@ -105,7 +107,9 @@ def main(argv) -> None:
         f"{out['bytes_ratio']:.2f}x (target <= 1.3x); RSS after period 2 varies "
         f"{out['rss_after_2_max_over_min']:.2f}x")
   if _BATCH.value:
-    pipe_models = [m for m in _MODELS.value if m in ("base", "temporal_iat", "user_iat")]
+    pipe_models = [
+        m for m in _MODELS.value if m in ("base", "temporal_iat", "user_iat")
+    ]
     listed = "(" + ",".join(f"'{m}'" for m in pipe_models) + ",)"
     batch_wall = _main(os.path.join(_OUT.value, "batch"), "pipeline",
                        f"--config.pipeline.models={listed}", "--config.num_epochs=1",

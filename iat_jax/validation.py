@@ -176,7 +176,7 @@ def _check_continuous(config: Config) -> None:
       f"{sorted(unknown) or 'none'}: must be a non-empty subset of "
       f"{configs.CONTINUOUS_MODELS}")
   for model, source in (("temporal_iat", "source_temporal"), ("user_iat",
-                                                               "source_user")):
+                                                              "source_user")):
     _need(model not in models or source in models, "continuous.models",
           f"{model} reads the InsEmbs of {source}: add {source}")
   c = config.continuous

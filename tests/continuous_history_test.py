@@ -6,7 +6,6 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import ml_collections
 import numpy as np
 
 from iat_jax import configs
@@ -16,6 +15,7 @@ from iat_jax.continuous import history as history_lib
 from iat_jax.data import periods as periods_lib
 from iat_jax.data import user_history
 from iat_jax.store import partitions
+from iat_jax.store import tables
 from iat_jax.store import user_index
 from tests import data_fixtures
 
@@ -97,7 +97,8 @@ class HistoryTest(parameterized.TestCase):
   @parameterized.parameters((0, 0), (1800, 0), (3600, 2), (0, 1))
   def test_downstream_sees_only_visible_strictly_earlier_entries(self, lag, keep):
     ds = self.ds
-    cutoff = lambda p: (int(self.per.start[p - keep]) if keep and p - keep >= 0 else _NONE)
+    cutoff = lambda p: (int(self.per.start[p - keep])
+                        if keep and p - keep >= 0 else _NONE)
     uid_all, ts_all = np.asarray(ds["uid"]), np.asarray(ds["ts"])
     seen = 0
     for p, rows, uid, tl in _walk(ds, self.per, _index(ds), cutoff):
@@ -113,8 +114,8 @@ class HistoryTest(parameterized.TestCase):
         self.assertNotIn(ds["ins_id"][r], got["hist_ins_id"][i][m])
         known = got["hist_label_known"][i][m]
         delays = np.asarray(ds.schema.label_delays)
-        np.testing.assert_array_equal(
-            known, ts_all[want][:, None] + delays[None] < ts_all[r])
+        np.testing.assert_array_equal(known, ts_all[want][:, None] + delays[None]
+                                      < ts_all[r])
         self.assertTrue((got["hist_labels"][i][m][~known] == 0).all())
         seen += m.sum()
     self.assertGreater(seen, 100)
@@ -143,11 +144,12 @@ class HistoryTest(parameterized.TestCase):
     cutoff = lambda p: int(self.per.start[p - keep]) if p - keep >= 0 else _NONE
     uid_all = np.asarray(ds["uid"])
     for p, rows, uid, _ in _walk(ds, self.per, index, cutoff):
-      expired = (np.unique(uid_all[self.per.rows(p - keep)])
-                 if p - keep >= 0 else np.zeros(0, np.int64))
+      expired = (np.unique(uid_all[self.per.rows(p - keep)]) if p -
+                 keep >= 0 else np.zeros(0, np.int64))
       # _walk appended without expiring; expire like the loop does.
       del rows, uid
-      index.append(np.zeros(0, np.int64), history_lib.entries(ds, np.zeros(0, np.int64)),
+      index.append(np.zeros(0,
+                            np.int64), history_lib.entries(ds, np.zeros(0, np.int64)),
                    cutoff(p + 1), expired)
     last = len(self.per)
     users = np.unique(uid_all)
@@ -196,24 +198,39 @@ class AssembleTest(absltest.TestCase):
       w = table.begin(p)
       w.put(ds["ins_id"][rows], value(ds["ins_id"][rows]))
       table.end(p)
-      data = batches.period_batches(config, ds, per, p, tl, "history", cutoff=_NONE,
-                                    sync_lag=0, table=table)
+      data = batches.period_batches(config,
+                                    ds,
+                                    per,
+                                    p,
+                                    tl,
+                                    "history",
+                                    cutoff=_NONE,
+                                    sync_lag=0,
+                                    table=table)
       for i in range(len(data)):
         b = data[i]
         m = b["hist_mask"]
-        self.assertTrue((b["hist_ts"][m] < np.broadcast_to(b["ts"][:, None], m.shape)[m]).all())
+        self.assertTrue((b["hist_ts"][m] < np.broadcast_to(b["ts"][:, None],
+                                                           m.shape)[m]).all())
         np.testing.assert_array_equal(b["hist_insemb"][m], value(b["hist_ins_id"][m]))
         self.assertTrue((b["hist_insemb"][~m] == 0).all())
         slots += m.sum()
     self.assertGreater(slots, 100)
 
 
-class PartitionsTest(absltest.TestCase):
+class PartitionsTest(parameterized.TestCase):
 
-  def test_periods_answer_their_own_keys_and_retention_drops_whole_tables(self):
+  @parameterized.parameters("ocdbt", "memory")
+  def test_periods_answer_their_own_keys_and_retention_drops_whole_tables(
+      self, backend):
     config = configs.base_config()
+    config.store.backend = backend
     root = os.path.join(tempfile.mkdtemp(), "s")
-    table = partitions.Partitions(config, root, d=2, source="src", fingerprint="f",
+    table = partitions.Partitions(config,
+                                  root,
+                                  d=2,
+                                  source="src",
+                                  fingerprint="f",
                                   flush_rows=3)
     for p in range(3):
       w = table.begin(p)
@@ -223,6 +240,7 @@ class PartitionsTest(absltest.TestCase):
     self.assertTrue(found.all())
     np.testing.assert_array_equal(v[:, 0], [0, 1, 2])
     table.drop_before(2)
+    self.assertFalse(tables.exists(config, table.path(1)))
     self.assertFalse(os.path.exists(table.path(1)))
     with self.assertRaisesRegex(errors.StoreError, "period 0"):
       table.lookup(np.array([1], np.uint64), np.array([0]))

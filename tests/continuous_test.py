@@ -85,16 +85,21 @@ class ContinuousTest(absltest.TestCase):
     uninterrupted run."""
     base = tempfile.mkdtemp()
     a, b = os.path.join(base, "a"), os.path.join(base, "b")
-    cli_fixtures.run([sys.executable, "-m", "iat_jax.main",
-                      *cli_fixtures.main_args(a, "continuous", *_RUN)])
-    cli_fixtures.run([sys.executable, "-m", "iat_jax.main",
-                      *cli_fixtures.main_args(b, "continuous", *_RUN,
-                                              "--config.continuous.through=2")])
+    cli_fixtures.run([
+        sys.executable, "-m", "iat_jax.main",
+        *cli_fixtures.main_args(a, "continuous", *_RUN)
+    ])
+    cli_fixtures.run([
+        sys.executable, "-m", "iat_jax.main",
+        *cli_fixtures.main_args(b, "continuous", *_RUN, "--config.continuous.through=2")
+    ])
     self.assertEqual(sorted(_ckpt(b)), ["2", "3"])
     _kill_when(_start(b), lambda: "5" in _ckpt(b), delay=0.5)  # mid-period 5
     _kill_when(_start(b), lambda: any(c.startswith("8.") for c in _ckpt(b)))
-    cli_fixtures.run([sys.executable, "-m", "iat_jax.main",
-                      *cli_fixtures.main_args(b, "continuous", *_RUN)])
+    cli_fixtures.run([
+        sys.executable, "-m", "iat_jax.main",
+        *cli_fixtures.main_args(b, "continuous", *_RUN)
+    ])
     want, got = _state(a), _state(b)
     self.assertEqual(sorted(want), sorted(got))
     for key in want:
@@ -116,8 +121,8 @@ class ContinuousTest(absltest.TestCase):
       self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
       return proc.stderr.strip().splitlines()[-1]
 
-    self.assertIn("--config.data.period: '0'", fails(work, "continuous",
-                                                     "--config.data.period=0"))
+    self.assertIn("--config.data.period: '0'",
+                  fails(work, "continuous", "--config.data.period=0"))
     self.assertIn("--config.continuous.sync_lag",
                   fails(work, "continuous", "--config.continuous.sync_lag=soon"))
     self.assertIn("--config.continuous.through",
@@ -127,7 +132,8 @@ class ContinuousTest(absltest.TestCase):
     steps = _ckpt(work)
     line = fails(work, "continuous", *_RUN, "--config.continuous.sync_lag=6h")
     self.assertIn("--config.continuous.sync_lag: is '6h'", line)
-    line = fails(work, "continuous", *_RUN, "--config.data.synthetic.num_instances=1000")
+    line = fails(work, "continuous", *_RUN,
+                 "--config.data.synthetic.num_instances=1000")
     self.assertIn("period 0's instances differ", line)
     self.assertIn("--workdir", fails(work, "pipeline"))
     self.assertEqual(_ckpt(work), steps)

@@ -34,7 +34,8 @@ HOST = ("past_ts", "past_period")
 
 
 def _insembs(table: partitions_lib.Partitions, periods: periods_lib.Periods,
-             ins_id: np.ndarray, ts: np.ndarray, mask: np.ndarray, what: str) -> np.ndarray:
+             ins_id: np.ndarray, ts: np.ndarray, mask: np.ndarray,
+             what: str) -> np.ndarray:
   """float32 [..., d]: the stored InsEmbs of the masked slots (zeros elsewhere)."""
   out = np.zeros(mask.shape + (table.d,), np.float32)
   keys, where = np.unique(ins_id[mask], return_inverse=True)
@@ -53,8 +54,8 @@ class Assemble(grain.transforms.Map):
   """Batch index i of period p -> the batch dict of `kind` (see the module)."""
 
   def __init__(self, config: ml_collections.ConfigDict, ds, periods, p: int,
-               timeline: history_lib.Timeline, kind: str, *, cutoff: int,
-               sync_lag: int, table: partitions_lib.Partitions | None):
+               timeline: history_lib.Timeline, kind: str, *, cutoff: int, sync_lag: int,
+               table: partitions_lib.Partitions | None):
     self.ds, self.periods, self.kind, self.timeline = ds, periods, kind, timeline
     self.rows = periods.rows(p)
     self.b, self.cutoff, self.sync_lag, self.table = (config.batch_size, cutoff,
@@ -81,8 +82,8 @@ class Assemble(grain.transforms.Map):
           past["past_ts"], past["past_mask"])
       batch["past_period"] = self.periods.of_time(past["past_ts"])
     elif self.kind == "history":
-      hist = self.timeline.downstream(uid, ts, valid, self.l, self.sync_lag, self.cutoff,
-                                      self.ds.schema.label_delays)
+      hist = self.timeline.downstream(uid, ts, valid, self.l, self.sync_lag,
+                                      self.cutoff, self.ds.schema.label_delays)
       batch.update(hist)
       batch["hist_gap"] = history.gap_bucket(ts, hist["hist_ts"], hist["hist_mask"],
                                              self.gap_buckets)
@@ -91,8 +92,16 @@ class Assemble(grain.transforms.Map):
     return batch
 
 
-def period_batches(config, ds, periods, p: int, timeline, kind: str, *, cutoff: int,
-                   sync_lag: int, table=None) -> grain.MapDataset:
+def period_batches(config,
+                   ds,
+                   periods,
+                   p: int,
+                   timeline,
+                   kind: str,
+                   *,
+                   cutoff: int,
+                   sync_lag: int,
+                   table=None) -> grain.MapDataset:
   """The batches of period p for a model of `kind` (see the module)."""
   assemble = Assemble(config,
                       ds,
@@ -109,8 +118,8 @@ def period_batches(config, ds, periods, p: int, timeline, kind: str, *, cutoff: 
 def fill_past(batch: dict, table: partitions_lib.Partitions,
               periods: periods_lib.Periods) -> dict:
   """A stream batch with past_insemb [b, K, d] looked up now."""
-  batch["past_insemb"] = _insembs(table, periods, batch["past_ins_id"], batch["past_ts"],
-                                  batch["past_mask"], "past")
+  batch["past_insemb"] = _insembs(table, periods, batch["past_ins_id"],
+                                  batch["past_ts"], batch["past_mask"], "past")
   return batch
 
 

@@ -100,19 +100,21 @@ class Timeline:
     not yet known), newest first.
     """
     seg = self._segment(uid)
-    begin = np.maximum(self.start[seg], self._search(seg, "ts", np.full_like(ts, cutoff)))
+    begin = np.maximum(self.start[seg], self._search(seg, "ts",
+                                                     np.full_like(ts, cutoff)))
     end = self._search(seg, "ts", ts - sync_lag)
     idx, mask = self._slots(begin, end, length)
     mask &= valid[:, None]
     return self._fields(idx, mask, ts, label_delays)
 
-  def stream_past(self, uid: np.ndarray, ts: np.ndarray, valid: np.ndarray,
-                  length: int, batch_start: int, cutoff: int) -> dict[str, np.ndarray]:
+  def stream_past(self, uid: np.ndarray, ts: np.ndarray, valid: np.ndarray, length: int,
+                  batch_start: int, cutoff: int) -> dict[str, np.ndarray]:
     """The newest `length` entries strictly before (uid, ts) [b] that the
     source processed before the batch starting at period rank batch_start:
     past_ins_id, past_ts, past_mask [b, K]."""
     seg = self._segment(uid)
-    begin = np.maximum(self.start[seg], self._search(seg, "ts", np.full_like(ts, cutoff)))
+    begin = np.maximum(self.start[seg], self._search(seg, "ts",
+                                                     np.full_like(ts, cutoff)))
     end = np.minimum(self._search(seg, "ts", ts),
                      self._search(seg, "rank", np.full_like(ts, batch_start)))
     idx, mask = self._slots(begin, end, length)
@@ -144,7 +146,8 @@ def entries(ds, rows: np.ndarray) -> np.ndarray:
   return out
 
 
-def tie_groups(past_ts: np.ndarray, past_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def tie_groups(past_ts: np.ndarray,
+               past_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(tie_group [b], past_tie_group [b, K]) of stream requests: a past slot's
   group is the first slot of its run of equal timestamps (newest first), the
   request's own is K, so same-time past entries never see each other

@@ -152,32 +152,36 @@ class Run:
                                       ds.schema.num_tasks,
                                       max(config.model.hist_len, config.stream.k))
     self.tables = {
-        n: partitions_lib.Partitions(config,
-                                     os.path.join(self.dir, "stores", n),
-                                     d=config.model.insemb_dim,
-                                     source=n,
-                                     fingerprint=ds.schema.fingerprint,
-                                     flush_rows=config.store.flush_every *
-                                     config.batch_size)
+        n:
+            partitions_lib.Partitions(config,
+                                      os.path.join(self.dir, "stores", n),
+                                      d=config.model.insemb_dim,
+                                      source=n,
+                                      fingerprint=ds.schema.fingerprint,
+                                      flush_rows=config.store.flush_every *
+                                      config.batch_size)
         for n in self.names
         if stages.STAGES[MODELS[n].stage].exports
     }
-    self.learners = {n: Learner(MODELS[n], config, ds, self._sample(n)) for n in self.names}
+    self.learners = {
+        n: Learner(MODELS[n], config, ds, self._sample(n)) for n in self.names
+    }
     self.hists = {n: report.empty_hist(len(self.tasks)) for n in self.names}
-    self.ckpt = ocp.CheckpointManager(
-        os.path.join(self.dir, "ckpt"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler()
-        })
+    self.ckpt = ocp.CheckpointManager(os.path.join(self.dir, "ckpt"),
+                                      options=ocp.CheckpointManagerOptions(
+                                          max_to_keep=2, create=True),
+                                      item_handlers={
+                                          "state": ocp.StandardCheckpointHandler(),
+                                          "meta": ocp.JsonCheckpointHandler()
+                                      })
     self.writer = metrics_lib.Writer(self.dir, active=jax.process_index() == 0)
     self.meta = {"generation": self.index.generation(), "digests": [], "periods": []}
 
   def _sample(self, name: str) -> dict:
     """A batch of period 0 with empty histories: the shapes the step compiles for."""
     empty = history_lib.Timeline.build([], np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                       history_lib.entries(self.ds, np.zeros(0, np.int64)))
+                                       history_lib.entries(self.ds,
+                                                           np.zeros(0, np.int64)))
     model = MODELS[name]
     data = batches_lib.period_batches(self.config,
                                       self.ds,
@@ -197,7 +201,9 @@ class Run:
 
   def _state_tree(self) -> dict:
     return {
-        "models": {n: lr.state for n, lr in self.learners.items()},
+        "models": {
+            n: lr.state for n, lr in self.learners.items()
+        },
         "hist": self.hists
     }
 
@@ -208,7 +214,9 @@ class Run:
       self.writer.truncate(0)
       return 0
     target = {
-        "models": {n: checkpointing.abstract(lr.state) for n, lr in self.learners.items()},
+        "models": {
+            n: checkpointing.abstract(lr.state) for n, lr in self.learners.items()
+        },
         "hist": self.hists
     }
     try:
@@ -317,8 +325,8 @@ class Run:
       batch = next(it)
       if lr.model.kind == "stream":
         batch = batches_lib.fill_past(batch, self.tables[lr.model.name], self.periods)
-      lr.state, out, aux = lr.step(lr.state,
-                                   steps.to_device(batches_lib.device_keys(batch), lr.mesh))
+      lr.state, out, aux = lr.step(
+          lr.state, steps.to_device(batches_lib.device_keys(batch), lr.mesh))
       loss = float(out["loss"].addressable_data(0))
       if not np.isfinite(loss):
         raise errors.DivergedError(
@@ -342,10 +350,13 @@ class Run:
         "generation": generation,
         "digests": self.meta["digests"] + [self.periods.digest(self.ds["ins_id"], p)],
         "periods": self.meta["periods"] + [row],
-        "run": {k: _knob(self.config, k) for k in RUN_KNOBS}
+        "run": {
+            k: _knob(self.config, k) for k in RUN_KNOBS
+        }
     }
     self.ckpt.save(p + 1,
-                   args=ocp.args.Composite(state=ocp.args.StandardSave(self._state_tree()),
+                   args=ocp.args.Composite(state=ocp.args.StandardSave(
+                       self._state_tree()),
                                            meta=ocp.args.JsonSave(self.meta)))
     self.ckpt.wait_until_finished()
     if self.retention:
@@ -414,7 +425,9 @@ def _rss_bytes() -> int:
 
 def check_workdir(workdir: str) -> None:
   """ConfigError if `workdir` holds a batch pipeline (its stage directories)."""
-  batch = [n for n in stages.PIPELINE if os.path.isdir(workdir_lib.stage_dir(workdir, n))]
+  batch = [
+      n for n in stages.PIPELINE if os.path.isdir(workdir_lib.stage_dir(workdir, n))
+  ]
   if batch:
     raise errors.ConfigError(
         "--workdir", f"{workdir} holds a batch pipeline ({', '.join(batch)}); a "
@@ -433,16 +446,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, ds) -> dict:
   try:
     start = st.resume()
     todo = range(start, st.through + 1)
-    total = sum(-(-len(st.periods.rows(p)) // config.batch_size) * len(st.names) *
-                (config.continuous.warmup_epochs
-                 if p < config.continuous.warmup_periods else 1) for p in todo)
+    total = sum(
+        -(-len(st.periods.rows(p)) // config.batch_size) * len(st.names) *
+        (config.continuous.warmup_epochs if p < config.continuous.warmup_periods else 1)
+        for p in todo)
     progress = _Progress(total, config.batch_size, config.log_every)
     for p in todo:
       t0, before = time.time(), _tree_bytes(st.dir)
       row = st.run_period(p, progress)
       st.log_cost(p, time.time() - t0, _tree_bytes(st.dir) - before)
-      logging.info("period %d/%d done: %s", p, len(st.periods) - 1,
-                   report.brief(row, st.tasks[0]))
+      logging.info("period %d/%d done: %s", p,
+                   len(st.periods) - 1, report.brief(row, st.tasks[0]))
     results = report.summarize(st.meta["periods"], st.hists, st.tasks, st.names,
                                len(st.periods))
   finally:

@@ -47,19 +47,28 @@ def hist_auc(hist_t: np.ndarray) -> float:
 
 
 def period_row(p: int, start: int, rows: int, warmup: bool, metrics: dict) -> dict:
-  return {"period": p, "start": start, "rows": rows, "warmup": warmup, "models": metrics}
+  return {
+      "period": p,
+      "start": start,
+      "rows": rows,
+      "warmup": warmup,
+      "models": metrics
+  }
 
 
 def brief(row: dict, task: str) -> str:
-  return ", ".join(f"{n} {m.get(f'auc/{task}', math.nan):.4f}"
-                   for n, m in row["models"].items())
+  return ", ".join(
+      f"{n} {m.get(f'auc/{task}', math.nan):.4f}" for n, m in row["models"].items())
 
 
 def summarize(rows: list[dict], hists: dict, tasks, names, num_periods: int) -> dict:
   """results.json: per-period rows, overall AUC, paired dAUC vs base."""
   record = [r for r in rows if not r["warmup"]]
-  overall = {n: {f"auc/{t}": hist_auc(hists[n][i]) for i, t in enumerate(tasks)}
-             for n in names}
+  overall = {
+      n: {
+          f"auc/{t}": hist_auc(hists[n][i]) for i, t in enumerate(tasks)
+      } for n in names
+  }
   vs_base = {}
   if "base" in names and record:
     for n in names:
@@ -93,8 +102,8 @@ def table(results: dict) -> str:
   keys = sorted({k for m in overall.values() for k in m})
   lines = [
       f"continuous: {len(results['periods'])} of {results['num_periods']} periods "
-      f"done, {results['record_periods']} after warm-up",
-      f"{'model':<16}" + "".join(f"{k:>16}{'dAUC vs base, 95% CI (wins)':>34}" for k in keys)
+      f"done, {results['record_periods']} after warm-up", f"{'model':<16}" +
+      "".join(f"{k:>16}{'dAUC vs base, 95% CI (wins)':>34}" for k in keys)
   ]
   for n, m in overall.items():
     line = f"{n:<16}"
@@ -116,7 +125,9 @@ def plot(results: dict, out_dir: str) -> list[str]:
   if not rows:
     return []
   names = list(rows[0]["models"])
-  tasks = [k.split("/", 1)[1] for k in rows[0]["models"][names[0]] if k.startswith("auc/")]
+  tasks = [
+      k.split("/", 1)[1] for k in rows[0]["models"][names[0]] if k.startswith("auc/")
+  ]
   x = [r["period"] for r in rows]
   paths = []
   for task in tasks:
@@ -126,7 +137,10 @@ def plot(results: dict, out_dir: str) -> list[str]:
       ax.plot(x, [r["models"][n][key] for r in rows], marker=".", label=n)
     warm = [r["period"] for r in rows if r["warmup"]]
     if warm:
-      ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="grey", alpha=0.15,
+      ax.axvspan(min(warm) - 0.5,
+                 max(warm) + 0.5,
+                 color="grey",
+                 alpha=0.15,
                  label="warm-up")
     ax.set_xlabel("period")
     ax.set_ylabel(f"progressive AUC ({task})")
@@ -144,11 +158,15 @@ def plot(results: dict, out_dir: str) -> list[str]:
       if d is None:
         continue
       xs = [r["period"] for r in record]
-      line = ax.plot(xs, [r["models"][n][key] - r["models"]["base"][key] for r in record],
-                     marker=".", label=n)[0]
+      line = ax.plot(xs,
+                     [r["models"][n][key] - r["models"]["base"][key] for r in record],
+                     marker=".",
+                     label=n)[0]
       if not math.isnan(d["ci95"]):
-        ax.axhspan(d["mean"] - d["ci95"], d["mean"] + d["ci95"],
-                   color=line.get_color(), alpha=0.15)
+        ax.axhspan(d["mean"] - d["ci95"],
+                   d["mean"] + d["ci95"],
+                   color=line.get_color(),
+                   alpha=0.15)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xlabel("period")
     ax.set_ylabel(f"AUC - base AUC ({task}); band: mean's 95% CI")

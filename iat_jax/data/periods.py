@@ -58,8 +58,7 @@ def check_spec(text: str) -> tuple[int, int]:
     return 0, rows
   seconds = duration(text, "data.period")
   if seconds <= 0:
-    raise errors.ConfigError("data.period",
-                             f"{text!r}: a period must be longer than 0")
+    raise errors.ConfigError("data.period", f"{text!r}: a period must be longer than 0")
   return seconds, 0
 
 

@@ -75,7 +75,8 @@ class Partitions:
       self._open[p] = tables.open_table(self.config, self.path(p))
     return self._open[p]
 
-  def lookup(self, keys: np.ndarray, periods: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def lookup(self, keys: np.ndarray,
+             periods: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint64 keys [n] of instances of periods [n] -> (float32 [n, d], found [n])."""
     keys, periods = np.asarray(keys).reshape(-1), np.asarray(periods).reshape(-1)
     values = np.zeros((len(keys), self.d), np.float32)

@@ -58,7 +58,10 @@ class UserIndex:
   def __init__(self, path: str, num_tasks: int, capacity: int):
     self.path, self.capacity = path, capacity
     self.dtype = entry_dtype(num_tasks)
-    self._context = ts.Context({"cache_pool": {"total_bytes_limit": database.TS_CACHE_BYTES}})
+    self._context = ts.Context(
+        {"cache_pool": {
+            "total_bytes_limit": database.TS_CACHE_BYTES
+        }})
     if "://" not in path:
       os.makedirs(path, exist_ok=True)
     self.kv = database.open_kv(path, context=self._context)
