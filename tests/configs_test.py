@@ -18,6 +18,7 @@ from iat_jax import configs
 from iat_jax import errors
 from iat_jax import stages
 from iat_jax import validation
+from iat_jax.continuous import loop
 from iat_jax.data import synthetic
 from tests import cli_fixtures as cli
 from tests import model_fixtures as mf
@@ -72,6 +73,9 @@ class LightTest(absltest.TestCase):
   def test_pipeline_models_are_the_pipelines(self):
     self.assertEqual(configs.base_config().pipeline.models, tuple(stages.PIPELINE))
 
+  def test_continuous_models_are_the_continuous_table(self):
+    self.assertCountEqual(configs.base_config().continuous.models, loop.MODELS)
+
   def test_synthetic_block_is_the_generators_defaults(self):
     block = configs.base_config().data.synthetic
     self.assertCountEqual(block, synthetic.RUN_KNOBS)
@@ -80,6 +84,20 @@ class LightTest(absltest.TestCase):
 
 
 class ValidateTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("continuous.models", ("user_iat",), "add source_user"),
+      ("continuous.models", ("base", "stream_iat"), "stream_iat"),
+      ("continuous.warmup_epochs", 0, "must be >= 1"),
+      ("continuous.sync_lag", "2 days", "not a duration"),
+      ("data.period", "rows:-3", "neither <n><unit>.*nor rows:<n>"),
+      ("store.retention_periods", -1, "must be >= 0"),
+  )
+  def test_bad_continuous_knob_names_the_flag(self, flag, value, message):
+    config = configs.base_config()
+    _set(config, flag, value)
+    with self.assertRaisesRegex(errors.ConfigError, f"--config.{flag}.*{message}"):
+      validation.validate(config)
 
   def test_synthetic_config_files_are_valid(self):
     for path in CONFIG_FILES:
