@@ -19,11 +19,20 @@ a lookup batch touches the tables of the days its histories span.
 
 from __future__ import annotations
 
+import collections
+import threading
+
 import ml_collections
 import numpy as np
 
 from iat_jax import errors
 from iat_jax.store import tables
+
+# Period tables a reader keeps open (least recently used closed first). Each
+# open table and the current period's writer get 1 / (MAX_OPEN + 1) of
+# --config.store.cache_bytes, so a source's tables hold at most that budget
+# however many periods the log has; reopening one costs ~5 ms.
+MAX_OPEN = 16
 
 
 class Partitions:
@@ -42,7 +51,11 @@ class Partitions:
                source: str, fingerprint: str, flush_rows: int):
     self.config, self.root, self.d = config, root.rstrip("/"), d
     self.source, self.fingerprint, self.flush_rows = source, fingerprint, flush_rows
-    self._open: dict[int, object] = {}  # period -> Table or Upserts
+    self._share = ml_collections.ConfigDict(config.to_dict())
+    self._share.store.cache_bytes = config.store.cache_bytes // (MAX_OPEN + 1)
+    self._writer: tuple[int, tables.Upserts] | None = None  # (period, writer)
+    self._open: collections.OrderedDict = collections.OrderedDict()  # period -> Table
+    self._lock = threading.Lock()
 
   def path(self, p: int) -> str:
     return f"{self.root}/period-{p:05d}"
@@ -51,29 +64,46 @@ class Partitions:
     """The writer of period p's table, created empty (a half-written table of
     a killed run is dropped first)."""
     tables.drop(self.config, self.path(p))
-    w = tables.Upserts.open_or_create(self.config,
+    self._open.pop(p, None)
+    w = tables.Upserts.open_or_create(self._share,
                                       self.path(p),
                                       d=self.d,
                                       dtype=self.config.store.dtype,
                                       source=f"{self.source}/period-{p}",
                                       fingerprint=self.fingerprint,
                                       flush_rows=self.flush_rows)
-    self._open[p] = w
+    self._writer = (p, w)
     return w
 
   def end(self, p: int) -> None:
     """Flushes period p's writer; its table is final (read-only from now)."""
-    w = self._open.pop(p)
+    _, w = self._writer
     w.flush(p)
-    self._open[p] = w.table
+    self._writer = None
+    self._remember(p, w.table)
+
+  def _remember(self, p: int, table) -> None:
+    self._open[p] = table
+    self._open.move_to_end(p)
+    while len(self._open) > MAX_OPEN:
+      self._open.popitem(last=False)
 
   def _table(self, p: int):
-    if p not in self._open:
-      if not tables.exists(self.config, self.path(p)):
+    """Period p's table (the writer while p is being written); callers may be
+    the input pipeline's threads."""
+    if self._writer is not None and self._writer[0] == p:
+      return self._writer[1]  # reads through its buffer
+    with self._lock:
+      if p in self._open:
+        self._open.move_to_end(p)
+        return self._open[p]
+      try:
+        table = tables.open_table(self._share, self.path(p))
+      except errors.StoreError as e:
         raise errors.StoreError(f"{self.path(p)}: the InsEmbs of period {p} are "
-                                f"missing (dropped by retention, or deleted)")
-      self._open[p] = tables.open_table(self.config, self.path(p))
-    return self._open[p]
+                                f"missing (dropped by retention, or deleted)") from e
+      self._remember(p, table)
+      return table
 
   def lookup(self, keys: np.ndarray,
              periods: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,3 +125,4 @@ class Partitions:
 
   def close(self) -> None:
     self._open.clear()
+    self._writer = None
