@@ -10,8 +10,10 @@ import numpy as np
 
 from iat_jax import configs
 from iat_jax import errors
+from iat_jax import metrics
 from iat_jax.continuous import batches
 from iat_jax.continuous import history as history_lib
+from iat_jax.continuous import report
 from iat_jax.data import periods as periods_lib
 from iat_jax.data import user_history
 from iat_jax.store import partitions
@@ -251,3 +253,39 @@ class PartitionsTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class ReportTest(absltest.TestCase):
+
+  def test_binned_auc_is_close_to_the_exact_one(self):
+    rng = np.random.default_rng(0)
+    labels = (rng.random((5000, 2)) < 0.3).astype(np.float32)
+    probs = np.clip(0.3 * labels + rng.random((5000, 2)) * 0.7, 0, 1).astype(np.float32)
+    hist = report.empty_hist(2)
+    report.add_hist(hist, labels[:2000], probs[:2000])
+    report.add_hist(hist, labels[2000:], probs[2000:])
+    for t in range(2):
+      self.assertAlmostEqual(report.hist_auc(hist[t]),
+                             metrics.auc(labels[:, t], probs[:, t]), 4)
+
+  def test_paired_differences_and_seeds(self):
+    rows = [
+        report.period_row(p, 0, 10, p == 0, {
+            "base": {
+                "auc/a": 0.6
+            },
+            "m": {
+                "auc/a": 0.6 + 0.01 * p
+            }
+        }) for p in range(4)
+    ]
+    hists = {n: report.empty_hist(1) for n in ("base", "m")}
+    out = report.summarize(rows, hists, ["a"], ["base", "m"], 4)
+    d = out["vs_base"]["m"]["auc/a"]
+    self.assertEqual(out["record_periods"], 3)  # period 0 is warm-up
+    self.assertAlmostEqual(d["mean"], 0.02)
+    self.assertEqual((d["better"], d["periods"]), (3, 3))
+    seeds = report.across_seeds([out, out])
+    m = [r for r in seeds if r["model"] == "m"][0]
+    self.assertAlmostEqual(m["dauc"][0], 0.02)
+    self.assertIn("| m | auc/a |", report.seeds_markdown(seeds))

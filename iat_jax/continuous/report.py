@@ -176,3 +176,43 @@ def plot(results: dict, out_dir: str) -> list[str]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
   return paths
+
+
+def across_seeds(results: list[dict]) -> list[dict]:
+  """Rows of a seeds table from several runs' results.json (one per seed):
+  per model and task, the overall progressive AUC's mean and 95% t-interval
+  over the seeds, and the dAUC vs base paired within each seed (its mean
+  over the periods after warm-up), mean and interval over the seeds."""
+  names = list(results[0]["overall"])
+  tasks = sorted(results[0]["overall"][names[0]])
+  rows = []
+  for n in names:
+    for key in tasks:
+      auc = stats.mean_ci([r["overall"][n][key] for r in results])
+      d = [r["vs_base"][n][key]["mean"] for r in results if n in r["vs_base"]]
+      rows.append({
+          "model": n,
+          "task": key,
+          "auc": auc,
+          "dauc": stats.mean_ci(d) if d else None,
+          "seeds": len(results)
+      })
+  return rows
+
+
+def seeds_markdown(rows: list[dict]) -> str:
+  """`across_seeds` rows as a Markdown table (dAUC: AUC minus base's)."""
+  lines = [
+      "| model | task | progressive AUC | dAUC vs base | ≠ 0 | seeds |",
+      "|---|---|---|---|---|---|"
+  ]
+  for r in rows:
+    auc = f"{r['auc'][0]:.5f} ± {r['auc'][1]:.5f}"
+    if r["dauc"] is None:
+      d = ne = "—"
+    else:
+      mean, half = r["dauc"]
+      d = f"{mean:+.5f} ± {half:.5f}"
+      ne = {True: "yes", False: "no", None: "—"}[stats.excludes_zero(mean, half)]
+    lines.append(f"| {r['model']} | {r['task']} | {auc} | {d} | {ne} | {r['seeds']} |")
+  return "\n".join(lines)
