@@ -64,9 +64,10 @@ def run_main(workdir, mode, *overrides, check=True):
       check)
 
 
-def start_main(workdir, *overrides):
+def start_main(workdir, *overrides, mode="train"):
+  """`iat_jax.main` started in the background (stderr piped)."""
   return subprocess.Popen(
-      [sys.executable, "-m", "iat_jax.main", *main_args(workdir, "train", *overrides)],
+      [sys.executable, "-m", "iat_jax.main", *main_args(workdir, mode, *overrides)],
       cwd=REPO,
       env=ENV,
       stdout=subprocess.DEVNULL,

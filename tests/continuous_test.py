@@ -4,7 +4,6 @@ exactly where an uninterrupted run ends; bad input is refused before work."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,15 +25,7 @@ _RUN = ("--config.data.period=3d", "--config.store.retention_periods=2",
 
 
 def _start(workdir, *overrides):
-  return subprocess.Popen([
-      sys.executable, "-m", "iat_jax.main",
-      *cli_fixtures.main_args(workdir, "continuous", *_RUN, *overrides)
-  ],
-                          cwd=cli_fixtures.REPO,
-                          env=cli_fixtures.ENV,
-                          stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE,
-                          text=True)
+  return cli_fixtures.start_main(workdir, *_RUN, *overrides, mode="continuous")
 
 
 def _kill_when(proc, ready, delay=0.0):

@@ -7,7 +7,6 @@ downstream reads: train_test.py's pipeline tests.)
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -154,15 +153,7 @@ class ExportTest(absltest.TestCase):
                        source_step=-1,
                        source_config=None,
                        dataset=self.ds.schema.fingerprint)
-    proc = subprocess.Popen([
-        sys.executable, "-m", "iat_jax.main",
-        *cli.main_args(workdir, "export", *_EXPORT)
-    ],
-                            cwd=cli.REPO,
-                            env=cli.ENV,
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE,
-                            text=True)
+    proc = cli.start_main(workdir, *_EXPORT, mode="export")
     try:
       self._wait_for_chunk(path, 3, proc)
     finally:

@@ -327,12 +327,8 @@ class Run:
         batch = batches_lib.fill_past(batch, self.tables[lr.model.name], self.periods)
       lr.state, out, aux = lr.step(
           lr.state, steps.to_device(batches_lib.device_keys(batch), lr.mesh))
-      loss = float(out["loss"].addressable_data(0))
-      if not np.isfinite(loss):
-        raise errors.DivergedError(
-            f"{lr.model.name}: non-finite loss {loss} in period {p}; lower "
-            f"--config.optimizer.learning_rate (the last period checkpoint in "
-            f"{self.dir}/ckpt is intact)")
+      loss = train_lib.finite_loss(out, lr.model.name, f"in period {p}",
+                                   f"the last period checkpoint is in {self.dir}/ckpt")
       mask = batch["mask"]
       probs[i * b:i * b + int(mask.sum())] = predict.local_rows(aux["probs"])[mask]
       if writer is not None:

@@ -142,13 +142,9 @@ def plot(results: dict, out_dir: str) -> list[str]:
                  color="grey",
                  alpha=0.15,
                  label="warm-up")
-    ax.set_xlabel("period")
-    ax.set_ylabel(f"progressive AUC ({task})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, f"auc_{task}.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(
+        sweep_report.save_figure(plt, fig, ax, os.path.join(out_dir, f"auc_{task}.png"),
+                                 "period", f"progressive AUC ({task})"))
     if "base" not in names:
       continue
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -168,13 +164,10 @@ def plot(results: dict, out_dir: str) -> list[str]:
                    color=line.get_color(),
                    alpha=0.15)
     ax.axhline(0.0, color="black", lw=0.8)
-    ax.set_xlabel("period")
-    ax.set_ylabel(f"AUC - base AUC ({task}); band: mean's 95% CI")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, f"dauc_{task}.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(
+        sweep_report.save_figure(plt, fig, ax,
+                                 os.path.join(out_dir, f"dauc_{task}.png"), "period",
+                                 f"AUC - base AUC ({task}); band: mean's 95% CI"))
   return paths
 
 

@@ -79,6 +79,18 @@ def pyplot():
   return pyplot
 
 
+def save_figure(plt, fig, ax, path: str, xlabel: str, ylabel: str) -> str:
+  """Labels the axes, adds the legend, writes `fig` to `path` (PNG) and
+  closes it; returns path."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def plot_metrics(rows: Sequence[dict], points: Sequence[dict], seeds: int,
                  out_dir: str) -> list[str]:
   """test_<metric>_<task>.png: mean and 95% t-interval over seeds per model."""
@@ -113,14 +125,10 @@ def plot_metrics(rows: Sequence[dict], points: Sequence[dict], seeds: int,
         ax.set_xticks(xs, [f"{x:g}" for x in xs], fontsize=8)
       else:
         ax.set_xticks(xs, names, rotation=15, ha="right", fontsize=7)
-      ax.set_xlabel(keys[0] if numeric else "point")
-      ax.set_ylabel(f"test {metric}")
       ax.set_title(f"{task}: mean and 95% t-interval over {seeds} seed(s)", fontsize=9)
-      ax.legend(fontsize=8)
-      fig.tight_layout()
-      paths.append(os.path.join(out_dir, f"test_{metric}_{task}.png"))
-      fig.savefig(paths[-1], dpi=100)
-      plt.close(fig)
+      paths.append(
+          save_figure(plt, fig, ax, os.path.join(out_dir, f"test_{metric}_{task}.png"),
+                      keys[0] if numeric else "point", f"test {metric}"))
   return paths
 
 

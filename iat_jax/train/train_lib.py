@@ -316,13 +316,18 @@ class closing:  # pylint: disable=invalid-name
 
 
 def _finite_loss(st: Run, out, step: int) -> float:
-  """The step's loss (a replicated scalar); DivergedError if not finite."""
+  return finite_loss(out, st.name, f"at step {step}", _last_good(st))
+
+
+def finite_loss(out, name: str, where: str, saved: str) -> float:
+  """A train step's loss (a replicated scalar); DivergedError naming the
+  model, where it diverged and what is saved, if not finite."""
   loss = float(out["loss"].addressable_data(0))
   if not np.isfinite(loss):
     raise errors.DivergedError(
-        f"{st.name}: non-finite loss {loss} at step {step}; stopped without "
-        f"saving; {_last_good(st)}; lower --config.optimizer.learning_rate or "
-        f"set --config.optimizer.grad_clip_norm")
+        f"{name}: non-finite loss {loss} {where}; stopped without saving; "
+        f"{saved}; lower --config.optimizer.learning_rate or set "
+        f"--config.optimizer.grad_clip_norm")
   return loss
 
 
