@@ -167,11 +167,11 @@ class HistoryTest(parameterized.TestCase):
     walk = _walk(ds, self.per, index)
     next(walk)
     next(walk)  # period 0 appended
-    generation = index.generation()
+    generation = index.generations()
     users = np.unique(ds["uid"])
     before = index.read(users)
     next(walk)  # period 1 appended
-    self.assertNotEqual(index.generation(), generation)
+    self.assertNotEqual(index.generations(), generation)
     index.restore(users, generation)
     for a, b in zip(before, index.read(users)):
       self.assertEqual(a.tobytes(), b.tobytes())
@@ -197,9 +197,9 @@ class AssembleTest(absltest.TestCase):
     value = lambda ids: np.stack([(ids % 97).astype(np.float32)] * d, 1)
     index, slots = _index(ds), 0
     for p, rows, uid, tl in _walk(ds, per, index):
-      w = table.begin(p)
-      w.put(ds["ins_id"][rows], value(ds["ins_id"][rows]))
-      table.end(p)
+      table.begin(p)
+      table.put(ds["ins_id"][rows], value(ds["ins_id"][rows]))
+      table.end()
       data = batches.period_batches(config,
                                     ds,
                                     per,
@@ -235,9 +235,9 @@ class PartitionsTest(parameterized.TestCase):
                                   fingerprint="f",
                                   flush_rows=3)
     for p in range(3):
-      w = table.begin(p)
-      w.put(np.arange(1, 6, dtype=np.uint64), np.full((5, 2), p, np.float32))
-      table.end(p)
+      table.begin(p)
+      table.put(np.arange(1, 6, dtype=np.uint64), np.full((5, 2), p, np.float32))
+      table.end()
     v, found = table.lookup(np.array([1, 2, 3], np.uint64), np.array([0, 1, 2]))
     self.assertTrue(found.all())
     np.testing.assert_array_equal(v[:, 0], [0, 1, 2])
@@ -247,8 +247,9 @@ class PartitionsTest(parameterized.TestCase):
     with self.assertRaisesRegex(errors.StoreError, "period 0"):
       table.lookup(np.array([1], np.uint64), np.array([0]))
     # A half-written table of a killed run is dropped when its period restarts.
-    w = table.begin(2)
-    self.assertEqual(w.lookup(np.array([1], np.uint64))[1].tolist(), [False])
+    table.begin(2)
+    self.assertEqual(
+        table.lookup(np.array([1], np.uint64), np.array([2]))[1].tolist(), [False])
 
 
 if __name__ == "__main__":

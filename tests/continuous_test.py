@@ -4,6 +4,7 @@ exactly where an uninterrupted run ends; bad input is refused before work."""
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +59,7 @@ def _state(workdir):
   stores = os.path.join(d, "stores")
   for model in sorted(os.listdir(stores)):
     for period in sorted(os.listdir(os.path.join(stores, model))):
-      t = tables.open_table(config, os.path.join(stores, model, period))
+      t = tables.open_table(config, os.path.join(stores, model, period, "part-000"))
       out[f"{model}/{period}"] = (len(t), t.metadata["checksum"])
   index = user_index.UserIndex(os.path.join(d, "index"), 2, 16)
   users = np.arange(-5, 200)  # the tiny config's uids are small
@@ -86,7 +87,7 @@ class ContinuousTest(absltest.TestCase):
     ])
     self.assertEqual(sorted(_ckpt(b)), ["2", "3"])
     _kill_when(_start(b), lambda: "5" in _ckpt(b), delay=0.5)  # mid-period 5
-    _kill_when(_start(b), lambda: any(c.startswith("8.") for c in _ckpt(b)))
+    _kill_when(_start(b), lambda: any(c.split(".")[0] == "8" for c in _ckpt(b)))
     cli_fixtures.run([
         sys.executable, "-m", "iat_jax.main",
         *cli_fixtures.main_args(b, "continuous", *_RUN)
@@ -103,6 +104,46 @@ class ContinuousTest(absltest.TestCase):
     self.assertIn("user_iat", results["vs_base"])
     for png in ("auc_click.png", "dauc_click.png"):
       self.assertTrue(os.path.exists(os.path.join(a, "continuous", png)))
+
+  def test_two_processes_equal_one_with_two_devices(self):
+    """Two CPU processes (jax.distributed, one device each) end with the
+    results and metric lines, exactly, of one process driving two devices
+    (the same per-device batches); each process wrote its own part of every
+    period's InsEmbs and of the index."""
+    base = tempfile.mkdtemp()
+    one, two = os.path.join(base, "one"), os.path.join(base, "two")
+    env = {**cli_fixtures.ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([
+        sys.executable, "-m", "iat_jax.main",
+        *cli_fixtures.main_args(one, "continuous", *_RUN)
+    ],
+                          cwd=cli_fixtures.REPO,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=900)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    cli_fixtures.run([
+        sys.executable,
+        os.path.join(cli_fixtures.REPO, "launch", "local.py"), "--num_processes=2",
+        "--", *cli_fixtures.main_args(two, "continuous", *_RUN)
+    ])
+    for name in ("results.json", "metrics.jsonl"):
+      with open(os.path.join(one, "continuous",
+                             name)) as a, open(os.path.join(two, "continuous",
+                                                            name)) as b:
+        self.assertEqual(a.read(), b.read(), name)
+    config = configs.base_config()
+    period = os.path.join("continuous", "stores", "source_user", "period-00010")
+    whole = tables.open_table(config, os.path.join(one, period, "part-000"))
+    parts = [
+        tables.open_table(config, os.path.join(two, period, f"part-{k:03d}"))
+        for k in range(2)
+    ]
+    self.assertTrue(all(len(t) for t in parts))
+    self.assertEqual(sum(len(t) for t in parts), len(whole))
+    self.assertCountEqual(os.listdir(os.path.join(two, "continuous", "index")),
+                          ["part-000", "part-001"])
 
   def test_bad_input_is_refused_before_any_work(self):
     work = os.path.join(tempfile.mkdtemp(), "w")

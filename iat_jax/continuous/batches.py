@@ -1,8 +1,9 @@
 """A period's batches for each kind of continuous model, as Grain datasets.
 
 A period's rows in time order are cut into global batches of
-`config.batch_size` (the last one padded, `mask` False) and each batch is
-read (`input_pipeline.read_rows`) and completed by its kind:
+`config.batch_size` (the last one padded, `mask` False); each process reads
+its contiguous slice of each (`batching.ProcessSlice`,
+`input_pipeline.read_rows`) and completes it by its kind:
 
   instances  nothing more (base, temporal source);
   stream     past_ins_id / past_mask / tie groups [b, K] (`Timeline.stream_past`);
@@ -19,11 +20,13 @@ Host-only keys (`HOST`) are dropped before a batch goes to the devices.
 from __future__ import annotations
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
 from iat_jax import errors
 from iat_jax.continuous import history as history_lib
+from iat_jax.data import batching
 from iat_jax.data import history
 from iat_jax.data import input_pipeline
 from iat_jax.data import periods as periods_lib
@@ -63,6 +66,7 @@ class Assemble(grain.transforms.Map):
     self.k, self.l = config.stream.k, config.model.hist_len
     self.gap_buckets = config.model.num_gap_buckets
     self.uid = ds["uid"]
+    self.part = batching.ProcessSlice(jax.process_index(), jax.process_count())
 
   def __len__(self) -> int:
     return -(-len(self.rows) // self.b)
@@ -71,6 +75,7 @@ class Assemble(grain.transforms.Map):
     rows = np.full(self.b, -1, np.int64)
     part = self.rows[i * self.b:(i + 1) * self.b]
     rows[:len(part)] = part
+    rows = self.part(rows)  # this process's slice of the global batch
     valid = rows >= 0
     batch = input_pipeline.read_rows(self.ds, np.maximum(rows, 0), valid)
     uid = np.asarray(self.uid).take(np.maximum(rows, 0))

@@ -32,6 +32,12 @@ Warm-up: the first `continuous.warmup_periods` periods are trained
 `continuous.warmup_epochs` passes each (their first pass's predictions are
 reported, marked warm-up, and left out of the summary).
 
+Several processes: each reads its slice of every global batch
+(`batches.Assemble`); after each step the batch's predictions and InsEmbs
+are gathered to every process (`predict.host_gather`), so all hold the same
+metrics and read-through buffers; each writes its own part of the InsEmb
+tables and of the index; Orbax saves the job's one checkpoint.
+
 Exact resume: a run killed anywhere restarts from its last period checkpoint:
 the index is rewritten as of the checkpoint's generation for every user the
 killed period could have touched, the killed period's half-written InsEmb
@@ -175,7 +181,7 @@ class Run:
                                           "meta": ocp.JsonCheckpointHandler()
                                       })
     self.writer = metrics_lib.Writer(self.dir, active=jax.process_index() == 0)
-    self.meta = {"generation": self.index.generation(), "digests": [], "periods": []}
+    self.meta = {"generations": self.index.generations(), "digests": [], "periods": []}
 
   def _sample(self, name: str) -> dict:
     """A batch of period 0 with empty histories: the shapes the step compiles for."""
@@ -256,9 +262,9 @@ class Run:
 
   def _undo_period(self, p: int) -> None:
     """Drops what a run killed in period p wrote past the checkpoint."""
-    if p < len(self.periods) and self.index.generation() != self.meta["generation"]:
+    if p < len(self.periods) and self.index.generations() != self.meta["generations"]:
       users = np.union1d(self.uid[self.periods.rows(p)], self._expired_users(p))
-      self.index.restore(users, self.meta["generation"])
+      self.index.restore(users, self.meta["generations"])
     # Its half-written InsEmb tables are dropped when the period starts again
     # (`Partitions.begin`); nothing reads them before.
 
@@ -282,7 +288,7 @@ class Run:
     uid = self.uid[rows]
     users = np.unique(uid)
     entries = history_lib.entries(self.ds, rows)
-    old = self.index.read(users, self.meta["generation"])
+    old = self.index.read(users, self.meta["generations"])
     timeline = history_lib.Timeline.build(old, users, uid, entries)
     warmup = p < self.config.continuous.warmup_periods
     epochs = self.config.continuous.warmup_epochs if warmup else 1
@@ -291,7 +297,7 @@ class Run:
     for name in self.names:
       model, own = MODELS[name], self.tables.get(name)
       if own is not None:
-        writer = own.begin(p)
+        own.begin(p)
       for epoch in range(epochs):
         data = batches_lib.period_batches(self.config,
                                           self.ds,
@@ -302,22 +308,22 @@ class Run:
                                           cutoff=self._cutoff(p),
                                           sync_lag=self.sync_lag,
                                           table=self.tables.get(model.source))
-        probs = self._pass(self.learners[name], data, p, len(rows),
-                           writer if own is not None else None, progress)
+        probs = self._pass(self.learners[name], data, p, len(rows), own, progress)
         if epoch == 0:
           metrics[name] = metrics_lib.task_metrics(self.tasks, labels, probs)
           if not warmup:
             report.add_hist(self.hists[name], labels, probs)
       if own is not None:
-        own.end(p)
-    generation = self.index.append(uid, entries, self._cutoff(p + 1),
-                                   self._expired_users(p))
+        own.end()
+    generations = self.index.append(uid, entries, self._cutoff(p + 1),
+                                    self._expired_users(p))
     row = report.period_row(p, int(self.periods.start[p]), len(rows), warmup, metrics)
-    return self._commit(p, row, generation)
+    return self._commit(p, row, generations)
 
-  def _pass(self, lr: Learner, data, p: int, n: int, writer, progress) -> np.ndarray:
-    """One pass of `lr` over a period's batches; float32 [n, T] predictions
-    made before each batch's step."""
+  def _pass(self, lr: Learner, data, p: int, n: int, table, progress) -> np.ndarray:
+    """One pass of `lr` over a period's batches (a source writing its InsEmbs
+    to `table`); float32 [n, T] predictions made before each batch's step,
+    on every process."""
     probs = np.zeros((n, len(self.tasks)), np.float32)
     it = input_pipeline.iterate(data)
     b = self.config.batch_size
@@ -329,21 +335,24 @@ class Run:
           lr.state, steps.to_device(batches_lib.device_keys(batch), lr.mesh))
       loss = train_lib.finite_loss(out, lr.model.name, f"in period {p}",
                                    f"the last period checkpoint is in {self.dir}/ckpt")
-      mask = batch["mask"]
-      probs[i * b:i * b + int(mask.sum())] = predict.local_rows(aux["probs"])[mask]
-      if writer is not None:
-        writer.put(batch["ins_id"][mask],
-                   predict.local_rows(aux["insemb"])[mask],
-                   step=p)
+      # Every process gets the whole batch's rows: its predictions, and the
+      # InsEmbs every process reads through (a source's write-back).
+      mask = predict.host_gather(batch["mask"])
+      probs[i * b:i * b + int(mask.sum())] = predict.host_gather(
+          predict.local_rows(aux["probs"]))[mask]
+      if table is not None:
+        table.put(
+            predict.host_gather(batch["ins_id"])[mask],
+            predict.host_gather(predict.local_rows(aux["insemb"]))[mask])
       progress(lr.model.name, p, loss)
     return probs
 
-  def _commit(self, p: int, row: dict, generation: int) -> dict:
+  def _commit(self, p: int, row: dict, generations: list[int]) -> dict:
     """Publishes period p: metric lines, then one checkpoint, then retention."""
     for name, values in row["models"].items():
       self.writer.write(p + 1, f"period/{name}", values)
     self.meta = {
-        "generation": generation,
+        "generations": generations,
         "digests": self.meta["digests"] + [self.periods.digest(self.ds["ins_id"], p)],
         "periods": self.meta["periods"] + [row],
         "run": {
@@ -434,10 +443,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, ds) -> dict:
   """Runs (or resumes) the continuous run in <workdir>/continuous through
   period `continuous.through`; writes and returns its results. The caller
   checks the workdir first (`check_workdir`, before building the dataset)."""
-  if jax.process_count() > 1:
-    raise errors.ConfigError(
-        "--mode", "continuous runs on one process (of any number of devices) "
-        "for now; launch it with one process")
   st = Run(config, workdir, ds)
   try:
     start = st.resume()
