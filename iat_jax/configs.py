@@ -129,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
   # metrics reported apart.
   c.continuous.warmup_periods = 1
   c.continuous.warmup_epochs = 1
+  # Or start from a finished batch pipeline's workdir (same data): its best
+  # models, and its exported InsEmbs for the periods inside its train split,
+  # which are then not trained again (they count as warm-up).
+  c.continuous.init_from = ""
   # How long after an instance its InsEmb is visible to the downstream models
   # ("0": as soon as the source processed it; "6h", "1d", ...).
   c.continuous.sync_lag = "0"

@@ -10,13 +10,19 @@ import tempfile
 import time
 
 from absl.testing import absltest
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from iat_jax import configs
+from iat_jax.data import dataset
+from iat_jax.data import periods
+from iat_jax.data import sources
 from iat_jax.store import tables
 from iat_jax.store import user_index
 from tests import cli_fixtures
+from tests import model_fixtures
 
 # 11 periods of 3 days; retention keeps 2 before the current one; the three
 # kinds of continuous model.
@@ -144,6 +150,53 @@ class ContinuousTest(absltest.TestCase):
     self.assertEqual(sum(len(t) for t in parts), len(whole))
     self.assertCountEqual(os.listdir(os.path.join(two, "continuous", "index")),
                           ["part-000", "part-001"])
+
+  def test_init_from_a_batch_pipeline(self):
+    """The periods inside a finished batch pipeline's train split come from
+    it (its best parameters, its exported InsEmbs) and are not trained; the
+    run then trains the rest."""
+    pipeline = cli_fixtures.shared_pipeline()
+    work = os.path.join(tempfile.mkdtemp(), "w")
+    flags = (*_RUN, f"--config.continuous.init_from={pipeline}",
+             "--config.continuous.warmup_periods=0")
+    cli_fixtures.run_main(work, "continuous", *flags, "--config.continuous.through=8")
+    ckpt = ocp.CheckpointManager(
+        os.path.join(work, "continuous", "ckpt"),
+        item_handlers={"state": ocp.StandardCheckpointHandler()})
+    self.assertEqual(ckpt.latest_step(), 9)  # periods 0-8: the train split
+    state = ckpt.restore(9, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    best = ocp.CheckpointManager(
+        os.path.join(pipeline, "base", "best"),
+        item_handlers={"params": ocp.StandardCheckpointHandler()})
+    params = best.restore(best.latest_step(),
+                          args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    jax.tree.map(np.testing.assert_array_equal,
+                 state["state"]["models"]["base"]["params"], params["params"])
+    # Period 8's InsEmbs are the batch source's exported ones (retention
+    # kept periods 7 and 8).
+    config = model_fixtures.tiny_config()
+    config.data.cache_dir = cli_fixtures.DATA
+    ds = dataset.Dataset(sources.dataset_path(config, work))
+    keys = np.asarray(ds["ins_id"])[periods.of_dataset(ds, "3d").rows(8)]
+    want = tables.open_table(config, os.path.join(pipeline, "stores", "source_user"))
+    got = tables.open_table(
+        config,
+        os.path.join(work, "continuous", "stores", "source_user", "period-00008",
+                     "part-000"))
+    np.testing.assert_array_equal(got.lookup(keys)[0], want.lookup(keys)[0])
+    self.assertTrue(got.lookup(keys)[1].all())
+    cli_fixtures.run_main(work, "continuous", *flags)
+    with open(os.path.join(work, "continuous", "results.json")) as f:
+      results = json.load(f)
+    self.assertEqual([r["warmup"] for r in results["periods"]],
+                     [True] * 9 + [False] * 2)
+    self.assertEqual(results["record_periods"], 2)
+    line = cli_fixtures.run_main(os.path.join(tempfile.mkdtemp(), "w"),
+                                 "continuous",
+                                 *flags,
+                                 "--config.data.synthetic.num_instances=1000",
+                                 check=False).stderr.strip().splitlines()[-1]
+    self.assertIn("--config.continuous.init_from", line)
 
   def test_bad_input_is_refused_before_any_work(self):
     work = os.path.join(tempfile.mkdtemp(), "w")

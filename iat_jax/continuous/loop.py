@@ -30,7 +30,10 @@ dropped, by event time, after the checkpoint.
 
 Warm-up: the first `continuous.warmup_periods` periods are trained
 `continuous.warmup_epochs` passes each (their first pass's predictions are
-reported, marked warm-up, and left out of the summary).
+reported, marked warm-up, and left out of the summary); or
+`continuous.init_from` names a finished batch pipeline on the same data,
+whose models and exported InsEmbs stand for the periods inside its train
+split (`Run.init_from`).
 
 Several processes: each reads its slice of every global batch
 (`batches.Assemble`); after each step the batch's predictions and InsEmbs
@@ -74,6 +77,7 @@ from iat_jax.continuous import report
 from iat_jax.data import input_pipeline
 from iat_jax.data import periods as periods_lib
 from iat_jax.store import partitions as partitions_lib
+from iat_jax.store import tables
 from iat_jax.store import user_index
 from iat_jax.train import predict
 from iat_jax.train import steps
@@ -104,8 +108,9 @@ MODELS: dict[str, Model] = {
 # Run knobs a resumed run must share with the run it resumes (they change
 # what the periods already trained on mean).
 RUN_KNOBS = ("data.period", "continuous.models", "continuous.sync_lag",
-             "continuous.warmup_periods", "continuous.warmup_epochs",
-             "store.retention_periods", "batch_size", "seed")
+             "continuous.init_from", "continuous.warmup_periods",
+             "continuous.warmup_epochs", "store.retention_periods", "batch_size",
+             "seed")
 
 
 def _knob(config, key: str):
@@ -214,11 +219,13 @@ class Run:
     }
 
   def resume(self) -> int:
-    """Restores the last period checkpoint; returns the next period to run."""
+    """Restores the last period checkpoint; returns the next period to run.
+    A fresh run with continuous.init_from starts from that batch pipeline."""
     step = self.ckpt.latest_step()
     if step is None:
       self.writer.truncate(0)
-      return 0
+      return self.init_from(
+          self.config.continuous.init_from) if (self.config.continuous.init_from) else 0
     target = {
         "models": {
             n: checkpointing.abstract(lr.state) for n, lr in self.learners.items()
@@ -245,6 +252,70 @@ class Run:
     self.writer.truncate(done)
     logging.info("continuous: resumed after period %d", done - 1)
     return done
+
+  def init_from(self, workdir: str) -> int:
+    """Starts from the finished batch pipeline in `workdir` (same data): the
+    periods that lie wholly in its train split are taken from it, not
+    trained -- their rows go to the index and their InsEmbs, as its sources
+    exported them, to the period tables -- and every model starts from its
+    best parameters there (fresh optimizer state). Returns the first period
+    to train.
+
+    Raises:
+      ConfigError naming --config.continuous.init_from: no such pipeline, a
+        model or store missing there, another dataset, or no whole period in
+        its train split.
+    """
+    flag = "continuous.init_from"
+    split = np.asarray(self.ds["split"])
+    batch = 0
+    while batch < len(self.periods) and (split[self.periods.rows(batch)] == 0).all():
+      batch += 1
+    if not batch:
+      raise errors.ConfigError(
+          flag, f"no period of {self.ds.path} lies wholly in the train split "
+          f"the batch pipeline in {workdir} trained on; use shorter periods")
+    try:
+      stores = {
+          n: tables.open_checked(self.config, workdir, n, self.ds.schema.fingerprint)
+          for n in self.tables
+      }
+    except errors.StoreError as e:
+      raise errors.ConfigError(flag, f"{workdir}: {e}") from e
+    for n, lr in self.learners.items():
+      directory = workdir_lib.stage_dir(workdir, n)
+      if not workdir_lib.is_complete(directory):
+        raise errors.ConfigError(
+            flag, f"{directory} is not a finished model of a "
+            f"batch pipeline (run --mode=pipeline there first)")
+      ckpts = checkpointing.Checkpoints(directory, 1, f"auc/{self.tasks[0]}")
+      try:
+        _, params = ckpts.restore_best(checkpointing.abstract(lr.state.params))
+      finally:
+        ckpts.close()
+      lr.state = lr.state.replace(params=params)
+    ins_id = np.asarray(self.ds["ins_id"])
+    for p in range(batch):
+      rows = self.periods.rows(p)
+      for n, table in self.tables.items():
+        values, found = stores[n].lookup(ins_id[rows])
+        if not found.all():
+          raise errors.ConfigError(
+              flag, f"{stores[n].path} lacks {int((~found).sum())} "
+              f"InsEmbs of period {p}")
+        table.begin(p)
+        table.put(ins_id[rows], values)
+        table.end()
+      nan = {f"{m}/{t}": float("nan") for m in ("auc", "logloss") for t in self.tasks}
+      row = report.period_row(p, int(self.periods.start[p]), len(rows), True,
+                              {n: nan for n in self.names})
+      generations = self.index.append(self.uid[rows],
+                                      history_lib.entries(self.ds, rows),
+                                      self._cutoff(p + 1), self._expired_users(p))
+      self._commit(p, row, generations)
+    logging.info("continuous: periods 0-%d taken from the batch pipeline in %s",
+                 batch - 1, workdir)
+    return batch
 
   def _check_same_run(self, meta: dict) -> None:
     for key in RUN_KNOBS:
