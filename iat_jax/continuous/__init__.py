@@ -6,5 +6,7 @@
            (`iat_jax.store.partitions`);
   loop     runs the models period after period, with atomic period
            checkpoints;
-  report   turns per-period predictions into results, tables and plots.
+  report   turns per-period predictions into results, tables and plots;
+  warm_start  starts a run from a finished batch pipeline;
+  cost     each period's wall time, bytes and memory (timing.jsonl).
 """

@@ -33,7 +33,7 @@ Warm-up: the first `continuous.warmup_periods` periods are trained
 reported, marked warm-up, and left out of the summary); or
 `continuous.init_from` names a finished batch pipeline on the same data,
 whose models and exported InsEmbs stand for the periods inside its train
-split (`Run.init_from`).
+split (`warm_start.from_batch`).
 
 Several processes: each reads its slice of every global batch
 (`batches.Assemble`); after each step the batch's predictions and InsEmbs
@@ -54,9 +54,7 @@ continues), after checking that the periods already trained on are unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import resource
 import time
 
 from absl import logging
@@ -72,12 +70,13 @@ from iat_jax import sharding
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
 from iat_jax.continuous import batches as batches_lib
+from iat_jax.continuous import cost
 from iat_jax.continuous import history as history_lib
 from iat_jax.continuous import report
+from iat_jax.continuous import warm_start
 from iat_jax.data import input_pipeline
 from iat_jax.data import periods as periods_lib
 from iat_jax.store import partitions as partitions_lib
-from iat_jax.store import tables
 from iat_jax.store import user_index
 from iat_jax.train import predict
 from iat_jax.train import steps
@@ -224,8 +223,8 @@ class Run:
     step = self.ckpt.latest_step()
     if step is None:
       self.writer.truncate(0)
-      return self.init_from(
-          self.config.continuous.init_from) if (self.config.continuous.init_from) else 0
+      init = self.config.continuous.init_from
+      return warm_start.from_batch(self, init) if init else 0
     target = {
         "models": {
             n: checkpointing.abstract(lr.state) for n, lr in self.learners.items()
@@ -253,70 +252,6 @@ class Run:
     logging.info("continuous: resumed after period %d", done - 1)
     return done
 
-  def init_from(self, workdir: str) -> int:
-    """Starts from the finished batch pipeline in `workdir` (same data): the
-    periods that lie wholly in its train split are taken from it, not
-    trained -- their rows go to the index and their InsEmbs, as its sources
-    exported them, to the period tables -- and every model starts from its
-    best parameters there (fresh optimizer state). Returns the first period
-    to train.
-
-    Raises:
-      ConfigError naming --config.continuous.init_from: no such pipeline, a
-        model or store missing there, another dataset, or no whole period in
-        its train split.
-    """
-    flag = "continuous.init_from"
-    split = np.asarray(self.ds["split"])
-    batch = 0
-    while batch < len(self.periods) and (split[self.periods.rows(batch)] == 0).all():
-      batch += 1
-    if not batch:
-      raise errors.ConfigError(
-          flag, f"no period of {self.ds.path} lies wholly in the train split "
-          f"the batch pipeline in {workdir} trained on; use shorter periods")
-    try:
-      stores = {
-          n: tables.open_checked(self.config, workdir, n, self.ds.schema.fingerprint)
-          for n in self.tables
-      }
-    except errors.StoreError as e:
-      raise errors.ConfigError(flag, f"{workdir}: {e}") from e
-    for n, lr in self.learners.items():
-      directory = workdir_lib.stage_dir(workdir, n)
-      if not workdir_lib.is_complete(directory):
-        raise errors.ConfigError(
-            flag, f"{directory} is not a finished model of a "
-            f"batch pipeline (run --mode=pipeline there first)")
-      ckpts = checkpointing.Checkpoints(directory, 1, f"auc/{self.tasks[0]}")
-      try:
-        _, params = ckpts.restore_best(checkpointing.abstract(lr.state.params))
-      finally:
-        ckpts.close()
-      lr.state = lr.state.replace(params=params)
-    ins_id = np.asarray(self.ds["ins_id"])
-    for p in range(batch):
-      rows = self.periods.rows(p)
-      for n, table in self.tables.items():
-        values, found = stores[n].lookup(ins_id[rows])
-        if not found.all():
-          raise errors.ConfigError(
-              flag, f"{stores[n].path} lacks {int((~found).sum())} "
-              f"InsEmbs of period {p}")
-        table.begin(p)
-        table.put(ins_id[rows], values)
-        table.end()
-      nan = {f"{m}/{t}": float("nan") for m in ("auc", "logloss") for t in self.tasks}
-      row = report.period_row(p, int(self.periods.start[p]), len(rows), True,
-                              {n: nan for n in self.names})
-      generations = self.index.append(self.uid[rows],
-                                      history_lib.entries(self.ds, rows),
-                                      self._cutoff(p + 1), self._expired_users(p))
-      self._commit(p, row, generations)
-    logging.info("continuous: periods 0-%d taken from the batch pipeline in %s",
-                 batch - 1, workdir)
-    return batch
-
   def _check_same_run(self, meta: dict) -> None:
     for key in RUN_KNOBS:
       was, now = meta["run"][key], _knob(self.config, key)
@@ -334,20 +269,20 @@ class Run:
   def _undo_period(self, p: int) -> None:
     """Drops what a run killed in period p wrote past the checkpoint."""
     if p < len(self.periods) and self.index.generations() != self.meta["generations"]:
-      users = np.union1d(self.uid[self.periods.rows(p)], self._expired_users(p))
+      users = np.union1d(self.uid[self.periods.rows(p)], self.expired_users(p))
       self.index.restore(users, self.meta["generations"])
     # Its half-written InsEmb tables are dropped when the period starts again
     # (`Partitions.begin`); nothing reads them before.
 
   # --- one period -----------------------------------------------------------
 
-  def _cutoff(self, p: int) -> int:
+  def cutoff(self, p: int) -> int:
     """The oldest event time period p's requests may see (retention)."""
     if self.retention and p - self.retention >= 0:
       return int(self.periods.start[p - self.retention])
     return -(1 << 62)
 
-  def _expired_users(self, p: int) -> np.ndarray:
+  def expired_users(self, p: int) -> np.ndarray:
     """Users whose entries of period p - R leave the window after period p."""
     q = p - self.retention
     if not self.retention or q < 0:
@@ -376,7 +311,7 @@ class Run:
                                           p,
                                           timeline,
                                           model.kind,
-                                          cutoff=self._cutoff(p),
+                                          cutoff=self.cutoff(p),
                                           sync_lag=self.sync_lag,
                                           table=self.tables.get(model.source))
         probs = self._pass(self.learners[name], data, p, len(rows), own, progress)
@@ -386,10 +321,10 @@ class Run:
             report.add_hist(self.hists[name], labels, probs)
       if own is not None:
         own.end()
-    generations = self.index.append(uid, entries, self._cutoff(p + 1),
-                                    self._expired_users(p))
+    generations = self.index.append(uid, entries, self.cutoff(p + 1),
+                                    self.expired_users(p))
     row = report.period_row(p, int(self.periods.start[p]), len(rows), warmup, metrics)
-    return self._commit(p, row, generations)
+    return self.commit(p, row, generations)
 
   def _pass(self, lr: Learner, data, p: int, n: int, table, progress) -> np.ndarray:
     """One pass of `lr` over a period's batches (a source writing its InsEmbs
@@ -418,7 +353,7 @@ class Run:
       progress(lr.model.name, p, loss)
     return probs
 
-  def _commit(self, p: int, row: dict, generations: list[int]) -> dict:
+  def commit(self, p: int, row: dict, generations: list[int]) -> dict:
     """Publishes period p: metric lines, then one checkpoint, then retention."""
     for name, values in row["models"].items():
       self.writer.write(p + 1, f"period/{name}", values)
@@ -440,63 +375,11 @@ class Run:
         table.drop_before(p + 1 - self.retention)
     return row
 
-  def log_cost(self, p: int, seconds: float, grown: int) -> None:
-    """Appends period p's cost to timing.jsonl (kept apart from the metrics:
-    a resumed run's results equal an uninterrupted run's, its timings not):
-    wall seconds, rows/s, bytes the period added on disk (its InsEmb tables,
-    the index's new generation, the new checkpoint, less what retention and
-    checkpoint rotation removed), resident and peak memory."""
-    rows = len(self.periods.rows(p))
-    line = {
-        "period": p,
-        "rows": rows,
-        "seconds": seconds,
-        "rows_per_s": rows / max(seconds, 1e-9),
-        "bytes_grown": grown,
-        "rss_bytes": _rss_bytes(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    }
-    if jax.process_index() == 0:
-      with open(os.path.join(self.dir, "timing.jsonl"), "a") as f:
-        f.write(json.dumps(line, sort_keys=True) + "\n")
-
   def close(self) -> None:
     self.ckpt.close()
     self.writer.close()
     for table in self.tables.values():
       table.close()
-
-
-class _Progress:
-  """Logs steps/s, instances/s and ETA over the invocation's steps."""
-
-  def __init__(self, total: int, batch: int, every: int):
-    self.inner = metrics_lib.Progress(total, batch, every)
-    self.step = 0
-
-  def __call__(self, name: str, p: int, loss: float) -> None:
-    self.step += 1
-    if self.step % self.inner.every == 0:
-      logging.info("period %d, %s:", p, name)
-    self.inner(self.step, loss)
-
-
-def _tree_bytes(path: str) -> int:
-  """Bytes of the files under `path` (a local directory)."""
-  total = 0
-  for root, _, files in os.walk(path):
-    for f in files:
-      try:
-        total += os.path.getsize(os.path.join(root, f))
-      except OSError:  # removed meanwhile (checkpoint rotation)
-        pass
-  return total
-
-
-def _rss_bytes() -> int:
-  """Resident memory of this process now."""
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_workdir(workdir: str) -> None:
@@ -522,11 +405,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, ds) -> dict:
         -(-len(st.periods.rows(p)) // config.batch_size) * len(st.names) *
         (config.continuous.warmup_epochs if p < config.continuous.warmup_periods else 1)
         for p in todo)
-    progress = _Progress(total, config.batch_size, config.log_every)
+    progress = cost.Progress(total, config.batch_size, config.log_every)
     for p in todo:
-      t0, before = time.time(), _tree_bytes(st.dir)
+      t0, before = time.time(), cost.tree_bytes(st.dir)
       row = st.run_period(p, progress)
-      st.log_cost(p, time.time() - t0, _tree_bytes(st.dir) - before)
+      cost.log(st.dir, p, len(st.periods.rows(p)),
+               time.time() - t0,
+               cost.tree_bytes(st.dir) - before)
       logging.info("period %d/%d done: %s", p,
                    len(st.periods) - 1, report.brief(row, st.tasks[0]))
     results = report.summarize(st.meta["periods"], st.hists, st.tasks, st.names,
