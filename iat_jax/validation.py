@@ -94,7 +94,8 @@ def validate_devices(config: Config, num_devices: int) -> None:
         f"to take all devices")
 
 
-def _get(config: Config, flag: str):
+def flag_value(config: Config, flag: str):
+  """The value of --config.<flag> (a dotted path) in `config`."""
   value = config
   for part in flag.split("."):
     value = value[part]
@@ -107,7 +108,7 @@ def _need(ok: bool, flag: str, message: str) -> None:
 
 
 def _one_of(config: Config, flag: str, allowed: Collection[str]) -> None:
-  value = _get(config, flag)
+  value = flag_value(config, flag)
   _need(value in allowed, flag, f"{value!r} is not one of {tuple(allowed)}")
 
 
@@ -115,11 +116,13 @@ def _check_run(config: Config) -> None:
   """The run's own knobs: seed, sizes, length limits, evaluation."""
   _need(config.seed >= 0, "seed", f"must be >= 0, got {config.seed}")
   for flag in _POSITIVE:
-    _need(_get(config, flag) > 0, flag, f"must be > 0, got {_get(config, flag)}")
+    _need(
+        flag_value(config, flag) > 0, flag,
+        f"must be > 0, got {flag_value(config, flag)}")
   for flag in _LENGTHS:
     _need(
-        _get(config, flag) <= configs.MAX_LEN, flag,
-        f"{_get(config, flag)} is above the limit of {configs.MAX_LEN} (it sizes "
+        flag_value(config, flag) <= configs.MAX_LEN, flag,
+        f"{flag_value(config, flag)} is above the limit of {configs.MAX_LEN} (it sizes "
         f"position tables and [batch, length, width] activations)")
   _need(config.eval_every >= 0, "eval_every", "must be >= 0")
   data = config.data

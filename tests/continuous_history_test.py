@@ -241,6 +241,7 @@ class PartitionsTest(parameterized.TestCase):
     v, found = table.lookup(np.array([1, 2, 3], np.uint64), np.array([0, 1, 2]))
     self.assertTrue(found.all())
     np.testing.assert_array_equal(v[:, 0], [0, 1, 2])
+    self.assertBetween(table.memory_bytes(), 1, config.store.cache_bytes)
     table.drop_before(2)
     self.assertFalse(tables.exists(config, table.path(1)))
     self.assertFalse(os.path.exists(table.path(1)))
@@ -250,10 +251,16 @@ class PartitionsTest(parameterized.TestCase):
     table.begin(2)
     self.assertEqual(
         table.lookup(np.array([1], np.uint64), np.array([2]))[1].tolist(), [False])
-
-
-if __name__ == "__main__":
-  absltest.main()
+    table.end()
+    # A resumed process's first drop reaches every earlier period.
+    again = partitions.Partitions(config,
+                                  root,
+                                  d=2,
+                                  source="src",
+                                  fingerprint="f",
+                                  flush_rows=3)
+    again.drop_before(3)
+    self.assertFalse(tables.exists(config, table.path(2)))
 
 
 class ReportTest(absltest.TestCase):
@@ -290,3 +297,7 @@ class ReportTest(absltest.TestCase):
     m = [r for r in seeds if r["model"] == "m"][0]
     self.assertAlmostEqual(m["dauc"][0], 0.02)
     self.assertIn("| m | auc/a |", report.seeds_markdown(seeds))
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -12,12 +12,16 @@ import jax
 from iat_jax import metrics as metrics_lib
 
 
-def log(directory: str, p: int, rows: int, seconds: float, grown: int) -> None:
+def log(directory: str, p: int, rows: int, seconds: float, grown: int,
+        cache: int) -> None:
   """Appends period p's cost to <directory>/timing.jsonl (kept apart from the
   metrics: a resumed run's results equal an uninterrupted run's, its timings
   not): wall seconds, rows/s, bytes the period added on disk (its InsEmb
   tables, the index's new generation, the new checkpoint, less what
-  retention and checkpoint rotation removed), resident and peak memory."""
+  retention and checkpoint rotation removed), resident and peak memory, and
+  the bytes the InsEmb tables' readers hold (`cache`: their block caches,
+  memos and indexes; they fill up to store.cache_bytes per source, then stay
+  flat, so resident memory less them is what must not grow)."""
   line = {
       "period": p,
       "rows": rows,
@@ -25,6 +29,7 @@ def log(directory: str, p: int, rows: int, seconds: float, grown: int) -> None:
       "rows_per_s": rows / max(seconds, 1e-9),
       "bytes_grown": grown,
       "rss_bytes": rss_bytes(),
+      "store_cache_bytes": cache,
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   }
   if jax.process_index() == 0:

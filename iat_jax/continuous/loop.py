@@ -68,6 +68,7 @@ from iat_jax import errors
 from iat_jax import metrics as metrics_lib
 from iat_jax import sharding
 from iat_jax import stages
+from iat_jax import validation
 from iat_jax import workdir as workdir_lib
 from iat_jax.continuous import batches as batches_lib
 from iat_jax.continuous import cost
@@ -113,9 +114,7 @@ RUN_KNOBS = ("data.period", "continuous.models", "continuous.sync_lag",
 
 
 def _knob(config, key: str):
-  value = config
-  for part in key.split("."):
-    value = value[part]
+  value = validation.flag_value(config, key)
   return list(value) if isinstance(value, tuple) else value
 
 
@@ -411,7 +410,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, ds) -> dict:
       row = st.run_period(p, progress)
       cost.log(st.dir, p, len(st.periods.rows(p)),
                time.time() - t0,
-               cost.tree_bytes(st.dir) - before)
+               cost.tree_bytes(st.dir) - before,
+               sum(t.memory_bytes() for t in st.tables.values()))
       logging.info("period %d/%d done: %s", p,
                    len(st.periods) - 1, report.brief(row, st.tasks[0]))
     results = report.summarize(st.meta["periods"], st.hists, st.tasks, st.names,

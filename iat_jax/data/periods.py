@@ -56,11 +56,12 @@ def check_spec(text: str) -> tuple[int, int]:
     if rows <= 0:
       raise errors.ConfigError("data.period", f"{text!r}: rows must be > 0")
     return 0, rows
-  if not _TIME.match(str(text).strip()):
+  m = _TIME.match(str(text).strip())
+  if not m:
     raise errors.ConfigError(
         "data.period", f"{text!r} is neither <n><unit> (unit one of "
         f"{tuple(UNITS)}, e.g. 1d) nor rows:<n> (e.g. rows:25000)")
-  seconds = duration(text, "data.period")
+  seconds = int(m.group(1)) * UNITS[m.group(2)]
   if seconds <= 0:
     raise errors.ConfigError("data.period", f"{text!r}: a period must be longer than 0")
   return seconds, 0

@@ -109,6 +109,7 @@ class Partitions:
     self._foreign = _Buffer()
     self._rows = 0
     self._open: collections.OrderedDict = collections.OrderedDict()  # (p, k) -> Table
+    self._dropped = 0  # periods below this one were dropped by this process
     self._lock = threading.Lock()
 
   def path(self, p: int, k: int | None = None) -> str:
@@ -201,9 +202,18 @@ class Partitions:
           values[sel], found[sel] = self._table(int(p), int(k)).lookup(keys[sel])
     return values, found
 
+  def memory_bytes(self) -> int:
+    """Bytes the open period tables' readers (and the writer's) hold by their
+    own accounting: at most `store.cache_bytes`, MAX_OPEN + 1 shares of it."""
+    with self._lock:
+      held = [t.memory_bytes() for t in self._open.values()]
+    return sum(held) + (self._writer.table.memory_bytes() if self._writer else 0)
+
   def drop_before(self, p: int) -> None:
-    """Drops this process's parts of periods < p (retention; idempotent)."""
-    for q in range(p):
+    """Drops this process's parts of periods < p (retention; idempotent: the
+    first call of a process drops every earlier period, later ones only the
+    periods since the previous call)."""
+    for q in range(self._dropped, p):
       self._forget(q)
       tables.drop(self.config, self.path(q))
       if "://" not in self.root:  # the period's directory, once all parts left
@@ -211,6 +221,7 @@ class Partitions:
           os.rmdir(os.path.dirname(self.path(q)))
         except OSError:
           pass
+    self._dropped = max(self._dropped, p)
 
   def close(self) -> None:
     self._open.clear()
