@@ -204,6 +204,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.store.retention_periods = 0
   c.store.flush_every = 50
 
+  # Ahead-of-time compilation (--mode=compile, iat_jax.aot): the slice to
+  # compile every stage for, e.g. "tpu:v5e:16x16", "tpu:v5p:2x2x1", "gpu:h100:8".
+  c.compile = ml_collections.ConfigDict()
+  c.compile.target = ""
   c.pipeline = ml_collections.ConfigDict()
   # Models `--mode=pipeline` produces (a subset of iat_jax.stages.PIPELINE,
   # by default all); each model brings in its source model and that model's

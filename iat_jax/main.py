@@ -1,5 +1,7 @@
 """Command line: train / evaluate / export one stage, run the whole pipeline,
-or train continuously period after period (--mode=continuous).
+train continuously period after period (--mode=continuous), or compile every
+stage for a TPU slice or GPU hosts from any machine (--mode=compile, with
+--config.compile.target; see iat_jax.aot).
 
   python -m iat_jax.main --config=experiments/configs/demo.py --workdir=DIR \
       --mode=pipeline [--config.key=value ...]
@@ -41,12 +43,13 @@ from iat_jax import pipeline
 from iat_jax import stages
 from iat_jax import validation
 from iat_jax import workdir as workdir_lib
+from iat_jax.aot import compile as aot
 from iat_jax.continuous import loop
 from iat_jax.data import orders
 from iat_jax.data import sources
 from iat_jax.train import trainers
 
-MODES = ("train", "evaluate", "export", "pipeline", "continuous")
+MODES = ("train", "evaluate", "export", "pipeline", "continuous", "compile")
 WRITING_MODES = ("train", "export", "pipeline", "continuous")
 
 _CONFIG = config_flags.DEFINE_config_file("config",
@@ -165,6 +168,9 @@ def main(argv) -> None:
   lock = None
   try:
     validation.validate(config)
+    if mode == "compile":  # for the target's devices, not this host's
+      aot.run(config, workdir)
+      return
     distributed.maybe_initialize(config)
     logging.info("process %d/%d, devices %s", jax.process_index(), jax.process_count(),
                  jax.devices())

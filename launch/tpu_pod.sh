@@ -2,8 +2,14 @@
 # Runs `python -m iat_jax.main` on every worker of a Cloud TPU VM slice.
 #
 #   PROJECT=my-project ZONE=us-central2-b TPU_NAME=iat-v4-32 \
-#   BUCKET=gs://my-bucket bash launch/tpu_pod.sh [--dry_run] [--create] [--setup] \
+#   BUCKET=gs://my-bucket COMPILE_TARGET=tpu:v4:2x2x4 bash launch/tpu_pod.sh \
+#       [--dry_run] [--create] [--setup] [--skip_compile_check] \
 #       [-- <extra iat_jax.main flags, e.g. --config.num_epochs=2>]
+#
+# First, on this machine, every stage of the run's config (the same flags) is
+# compiled for the slice (`--mode=compile`, needs the `tpu` extra here, no
+# TPU): a config that does not fit the slice's HBM stops the launch before a
+# slice is created or a worker touched (the report lands in CHECK_DIR).
 #
 # Every worker runs the same command with --config.distributed=True;
 # jax.distributed.initialize() finds the slice's coordinator and process ids
@@ -16,6 +22,11 @@
 # Variables (environment):
 #   PROJECT, ZONE, TPU_NAME   the slice (required)
 #   BUCKET                    gs://bucket[/prefix] for the workdir (required)
+#   COMPILE_TARGET            the slice as iat_jax.aot names it, e.g. tpu:v4:2x2x4
+#                             for v4-32 (required unless --skip_compile_check)
+#   CHECK_DIR                 where the compile report goes (default
+#                             ${TMPDIR:-/tmp}/iat-compile-check/RUN_NAME)
+#   LOCAL_PYTHON              interpreter here for the check (default python3)
 #   ACCELERATOR               slice type for --create (default v4-32)
 #   RUNTIME_VERSION           TPU VM image for --create (default tpu-ubuntu2204-base)
 #   RUN_NAME                  workdir name under BUCKET (default iat-demo)
@@ -29,16 +40,19 @@
 # Options:
 #   --create   first create the slice (gcloud compute tpus tpu-vm create)
 #   --setup    first clone REPO_URL into REPO_DIR and pip-install it on every worker
+#   --skip_compile_check  launch without compiling for the slice first
 set -euo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
 CREATE=0
 SETUP=0
+CHECK=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry_run) DRY_RUN=1 ;;
     --create) CREATE=1 ;;
     --setup) SETUP=1 ;;
+    --skip_compile_check) CHECK=0 ;;
     --) shift; break ;;
     *) echo "tpu_pod.sh: unknown option $1 (put iat_jax.main flags after --)" >&2; exit 2 ;;
   esac
@@ -51,6 +65,10 @@ for var in PROJECT ZONE TPU_NAME BUCKET; do
     exit 2
   fi
 done
+if [[ "$CHECK" == 1 && -z "${COMPILE_TARGET:-}" ]]; then
+  echo "tpu_pod.sh: set COMPILE_TARGET to the slice (e.g. tpu:v4:2x2x4 for v4-32) or pass --skip_compile_check" >&2
+  exit 2
+fi
 if [[ "$BUCKET" != gs://* ]]; then
   echo "tpu_pod.sh: BUCKET must be a gs:// path, got $BUCKET" >&2
   exit 2
@@ -63,6 +81,8 @@ MODE="${MODE:-pipeline}"
 REPO_DIR="${REPO_DIR:-iat-jax}"
 MOUNT="${MOUNT:-/tmp/iat-bucket}"
 PYTHON="${PYTHON:-python3}"
+LOCAL_PYTHON="${LOCAL_PYTHON:-python3}"
+CHECK_DIR="${CHECK_DIR:-${TMPDIR:-/tmp}/iat-compile-check/${RUN_NAME}}"
 
 # gs://bucket/prefix -> bucket name and prefix (the prefix becomes a directory).
 bucket_path="${BUCKET#gs://}"
@@ -89,6 +109,11 @@ on_all_workers() {
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" \
     --worker=all --command="$1"
 }
+
+if [[ "$CHECK" == 1 ]]; then
+  run "$LOCAL_PYTHON" -m iat_jax.main --config="$CONFIG" --workdir="$CHECK_DIR" \
+    --mode=compile --config.compile.target="$COMPILE_TARGET" "$@"
+fi
 
 if [[ "$CREATE" == 1 ]]; then
   run gcloud compute tpus tpu-vm create "$TPU_NAME" --zone="$ZONE" --project="$PROJECT" \

@@ -1,9 +1,11 @@
 """Dry runs of the launchers print the commands they would run."""
 
+import importlib.util
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 import pytest
@@ -47,7 +49,9 @@ class TpuPodTest(absltest.TestCase):
       "ZONE": "us-central2-b",
       "TPU_NAME": "iat-v4",
       "BUCKET": "gs://my-bucket/runs",
-      "RUN_NAME": "demo"
+      "RUN_NAME": "demo",
+      "COMPILE_TARGET": "tpu:v4:2x2x2",
+      "CHECK_DIR": "/tmp/check"
   }
 
   def ssh_prefix(self):
@@ -61,7 +65,14 @@ class TpuPodTest(absltest.TestCase):
         "bash", "launch/tpu_pod.sh", "--", "--config.num_epochs=2",
         "--config.model.mlp_dims=(16, 8)"
     ], self.ENV)
-    (cmd,) = lines(proc)
+    check, cmd = lines(proc)
+    # Compiled for the slice here first, with the run's own flags.
+    self.assertEqual(check, [
+        "python3", "-m", "iat_jax.main", "--config=experiments/configs/demo.py",
+        "--workdir=/tmp/check", "--mode=compile",
+        "--config.compile.target=tpu:v4:2x2x2", "--config.num_epochs=2",
+        "--config.model.mlp_dims=(16, 8)"
+    ])
     self.assertEqual(cmd[:-1], self.ssh_prefix())
     self.assertTrue(cmd[-1].startswith("--command="))
     remote = cmd[-1][len("--command="):]
@@ -85,7 +96,8 @@ class TpuPodTest(absltest.TestCase):
         "REPO_URL": "https://x/iat.git"
     }
     proc = run(["bash", "launch/tpu_pod.sh", "--dry_run", "--create", "--setup"], env)
-    create, setup, main = lines(proc)
+    check, create, setup, main = lines(proc)
+    self.assertIn("--mode=compile", check)
     self.assertEqual(create, [
         "gcloud", "compute", "tpus", "tpu-vm", "create", "iat-v4",
         "--zone=us-central2-b", "--project=my-proj", "--accelerator-type=v5litepod-16",
@@ -94,6 +106,37 @@ class TpuPodTest(absltest.TestCase):
     self.assertEqual(setup[:-1], self.ssh_prefix())
     self.assertIn("git clone https://x/iat.git iat-jax", setup[-1])
     self.assertIn("--config.distributed=True", main[-1])
+
+  def test_the_check_needs_its_target_or_is_skipped(self):
+    env = {k: v for k, v in self.ENV.items() if k != "COMPILE_TARGET"}
+    proc = run(["bash", "launch/tpu_pod.sh"], env, check=False)
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("set COMPILE_TARGET", proc.stderr)
+    proc = run(["bash", "launch/tpu_pod.sh", "--skip_compile_check"], env)
+    (cmd,) = lines(proc)
+    self.assertEqual(cmd[:-1], self.ssh_prefix())
+
+  @absltest.skipUnless(importlib.util.find_spec("libtpu"), "needs the `tpu` extra")
+  def test_a_config_that_does_not_fit_stops_the_launch(self):
+    # For real (no dry run): the check fails, so gcloud is never called.
+    env = {
+        **self.ENV, "DRY_RUN": "0",
+        "COMPILE_TARGET": "tpu:v5e:2x2",
+        "CONFIG": cli.TINY,
+        "LOCAL_PYTHON": sys.executable,
+        "CHECK_DIR": os.path.join(tempfile.mkdtemp(), "check"),
+        "PATH": "/nonexistent-gcloud:" + os.environ["PATH"]
+    }
+    proc = run([
+        "bash", "launch/tpu_pod.sh", "--", "--config.model.embed_dim=131072",
+        "--config.pipeline.models=('base',)", f"--config.data.cache_dir={cli.DATA}"
+    ],
+               env,
+               check=False)
+    self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+    self.assertIn("does not fit", proc.stderr)
+    self.assertNotIn("gcloud", proc.stderr + proc.stdout)
+    self.assertFalse(os.path.exists(env["CHECK_DIR"]))
 
   def test_missing_variable_is_named(self):
     env = {k: v for k, v in self.ENV.items() if k != "ZONE"}
@@ -110,15 +153,32 @@ class SlurmTest(absltest.TestCase):
         "DRY_RUN": "1",
         "CONFIG": "experiments/configs/tiny.py",
         "WORKDIR": "/shared/iat",
-        "GPUS_PER_NODE": "4"
+        "GPUS_PER_NODE": "4",
+        "COMPILE_TARGET": "gpu:h100:2x4"
     }
     proc = run(["bash", "launch/slurm.sbatch", "--config.num_epochs=2"], env)
-    (cmd,) = lines(proc)
+    check, cmd = lines(proc)
+    self.assertEqual(check, [
+        "python", "-m", "iat_jax.main", "--config=experiments/configs/tiny.py",
+        "--workdir=/shared/iat", "--mode=compile",
+        "--config.compile.target=gpu:h100:2x4", "--config.num_epochs=2"
+    ])
     self.assertEqual(cmd, [
         "srun", "--kill-on-bad-exit=1", "--ntasks-per-node=4", "python", "-m",
         "iat_jax.main", "--config=experiments/configs/tiny.py", "--workdir=/shared/iat",
         "--mode=pipeline", "--config.distributed=True", "--config.num_epochs=2"
     ])
+
+  def test_the_check_needs_its_target_or_is_skipped(self):
+    env = {"DRY_RUN": "1", "WORKDIR": "/shared/iat"}
+    proc = run(["bash", "launch/slurm.sbatch"], env, check=False)
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("set COMPILE_TARGET", proc.stderr)
+    (cmd,) = lines(
+        run(["bash", "launch/slurm.sbatch"], {
+            **env, "SKIP_COMPILE_CHECK": "1"
+        }))
+    self.assertEqual(cmd[0], "srun")
 
   def test_exports_the_allocator_settings(self):
     # As .ci/run does; iat_jax.main would otherwise re-exec every task.

@@ -55,6 +55,9 @@ def get_config(arg=None):
   c.log_every = 100
   c.optimizer.warmup_steps = 200
   m = c.model
+  # Embedding rows split evenly over a model axis of up to 16 chips (e.g.
+  # --config.mesh_shape="(16, 16)" on a v5e-256 slice; docs/running.md).
+  m.vocab_pad_multiple = 16
   m.dtype = "bfloat16"
   m.embed_dim = 32
   m.seq.width = 128

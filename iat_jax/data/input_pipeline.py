@@ -182,7 +182,7 @@ class LookupInsEmb(grain.transforms.Map):
     values, found = self.table.lookup(keys)
     d = values.shape[1:]
     if self.compact:
-      u = max(64, 1 << int(counts.max()).bit_length())  # >= distinct + 1 zero row
+      u = unique_rows(int(counts.max()))
       rows = np.empty((self.groups, u) + d, np.float32)  # only the tails zeroed
       start = np.concatenate([[0], np.cumsum(counts)])
       for g in range(self.groups):
@@ -200,6 +200,26 @@ class LookupInsEmb(grain.transforms.Map):
     batch["hist_missing"] = np.int64(flat.sum() - hit.sum())
     batch["hist_mask"] = hit
     return batch
+
+
+def unique_rows(distinct: int) -> int:
+  """U of a batch shard with `distinct` InsEmbs: >= distinct + 1 zero row, a
+  power of two >= 64 (`LookupInsEmb`)."""
+  return max(64, 1 << int(distinct).bit_length())
+
+
+def compact_shapes(shapes: dict, groups: int) -> dict:
+  """The shapes (jax.ShapeDtypeStruct) of a history batch with hist_insemb
+  [B, L, d] -> those `LookupInsEmb(compact=True, groups)` gives it at its
+  largest: hist_insemb_unique [groups, U, d] with U for B / groups x L
+  distinct InsEmbs, hist_index int32 [B, L]."""
+  shapes = dict(shapes)
+  full = shapes.pop("hist_insemb")
+  b, l, d = full.shape
+  u = unique_rows(b // groups * l)
+  shapes["hist_insemb_unique"] = type(full)((groups, u, d), full.dtype)
+  shapes["hist_index"] = type(full)((b, l), np.int32)
+  return shapes
 
 
 def pad_unique(batch: dict, u: int) -> dict:

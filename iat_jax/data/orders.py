@@ -12,6 +12,7 @@ to know about how a stage's instances become batches:
               out-of-memory and batch-size errors);
   rows        config -> the leading size of a global train batch
               (instances, or user chunks);
+  eval_rows   (config, data shards) -> the same of an evaluation batch;
   instances   config -> instances one train step sees (progress rate);
   reads_store whether its batches carry InsEmbs looked up in a store;
   check       (config, ds) -> raises ConfigError when a train batch would be
@@ -76,6 +77,7 @@ class Order:
   evaluate: Chain
   size_flags: tuple[str, ...]
   rows: Callable[[Config], int]
+  eval_rows: Callable[[Config, int], int]
   instances: Callable[[Config], int]
   reads_store: bool
   check: Callable[[Config, dataset_lib.Dataset], None]
@@ -110,12 +112,16 @@ def _temporal(config: Config, ds, split: str, ctx: Context, *, train: bool,
   return input_pipeline.temporal(
       ds,
       split,
-      config.batch_size if train else config.eval_batch_size * data_shards(config),
+      config.batch_size if train else _eval_instances(config, data_shards(config)),
       seed=config.seed,
       shuffle_window=config.shuffle_window if train else 0,
       num_epochs=config.num_epochs if train else 1,
       **_processes(),
       **history)
+
+
+def _eval_instances(config: Config, shards: int) -> int:
+  return config.eval_batch_size * shards
 
 
 def _check_instances(config: Config, ds) -> None:
@@ -165,8 +171,8 @@ def _example_history(config: Config, schema, seed: int) -> dict:
 def _user_chunks(config: Config, ds, split: str, ctx: Context, *,
                  train: bool) -> grain.MapDataset:
   t = config.data.user_chunk_len
-  users = (config.users_per_batch if train else max(config.eval_batch_size // t, 1) *
-           data_shards(config))
+  users = (config.users_per_batch
+           if train else _eval_users(config, data_shards(config)))
   return input_pipeline.user_ordered(ds,
                                      split,
                                      users,
@@ -177,6 +183,10 @@ def _user_chunks(config: Config, ds, split: str, ctx: Context, *,
                                      num_epochs=config.num_epochs if train else 1,
                                      context=0 if train else eval_context(config),
                                      **_processes())
+
+
+def _eval_users(config: Config, shards: int) -> int:
+  return max(config.eval_batch_size // config.data.user_chunk_len, 1) * shards
 
 
 def _check_chunks(config: Config, ds) -> None:
@@ -246,6 +256,7 @@ for _order in (
           evaluate=lambda c, ds, split, ctx: _temporal(c, ds, split, ctx, train=False),
           size_flags=("batch_size",),
           rows=_batch_size,
+          eval_rows=_eval_instances,
           instances=_batch_size,
           reads_store=False,
           check=_check_instances,
@@ -256,6 +267,7 @@ for _order in (
         evaluate=lambda c, ds, split, ctx: _user_chunks(c, ds, split, ctx, train=False),
         size_flags=("users_per_batch", "data.user_chunk_len"),
         rows=lambda c: c.users_per_batch,
+        eval_rows=_eval_users,
         instances=lambda c: c.users_per_batch * c.data.user_chunk_len,
         reads_store=False,
         check=_check_chunks,
@@ -265,6 +277,7 @@ for _order in (
           evaluate=_stream,
           size_flags=("batch_size", "stream.k"),
           rows=_batch_size,
+          eval_rows=lambda c, shards: c.batch_size,
           instances=_batch_size,
           reads_store=False,
           check=_check_stream,
@@ -274,6 +287,7 @@ for _order in (
           evaluate=lambda c, ds, split, ctx: _history(c, ds, split, ctx, train=False),
           size_flags=("batch_size", "model.hist_len"),
           rows=_batch_size,
+          eval_rows=_eval_instances,
           instances=_batch_size,
           reads_store=True,
           check=_check_instances,
@@ -306,16 +320,36 @@ def batches(config: Config,
 def abstract_batch(config: Config,
                    schema: schema_lib.Schema,
                    order: str,
-                   rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of a global batch of `order` (`rows` leading rows,
-  default its train batch's), without its data (its example batch, the
-  leading axis widened): for ahead-of-time compilation and cost estimates."""
+                   rows: int | None = None,
+                   *,
+                   train: bool = True,
+                   shards: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a global batch of `order`, without its data: for
+  ahead-of-time compilation and cost estimates.
+
+  Args:
+    config, schema: the run's.
+    order: a key of ORDERS.
+    rows: its leading size; default a train batch's (`train`) or an
+      evaluation batch's over `shards` data shards.
+    train: a train batch, else an evaluation (predict, export) batch.
+    shards: the mesh's data shards (default: the config's mesh over this
+      host's devices).
+
+  Returns:
+    Its example batch with the leading axis widened; an order that reads a
+    store gets its InsEmbs deduplicated per data shard, at the largest U a
+    batch can have (`input_pipeline.compact_shapes`).
+  """
   entry = get(order)
-  rows = entry.rows(config) if rows is None else rows
+  shards = data_shards(config) if shards is None else shards
+  if rows is None:
+    rows = entry.rows(config) if train else entry.eval_rows(config, shards)
   one = entry.example(config, schema, 0)
-  return {
+  shapes = {
       k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype) for k, v in one.items()
   }
+  return input_pipeline.compact_shapes(shapes, shards) if entry.reads_store else shapes
 
 
 def size_flags(order: str) -> str:
@@ -323,14 +357,10 @@ def size_flags(order: str) -> str:
   return ", ".join(f"--config.{f}" for f in get(order).size_flags)
 
 
-def check_sizes(config: Config, ds: dataset_lib.Dataset, order_names) -> None:
-  """Raises ConfigError naming the flag and the limit when a train batch of
-  one of `order_names` does not split evenly over the mesh's data shards, or
-  is larger than what it batches: a batch of more instances than the train
-  split (or user chunks than it has) would train a single, mostly padding
-  step. Evaluation batches may be larger (padding is fine there). Cheap:
-  call right after `sources.prepare`, before training."""
-  shards = data_shards(config)
+def check_shards(config: Config, order_names, shards: int, devices: int) -> None:
+  """Raises ConfigError naming the flag when a train batch of one of
+  `order_names` does not split evenly over `shards` data shards (a mesh of
+  `devices` devices)."""
   for name in dict.fromkeys(order_names):
     order = get(name)
     rows = order.rows(config)
@@ -338,6 +368,17 @@ def check_sizes(config: Config, ds: dataset_lib.Dataset, order_names) -> None:
       raise errors.ConfigError(
           order.size_flags[0], f"{rows} does not split evenly over the {shards} "
           f"data shards of the mesh (--config.mesh_shape="
-          f"{tuple(config.mesh_shape)} on {len(jax.devices())} devices); use a "
+          f"{tuple(config.mesh_shape)} on {devices} devices); use a "
           f"multiple of {shards}")
-    order.check(config, ds)
+
+
+def check_sizes(config: Config, ds: dataset_lib.Dataset, order_names) -> None:
+  """Raises ConfigError naming the flag and the limit when a train batch of
+  one of `order_names` does not split evenly over the mesh's data shards
+  (`check_shards`), or is larger than what it batches: a batch of more
+  instances than the train split (or user chunks than it has) would train a
+  single, mostly padding step. Evaluation batches may be larger (padding is
+  fine there). Cheap: call right after `sources.prepare`, before training."""
+  check_shards(config, order_names, data_shards(config), len(jax.devices()))
+  for name in dict.fromkeys(order_names):
+    get(name).check(config, ds)

@@ -7,6 +7,9 @@ A source is one entry of `SOURCES`, keyed by `config.data.source`:
   build      (data config, out path, seed) -> builds (or reuses) the dataset
   validate   data config -> raises errors.ConfigError naming the
              --config.data.* flag of a value `build` cannot use
+  schema     (data config, seed) -> the dataset's schema without building
+             it, for sources whose vocabularies follow from their knobs
+             (synthetic); None: the schema is the built dataset's
 
 Adding a dataset = one module under `iat_jax/data/` with a `build` and a
 `validate_config`, and one `register(Source(...))` entry below; knobs of its
@@ -31,6 +34,7 @@ from iat_jax import errors
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import kuairand
 from iat_jax.data import movielens
+from iat_jax.data import schema as schema_lib
 from iat_jax.data import synthetic
 
 DataConfig = ml_collections.ConfigDict
@@ -43,6 +47,7 @@ class Source:
   subdir: Callable[[DataConfig], str]
   build: Callable[[DataConfig, str, int], str]
   validate: Callable[[DataConfig], None]
+  schema: Callable[[DataConfig, int], schema_lib.Schema] | None = None
 
 
 SOURCES: dict[str, Source] = {}
@@ -78,7 +83,9 @@ register(
            subdir=lambda data: "synthetic",
            build=lambda data, out, seed: synthetic.build(
                out, seed=seed, seq_len=data.seq_len, **data.synthetic),
-           validate=synthetic.validate_config))
+           validate=synthetic.validate_config,
+           schema=lambda data, seed: synthetic.make_schema(
+               synthetic.Config(seed=seed, seq_len=data.seq_len, **data.synthetic))))
 
 register(
     Source(name="movielens",
@@ -112,3 +119,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dataset_lib.Data
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("prepare_dataset")
   return dataset_lib.Dataset(path)
+
+
+def schema(config: ml_collections.ConfigDict, workdir: str) -> schema_lib.Schema:
+  """The schema of the run's dataset: from the source's knobs where they
+  determine it (nothing built or read), else the prepared dataset's (built
+  first if it is not there: its vocabularies come from the data)."""
+  source = get(config.data.source)
+  if source.schema is not None:
+    return source.schema(config.data, config.seed)
+  return prepare(config, workdir).schema

@@ -78,6 +78,42 @@ def to_device(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
   }
 
 
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+  """init(rng, batch) -> a boxed TrainState (params with logical names)."""
+
+  def init(rng, batch):
+    p_rng, d_rng = jax.random.split(rng)
+    variables = model.init({"params": p_rng, "dropout": d_rng}, batch, train=False)
+    return TrainState.create(apply_fn=model.apply,
+                             params=variables["params"],
+                             tx=tx,
+                             rng=d_rng)
+
+  return init
+
+
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
+                   mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, Any]:
+  """The train state's shapes, dtypes and shardings, nothing materialized.
+
+  Args:
+    model, tx, mesh, rules: as `create_state`.
+    batch: a batch with the training shapes (arrays or jax.ShapeDtypeStruct).
+
+  Returns:
+    (state of jax.ShapeDtypeStruct leaves carrying their shardings, the
+    state's shardings): what ahead-of-time compilation lowers against.
+  """
+  init = _init_fn(model, tx)
+  with sharding.mesh_context(mesh, rules):
+    boxed = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32), batch)
+    shardings = sharding.param_shardings(boxed, mesh, rules)
+  shapes = nn.meta.unbox(boxed)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       shapes, shardings)
+  return state, shardings
+
+
 def create_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
                  seed: int, mesh: jax.sharding.Mesh, rules) -> tuple[TrainState, Any]:
   """Initializes a sharded TrainState.
@@ -93,20 +129,11 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batc
   Returns:
     (state with unboxed arrays placed on their shardings, state shardings).
   """
-
-  def init(rng):
-    p_rng, d_rng = jax.random.split(rng)
-    variables = model.init({"params": p_rng, "dropout": d_rng}, batch, train=False)
-    return TrainState.create(apply_fn=model.apply,
-                             params=variables["params"],
-                             tx=tx,
-                             rng=d_rng)
-
-  rng = jax.random.PRNGKey(seed)
+  _, shardings = abstract_state(model, tx, batch, mesh, rules)
+  init = _init_fn(model, tx)
   with sharding.mesh_context(mesh, rules):
-    abstract = jax.eval_shape(init, rng)
-    shardings = sharding.param_shardings(abstract, mesh, rules)
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+    state = jax.jit(lambda r, b: nn.meta.unbox(init(r, b)),
+                    out_shardings=shardings)(jax.random.PRNGKey(seed), batch)
   return state, shardings
 
 
