@@ -80,17 +80,37 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def process_blocks(mesh: jax.sharding.Mesh,
+                   process: int | None = None) -> tuple[int, ...]:
+  """The blocks of a `batch_sharding` array's leading axis (of mesh.shape
+  ['data'] equal blocks) that `process` (default this one) must supply: the
+  distinct 'data' coordinates of its devices, ascending -- the order its
+  local data fills them. Processes share a block when a data row of the mesh
+  spans them (a model axis across hosts)."""
+  axis = mesh.axis_names.index("data")
+  here = jax.process_index() if process is None else process
+  return tuple(
+      sorted({
+          i[axis]
+          for i in np.ndindex(mesh.devices.shape)
+          if mesh.devices[i].process_index == here
+      }))
+
+
+def owned_blocks(mesh: jax.sharding.Mesh,
+                 process: int | None = None) -> tuple[int, ...]:
+  """The blocks of `process_blocks` that no lower-numbered process holds:
+  each block has one owner, which alone reports, gathers and exports its
+  rows."""
+  here = jax.process_index() if process is None else process
+  lower = {b for q in range(here) for b in process_blocks(mesh, q)}
+  return tuple(b for b in process_blocks(mesh, here) if b not in lower)
+
+
 def local_batch_shards(mesh: jax.sharding.Mesh) -> int:
   """Blocks of a `batch_sharding` array's leading axis on this process's
-  devices (its distinct 'data' coordinates), in the order its local data
-  fills them."""
-  axis = mesh.axis_names.index("data")
-  here = jax.process_index()
-  return len({
-      i[axis]
-      for i in np.ndindex(mesh.devices.shape)
-      if mesh.devices[i].process_index == here
-  })
+  devices (`process_blocks`)."""
+  return len(process_blocks(mesh))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

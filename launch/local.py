@@ -6,6 +6,9 @@ The same code path as a multi-host run: every process gets
   python launch/local.py --num_processes=2 -- \
       --config=experiments/configs/tiny.py --workdir=/tmp/iat --mode=train
   python launch/local.py --num_processes=2 --dry_run -- ...   # print only
+
+--devices_per_process=N gives each process N CPU devices (a mesh whose rows
+span processes, as a model axis across TPU hosts does).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from iat_jax import launch_lib
 _N = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _PORT = flags.DEFINE_integer("port", 0, "Coordinator port (0 = pick a free one).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
+_DEVICES = flags.DEFINE_integer("devices_per_process", 1, "CPU devices per process.")
 
 
 def _free_port() -> int:
@@ -38,7 +42,13 @@ def main(argv: list[str]) -> None:
     print("\n".join(launch_lib.shell_join(c) for c in cmds))
     return
   # glibc malloc settings (iat_jax/allocator.py) set here: no re-exec per process.
-  env = {**allocator.environ(os.environ), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  devices = _DEVICES.value
+  env = {
+      **allocator.environ(os.environ), "JAX_PLATFORMS":
+          "cpu",
+      "XLA_FLAGS":
+          f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  }
   procs = [subprocess.Popen(c, env=env) for c in cmds]
   codes = [p.wait() for p in procs]
   if any(codes):

@@ -2,6 +2,7 @@
 the same store as one process."""
 
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from iat_jax import workdir as workdir_lib
+from iat_jax.data import batching
 from iat_jax.data import dataset
 from iat_jax.data import input_pipeline
 from iat_jax.data import sources
@@ -40,6 +42,50 @@ class TwoProcessTest(absltest.TestCase):
                                rtol=1e-5)
     # Only process 0 writes metrics: one line per step, no duplicates.
     self.assertLen(two, len(set(r["step"] for r in two)))
+
+  def test_a_data_row_across_processes_gets_the_rows_its_devices_need(self):
+    # 2 processes x 4 devices on a (1, 8) mesh: the one data row spans both
+    # processes, so each supplies the whole batch, and each block's rows are
+    # reported and exported once. Same model, metrics and store as 1 x 8.
+    args = ("--config.mesh_shape=(1,8)", "--config.eval_every=0",
+            "--config.checkpoint_every=12", "--config.stage=source_temporal")
+    one, two = tempfile.mkdtemp(), tempfile.mkdtemp()
+    env8 = {**cli.ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    for mode in ("train", "export"):
+      subprocess.run(
+          [sys.executable, "-m", "iat_jax.main", *cli.main_args(one, mode, *args)],
+          cwd=cli.REPO,
+          env=env8,
+          check=True,
+          capture_output=True,
+          timeout=900)
+      cli.run([
+          sys.executable,
+          os.path.join(cli.REPO, "launch", "local.py"), "--num_processes=2",
+          "--devices_per_process=4", "--", *cli.main_args(two, mode, *args)
+      ])
+    lines = [[
+        r for r in cli.metric_lines(w, "source_temporal") if r["split"] == "train"
+    ] for w in (one, two)]
+    self.assertEqual([r["step"] for r in lines[1]], [r["step"] for r in lines[0]])
+    np.testing.assert_allclose([r["loss"] for r in lines[1]],
+                               [r["loss"] for r in lines[0]],
+                               rtol=1e-5)
+    a, b = (workdir_lib.load_results(os.path.join(w, "source_temporal"))
+            for w in (one, two))
+    for name, value in a["test"].items():
+      self.assertAlmostEqual(b["test"][name], value, places=5, msg=name)
+    tables = [
+        insemb_table.Table(os.path.join(w, "stores", "source_temporal"))
+        for w in (one, two)
+    ]
+    self.assertEqual(len(tables[1]), len(tables[0]))  # no row exported twice
+    config = mf.tiny_config()
+    config.data.cache_dir = cli.DATA
+    keys = np.asarray(dataset.Dataset(sources.dataset_path(config, one))["ins_id"])
+    (va, fa), (vb, fb) = (t.lookup(keys) for t in tables)
+    self.assertTrue(fa.all() and fb.all())
+    np.testing.assert_allclose(vb, va, atol=1e-5)
 
   def test_two_process_downstream_matches_one(self):
     # The downstream model reads the deduplicated InsEmbs of each process's
@@ -82,8 +128,7 @@ class TwoProcessTest(absltest.TestCase):
                                          config.batch_size,
                                          seed=config.seed,
                                          shuffle_window=config.shuffle_window,
-                                         process_index=p,
-                                         process_count=2,
+                                         part=batching.ProcessSlice(p, 2),
                                          history_len=16,
                                          table=table,
                                          compact=True)

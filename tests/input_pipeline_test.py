@@ -203,7 +203,7 @@ class PipelineTest(parameterized.TestCase):
   def test_process_shards_are_disjoint_and_complete(self, kind, count):
     whole = _batches(_pipeline(self.ds, kind))
     parts = [
-        _batches(_pipeline(self.ds, kind, process_index=p, process_count=count))
+        _batches(_pipeline(self.ds, kind, part=batching.ProcessSlice(p, count)))
         for p in range(count)
     ]
     for i, b in enumerate(whole):
@@ -211,9 +211,25 @@ class PipelineTest(parameterized.TestCase):
         np.testing.assert_array_equal(
             b[k], np.concatenate([parts[p][i][k] for p in range(count)]))
 
+  def test_processes_sharing_blocks_read_the_same_rows(self):
+    # Of 4 blocks, process A's devices hold blocks 0 and 2, process B's 2 and
+    # 3 (a data row of the mesh spans both): each reads its blocks, in order.
+    whole = _batches(_pipeline(self.ds, "temporal"))
+    a, b = (_batches(
+        _pipeline(self.ds,
+                  "temporal",
+                  part=batching.ProcessSlice(count=4, blocks=blocks)))
+            for blocks in ((0, 2), (2, 3)))
+    for w, x, y in zip(whole, a, b):
+      np.testing.assert_array_equal(x["row"],
+                                    np.concatenate([w["row"][0:4], w["row"][8:12]]))
+      np.testing.assert_array_equal(y["row"], w["row"][8:16])
+
   def test_indivisible_batch_is_an_error(self):
-    with self.assertRaisesRegex(ValueError, "process_count=3"):
-      next(ip.iterate(ip.temporal(self.ds, "train", 16, process_count=3)))
+    with self.assertRaisesRegex(ValueError, "not divisible into 3 blocks"):
+      next(
+          ip.iterate(ip.temporal(self.ds, "train", 16, part=batching.ProcessSlice(0,
+                                                                                  3))))
 
   def test_lookup_adds_insembs_in_one_call(self):
     ds = self.ds

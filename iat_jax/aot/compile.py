@@ -119,9 +119,12 @@ def stage_configs(
   return out
 
 
-def compile_all(config: ml_collections.ConfigDict, schema: schema_lib.Schema,
-                devices) -> list[Compiled]:
-  """Every stage x step of the config compiled on `devices`."""
+def compile_all(config: ml_collections.ConfigDict,
+                schema: schema_lib.Schema,
+                devices,
+                options: dict | None = None) -> list[Compiled]:
+  """Every stage x step of the config compiled on `devices` (with XLA
+  compiler `options`)."""
   mesh = sharding.make_mesh(tuple(config.mesh_shape),
                             tuple(config.mesh_axes),
                             devices=devices)
@@ -131,7 +134,7 @@ def compile_all(config: ml_collections.ConfigDict, schema: schema_lib.Schema,
       t0 = time.time()
       lowered, instances = lower(cfg, schema, stages.get(name), step, mesh)
       try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options)
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
           raise
@@ -306,7 +309,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   orders.check_shards(config, [stages.get(n).order for n in stage_configs(config)],
                       mesh.shape["data"], target.num_devices)
   schema = sources.schema(config, workdir)
-  compiled = compile_all(config, schema, devices)
+  compiled = compile_all(config, schema, devices, target.compiler_options)
   result = {
       "target": target.text,
       "chips": target.num_devices,

@@ -109,6 +109,17 @@ class Target:
   def num_devices(self) -> int:
     return math.prod(self.shape)
 
+  @property
+  def compiler_options(self) -> dict:
+    """XLA options of a compile for the target. GPU: no autotuning (there is
+    no device to time on) and cuBLAS instead of Triton for GEMMs (XLA 0.10.2's
+    deviceless Triton GEMM tiling fails on some of the models' dots:
+    "Couldn't find output tile sizes"); memory figures are those of that
+    program."""
+    if self.chip.platform == "gpu":
+      return {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
+    return {}
+
   def devices(self) -> list[jax.Device]:
     """The compile-only devices of the slice (nothing runs on them)."""
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top

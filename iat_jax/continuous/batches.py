@@ -2,7 +2,7 @@
 
 A period's rows in time order are cut into global batches of
 `config.batch_size` (the last one padded, `mask` False); each process reads
-its contiguous slice of each (`batching.ProcessSlice`,
+the blocks of each its devices compute (`batching.ProcessSlice.of_mesh`,
 `input_pipeline.read_rows`) and completes it by its kind:
 
   instances  nothing more (base, temporal source);
@@ -20,11 +20,11 @@ Host-only keys (`HOST`) are dropped before a batch goes to the devices.
 from __future__ import annotations
 
 import grain
-import jax
 import ml_collections
 import numpy as np
 
 from iat_jax import errors
+from iat_jax import sharding
 from iat_jax.continuous import history as history_lib
 from iat_jax.data import batching
 from iat_jax.data import history
@@ -66,7 +66,8 @@ class Assemble(grain.transforms.Map):
     self.k, self.l = config.stream.k, config.model.hist_len
     self.gap_buckets = config.model.num_gap_buckets
     self.uid = ds["uid"]
-    self.part = batching.ProcessSlice(jax.process_index(), jax.process_count())
+    self.part = batching.ProcessSlice.of_mesh(
+        sharding.make_mesh(tuple(config.mesh_shape), tuple(config.mesh_axes)))
 
   def __len__(self) -> int:
     return -(-len(self.rows) // self.b)

@@ -342,13 +342,12 @@ class Run:
                                    f"the last period checkpoint is in {self.dir}/ckpt")
       # Every process gets the whole batch's rows: its predictions, and the
       # InsEmbs every process reads through (a source's write-back).
-      mask = predict.host_gather(batch["mask"])
-      probs[i * b:i * b + int(mask.sum())] = predict.host_gather(
-          predict.local_rows(aux["probs"]))[mask]
+      mask = predict.host_gather(batch["mask"], lr.mesh)
+      probs[i * b:i * b + int(mask.sum())] = predict.device_gather(aux["probs"])[mask]
       if table is not None:
         table.put(
-            predict.host_gather(batch["ins_id"])[mask],
-            predict.host_gather(predict.local_rows(aux["insemb"]))[mask])
+            predict.host_gather(batch["ins_id"], lr.mesh)[mask],
+            predict.device_gather(aux["insemb"])[mask])
       progress(lr.model.name, p, loss)
     return probs
 

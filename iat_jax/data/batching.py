@@ -5,7 +5,7 @@
   chunk_batches   user-chunk batches [B_users], sampled by Grain itself;
   UserChunks      each user's rows of a split cut into chunks (with leading
                   context rows for evaluation);
-  ProcessSlice    the contiguous part of a global batch a process reads.
+  ProcessSlice    the blocks of a global batch a process reads.
 
 Elements are ids (rows or chunks), -1 padding a last partial batch; the
 transforms of `iat_jax.data.input_pipeline` read their columns. Memory is
@@ -22,6 +22,7 @@ from typing import Callable
 import grain
 import numpy as np
 
+from iat_jax import sharding
 from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import schema as schema_lib
 
@@ -120,18 +121,32 @@ def window_shuffle(items: np.ndarray, window: int, seed: int, epoch: int) -> np.
   return items[np.argsort(keys, kind="stable")]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ProcessSlice:
-  """This process's contiguous part of each global batch."""
+  """This process's part of each global batch: of its `count` equal blocks,
+  those in `blocks` (default: block `index` alone, the contiguous index-th
+  1/count). `of_mesh` gives the blocks a process's devices need, so a mesh
+  whose data rows span processes is fed the rows each device computes."""
   index: int = 0
   count: int = 1
+  blocks: tuple[int, ...] | None = None
+
+  @classmethod
+  def of_mesh(cls, mesh) -> ProcessSlice:
+    """The blocks of this process's devices (`sharding.process_blocks`)."""
+    return cls(count=mesh.shape["data"], blocks=sharding.process_blocks(mesh))
 
   def __call__(self, items: np.ndarray) -> np.ndarray:
+    if self.blocks == tuple(range(self.count)):  # all of it (one process)
+      return items
     if len(items) % self.count:
-      raise ValueError(f"global batch {len(items)} is not divisible by "
-                       f"process_count={self.count}")
+      raise ValueError(f"global batch {len(items)} is not divisible into "
+                       f"{self.count} blocks (process_count={self.count})")
     b = len(items) // self.count
-    return items[self.index * b:(self.index + 1) * b]
+    blocks = (self.index,) if self.blocks is None else self.blocks
+    if len(blocks) == 1:
+      return items[blocks[0] * b:(blocks[0] + 1) * b]
+    return np.concatenate([items[k * b:(k + 1) * b] for k in blocks])
 
 
 @dataclasses.dataclass

@@ -26,13 +26,14 @@ gather all columns of a batch with one vectorized memmap read. Chunk batches
 are sampled by Grain itself (`batching.chunk_batches`: shuffle, batch, repeat); instance
 batches are cut by `batching.EpochBatches`, as Grain's per-element chain would cap
 throughput below the column reads and has no time-order window shuffle (see
-there). A process keeps only its contiguous slice of every global batch
-(`batching.ProcessSlice`), so P processes see disjoint, complete parts of exactly the
-batches one process would see (a 2-process run trains the same model as a
-1-process run); Grain's sharding cannot do this, as it gives each process
-whole elements (batches) of its own.
+there). A process keeps only the blocks of every global batch its devices
+compute (`batching.ProcessSlice.of_mesh`), so P processes see complete parts
+of exactly the batches one process would see (a 2-process run trains the
+same model as a 1-process run; processes whose devices share a data row of
+the mesh read the same block); Grain's sharding cannot do this, as it gives
+each process whole elements (batches) of its own.
 
-Batch keys (leading dims [b] or [b_users, T], b = B / process_count):
+Batch keys (leading dims [b] or [b_users, T], b = this process's blocks of B):
   model inputs: cat, dense, mh_<name>, seq_item, seq_category, seq_action,
     labels, mask (the rows that count); user chunks and stream also tie_group
     (`tie_group`), user chunks token_mask, stream past_tie_group; with history:
@@ -270,28 +271,28 @@ class ReadStream(grain.transforms.Map):
     return batch
 
 
-def stream(ds: dataset_lib.Dataset,
-           splits: tuple[str, ...],
-           batch_size: int,
-           past_len: int,
-           *,
-           features: bool = False,
-           process_index: int = 0,
-           process_count: int = 1) -> grain.MapDataset:
+def stream(
+    ds: dataset_lib.Dataset,
+    splits: tuple[str, ...],
+    batch_size: int,
+    past_len: int,
+    *,
+    features: bool = False,
+    part: batching.ProcessSlice = batching.ProcessSlice()
+) -> grain.MapDataset:
   """Time-ordered batches over `splits` (consecutive in time), see ReadStream.
 
   Args:
     ds: the dataset.
     splits: e.g. ("valid", "test"): the instances after batch training.
-    batch_size: global batch B (divisible by process_count).
+    batch_size: global batch B (divisible into part.count blocks).
     past_len: K, past instances per instance.
     features: also add the past instances' raw features (recomputation).
-    process_index, process_count: this process's slice of each batch.
+    part: this process's blocks of each batch (`batching.ProcessSlice`).
   """
   rows = np.concatenate([ds.split_rows(s) for s in splits])
   source = batching.EpochBatches(len(rows), batch_size, 1, lambda e: rows)
-  read = ReadStream(ds, past_len, batching.ProcessSlice(process_index, process_count),
-                    features)
+  read = ReadStream(ds, past_len, part, features)
   return grain.MapDataset.source(source).map(read)
 
 
@@ -341,8 +342,7 @@ def temporal(ds: dataset_lib.Dataset,
              seed: int = 0,
              shuffle_window: int = 0,
              num_epochs: int = 1,
-             process_index: int = 0,
-             process_count: int = 1,
+             part: batching.ProcessSlice = batching.ProcessSlice(),
              history_len: int | None = None,
              num_gap_buckets: int = 16,
              table: tables.Lookup | None = None,
@@ -353,11 +353,11 @@ def temporal(ds: dataset_lib.Dataset,
   Args:
     ds: the dataset.
     split: "train", "valid" or "test".
-    batch_size: global batch size B (divisible by process_count).
+    batch_size: global batch size B (divisible into part.count blocks).
     seed: seeds the window shuffle (a new permutation each epoch).
     shuffle_window: W; instances are permuted inside windows of W (0 = none).
     num_epochs: passes over the split.
-    process_index, process_count: this process's slice of each batch.
+    part: this process's blocks of each batch (`batching.ProcessSlice`).
     history_len: L; if set, adds the downstream history (`AddHistory`).
     num_gap_buckets: vocabulary of the history time-gap buckets.
     table: if set (with history_len), adds hist_insemb (`LookupInsEmb`).
@@ -366,13 +366,13 @@ def temporal(ds: dataset_lib.Dataset,
 
   Returns:
     A Grain MapDataset (one element per global batch, len = batches x epochs)
-    of batch dicts with leading dim [B / process_count]; see `iterate`.
+    of batch dicts with leading dim [this process's rows of B]; see `iterate`.
   """
   rows = ds.split_rows(split)
   source = batching.EpochBatches(
       len(rows), batch_size, num_epochs,
       lambda e: batching.window_shuffle(rows, shuffle_window, seed, e))
-  read = ReadInstances(ds, batching.ProcessSlice(process_index, process_count))
+  read = ReadInstances(ds, part)
   return _assemble(grain.MapDataset.source(source), read, ds, history_len,
                    num_gap_buckets, table, compact, groups)
 
@@ -388,13 +388,12 @@ def user_ordered(ds: dataset_lib.Dataset,
                  seed: int = 0,
                  order: str = "shuffle",
                  num_epochs: int = 1,
-                 process_index: int = 0,
-                 process_count: int = 1,
+                 part: batching.ProcessSlice = batching.ProcessSlice(),
                  history_len: int | None = None,
                  num_gap_buckets: int = 16,
                  table: tables.Lookup | None = None,
                  context: int = 0) -> grain.MapDataset:
-  """User-chunk batches [B_users / process_count, T] of one split.
+  """User-chunk batches [this process's blocks of B_users, T] of one split.
 
   Args are as in `temporal`, plus users_per_batch (global B_users), chunk_len
   (T), the chunk order: "shuffle" (anew each epoch), "users" (users in
@@ -411,5 +410,5 @@ def user_ordered(ds: dataset_lib.Dataset,
       "reversed": np.lexsort((np.arange(n), -chunks.user))
   }.get(order)
   source = batching.chunk_batches(n, users_per_batch, num_epochs, seed, fixed)
-  read = ReadChunks(ds, chunks, batching.ProcessSlice(process_index, process_count))
+  read = ReadChunks(ds, chunks, part)
   return _assemble(source, read, ds, history_len, num_gap_buckets, table)

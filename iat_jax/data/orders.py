@@ -100,8 +100,8 @@ def eval_context(config: Config) -> int:
   return config.data.user_chunk_len // 2 if c < 0 else c
 
 
-def _processes() -> dict:
-  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+def _processes(config: Config) -> dict:
+  return dict(part=batching.ProcessSlice.of_mesh(_mesh(config)))
 
 
 # --- temporal: a split's instances in time order, [B, ...] -------------------
@@ -116,7 +116,7 @@ def _temporal(config: Config, ds, split: str, ctx: Context, *, train: bool,
       seed=config.seed,
       shuffle_window=config.shuffle_window if train else 0,
       num_epochs=config.num_epochs if train else 1,
-      **_processes(),
+      **_processes(config),
       **history)
 
 
@@ -182,7 +182,7 @@ def _user_chunks(config: Config, ds, split: str, ctx: Context, *,
                                      ("shuffle" if train else "users"),
                                      num_epochs=config.num_epochs if train else 1,
                                      context=0 if train else eval_context(config),
-                                     **_processes())
+                                     **_processes(config))
 
 
 def _eval_users(config: Config, shards: int) -> int:
@@ -217,7 +217,7 @@ def _stream(config: Config, ds, split: str, ctx: Context) -> grain.MapDataset:
                                config.batch_size,
                                config.stream.k,
                                features=config.stream.mode == "recompute",
-                               **_processes())
+                               **_processes(config))
 
 
 def _check_stream(config: Config, ds) -> None:

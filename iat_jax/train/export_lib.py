@@ -80,7 +80,7 @@ def export(stage: stages.Stage,
          for split in schema_lib.SPLITS
          for data in [orders.batches(config, ds, stage.order, split, train=False)]
          for i in range(len(data))]
-  first, rows = _durable_batches(out.done_rows, seq)
+  first, rows = _durable_batches(out.done_rows, seq, st.mesh)
   if first:
     logging.info("export %s: resuming at batch %d of %d (%d rows durable here)", path,
                  first, len(seq), out.done_rows)
@@ -93,7 +93,7 @@ def export(stage: stages.Stage,
     it = input_pipeline.iterate(data[todo[0]:])
     for _ in todo:
       batch = next(it)
-      mask = np.asarray(batch["mask"]).reshape(-1)
+      mask = _exported(batch, st.mesh)
       keys = np.asarray(batch["ins_id"]).reshape(-1)[mask]
       if stored is not None and split == "train":
         values = stored.lookup(keys, np.asarray(batch["row"]).reshape(-1)[mask])
@@ -107,12 +107,21 @@ def export(stage: stages.Stage,
   return path
 
 
-def _durable_batches(done_rows: int, seq) -> tuple[int, int]:
+def _exported(batch: dict, mesh) -> np.ndarray:
+  """bool [rows of the local batch, flattened]: the instances this process
+  exports -- counted by the mask, in the blocks it owns (`predict.owned`: a
+  block two processes hold is exported once)."""
+  mask = np.asarray(batch["mask"])
+  own = predict.owned(mesh, len(mask)).reshape((-1,) + (1,) * (mask.ndim - 1))
+  return (mask & own).reshape(-1)
+
+
+def _durable_batches(done_rows: int, seq, mesh) -> tuple[int, int]:
   """(first batch to compute, rows of this process before it): the leading
   batches whose rows every process has durable."""
   first, rows = 0, 0
   for _, i, data in seq:
-    n = int(np.asarray(data[i]["mask"]).sum())
+    n = int(_exported(data[i], mesh).sum())
     if rows + n > done_rows:
       break
     first, rows = first + 1, rows + n
@@ -120,6 +129,6 @@ def _durable_batches(done_rows: int, seq) -> tuple[int, int]:
     firsts = multihost_utils.process_allgather(np.int64(first))
     common = int(np.min(firsts))
     if common < first:
-      rows = sum(int(np.asarray(d[i]["mask"]).sum()) for _, i, d in seq[:common])
+      rows = sum(int(_exported(d[i], mesh).sum()) for _, i, d in seq[:common])
       first = common
   return first, rows

@@ -57,7 +57,8 @@ def model_inputs(batch: Batch) -> Batch:
 
 
 def to_device(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
-  """Process-local numpy batch -> global arrays sharded over 'data'.
+  """Process-local numpy batch (its `sharding.process_blocks` of the global
+  batch) -> global arrays sharded over 'data'.
 
   With several processes, deduplicated history InsEmbs are first padded to
   the largest U of any process, so that every process builds the same global
@@ -72,8 +73,13 @@ def to_device(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
     u = multihost_utils.process_allgather(np.int32(
         batch["hist_insemb_unique"].shape[1]))
     batch = input_pipeline.pad_unique(batch, int(np.max(u)))
+  # This process holds `local` of the `blocks` leading blocks (shared with
+  # another process where a data row of the mesh spans both).
+  blocks, local = mesh.shape["data"], sharding.local_batch_shards(mesh)
   return {
-      k: jax.make_array_from_process_local_data(data, np.asarray(v))
+      k:
+          jax.make_array_from_process_local_data(
+              data, np.asarray(v), (len(v) // local * blocks,) + np.shape(v)[1:])
       for k, v in batch.items()
   }
 

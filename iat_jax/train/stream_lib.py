@@ -208,8 +208,9 @@ class _Staleness:
     stored = batch["past_insemb"][pm][:len(rows)]
     cos = (fresh * stored).sum(-1) / np.maximum(
         np.linalg.norm(fresh, axis=-1) * np.linalg.norm(stored, axis=-1), 1e-12)
-    total, n = predict.host_gather(np.array([cos.sum(), len(rows)])).reshape(-1,
-                                                                             2).sum(0)
+    total, n = np.asarray(
+        multihost_utils.process_allgather(np.array([cos.sum(),
+                                                    len(rows)]))).reshape(-1, 2).sum(0)
     return float(total / n) if n else float("nan")
 
 
@@ -242,7 +243,7 @@ def train_stream(stage: stages.Stage,
       state = _from_batch_trained(config, workdir, ds, state)
     cost = st.cost()
     staleness = None if config.stream.mode == "recompute" else _Staleness(st)
-    write_back = _WriteBack(config, writer, store, preds, staleness)
+    write_back = _WriteBack(config, st.mesh, writer, store, preds, staleness)
     train_lib.run_loop(st,
                        state,
                        it,
@@ -311,16 +312,16 @@ class _WriteBack:
   the staleness every log step; `flush` (before_checkpoint) makes everything
   a checkpoint refers to durable."""
 
-  def __init__(self, config, writer: metrics_lib.Writer, store: _Shared, preds: _Shared,
-               staleness: _Staleness | None):
-    self.log_every, self.writer = config.log_every, writer
+  def __init__(self, config, mesh, writer: metrics_lib.Writer, store: _Shared,
+               preds: _Shared, staleness: _Staleness | None):
+    self.log_every, self.writer, self.mesh = config.log_every, writer, mesh
     self.store, self.preds, self.staleness = store, preds, staleness
 
   def __call__(self, step: int, state, batch, aux) -> None:
-    mask = predict.host_gather(batch["mask"])
-    keys = predict.host_gather(batch["ins_id"])[mask]
+    mask = predict.host_gather(batch["mask"], self.mesh)
+    keys = predict.host_gather(batch["ins_id"], self.mesh)[mask]
     for out, key in ((self.store, "insemb"), (self.preds, "probs")):
-      out.put(keys, predict.host_gather(predict.local_rows(aux[key]))[mask], step)
+      out.put(keys, predict.device_gather(aux[key])[mask], step)
     if self.staleness is not None and step % self.log_every == 0:
       self.writer.write(step, "stream",
                         {"staleness_cosine": self.staleness(state.params, batch)})
