@@ -33,6 +33,7 @@ import jax
 from iat_jax import errors
 
 _FLAG = "compile.target"
+_HOST_BOUNDS = (2, 2, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +129,17 @@ class Target:
       # exclusive use of a chip, so a second process may load it too.
       os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
       topo = "x".join(map(str, self.shape))
+      # libtpu's hosts hold 2x2x1 chips by default; a smaller slice (one
+      # chip: tpu:v5e:1x1) is one host of its own size.
+      dims = (self.shape + (1, 1, 1))[:3]
+      kwargs = {}
+      if any(d < b for d, b in zip(dims, _HOST_BOUNDS)):
+        kwargs["chips_per_host_bounds"] = tuple(map(min, dims, _HOST_BOUNDS))
       try:
         return list(
             topologies.get_topology_desc(topology_name=f"{self.chip.name}:{topo}",
-                                         platform="tpu").devices)
+                                         platform="tpu",
+                                         **kwargs).devices)
       except (RuntimeError, ValueError) as e:
         raise errors.ConfigError(
             _FLAG, f"{self.text}: no TPU topology ({e}); TPU targets need the "
