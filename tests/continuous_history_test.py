@@ -228,12 +228,9 @@ class PartitionsTest(parameterized.TestCase):
     config = configs.base_config()
     config.store.backend = backend
     root = os.path.join(tempfile.mkdtemp(), "s")
-    table = partitions.Partitions(config,
-                                  root,
-                                  d=2,
-                                  source="src",
-                                  fingerprint="f",
-                                  flush_rows=3)
+    open_root = lambda: partitions.Partitions(
+        config, root, d=2, source="src", fingerprint="f", flush_rows=3)
+    table = open_root()
     for p in range(3):
       table.begin(p)
       table.put(np.arange(1, 6, dtype=np.uint64), np.full((5, 2), p, np.float32))
@@ -253,13 +250,7 @@ class PartitionsTest(parameterized.TestCase):
         table.lookup(np.array([1], np.uint64), np.array([2]))[1].tolist(), [False])
     table.end()
     # A resumed process's first drop reaches every earlier period.
-    again = partitions.Partitions(config,
-                                  root,
-                                  d=2,
-                                  source="src",
-                                  fingerprint="f",
-                                  flush_rows=3)
-    again.drop_before(3)
+    open_root().drop_before(3)
     self.assertFalse(tables.exists(config, table.path(2)))
 
 
