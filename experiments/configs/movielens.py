@@ -2,13 +2,18 @@
 
   python -m iat_jax.main --config=experiments/configs/movielens.py \
       --config.data.dir=../shared/data/ml-100k --workdir=/tmp/iat-ml
+
+Args (movielens.py:<k=v,...>): runlocal (one epoch), long (the paper's
+sequence lengths: IAT 256, behaviour 256, user chunks 256).
 """
 
 from iat_jax import configs
 
+VARIANTS = ("runlocal", "long")
+
 
 def get_config(arg=None):
-  a = configs.parse_arg(arg, runlocal=False)
+  a = configs.parse_arg(arg, runlocal=False, long=False)
   c = configs.base_config()
   c.data.source = "movielens"
   # Folder with u.data/u.user/u.item (ML-100K) or ratings/users/movies.dat (ML-1M).
@@ -28,4 +33,12 @@ def get_config(arg=None):
   c.data.period = "rows:25000"
   if a.runlocal:
     c.num_epochs = 1
+  if a.long:
+    # The paper's lengths (Sec. 4.1): IAT sequence 256, behaviour sequence
+    # 256, user chunks of 256 so the SIT sees long pasts (ML-1M users
+    # 1-2999: median 89 ratings a user, 47% of users >= 100).
+    c.data.seq_len = 256
+    c.model.hist_len = 256
+    c.data.user_chunk_len = 256
+    c.users_per_batch = 2
   return c

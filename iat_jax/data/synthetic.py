@@ -182,7 +182,7 @@ class Config:
 # The knobs a run config sets, as --config.data.synthetic.<knob>; the others
 # keep their defaults, the seed is --config.seed and seq_len --config.data.seq_len.
 RUN_KNOBS = ("num_users", "num_instances", "num_categorical", "num_dense", "num_tasks",
-             "conversion_delay", "days")
+             "num_items", "vocab_size", "conversion_delay", "days")
 
 
 def default_config() -> ml_collections.ConfigDict:
