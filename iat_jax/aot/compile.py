@@ -20,7 +20,8 @@ The report per stage x step (printed, and <workdir>/compile/<target>.json):
 per-chip argument / output / temp bytes (XLA's memory analysis of the
 executable) against the chip's memory; FLOPs and bytes accessed per chip
 (XLA's cost analysis; a GPU compile has none, so there the FLOPs are those of
-the same step lowered for one CPU device, divided by the chips); the
+the same step lowered for one CPU device, divided by the data shards: the
+default axis rules shard the tables over a model axis, not the dense layers); the
 collectives of the compiled HLO and their bytes; the share of dot FLOPs in
 bfloat16; a roofline lower bound on the step time, max(FLOPs / peak, bytes /
 bandwidth), with the implied best-case instances/s and MFU bound.
@@ -191,8 +192,10 @@ def arguments(compiled: jax.stages.Compiled) -> list[dict]:
   return sorted(out, key=lambda a: -a["chip_bytes"])
 
 
-def report(c: Compiled, target: targets_lib.Target, config, schema) -> dict:
-  """The per-chip report of one compiled step (see the module docstring)."""
+def report(c: Compiled, target: targets_lib.Target, config, schema,
+           data_shards: int) -> dict:
+  """The per-chip report of one compiled step on a mesh of `data_shards`
+  data shards (see the module docstring)."""
   chip = target.chip
   m = c.compiled.memory_analysis()
   need = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
@@ -203,8 +206,10 @@ def report(c: Compiled, target: targets_lib.Target, config, schema) -> dict:
   flops = float(cost.get("flops", 0.0))
   flops_from = "xla cost analysis"
   if not flops:
-    flops = _cpu_flops(config, schema, c.stage, c.step) / target.num_devices
-    flops_from = "one-CPU lowering / chips"
+    # The batch splits over 'data'; a model axis shards the tables, and the
+    # dense layers run on every chip of it (the default axis rules).
+    flops = _cpu_flops(config, schema, c.stage, c.step) / data_shards
+    flops_from = "one-CPU lowering / data shards"
   accessed = float(cost.get("bytes accessed", 0.0)) or float(need)
   text = c.compiled.as_text() or ""
   dots = hlo.dots(c.lowered.as_text())
@@ -311,14 +316,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   schema = sources.schema(config, workdir)
   compiled = compile_all(config, schema, devices, target.compiler_options)
   result = {
-      "target": target.text,
-      "chips": target.num_devices,
-      "mesh": dict(mesh.shape),
-      "chip_memory_bytes": target.chip.memory_bytes,
-      "chip_bf16_flops": target.chip.bf16_flops,
-      "chip_memory_bytes_per_s": target.chip.memory_bytes_per_s,
-      "jax": jax.__version__,
-      "steps": [report(c, target, config, schema) for c in compiled],
+      "target":
+          target.text,
+      "chips":
+          target.num_devices,
+      "mesh":
+          dict(mesh.shape),
+      "chip_memory_bytes":
+          target.chip.memory_bytes,
+      "chip_bf16_flops":
+          target.chip.bf16_flops,
+      "chip_memory_bytes_per_s":
+          target.chip.memory_bytes_per_s,
+      "jax":
+          jax.__version__,
+      "steps": [
+          report(c, target, config, schema, mesh.shape["data"]) for c in compiled
+      ],
   }
   check_fit(config, result["steps"])
   print(table(result))
