@@ -30,6 +30,15 @@ from iat_jax.store import rows
 
 FORMAT = "iat-insemb-ocdbt/1"
 TS_CACHE_BYTES = 32 << 20  # TensorStore's own cache (OCDBT B+tree nodes)
+# A table reader's TensorStore cache: 1/TS_CACHE_SHARE of its cache_bytes, at
+# most TS_CACHE_BYTES (so the many small readers of a continuous run's period
+# tables hold a share of their budget each, not 32 MiB each).
+TS_CACHE_SHARE = 8
+
+
+def ts_cache_bytes(cache_bytes: int) -> int:
+  """TensorStore's cache pool of a reader with budget `cache_bytes`."""
+  return min(TS_CACHE_BYTES, max(int(cache_bytes) // TS_CACHE_SHARE, 1 << 20))
 
 
 def base_spec(path: str, sub: str = "") -> dict | str:

@@ -40,7 +40,9 @@ class Table:
     version: the OCDBT generation this object reads; it stays the same while
       writers publish newer ones.
     metadata: the version's metadata (`database`).
-    cache_bytes: the reader's memory budget (block cache + segment indexes).
+    cache_bytes: the reader's memory budget (block cache + segment indexes;
+      TensorStore's own cache pool holds `database.ts_cache_bytes` of it
+      more, at most 32 MiB).
   """
 
   def __init__(self,
@@ -55,7 +57,11 @@ class Table:
         raise errors.StoreError(f"no InsEmb table at {path} (no OCDBT database); "
                                 f"run --mode=export first")
     self.version = int(version)
-    ctx = ts.Context({"cache_pool": {"total_bytes_limit": database.TS_CACHE_BYTES}})
+    ctx = ts.Context({
+        "cache_pool": {
+            "total_bytes_limit": database.ts_cache_bytes(self.cache_bytes)
+        }
+    })
     self._kv = database.open_kv(path, self.version, context=ctx)
     meta, self.meta_generation = database.read_meta(self._kv, path)
     if meta is None:
