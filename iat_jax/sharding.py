@@ -17,6 +17,7 @@ does not set it) and the rules are active: trace steps under
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -80,6 +81,22 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+@functools.lru_cache(maxsize=16)
+def _block_layout(mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
+  """({process: the blocks it holds}, {process: the blocks it owns}) of a
+  `batch_sharding` array over `mesh`: one pass over the devices, once per
+  mesh (the batch loop asks for it every step)."""
+  axis = mesh.axis_names.index("data")
+  held: dict[int, set] = {}
+  for i in np.ndindex(mesh.devices.shape):
+    held.setdefault(mesh.devices[i].process_index, set()).add(i[axis])
+  owned, seen = {}, set()
+  for p in sorted(held):
+    owned[p] = tuple(sorted(held[p] - seen))
+    seen |= held[p]
+  return {p: tuple(sorted(b)) for p, b in held.items()}, owned
+
+
 def process_blocks(mesh: jax.sharding.Mesh,
                    process: int | None = None) -> tuple[int, ...]:
   """The blocks of a `batch_sharding` array's leading axis (of mesh.shape
@@ -87,14 +104,8 @@ def process_blocks(mesh: jax.sharding.Mesh,
   distinct 'data' coordinates of its devices, ascending -- the order its
   local data fills them. Processes share a block when a data row of the mesh
   spans them (a model axis across hosts)."""
-  axis = mesh.axis_names.index("data")
   here = jax.process_index() if process is None else process
-  return tuple(
-      sorted({
-          i[axis]
-          for i in np.ndindex(mesh.devices.shape)
-          if mesh.devices[i].process_index == here
-      }))
+  return _block_layout(mesh)[0].get(here, ())
 
 
 def owned_blocks(mesh: jax.sharding.Mesh,
@@ -103,8 +114,7 @@ def owned_blocks(mesh: jax.sharding.Mesh,
   each block has one owner, which alone reports, gathers and exports its
   rows."""
   here = jax.process_index() if process is None else process
-  lower = {b for q in range(here) for b in process_blocks(mesh, q)}
-  return tuple(b for b in process_blocks(mesh, here) if b not in lower)
+  return _block_layout(mesh)[1].get(here, ())
 
 
 def local_batch_shards(mesh: jax.sharding.Mesh) -> int:

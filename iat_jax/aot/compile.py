@@ -122,13 +122,10 @@ def stage_configs(
 
 def compile_all(config: ml_collections.ConfigDict,
                 schema: schema_lib.Schema,
-                devices,
+                mesh: jax.sharding.Mesh,
                 options: dict | None = None) -> list[Compiled]:
-  """Every stage x step of the config compiled on `devices` (with XLA
-  compiler `options`)."""
-  mesh = sharding.make_mesh(tuple(config.mesh_shape),
-                            tuple(config.mesh_axes),
-                            devices=devices)
+  """Every stage x step of the config compiled on `mesh` (with XLA compiler
+  `options`)."""
   out = []
   for name, cfg in stage_configs(config).items():
     for step in STEPS:
@@ -157,12 +154,9 @@ def _no_fit(config, stage: str, step: str, what: str) -> errors.ConfigError:
 
 def _cpu_flops(config, schema, stage: str, step: str) -> float:
   """FLOPs of a step lowered for one CPU device (XLA's HLO cost analysis)."""
-  mesh = sharding.make_mesh((1, 1),
-                            tuple(config.mesh_axes)[:2],
-                            devices=jax.devices("cpu")[:1])
-  cfg = ml_collections.ConfigDict(config.to_dict())
-  cfg.mesh_shape, cfg.mesh_axes = (1, 1), tuple(config.mesh_axes)[:2]
-  lowered, _ = lower(cfg, schema, stages.get(stage), step, mesh)
+  axes = tuple(config.mesh_axes)
+  mesh = sharding.make_mesh((1,) * len(axes), axes, devices=jax.devices("cpu")[:1])
+  lowered, _ = lower(config, schema, stages.get(stage), step, mesh)
   return float((lowered.cost_analysis() or {}).get("flops", 0.0))
 
 
@@ -213,52 +207,31 @@ def report(c: Compiled, target: targets_lib.Target, config, schema,
   accessed = float(cost.get("bytes accessed", 0.0)) or float(need)
   text = c.compiled.as_text() or ""
   dots = hlo.dots(c.lowered.as_text())
-  seconds = max(flops / chip.bf16_flops, accessed / chip.memory_bytes_per_s)
+  compute_s, memory_s = flops / chip.bf16_flops, accessed / chip.memory_bytes_per_s
+  seconds = max(compute_s, memory_s)
   return {
-      "stage":
-          c.stage,
-      "step":
-          c.step,
-      "instances_per_step":
-          c.instances,
-      "argument_bytes":
-          m.argument_size_in_bytes,
-      "largest_arguments":
-          arguments(c.compiled)[:8],
-      "output_bytes":
-          m.output_size_in_bytes,
-      "temp_bytes":
-          m.temp_size_in_bytes,
-      "alias_bytes":
-          m.alias_size_in_bytes,
-      "need_bytes":
-          need,
-      "chip_memory_bytes":
-          chip.memory_bytes,
-      "fits":
-          need <= chip.memory_bytes,
-      "flops_per_chip":
-          flops,
-      "flops_from":
-          flops_from,
-      "bytes_accessed_per_chip":
-          accessed,
-      "collectives":
-          hlo.collectives(text),
-      "dot_flops_by_dtype":
-          dots,
-      "bf16_dot_share":
-          dots.get("bf16", 0.0) / max(sum(dots.values()), 1.0),
-      "roofline_step_s":
-          seconds,
-      "bound":
-          "compute" if flops / chip.bf16_flops >= accessed /
-          chip.memory_bytes_per_s else "memory",
-      "instances_per_s_bound":
-          c.instances / seconds if seconds else 0.0,
-      "mfu_bound": (flops / chip.bf16_flops) / seconds if seconds else 0.0,
-      "compile_s":
-          c.seconds,
+      "stage": c.stage,
+      "step": c.step,
+      "instances_per_step": c.instances,
+      "argument_bytes": m.argument_size_in_bytes,
+      "largest_arguments": arguments(c.compiled)[:8],
+      "output_bytes": m.output_size_in_bytes,
+      "temp_bytes": m.temp_size_in_bytes,
+      "alias_bytes": m.alias_size_in_bytes,
+      "need_bytes": need,
+      "chip_memory_bytes": chip.memory_bytes,
+      "fits": need <= chip.memory_bytes,
+      "flops_per_chip": flops,
+      "flops_from": flops_from,
+      "bytes_accessed_per_chip": accessed,
+      "collectives": hlo.collectives(text),
+      "dot_flops_by_dtype": dots,
+      "bf16_dot_share": dots.get("bf16", 0.0) / max(sum(dots.values()), 1.0),
+      "roofline_step_s": seconds,
+      "bound": "compute" if compute_s >= memory_s else "memory",
+      "instances_per_s_bound": c.instances / seconds if seconds else 0.0,
+      "mfu_bound": compute_s / seconds if seconds else 0.0,
+      "compile_s": c.seconds,
   }
 
 
@@ -314,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   orders.check_shards(config, [stages.get(n).order for n in stage_configs(config)],
                       mesh.shape["data"], target.num_devices)
   schema = sources.schema(config, workdir)
-  compiled = compile_all(config, schema, devices, target.compiler_options)
+  compiled = compile_all(config, schema, mesh, target.compiler_options)
   result = {
       "target":
           target.text,
