@@ -11,13 +11,22 @@ cosine decay of the learning rate, stepped per train step).
 
 Two algorithms, the same function:
   'full'  every encoder block computes every token and the adapt MLP runs on
-          every history slot: 'hist_insemb' [B, L, d] (bench_train's `before`);
-  'same'  the last encoder block computes only the candidate token, which is
-          the one read (`attention.TransformerBlock(num_queries=1)`), and the
-          history InsEmbs come as the distinct rows [G U, d] + an index [B, L]
-          into them, so the adapt MLP and its slice of the encoder's input
-          projection run once per distinct row (`layers.Gathered`,
-          `layers.ConcatDense`; bench_train's `after`, today's JAX code).
+          every history slot: 'hist_insemb' [B, L, d], each linear map
+          applied in turn (bench_train's `before`; the reference);
+  'same'  what today's JAX step computes (bench_train's `after`): the last
+          encoder block computes only the candidate token, which is the one
+          read (`attention.TransformerBlock(num_queries=1)`); the history
+          InsEmbs come as the batch has them, deduplicated (the distinct
+          rows [G U, d] + an index [B, L] into them, so the adapt MLP and its
+          slice of the encoder's input projection run once per distinct row:
+          `layers.Gathered`, `layers.ConcatDense`) or dense ('hist_insemb'
+          [B, L, d], the pipeline's layout past `input_pipeline.DENSE_ABOVE`
+          of the slots); and, with config.model.fold_linear (the default),
+          the IAT branch's linear chains folded at compute time
+          (`layers.Linear`): adapt's last layer (W2, b2) and the label
+          embedding (W_l, b_l) into their slices k of 'seq_proj', x @ (W k) +
+          b k, and the gap table projected by its slice (32 rows) before it
+          is gathered at the B x L slots.
 
 Only the model knobs of experiments/configs/{demo,movielens}.py are
 implemented (`SUPPORTED`); `build` raises ValueError for any other.
@@ -95,16 +104,30 @@ class MLP(nn.Module):
     for i, (a, b) in enumerate(zip(dims, dims[1:])):
       self.add_module(f"dense_{i}", nn.Linear(a, b))
 
-  def forward(self, x: Tensor) -> Tensor:
-    for i, layer in enumerate(self.children()):
-      x = layer(gelu(x) if i else x)
+  def forward(self, x: Tensor, defer_last: bool = False) -> Tensor | Linear:
+    """defer_last: the last layer unapplied, `Linear` (`layers.MLP`)."""
+    layers = list(self.children())
+    for i, layer in enumerate(layers):
+      x = gelu(x) if i else x
+      if defer_last and i == len(layers) - 1:
+        return Linear(x, layer)
+      x = layer(x)
     return x
 
 
 @dataclasses.dataclass(frozen=True)
+class Linear:
+  """A part given as the linear layer still to apply: layer(x) [..., w]
+  (`layers.Linear`), for `ConcatDense` to fold into its kernel slice."""
+  x: Tensor
+  layer: nn.Linear
+
+
+@dataclasses.dataclass(frozen=True)
 class Gathered:
-  """A [B, L, w] part as distinct rows [R, w] + a flat index int64 [B, L]."""
-  rows: Tensor
+  """A [B, L, w] part as distinct rows [R, w] (a tensor or a `Linear`) + a
+  flat index int64 [B, L] (`layers.Gathered`)."""
+  rows: Tensor | Linear
   index: Tensor
 
   def take(self, rows: Tensor) -> Tensor:
@@ -113,7 +136,10 @@ class Gathered:
 
 
 class ConcatDense(nn.Linear):
-  """nn.Linear of concat(parts, -1) ([..., sum w_i] -> [..., out]); a
+  """nn.Linear of concat(parts, -1) ([..., sum w_i] -> [..., out]), without
+  the concatenation where a part is not a plain tensor (`layers.ConcatDense`):
+  a `Linear` part layer(x) is folded, x @ (W k_i) + b k_i with k_i the
+  kernel's slice of part i (the products formed once per call, float32); a
   `Gathered` part is projected on its distinct rows, then gathered."""
 
   def __init__(self, widths: tuple[int, ...], features: int):
@@ -121,16 +147,33 @@ class ConcatDense(nn.Linear):
     self.widths = tuple(widths)
 
   def forward(self, parts: list) -> Tensor:
-    if not any(isinstance(p, Gathered) for p in parts):
+    if all(isinstance(p, Tensor) for p in parts):
       return F.linear(_cat(parts), self.weight, self.bias)
     weights = self.weight.split(self.widths, dim=1)
-    dense = [(p, w) for p, w in zip(parts, weights) if not isinstance(p, Gathered)]
-    out = F.linear(_cat([p for p, _ in dense]), _cat([w for _, w in dense], 1),
-                   self.bias)
+    plain = [(p, w) for p, w in zip(parts, weights) if isinstance(p, Tensor)]
+    out, bias = None, self.bias  # the bias joins the first [B, L]-shaped term
+    if plain:
+      out = F.linear(_cat([p for p, _ in plain]), _cat([w for _, w in plain], 1), bias)
+      bias = None
     for p, w in zip(parts, weights):
       if isinstance(p, Gathered):
-        out = out + p.take(F.linear(p.rows, w))
-    return out
+        y = p.take(_project(p.rows, w))
+      elif isinstance(p, Linear):
+        y, bias = _project(p, w, bias), None
+      else:
+        continue
+      out = y if out is None else out + y
+    return out if bias is None else out + bias
+
+
+def _project(part: Tensor | Linear, w: Tensor, bias: Tensor | None = None) -> Tensor:
+  """part [..., w_i] times the kernel slice w [out, w_i] (+ bias [out]); a
+  `Linear` part folded: F.linear(x, w W, w b (+ bias))."""
+  if isinstance(part, Linear):
+    folded = w @ part.layer.bias
+    return F.linear(part.x, w @ part.layer.weight,
+                    folded if bias is None else folded + bias)
+  return F.linear(part, w, bias)
 
 
 class PositionEmbedding(nn.Module):
@@ -439,12 +482,18 @@ class TemporalSource(nn.Module):
 
 
 class IATBranch(nn.Module):
-  """`iat.IATBranch`: candidate tokens + history -> IAT token [B, w_iat]."""
+  """`iat.IATBranch`: candidate tokens + history -> IAT token [B, w_iat].
 
-  def __init__(self, c, schema, query_only: bool):
+  fold: `layers.Linear` parts (config.model.fold_linear): adapt's last layer
+  and the label embedding folded into 'seq_proj', the gap table projected
+  before its gather; else each map applied in turn.
+  """
+
+  def __init__(self, c, schema, query_only: bool, fold: bool):
     super().__init__()
     e, n_fields = c.embed_dim, len(schema.field_names())
     self.num_gaps = c.num_gap_buckets
+    self.fold = fold
     self.adapt = MLP(c.insemb_dim, (c.adapt_dim, c.adapt_dim))
     self.label_embed = nn.Linear(2 * schema.num_tasks, c.side_dim)
     self.embedding = _param(c.num_gap_buckets, c.side_dim)
@@ -454,16 +503,18 @@ class IATBranch(nn.Module):
                                       query_only)
 
   def forward(self, tokens: Batch, batch: Batch) -> Tensor:
+    fold = self.fold
     if "hist_insemb_unique" in batch:  # distinct rows [R, d] + index [B, L]
-      parts = [Gathered(self.adapt(batch["hist_insemb_unique"]), batch["hist_index"])]
-    else:
-      parts = [self.adapt(batch["hist_insemb"])]  # [B, L, d_a]
+      parts = [
+          Gathered(self.adapt(batch["hist_insemb_unique"], fold), batch["hist_index"])
+      ]
+    else:  # [B, L, d]
+      parts = [self.adapt(batch["hist_insemb"], fold)]
     labels = batch["hist_labels"]
-    parts.append(
-        self.label_embed(
-            torch.cat([labels, batch["hist_label_known"].to(labels.dtype)], -1)))
+    labels = torch.cat([labels, batch["hist_label_known"].to(labels.dtype)], -1)
+    parts.append(Linear(labels, self.label_embed) if fold else self.label_embed(labels))
     gap = batch["hist_gap"].clamp(0, self.num_gaps - 1)
-    parts.append(take(self.embedding, gap))
+    parts.append(Gathered(self.embedding, gap) if fold else take(self.embedding, gap))
     b = labels.shape[0]
     cand = torch.cat([tokens["fields"].reshape(b, -1), tokens["seq"].reshape(b, -1)],
                      -1)
@@ -473,10 +524,10 @@ class IATBranch(nn.Module):
 class Downstream(nn.Module):
   """`iat.Downstream`: batch [B, ...] + hist_* -> logits [B, num_tasks]."""
 
-  def __init__(self, c, schema, query_only: bool):
+  def __init__(self, c, schema, query_only: bool, fold: bool = False):
     super().__init__()
     self.trunk = RankerTrunk(c, schema, query_only, iat_width=c.iat.width)
-    self.iat = IATBranch(c, schema, query_only)
+    self.iat = IATBranch(c, schema, query_only, fold)
     self.heads = Heads(_width(c), schema.num_tasks)
 
   def forward(self, batch: Batch) -> Tensor:
@@ -504,7 +555,13 @@ def build(stage: str, config: ml_collections.ConfigDict, schema: schema_lib.Sche
   if stage not in MODELS or algorithm not in ALGORITHMS:
     raise ValueError(f"stage {stage!r}, algorithm {algorithm!r}: the twin has "
                      f"{tuple(MODELS)} x {ALGORITHMS}")
-  return MODELS[stage](config.model, schema, query_only=algorithm == "same")
+  same = algorithm == "same"
+  if stage == "downstream":  # the only stage with linear chains to fold
+    return Downstream(config.model,
+                      schema,
+                      query_only=same,
+                      fold=same and config.model.fold_linear)
+  return MODELS[stage](config.model, schema, query_only=same)
 
 
 def torch_name(path: tuple[str, ...]) -> tuple[str, bool]:
@@ -547,10 +604,11 @@ def to_flax(model: nn.Module, like, grad: bool = False):
 def torch_batch(batch: dict, algorithm: str) -> Batch:
   """A host batch (numpy, as the JAX step's) -> the twin's inputs.
 
-  Integer arrays become int64. Deduplicated history InsEmbs
-  (hist_insemb_unique [G, U, d], hist_index [B, L] into block b // (B / G))
-  become 'full': hist_insemb [B, L, d]; 'same': hist_insemb_unique [G U, d]
-  + hist_index [B, L] into it.
+  Integer arrays become int64. History InsEmbs come in either layout of
+  `input_pipeline.LookupInsEmb`: dense (hist_insemb [B, L, d], kept as it
+  is) or deduplicated (hist_insemb_unique [G, U, d], hist_index [B, L] into
+  block b // (B / G)), which becomes for 'full' hist_insemb [B, L, d]; for
+  'same' hist_insemb_unique [G U, d] + hist_index [B, L] into it.
   """
   batch = steps.model_inputs(batch)
   if "hist_insemb_unique" in batch:

@@ -114,7 +114,7 @@ class TwoProcessTest(absltest.TestCase):
         workdir_lib.load_results(os.path.join(w, "downstream")) for w in (one, multi))
     for name, value in a["test"].items():
       self.assertAlmostEqual(b["test"][name], value, places=4, msg=name)
-    # The two processes' U differ in some batch: without `pad_unique` their
+    # The two processes' U differ in some batch: without `fit_unique` their
     # global arrays would disagree in shape (undefined in JAX; this run does
     # not show it, as the gather stays on each device).
     config = mf.tiny_config()
@@ -122,7 +122,7 @@ class TwoProcessTest(absltest.TestCase):
     ds = dataset.Dataset(sources.dataset_path(config, one))
     table = insemb_table.Table(os.path.join(one, "stores", "source_temporal"))
     u = [[
-        b["hist_insemb_unique"].shape[1]
+        b["hist_unique"]
         for b in input_pipeline.temporal(ds,
                                          "train",
                                          config.batch_size,

@@ -231,12 +231,18 @@ class PipelineTest(absltest.TestCase):
       self.assertEqual(got[k].dtype, v.dtype)
     self.assertGreater(int(got["hist_missing"]), 0)
     for groups in (1, 2, 4):  # blocks of 8, 4, 2 rows, one per batch shard
-      compact = input_pipeline.LookupInsEmb(table, compact=True,
-                                            groups=groups).map(dict(batch))
+      compact = input_pipeline.LookupInsEmb(table,
+                                            compact=True,
+                                            groups=groups,
+                                            dense_above=np.inf).map(dict(batch))
       self.assertNotIn("hist_insemb", compact)
       g, u, _ = compact["hist_insemb_unique"].shape
-      self.assertEqual((g, u & (u - 1)), (groups, 0))  # U a power of two
       block = np.repeat(np.arange(groups), 8 // groups)[:, None]
+      most = max(
+          len(np.unique(ids[block[:, 0] == b][mask[block[:, 0] == b]]))
+          for b in range(groups))
+      self.assertEqual((g, u, compact["hist_unique"]),
+                       (groups, input_pipeline.unique_rows(most), u))
       np.testing.assert_array_equal(
           compact["hist_insemb_unique"][block, compact["hist_index"]],
           want["hist_insemb"])
@@ -247,13 +253,52 @@ class PipelineTest(absltest.TestCase):
         self.assertFalse(compact["hist_insemb_unique"][b, distinct:].any())
       np.testing.assert_array_equal(compact["hist_mask"], want["hist_mask"])
       self.assertEqual(compact["hist_missing"], want["hist_missing"])
+      # Past the dense limit the same lookup gives the per-slot rows.
+      spread = input_pipeline.LookupInsEmb(table,
+                                           compact=True,
+                                           groups=groups,
+                                           dense_above=0.0).map(dict(batch))
+      self.assertNotIn("hist_insemb_unique", spread)
+      self.assertEqual(spread["hist_unique"], u)
+      for k, v in want.items():
+        np.testing.assert_array_equal(spread[k], v)
     with self.assertRaisesRegex(ValueError, "8 rows .* 3 batch shards"):
       input_pipeline.LookupInsEmb(table, compact=True, groups=3).map(dict(batch))
-    padded = input_pipeline.pad_unique(compact, 2 * u)
+    # Agreement on a larger U: padded with zero rows, or spread past the limit.
+    slots = compact["hist_index"].size // 4
+    padded = input_pipeline.fit_unique(compact, 2 * u, dense_above=2 * u / slots)
     self.assertEqual(padded["hist_insemb_unique"].shape, (4, 2 * u, 3))
+    self.assertEqual(padded["hist_unique"], 2 * u)
     np.testing.assert_array_equal(padded["hist_insemb_unique"][:, :u],
                                   compact["hist_insemb_unique"])
     self.assertFalse(padded["hist_insemb_unique"][:, u:].any())
+    spread = input_pipeline.fit_unique(compact, 2 * u, dense_above=(2 * u - 1) / slots)
+    np.testing.assert_array_equal(spread["hist_insemb"], want["hist_insemb"])
+    self.assertIs(
+        input_pipeline.fit_unique(spread, 4 * u)["hist_insemb"],
+        spread["hist_insemb"])  # dense stays dense
+
+  def test_unique_rows_ladder(self):
+    sizes = [input_pipeline.unique_rows(d) for d in range(100_000)]
+    self.assertTrue(all(u >= d + 1 for d, u in enumerate(sizes)))
+    self.assertTrue(all(a <= b for a, b in zip(sizes, sizes[1:])))
+    # Padding under 1/8 of U past the minimum; 8 sizes per octave.
+    self.assertLess(max((u - d - 1) / u for d, u in enumerate(sizes) if d >= 16), 1 / 8)
+    for e in range(5, 16):
+      self.assertEqual(len({u for u in sizes if 2**e < u <= 2**(e + 1)}), 8, e)
+    # compact_shapes: the largest U that stays deduplicated.
+    for b, l, g in ((256, 16, 1), (256, 16, 8), (24, 64, 2)):
+      shape = jax.ShapeDtypeStruct((b, l, 3), np.float32)
+      u = input_pipeline.compact_shapes({"hist_insemb": shape},
+                                        g)["hist_insemb_unique"].shape[1]
+      self.assertIn(u, sizes)
+      batch = {
+          "hist_insemb_unique": np.zeros((g, 16, 3), np.float32),
+          "hist_index": np.zeros((b, l), np.int32)
+      }
+      self.assertIn("hist_insemb_unique", input_pipeline.fit_unique(batch, u))
+      bigger = min(x for x in sizes if x > u)
+      self.assertIn("hist_insemb", input_pipeline.fit_unique(batch, bigger))
 
   def test_gap_bucket_matches_log2(self):
     rng = np.random.default_rng(0)
@@ -309,6 +354,54 @@ class DedupedHistoryTest(absltest.TestCase):
     for k in ("logits", "iat_token"):
       np.testing.assert_allclose(a[k], b[k], rtol=TOL, atol=TOL)
     _assert_trees_close(self, ga, gb)
+
+
+class FoldedLinearChainsTest(absltest.TestCase):
+
+  def test_same_parameters_outputs_and_gradients_as_unfolded(self):
+    config = _tiny_run_config()
+    schema = mf.SCHEMA
+    l, d = config.model.hist_len, config.model.insemb_dim
+    dense = examples.downstream_batch(schema,
+                                      d,
+                                      l=l,
+                                      b=6,
+                                      num_gap_buckets=config.model.num_gap_buckets)
+    rng = np.random.default_rng(5)
+    index = rng.integers(0, 16, dense["hist_mask"].shape).astype(np.int32)
+    unique = rng.normal(size=(2, 16, d)).astype(np.float32)
+    compact = {k: v for k, v in dense.items() if k != "hist_insemb"}
+    compact.update(hist_insemb_unique=unique, hist_index=index)
+    models = {}
+    for fold in (False, True):
+      config.model.fold_linear = fold
+      models[fold] = stages.make_model(config, schema, "downstream")
+    trees = {f: mf.abstract_params(m, dense) for f, m in models.items()}
+    self.assertEqual(jax.tree_util.tree_structure(trees[True]),
+                     jax.tree_util.tree_structure(trees[False]))
+    jax.tree_util.tree_map(lambda a, b: self.assertEqual(a.shape, b.shape), trees[True],
+                           trees[False])
+    params = {"params": mf.random_params(models[False], dense)}  # biases nonzero
+
+    def grad(model):
+
+      def loss(p, batch):
+        out = model.apply(p, batch)
+        return jnp.sum(jnp.sin(out["logits"])), out
+
+      return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    for batch in (dense, compact):
+      (_, a), ga = grad(models[False])(params, batch)
+      (_, b), gb = grad(models[True])(params, batch)
+      for k in ("logits", "iat_token"):
+        np.testing.assert_allclose(b[k], a[k], rtol=TOL, atol=TOL)
+      _assert_trees_close(self, gb, ga)
+      # Every folded map's gradient flows (through the product).
+      iat = gb["params"]["iat"]
+      for g in (iat["adapt"]["dense_1"]["kernel"], iat["label_embed"]["kernel"],
+                iat["embedding"]):
+        self.assertGreater(float(jnp.abs(g).max()), 0.0)
 
 
 @pytest.mark.slow

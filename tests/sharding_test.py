@@ -135,7 +135,8 @@ class DedupedShardedTest(absltest.TestCase):
     self.assertEqual(groups, 4)
     compact = input_pipeline.LookupInsEmb(memory_table.MemoryTable(keys, vectors),
                                           compact=True,
-                                          groups=groups).map(compact)
+                                          groups=groups,
+                                          dense_above=np.inf).map(compact)
     self.assertEqual(compact["hist_insemb_unique"].shape[0], 4)
 
     dev_dense, dev_compact = (steps.to_device(b, mesh) for b in (dense, compact))

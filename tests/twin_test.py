@@ -8,6 +8,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+from unittest import mock
 
 import pytest
 
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from iat_jax import stages
+from iat_jax.data import input_pipeline
 from iat_jax.data import sources
 from iat_jax.store import memory_table
 from iat_jax.train import cost
@@ -92,7 +94,17 @@ class TwinTest(parameterized.TestCase):
       run = train_lib.Run(stages.get(stage), c, cls.workdir, stage, ds, table)
       cls.runs[stage] = run
       cls.host_state[stage] = jax.device_get(run.state)
-      cls.batch[stage] = run.train_data[0]  # a real batch (downstream: deduplicated)
+      # A real batch; downstream: deduplicated, whatever its U (with 8
+      # devices a shard has B / 8 x L = 16 slots, past DENSE_ABOVE of them).
+      with mock.patch.object(input_pipeline, "DENSE_ABOVE", float("inf")):
+        cls.batch[stage] = run.train_data[0]
+    # The same history dense ('hist_insemb' [B, L, d]), as the pipeline gives
+    # a batch past `input_pipeline.DENSE_ABOVE` of its slots.
+    down = cls.batch["downstream"]
+    assert "hist_insemb_unique" in down, "train_data[0] is deduplicated"
+    cls.dense_batch = input_pipeline.fit_unique(down,
+                                                int(down["hist_unique"]),
+                                                dense_above=0.0)
 
   @classmethod
   def tearDownClass(cls):
@@ -100,15 +112,16 @@ class TwinTest(parameterized.TestCase):
       run.close()
     super().tearDownClass()
 
-  def _twin(self, stage, algorithm):
+  def _twin(self, stage, algorithm, batch=None):
     run = self.runs[stage]
     model = tt.build(stage, run.config, run.ds.schema, algorithm)
     tt.load_flax_params(model, self.host_state[stage].params)
-    return model, tt.torch_batch(self.batch[stage], algorithm)
+    return model, tt.torch_batch(self.batch[stage] if batch is None else batch,
+                                 algorithm)
 
-  def _jax_loss_and_grads(self, stage):
+  def _jax_loss_and_grads(self, stage, batch=None):
     run, params = self.runs[stage], self.host_state[stage].params
-    batch = steps.model_inputs(self.batch[stage])
+    batch = steps.model_inputs(self.batch[stage] if batch is None else batch)
 
     def loss_fn(p):
       out = run.model.apply({"params": p}, batch, train=True)
@@ -131,8 +144,17 @@ class TwinTest(parameterized.TestCase):
 
   @parameterized.product(stage=STAGES, algorithm=ALGORITHMS)
   def test_same_loss_and_gradients(self, stage, algorithm):
-    loss, grads = self._jax_loss_and_grads(stage)
-    model, batch = self._twin(stage, algorithm)
+    self._assert_same_loss_and_gradients(stage, algorithm)
+
+  @parameterized.parameters(*ALGORITHMS)
+  def test_same_loss_and_gradients_on_a_dense_history(self, algorithm):
+    self.assertIn("hist_insemb", self.dense_batch)
+    self.assertNotIn("hist_insemb_unique", self.dense_batch)
+    self._assert_same_loss_and_gradients("downstream", algorithm, self.dense_batch)
+
+  def _assert_same_loss_and_gradients(self, stage, algorithm, batch=None):
+    loss, grads = self._jax_loss_and_grads(stage, batch)
+    model, batch = self._twin(stage, algorithm, batch)
     got = tt.task_loss(model(batch), batch["labels"], batch["mask"])
     got.backward()
     np.testing.assert_allclose(got.item(), float(loss), rtol=1e-5)
@@ -172,7 +194,8 @@ class TwinTest(parameterized.TestCase):
     for algorithm in ALGORITHMS:
       model, batch = self._twin("downstream", algorithm)
       seen = shapes[algorithm] = {}
-      for name in ("iat.adapt", "iat.encoder.block_0", "trunk.seq_encoder.block_0"):
+      for name in ("iat.adapt.dense_0", "iat.adapt.dense_1", "iat.label_embed",
+                   "iat.encoder.block_0", "trunk.seq_encoder.block_0"):
         model.get_submodule(name).register_forward_hook(
             lambda m, i, o, name=name, seen=seen: seen.update({name: tuple(o.shape)}))
       model(batch)
@@ -181,12 +204,41 @@ class TwinTest(parameterized.TestCase):
     s = self.runs["downstream"].ds.schema.seq_len
     a = self.runs["downstream"].config.model.adapt_dim
     w = self.runs["downstream"].config.model.iat.width
-    self.assertEqual(shapes["full"]["iat.adapt"], (b, l, a))
-    self.assertEqual(shapes["same"]["iat.adapt"], (rows.shape[0] * rows.shape[1], a))
+    self.assertEqual(shapes["full"]["iat.adapt.dense_0"], (b, l, a))
+    self.assertEqual(shapes["same"]["iat.adapt.dense_0"],
+                     (rows.shape[0] * rows.shape[1], a))
+    # 'same' folds adapt's last layer and the label embedding into the
+    # encoder's input projection (config.model.fold_linear): never applied.
+    self.assertTrue(self.runs["downstream"].config.model.fold_linear)
+    self.assertEqual(shapes["full"]["iat.adapt.dense_1"], (b, l, a))
+    self.assertEqual(shapes["full"]["iat.label_embed"][:2], (b, l))
+    self.assertNotIn("iat.adapt.dense_1", shapes["same"])
+    self.assertNotIn("iat.label_embed", shapes["same"])
     self.assertEqual(shapes["full"]["iat.encoder.block_0"], (b, 1 + l, w))
     self.assertEqual(shapes["same"]["iat.encoder.block_0"], (b, 1, w))
     self.assertEqual(shapes["full"]["trunk.seq_encoder.block_0"][1], 1 + s)
     self.assertEqual(shapes["same"]["trunk.seq_encoder.block_0"][1], 1)
+
+  @parameterized.parameters("deduplicated", "dense")
+  def test_folds_are_the_same_function(self, layout):
+    """'same' with and without config.model.fold_linear: the same loss and
+    gradients up to float rounding (torch alone, no JAX)."""
+    run = self.runs["downstream"]
+    host = self.batch["downstream"] if layout == "deduplicated" else self.dense_batch
+    results = []
+    for fold in (True, False):
+      config = run.config.copy_and_resolve_references()
+      config.model.fold_linear = fold
+      model = tt.build("downstream", config, run.ds.schema, "same")
+      tt.load_flax_params(model, self.host_state["downstream"].params)
+      batch = tt.torch_batch(host, "same")
+      loss = tt.task_loss(model(batch), batch["labels"], batch["mask"])
+      loss.backward()
+      like = self.host_state["downstream"].params
+      results.append((loss.item(), tt.to_flax(model, like, grad=True)))
+    (folded, g_folded), (plain, g_plain) = results
+    np.testing.assert_allclose(folded, plain, rtol=1e-6)
+    _close(g_folded, g_plain, rtol=1e-4, leaf_atol=1e-5)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ Batch keys (leading dims [b] or [b_users, T], b = this process's blocks of B):
     hist_mask, hist_labels, hist_label_known, hist_gap
     (+ hist_insemb, or hist_insemb_unique and hist_index, after `LookupInsEmb`);
   host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts,
-    past_row, past_ins_id, hist_missing.
+    past_row, past_ins_id, hist_missing, hist_unique.
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ from iat_jax.data import user_history
 from iat_jax.store import tables
 
 HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts", "past_row",
-             "past_ins_id", "hist_missing")
+             "past_ins_id", "hist_missing", "hist_unique")
+
+# A deduplicated history goes dense (hist_insemb [B, L, d]) when U exceeds
+# this share of a batch shard's B / G x L slots: near it the adapt MLP saves
+# little, and the gather and its gradient's scatter-add cost more than that
+# (measured: docs/benchmarks.md#train-steps-on-representative-batches).
+DENSE_ABOVE = 0.75
 
 
 class ReadInstances(grain.transforms.Map):
@@ -155,20 +161,28 @@ class LookupInsEmb(grain.transforms.Map):
   blocks `jax.make_array_from_process_local_data` gives this process's
   devices along the batch axis, `sharding.local_batch_shards`), and each
   block gets its own distinct rows: hist_insemb_unique [groups, U, d] (U =
-  the largest block's distinct rows + 1 zero row, rounded up to a power of
-  two >= 64, so a run compiles a handful of shapes) and hist_index int32
-  [..., L] indexing its block's rows (masked slots point at a zero row). The
-  model gathers after its per-token adapt MLP (`iat.IATBranch`), which then
-  runs groups x U times instead of B x L times, and each device gathers from
-  its own block: nothing crosses devices. hist_insemb = hist_insemb_unique[
-  block of the row][hist_index] exactly. With several processes their U must
-  agree: `pad_unique` (the train and eval loops, via `steps.to_device`).
+  the largest block's distinct rows + 1 zero row, rounded up the ladder of
+  `unique_rows`, so a run compiles a bounded set of shapes) and hist_index
+  int32 [..., L] indexing its block's rows (masked slots point at a zero
+  row). The model gathers after its per-token adapt MLP (`iat.IATBranch`),
+  which then runs groups x U times instead of B x L times, and each device
+  gathers from its own block: nothing crosses devices. hist_insemb =
+  hist_insemb_unique[block of the row][hist_index] exactly. When U exceeds
+  `dense_above` (default `DENSE_ABOVE`) of a block's slots, the batch gets
+  that hist_insemb instead (`fit_unique`). Either way hist_unique (host) holds
+  U, on which several processes must agree (`fit_unique` at the largest, in
+  `steps.to_device`).
   """
 
-  def __init__(self, table: tables.Lookup, compact: bool = False, groups: int = 1):
+  def __init__(self,
+               table: tables.Lookup,
+               compact: bool = False,
+               groups: int = 1,
+               dense_above: float | None = None):
     self.table = table
     self.compact = compact
     self.groups = groups
+    self.dense_above = dense_above
 
   def map(self, batch: dict) -> dict:
     mask = batch["hist_mask"]
@@ -193,6 +207,8 @@ class LookupInsEmb(grain.transforms.Map):
       local = np.where(blocks < n, blocks - start[:-1, None], counts[:, None])
       batch["hist_insemb_unique"] = rows
       batch["hist_index"] = local.astype(np.int32).reshape(mask.shape)
+      batch["hist_unique"] = np.int64(u)
+      batch = fit_unique(batch, u, self.dense_above)
     else:
       rows = np.zeros((n + 1,) + d, np.float32)
       rows[:n] = values
@@ -204,32 +220,57 @@ class LookupInsEmb(grain.transforms.Map):
 
 
 def unique_rows(distinct: int) -> int:
-  """U of a batch shard with `distinct` InsEmbs: >= distinct + 1 zero row, a
-  power of two >= 64 (`LookupInsEmb`)."""
-  return max(64, 1 << int(distinct).bit_length())
+  """U of a batch shard with `distinct` InsEmbs: >= distinct + 1 (a zero row),
+  rounded up to a ladder of 8 sizes per octave (k * 2^(e - 3), k = 8..15;
+  at least 16), so padding is under 1/8 of U while a run compiles at most 8
+  shapes per doubling of its distinct counts (`LookupInsEmb`)."""
+  n = int(distinct) + 1
+  step = 1 << max((n - 1).bit_length() - 4, 0)
+  return max(16, -(-n // step) * step)
+
+
+def fit_unique(batch: dict, u: int, dense_above: float | None = None) -> dict:
+  """A deduplicated batch at U = u >= its own (the U processes agreed on).
+
+  Its hist_insemb_unique [G, U', d] zero-padded to [G, u, d]; or, when u
+  exceeds `dense_above` (default `DENSE_ABOVE`) of a block's slots (B / G x
+  L), spread to hist_insemb [B, L, d] = rows[block of the row][hist_index]
+  (hist_index dropped). A batch already spread stays so (the dense rule is
+  monotone in u, so every process reaches the same layout). hist_unique = u.
+  """
+  limit = DENSE_ABOVE if dense_above is None else dense_above
+  batch = {**batch, "hist_unique": np.int64(u)}
+  if "hist_insemb_unique" not in batch:
+    return batch
+  rows, index = batch["hist_insemb_unique"], batch["hist_index"]
+  g = rows.shape[0]
+  if u > limit * (index.size // g):
+    blocks = index.reshape(g, -1)
+    batch["hist_insemb"] = rows[np.arange(g)[:, None],
+                                blocks].reshape(index.shape + rows.shape[2:])
+    del batch["hist_insemb_unique"], batch["hist_index"]
+  elif rows.shape[1] < u:
+    pad = np.zeros((g, u - rows.shape[1]) + rows.shape[2:], rows.dtype)
+    batch["hist_insemb_unique"] = np.concatenate([rows, pad], axis=1)
+  return batch
 
 
 def compact_shapes(shapes: dict, groups: int) -> dict:
   """The shapes (jax.ShapeDtypeStruct) of a history batch with hist_insemb
-  [B, L, d] -> those `LookupInsEmb(compact=True, groups)` gives it at its
-  largest: hist_insemb_unique [groups, U, d] with U for B / groups x L
-  distinct InsEmbs, hist_index int32 [B, L]."""
+  [B, L, d] -> those `LookupInsEmb(compact=True, groups)` gives it with its
+  largest deduplicated U (past `DENSE_ABOVE` of the slots it is dense, a
+  program of about that size): hist_insemb_unique [groups, U, d], hist_index
+  int32 [B, L]."""
   shapes = dict(shapes)
   full = shapes.pop("hist_insemb")
   b, l, d = full.shape
-  u = unique_rows(b // groups * l)
+  most = int(DENSE_ABOVE * (b // groups * l))
+  u = unique_rows(most - 1)  # the ladder's next size >= most; one step down if above
+  if u > most:
+    u = max(16, u - (1 << max((u - 1).bit_length() - 4, 0)))
   shapes["hist_insemb_unique"] = type(full)((groups, u, d), full.dtype)
   shapes["hist_index"] = type(full)((b, l), np.int32)
   return shapes
-
-
-def pad_unique(batch: dict, u: int) -> dict:
-  """hist_insemb_unique [G, U, d] zero-padded to [G, u, d] (u >= U)."""
-  rows = batch["hist_insemb_unique"]
-  if rows.shape[1] < u:
-    pad = np.zeros((rows.shape[0], u - rows.shape[1]) + rows.shape[2:], rows.dtype)
-    batch = {**batch, "hist_insemb_unique": np.concatenate([rows, pad], axis=1)}
-  return batch
 
 
 class ReadStream(grain.transforms.Map):

@@ -27,23 +27,26 @@ yet known at the request's time (delayed, `data.history.label_known`; it reads
 num_gap_buckets rows. The
 encoder is one of `sequence.ENCODERS`, built by `sequence.make_encoder`.
 
-Kept for fidelity with the paper, though linear algebra makes it redundant:
+Linear chains folded at compute time (config.fold_linear, default True):
 MLP_adapt's second layer (d_a -> d_a) has no activation after it, and the
-encoder's input projection ('seq_proj', also linear) follows the concat, so
-the two compose into one linear map of E^. Eq. 9 writes MLP_adapt as a
-two-layer MLP, and the stored parameter tree (and every measured table) has
-it, so it stays; it costs 2 d_a^2 FLOPs forward per distinct InsEmb of a
-batch shard, about 3x that per train step (per history slot without
-deduplication: 0.40 GFLOPs per train step at the demo config, B=256, L=16,
-d_a=128, and 1.6 GFLOPs at MovieLens shapes, L=64). Folding it into
-'seq_proj' would change the parameter tree and the training dynamics (AdamW
-and weight decay act on the factors, not on their product), so it is not
-done.
+encoder's input projection ('seq_proj', linear) follows, so the step forms
+their product (d_a x width) once and applies it to the rows
+(`layers.Linear`, folded by `layers.ConcatDense`); likewise the label
+embedding and its slice of the projection (2 nt -> side_dim -> width), and
+the gap table is projected (num_gap_buckets rows) before it is gathered at
+the B x L slots. The parameters stay as Eq. 9-10 write them (the same tree,
+old checkpoints restore), their gradients flow through the products, and
+AdamW acts on them as before: only float rounding differs. Per distinct
+InsEmb that saves d_a^2 of the d_a^2 + d_a x width multiply-adds of the two
+maps (2/3 at d_a = 128, width 64). fold_linear=False applies each map in
+turn (the reference the equality tests compare with).
 Masked history slots never influence the output; an all-masked history
 (no real past) gives a finite output.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -76,9 +79,11 @@ class IATBranch(nn.Module):
                train: bool = False) -> Array:
     c = self.config
     dtype = layers.compute_dtype(c.dtype)
+    fold = c.fold_linear
     adapt = layers.MLP((c.adapt_dim, c.adapt_dim),
                        act="gelu",
                        dtype=dtype,
+                       defer_last=fold,
                        name="adapt")
     b = batch["hist_mask"].shape[0]
     if "hist_insemb_unique" in batch:  # per batch shard [G, U, d] + index [B, L]
@@ -93,14 +98,19 @@ class IATBranch(nn.Module):
     if c.use_label_side:
       labels = jnp.concatenate([batch["hist_labels"], batch["hist_label_known"]],
                                axis=-1).astype(dtype)  # [B, L, 2 nt]
-      parts.append(layers.dense(c.side_dim, dtype=dtype, name="label_embed")(labels))
+      embed = layers.DeferredDense if fold else functools.partial(layers.dense,
+                                                                  dtype=dtype)
+      parts.append(embed(c.side_dim, name="label_embed")(labels))
     if c.use_other_side:
       table = self.param(
           "embedding",
           nn.with_logical_partitioning(nn.initializers.normal(0.05), (None, "embed")),
           (c.num_gap_buckets, c.side_dim), jnp.float32)
       gap = jnp.clip(batch["hist_gap"], 0, c.num_gap_buckets - 1)
-      parts.append(jnp.take(table, gap, axis=0).astype(dtype))
+      if fold:  # the 32-row table projected, then gathered at the B x L slots
+        parts.append(layers.Gathered(table[None], gap))
+      else:
+        parts.append(jnp.take(table, gap, axis=0).astype(dtype))
     # InsTokens = concat(parts) [B, L, .], handed to the encoder as its parts.
 
     if c.iat_query == "compress":

@@ -84,19 +84,38 @@ def _dense_inits(axes: tuple[str | None, str | None]) -> tuple[Callable, Callabl
 
 
 @dataclasses.dataclass(frozen=True)
+class Linear:
+  """A feature part given as the affine map still to apply: x @ kernel + bias.
+
+  x [..., w_in], kernel [w_in, w] and bias [w] (float32 parameters); the part
+  is [..., w]. `ConcatDense` folds the map into its own kernel slice, so the
+  product of the two maps costs w_in x w per row instead of w_in x w + w x
+  features. Made by `DeferredDense` (and `MLP(defer_last=True)`).
+  """
+  x: Array
+  kernel: Array
+  bias: Array
+
+  @property
+  def width(self) -> int:
+    return self.kernel.shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
 class Gathered:
   """A [B, ...] feature part given as distinct rows and an index into them.
 
-  rows [G, U, w]: the distinct rows of each of G blocks of B / G consecutive
-  leading rows (G sharded like the batch); index int [B, ...]: row b reads
+  rows [G, U, w] (an array or a `Linear`): the distinct rows of each of G
+  blocks of B / G consecutive leading rows (G sharded like the batch; G = 1
+  for a table every row reads); index int [B, ...]: row b reads
   rows[b // (B / G)][index[b, ...]]. The part is that gather, [B, ..., w].
   """
-  rows: Array
+  rows: Array | Linear
   index: Array
 
   @property
   def width(self) -> int:
-    return self.rows.shape[-1]
+    return self.rows.width if isinstance(self.rows, Linear) else self.rows.shape[-1]
 
   def take(self, rows: Array) -> Array:
     """Gathers [G, U, f] rows (a function of `self.rows`) -> [B, ..., f]; each
@@ -108,16 +127,38 @@ class Gathered:
     return out.reshape((b,) + out.shape[2:])
 
 
+class DeferredDense(nn.Module):
+  """`dense`'s parameters (names, init, logical axes), unapplied: x [..., in]
+  -> `Linear`(x, kernel [in, features], bias [features]) for `ConcatDense` to
+  fold. The parameter tree is `dense`'s, so the two are interchangeable."""
+  # Output width.
+  features: int
+  # Logical axes of the kernel [in, out].
+  axes: tuple[str | None, str | None] = ("embed", "mlp")
+
+  @nn.compact
+  def __call__(self, x: Array) -> Linear:
+    kernel_init, bias_init = _dense_inits(self.axes)
+    kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    return Linear(x, kernel, bias)
+
+
 class ConcatDense(nn.Module):
   """`dense` of concat(parts, axis=-1), without building the concatenation.
 
-  parts: an array [..., w], or a sequence of arrays [..., w_i] (one leading
-  shape) and `Gathered` parts (the same leading shape once gathered). The
+  parts: an array [..., w], or a sequence of parts of one leading shape
+  (once gathered), each an array [..., w_i], a `Linear` or a `Gathered`. The
   kernel [sum w_i, features] and bias [features] are `dense`'s (names, init,
   logical axes), so the parameter tree is the same as for the concatenated
   input; the output [..., features] is the same function, up to the float
-  rounding of a sum of per-part products. A `Gathered` part is projected on
-  its distinct rows and the products gathered: G U rows instead of B x ...
+  rounding of a sum of per-part products:
+    array    part @ k_i  (k_i: the kernel's rows of part i);
+    Linear   x @ (kernel @ k_i) + bias @ k_i, the two maps folded at compute
+             time (in float32, once per call): the parameters, their
+             gradients (through the product) and the optimizer are unchanged;
+    Gathered its rows projected, then gathered: G U rows instead of B x ....
   """
   # Output width.
   features: int
@@ -130,22 +171,29 @@ class ConcatDense(nn.Module):
   def __call__(self, parts) -> Array:
     if not isinstance(parts, (list, tuple)):
       parts = [parts]
-    widths = [p.width if isinstance(p, Gathered) else p.shape[-1] for p in parts]
+    widths = [
+        p.width if isinstance(p, (Linear, Gathered)) else p.shape[-1] for p in parts
+    ]
     kernel_init, bias_init = _dense_inits(self.axes)
     kernel = self.param("kernel", kernel_init, (sum(widths), self.features),
-                        jnp.float32).astype(self.dtype)
-    bias = self.param("bias", bias_init, (self.features,),
-                      jnp.float32).astype(self.dtype)
+                        jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     out, start = None, 0
     for part, w in zip(parts, widths):
-      k = kernel[start:start + w]
-      start += w
-      if isinstance(part, Gathered):
-        y = part.take(jnp.dot(part.rows.astype(self.dtype), k))
-      else:
-        y = jnp.dot(part.astype(self.dtype), k)
+      y = self._project(part, kernel[start:start + w])
       out = y if out is None else out + y
-    return out + bias
+      start += w
+    return out + bias.astype(self.dtype)
+
+  def _project(self, part, k: Array) -> Array:
+    """part [..., w] @ k [w, features] (float32) -> [..., features]."""
+    if isinstance(part, Gathered):
+      return part.take(self._project(part.rows, k))
+    if isinstance(part, Linear):
+      w = jnp.dot(part.kernel, k).astype(self.dtype)
+      return jnp.dot(part.x.astype(self.dtype), w) + jnp.dot(part.bias, k).astype(
+          self.dtype)
+    return jnp.dot(part.astype(self.dtype), k.astype(self.dtype))
 
 
 def layer_norm(*, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
@@ -181,11 +229,16 @@ class MLP(nn.Module):
   dropout_rate: float = 0.0
   # Compute dtype.
   dtype: Dtype = jnp.float32
+  # Return the last layer unapplied, a `Linear` for `ConcatDense` to fold
+  # (needs act_last False); the parameter tree is the same.
+  defer_last: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> Array:
+  def __call__(self, x: Array, *, train: bool = False) -> Array | Linear:
     fn = activation(self.act)
     for i, f in enumerate(self.features):
+      if self.defer_last and i == len(self.features) - 1 and not self.act_last:
+        return DeferredDense(f, name=f"dense_{i}")(x)
       x = dense(f, dtype=self.dtype, name=f"dense_{i}")(x)
       if i < len(self.features) - 1 or self.act_last:
         x = fn(x)

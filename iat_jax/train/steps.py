@@ -60,19 +60,20 @@ def to_device(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
   """Process-local numpy batch (its `sharding.process_blocks` of the global
   batch) -> global arrays sharded over 'data'.
 
-  With several processes, deduplicated history InsEmbs are first padded to
-  the largest U of any process, so that every process builds the same global
-  shape. That costs one scalar all-gather per batch (every process calls this
-  for every batch, as it then runs the step on it), which waits for the
-  devices' previous step: the host cannot dispatch a step ahead of the
-  device then. One process needs no agreement.
+  With several processes, deduplicated history InsEmbs (those with
+  hist_unique) are first brought to the largest U of any process
+  (`input_pipeline.fit_unique`: padded, or dense past its limit), so that
+  every process builds the same global shapes. That costs one scalar
+  all-gather per batch (every process calls this for every batch, as it then
+  runs the step on it), which waits for the devices' previous step: the host
+  cannot dispatch a step ahead of the device then. One process needs no
+  agreement.
   """
   data = sharding.batch_sharding(mesh)
+  if "hist_unique" in batch and jax.process_count() > 1:
+    u = multihost_utils.process_allgather(np.int64(batch["hist_unique"]))
+    batch = input_pipeline.fit_unique(batch, int(np.max(u)))
   batch = model_inputs(batch)
-  if "hist_insemb_unique" in batch and jax.process_count() > 1:
-    u = multihost_utils.process_allgather(np.int32(
-        batch["hist_insemb_unique"].shape[1]))
-    batch = input_pipeline.pad_unique(batch, int(np.max(u)))
   # This process holds `local` of the `blocks` leading blocks (shared with
   # another process where a data row of the mesh spans both).
   blocks, local = mesh.shape["data"], sharding.local_batch_shards(mesh)

@@ -50,7 +50,8 @@ class PerShape:
   """A jitted step compiled ahead of time once per batch shape signature.
 
   Batches have one shape except for deduplicated history InsEmbs
-  (hist_insemb_unique [G, U, d], U a power of two), so a run compiles a few.
+  (hist_insemb_unique [G, U, d], U on `input_pipeline.unique_rows`' ladder, or
+  hist_insemb [B, L, d] when dense), so a run compiles a bounded few.
   `cost_analysis()` is the first (the sample batch's) executable's.
   """
 
