@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from iat_jax.data import schema as schema_lib
+from iat_jax.models import attention as attention_lib
 from iat_jax.models import embedding as embedding_lib
 from iat_jax.models import interaction as interaction_lib
 from iat_jax.train import steps
@@ -209,11 +210,28 @@ class Attention(nn.Module):
     n, t, w = x.shape
     return x.view(n, t, self.heads, w // self.heads).transpose(1, 2)
 
-  def forward(self, x_q: Tensor, x_kv: Tensor, mask: Tensor) -> Tensor:
-    y = F.scaled_dot_product_attention(self._split(self.query(x_q)),
-                                       self._split(self.key(x_kv)),
-                                       self._split(self.value(x_kv)),
-                                       attn_mask=mask[:, None])  # [N, H, Q, W / H]
+  def forward(self,
+              x_q: Tensor,
+              x_kv: Tensor,
+              mask: Tensor,
+              fold: bool = False) -> Tensor:
+    q = self._split(self.query(x_q))  # [N, H, Q, dh]
+    h, dh = self.heads, q.shape[-1]
+    if fold and attention_lib.FOLD_QUERIES * x_q.shape[1] <= dh:
+      # The key and value maps folded into the few queries, as the JAX block
+      # does: logits = (q W_k) . x_kv; out = (probs @ x_kv) W_v^T + b_v sum(probs).
+      wk = self.key.weight.view(h, dh, -1)
+      wv = self.value.weight.view(h, dh, -1)
+      logits = torch.einsum("nhqd,hde,nke->nhqk", q, wk, x_kv) / math.sqrt(dh)
+      m = mask[:, None]
+      probs = torch.softmax(logits.masked_fill(~m, -1e9), -1) * m
+      y = (torch.einsum("nhqk,nke,hde->nhqd", probs, x_kv, wv) +
+           probs.sum(-1, keepdim=True) * self.value.bias.view(1, h, 1, dh))
+    else:
+      y = F.scaled_dot_product_attention(q,
+                                         self._split(self.key(x_kv)),
+                                         self._split(self.value(x_kv)),
+                                         attn_mask=mask[:, None])  # [N, H, Q, dh]
     return self.out(y.transpose(1, 2).reshape(x_q.shape))
 
 
@@ -234,7 +252,7 @@ class TransformerBlock(nn.Module):
     h = kv
     if num_queries is not None:
       h, x = kv[:, :num_queries], x[:, :num_queries]
-    x = x + self.attn(h, kv, mask)
+    x = x + self.attn(h, kv, mask, fold=num_queries is not None)
     return x + self.ffn(self.ln_ffn(x))
 
 
@@ -590,12 +608,14 @@ def load_flax_params(model: nn.Module, params) -> None:
 
 def to_flax(model: nn.Module, like, grad: bool = False):
   """The twin's parameters (or their gradients) as a tree shaped like the
-  flax params tree `like` (numpy float32)."""
+  flax params tree `like` (numpy float32). A parameter the step did not use
+  (a folded attention's key bias) has a zero gradient, as in JAX."""
 
   def value(path, _):
     name, transposed = torch_name(tuple(k.key for k in path))
     p = model.get_parameter(name)
-    x = (p.grad if grad else p).detach().numpy()
+    x = p if not grad else torch.zeros_like(p) if p.grad is None else p.grad
+    x = x.detach().numpy()
     return x.T if transposed else x
 
   return jax.tree_util.tree_map_with_path(value, like)

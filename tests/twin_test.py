@@ -1,5 +1,8 @@
 """The PyTorch-eager twin (experiments/torch_twin.py) computes the JAX train
-steps: parameters, loss, gradients and AdamW steps on a real tiny batch.
+steps: parameters, loss, gradients and AdamW steps on a real tiny batch, its
+downstream history deduplicated (hist_insemb_unique + hist_index) and dense
+(hist_insemb, as the pipeline gives it past `input_pipeline.DENSE_ABOVE`);
+'same' with the JAX model's compute-time folds (config.model.fold_linear).
 
 Skipped where torch is not installed (CI does not install it).
 """

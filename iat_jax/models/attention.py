@@ -23,6 +23,9 @@ from iat_jax.models import layers
 Array = jax.Array
 
 _NEG = -1e9
+# Attention with Q queries folds its key and value maps into the queries
+# when FOLD_QUERIES x Q <= the head width (`MultiHeadAttention`).
+FOLD_QUERIES = 4
 
 
 def key_padding_mask(valid: Array, num_queries: int | None = None) -> Array:
@@ -66,6 +69,15 @@ class MultiHeadAttention(nn.Module):
 
   Shapes: x_q [..., Q, Dq], x_kv [..., K, Dk], mask bool broadcastable to
   [..., Q, K] -> [..., Q, out_features].
+
+  With few queries (FOLD_QUERIES x Q <= the head width dh; the query-only
+  last blocks have Q = 1) the key and value maps are folded at compute time
+  instead of applied to every key: logits = (q W_k^T) . x_kv, the key bias
+  dropped (it adds q . b_k to a whole row of logits, which the softmax
+  ignores), and output = (probs @ x_kv) W_v + b_v sum(probs). Per row that
+  is Q H Dk (2 K + 2 dh) multiply-adds instead of 2 K Dk H dh for the key
+  and value projections (about dh / 2Q times fewer at K >> dh): the same
+  parameters and function, up to rounding.
   """
   # Number of attention heads.
   num_heads: int
@@ -90,25 +102,48 @@ class MultiHeadAttention(nn.Module):
     if qkv % self.num_heads:
       raise ValueError(f"qkv_features {qkv} not divisible by num_heads "
                        f"{self.num_heads}")
-    dh = qkv // self.num_heads
+    h, dh = self.num_heads, qkv // self.num_heads
 
     def proj(x, name):
       y = layers.dense(qkv, dtype=self.dtype, axes=("embed", "heads"), name=name)(x)
-      return y.reshape(y.shape[:-1] + (self.num_heads, dh))
+      return y.reshape(y.shape[:-1] + (h, dh))
+
+    def heads(name):  # the kernel [Dk, H, dh] and bias [H, dh], unapplied
+      p = layers.DeferredDense(qkv, axes=("embed", "heads"), name=name)(x_kv)
+      return (p.kernel.reshape(-1, h, dh).astype(self.dtype),
+              p.bias.reshape(h, dh).astype(self.dtype))
 
     q = proj(x_q, "query")  # [..., Q, H, dh]
-    k = proj(x_kv, "key")  # [..., K, H, dh]
-    v = proj(x_kv, "value")  # [..., K, H, dh]
-    logits = jnp.einsum("...qhd,...khd->...hqk",
-                        q,
-                        k,
-                        preferred_element_type=jnp.float32)
-    logits = logits.astype(jnp.float32) / math.sqrt(dh)
     m = mask[..., None, :, :]  # heads axis
+    # Few queries (a query-only last block): fold the key and value maps
+    # into the queries instead of projecting every key.
+    fold = FOLD_QUERIES * x_q.shape[-2] <= dh
+    if fold:
+      wk, _ = heads("key")  # q . bias_k shifts a row's logits alike: no effect
+      qk = jnp.einsum("...qhd,ehd->...hqe", q, wk)  # [..., H, Q, Dk]
+      logits = jnp.einsum("...hqe,...ke->...hqk",
+                          qk,
+                          x_kv.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      k = proj(x_kv, "key")  # [..., K, H, dh]
+      logits = jnp.einsum("...qhd,...khd->...hqk",
+                          q,
+                          k,
+                          preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) / math.sqrt(dh)
     logits = jnp.where(m, logits, _NEG)
     probs = jax.nn.softmax(logits, axis=-1) * m
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
-    y = jnp.einsum("...hqk,...khd->...qhd", probs.astype(self.dtype), v)
+    probs = probs.astype(self.dtype)
+    if fold:
+      wv, bv = heads("value")
+      px = jnp.einsum("...hqk,...ke->...qhe", probs, x_kv.astype(self.dtype))
+      y = (jnp.einsum("...qhe,ehd->...qhd", px, wv) +
+           jnp.swapaxes(probs.sum(-1), -1, -2)[..., None] * bv)
+    else:
+      v = proj(x_kv, "value")  # [..., K, H, dh]
+      y = jnp.einsum("...hqk,...khd->...qhd", probs, v)
     y = y.reshape(y.shape[:-2] + (qkv,))
     return layers.dense(out, dtype=self.dtype, axes=("heads", "embed"), name="out")(y)
 
