@@ -57,11 +57,12 @@ from iat_jax.store import tables
 HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts", "past_row",
              "past_ins_id", "hist_missing", "hist_unique")
 
-# A deduplicated history goes dense (hist_insemb [B, L, d]) when U exceeds
-# this share of a batch shard's B / G x L slots: near it the adapt MLP saves
-# little, and the gather and its gradient's scatter-add cost more than that
-# (measured: docs/benchmarks.md#train-steps-on-representative-batches).
-DENSE_ABOVE = 0.75
+# A deduplicated history goes dense (hist_insemb [B, L, d]) when its U
+# would exceed this share of a batch shard's B / G x L slots: past it the
+# distinct rows (the ladder rounds U up) outnumber the slots. Below it the
+# deduplicated step measured as fast as or faster than the dense one, up to
+# U = 0.875 of the slots (docs/benchmarks.md#train-steps).
+DENSE_ABOVE = 1.0
 
 
 class ReadInstances(grain.transforms.Map):
