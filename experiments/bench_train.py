@@ -18,10 +18,12 @@ For a config (default: the demo config), in one process:
        `round2`  the previous round's code: the last block computes only the
                  token read, the history deduplicated with U the next power
                  of two >= 64 (`input_pipeline.unique_rows` as it was), never
-                 dense, no folds (config.model.fold_linear=False);
+                 dense, no folds (config.model.fold_linear=False, attention
+                 projecting every key: attention.FOLD_QUERIES = inf);
        `after`   today's code: U on the ladder of `input_pipeline.unique_rows`,
                  dense past `input_pipeline.DENSE_ABOVE` of a shard's slots,
-                 linear chains folded (config.model.fold_linear);
+                 linear chains folded (config.model.fold_linear), few-query
+                 attention folded (attention.FOLD_QUERIES);
        `after@x` `after` with DENSE_ABOVE = x (--dense_above=x,y,... turns
                  `after` into one such variant per value);
      the train step on --batches batches evenly spaced across the train
@@ -85,6 +87,7 @@ from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import input_pipeline
 from iat_jax.data import orders
 from iat_jax.data import sources
+from iat_jax.models import attention
 from iat_jax.models import sequence
 from iat_jax.store import memory_table
 from iat_jax.store import tables
@@ -184,6 +187,17 @@ def _patched(module, **values):
       setattr(module, k, v)
 
 
+@contextlib.contextmanager
+def _round2():
+  """Round 2's history and attention: power-of-two U, never dense, and
+  attention projecting every key (no query fold)."""
+  with _patched(input_pipeline,
+                unique_rows=_power_of_two_rows,
+                DENSE_ABOVE=float("inf")), _patched(attention,
+                                                    FOLD_QUERIES=float("inf")):
+    yield
+
+
 def _power_of_two_rows(distinct: int) -> int:
   """Round 2's `input_pipeline.unique_rows`: a power of two >= 64."""
   return max(64, 1 << int(distinct).bit_length())
@@ -199,15 +213,9 @@ class Variant:
 
 
 VARIANTS = {
-    "before":
-        Variant(_every_row, {"fold_linear": False}),
-    "round2":
-        Variant(
-            lambda: _patched(input_pipeline,
-                             unique_rows=_power_of_two_rows,
-                             DENSE_ABOVE=float("inf")), {"fold_linear": False}),
-    "after":
-        Variant(),
+    "before": Variant(_every_row, {"fold_linear": False}),
+    "round2": Variant(_round2, {"fold_linear": False}),
+    "after": Variant(),
 }
 
 
