@@ -320,18 +320,24 @@ def _tiny_run_config():
   return module.get_config()
 
 
+def _downstream_batch(config, b):
+  """A random dense downstream batch of b rows at the config's shapes."""
+  m = config.model
+  return examples.downstream_batch(mf.SCHEMA,
+                                   m.insemb_dim,
+                                   l=m.hist_len,
+                                   b=b,
+                                   num_gap_buckets=m.num_gap_buckets)
+
+
 class DedupedHistoryTest(absltest.TestCase):
 
   def test_downstream_same_outputs_and_gradients(self):
     config = _tiny_run_config()
     config.model.iat.layers = 2
     schema = mf.SCHEMA
-    l, d = config.model.hist_len, config.model.insemb_dim
-    dense = examples.downstream_batch(schema,
-                                      d,
-                                      l=l,
-                                      b=5,
-                                      num_gap_buckets=config.model.num_gap_buckets)
+    d = config.model.insemb_dim
+    dense = _downstream_batch(config, 5)
     rng = np.random.default_rng(3)
     unique = np.zeros((64, d), np.float32)
     unique[:6] = rng.normal(size=(6, d))  # 6 distinct past instances, repeated
@@ -361,12 +367,8 @@ class FoldedLinearChainsTest(absltest.TestCase):
   def test_same_parameters_outputs_and_gradients_as_unfolded(self):
     config = _tiny_run_config()
     schema = mf.SCHEMA
-    l, d = config.model.hist_len, config.model.insemb_dim
-    dense = examples.downstream_batch(schema,
-                                      d,
-                                      l=l,
-                                      b=6,
-                                      num_gap_buckets=config.model.num_gap_buckets)
+    d = config.model.insemb_dim
+    dense = _downstream_batch(config, 6)
     rng = np.random.default_rng(5)
     index = rng.integers(0, 16, dense["hist_mask"].shape).astype(np.int32)
     unique = rng.normal(size=(2, 16, d)).astype(np.float32)
