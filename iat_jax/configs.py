@@ -208,6 +208,12 @@ def base_config() -> ml_collections.ConfigDict:
   # compile every stage for, e.g. "tpu:v5e:16x16", "tpu:v5p:2x2x1", "gpu:h100:8".
   c.compile = ml_collections.ConfigDict()
   c.compile.target = ""
+  # --mode=buckets (iat_jax.buckets): dAUC vs base by the IAT length
+  # available to a request. Bucket lower edges (from 0, ascending).
+  c.buckets = ml_collections.ConfigDict()
+  c.buckets.edges = (0, 1, 16, 64, 256)
+  # Poisson-bootstrap resamples (over users) of each bucket's interval.
+  c.buckets.resamples = 200
   c.pipeline = ml_collections.ConfigDict()
   # Models `--mode=pipeline` produces (a subset of iat_jax.stages.PIPELINE,
   # by default all); each model brings in its source model and that model's

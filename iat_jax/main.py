@@ -1,7 +1,9 @@
 """Command line: train / evaluate / export one stage, run the whole pipeline,
 train continuously period after period (--mode=continuous), or compile every
 stage for a TPU slice or GPU hosts from any machine (--mode=compile, with
---config.compile.target; see iat_jax.aot).
+--config.compile.target; see iat_jax.aot), or tabulate a finished pipeline's
+dAUC by the IAT length available to each request (--mode=buckets, see
+iat_jax.buckets).
 
   python -m iat_jax.main --config=experiments/configs/demo.py --workdir=DIR \
       --mode=pipeline [--config.key=value ...]
@@ -37,6 +39,7 @@ import jax
 from ml_collections import config_flags
 
 from iat_jax import allocator
+from iat_jax import buckets
 from iat_jax import distributed
 from iat_jax import errors
 from iat_jax import pipeline
@@ -49,7 +52,7 @@ from iat_jax.data import orders
 from iat_jax.data import sources
 from iat_jax.train import trainers
 
-MODES = ("train", "evaluate", "export", "pipeline", "continuous", "compile")
+MODES = ("train", "evaluate", "export", "pipeline", "continuous", "compile", "buckets")
 WRITING_MODES = ("train", "export", "pipeline", "continuous")
 
 _CONFIG = config_flags.DEFINE_config_file("config",
@@ -142,6 +145,9 @@ def _run(config, workdir: str, mode: str) -> None:
   if mode == "pipeline":
     pipeline.run(config, workdir)
     return
+  if mode == "buckets":
+    buckets.run(config, workdir)
+    return
   stage = stages.get(config.stage)  # a single stage runs as the model of its name
   ds = sources.prepare(config, workdir)
   if mode == "train":
@@ -179,6 +185,8 @@ def main(argv) -> None:
     # other processes of a jax.distributed job write only under its control).
     if mode in WRITING_MODES and jax.process_index() == 0:
       lock = workdir_lib.WriterLock(workdir).acquire()
+    if mode in WRITING_MODES:
+      workdir_lib.use_compile_cache(workdir)
     _run(config, workdir, mode)
   except Exception as e:  # pylint: disable=broad-except
     message = user_error(e)

@@ -74,6 +74,7 @@ def validate(config: Config) -> None:
   _check_mesh(config)
   _check_model(config)
   _check_continuous(config)
+  _check_buckets(config)
 
 
 def validate_devices(config: Config, num_devices: int) -> None:
@@ -212,3 +213,12 @@ def _check_model(config: Config) -> None:
       m.mixer_tokens >= groups, "model.mixer_tokens",
       f"{m.mixer_tokens} is less than the {groups} token groups "
       f"{schema_lib.GROUPS + ('seq', 'iat')}: each needs its own token")
+
+
+def _check_buckets(config: Config) -> None:
+  """--mode=buckets' knobs: ascending edges from 0, resamples >= 1."""
+  edges = list(config.buckets.edges)
+  _need(
+      bool(edges) and edges[0] == 0 and all(a < b for a, b in zip(edges, edges[1:])),
+      "buckets.edges", f"{tuple(edges)}: must ascend strictly from 0")
+  _need(config.buckets.resamples >= 1, "buckets.resamples", "must be >= 1")
