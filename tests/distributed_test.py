@@ -113,7 +113,13 @@ class TwoProcessTest(absltest.TestCase):
     a, b = (
         workdir_lib.load_results(os.path.join(w, "downstream")) for w in (one, multi))
     for name, value in a["test"].items():
-      self.assertAlmostEqual(b["test"][name], value, places=4, msg=name)
+      # Logloss moves with those differences; AUC jumps by whole pairs: two
+      # test instances within ~1e-6 of each other swap order (one pair of
+      # this split's ~1,800 is 5.5e-4), so it is allowed two such swaps.
+      self.assertAlmostEqual(b["test"][name],
+                             value,
+                             delta=1.2e-3 if name.startswith("auc") else 1e-4,
+                             msg=name)
     # The two processes' U differ in some batch: without `fit_unique` their
     # global arrays would disagree in shape (undefined in JAX; this run does
     # not show it, as the gather stays on each device).
