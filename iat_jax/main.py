@@ -185,8 +185,6 @@ def main(argv) -> None:
     # other processes of a jax.distributed job write only under its control).
     if mode in WRITING_MODES and jax.process_index() == 0:
       lock = workdir_lib.WriterLock(workdir).acquire()
-    if mode in WRITING_MODES:
-      workdir_lib.use_compile_cache(workdir)
     _run(config, workdir, mode)
   except Exception as e:  # pylint: disable=broad-except
     message = user_error(e)

@@ -11,8 +11,6 @@
     stores/<source>/      exported InsEmb tables (`iat_jax.store.tables`)
     results.json          the pipeline's results of every model
     buckets/              --mode=buckets' table and plots (`iat_jax.buckets`)
-    xla_cache/            compiled steps kept across models and resumes
-                          (`use_compile_cache`)
     writer.lock           flock'ed by the run writing here (`WriterLock`)
 """
 
@@ -30,20 +28,6 @@ from absl import logging
 import jax
 
 from iat_jax import errors
-
-
-def use_compile_cache(workdir: str) -> None:
-  """JAX's persistent compilation cache in <workdir>/xla_cache, unless the
-  user set one (JAX_COMPILATION_CACHE_DIR).
-
-  A downstream step compiles once per deduplicated history shape (a dozen
-  or more per run, seconds each on a CPU); the models of a pipeline that
-  share the downstream architecture (temporal_iat, user_iat, stream_iat),
-  and a resumed run, then load those executables instead of compiling
-  them again. Only compiles of 1 s or more are kept (JAX's default).
-  """
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
 
 
 def stage_dir(workdir: str, name: str) -> str:
