@@ -61,7 +61,8 @@ HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts", "past_
 # would exceed this share of a batch shard's B / G x L slots: past it the
 # distinct rows (the ladder rounds U up) outnumber the slots. Below it the
 # deduplicated step measured as fast as or faster than the dense one, up to
-# U = 0.875 of the slots (docs/benchmarks.md#train-steps).
+# U = 0.875 of the slots
+# (docs/benchmarks.md#train-steps-on-representative-batches).
 DENSE_ABOVE = 1.0
 
 
