@@ -128,17 +128,22 @@ def _rusage() -> tuple[float, float, int]:
   return r.ru_utime, r.ru_stime, r.ru_minflt
 
 
+def best_flops(fn, n: int, reps: int) -> float:
+  """2 n^3 / the best time of `reps` calls of fn (an n x n x n product)."""
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
   """Best fp32 FLOP/s of an n x n x n jnp.dot."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   dot = jax.jit(jnp.dot)
   dot(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    dot(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+  return best_flops(lambda: dot(a, a).block_until_ready(), n, reps)
 
 
 @contextlib.contextmanager
@@ -279,29 +284,22 @@ class _StepBench:
       self.jitted = steps.make_train_step(run.model, run.shardings, run.mesh, run.rules)
       self.compile_sec = 0.0
       compiled = {}
-      for b in self.batches:
-        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(b.items()))
+      keys = [train_lib.PerShape.shape_key(b) for b in self.batches]
+      for key, b in zip(keys, self.batches):
         if key not in compiled:
           t = time.perf_counter()
           exe = self.jitted.lower(self.state, b).compile()
           self.compile_sec += time.perf_counter() - t
           compiled[key] = (exe, cost.compiled_flops(exe))
       self.shape_count = len(compiled)
-      self.steps = [compiled[k][0] for k in self._keys()]
-      self.flops = np.array([compiled[k][1] for k in self._keys()])
+      self.steps = [compiled[k][0] for k in keys]
+      self.flops = np.array([compiled[k][1] for k in keys])
       for i in range(len(self.batches)):  # warm: each batch's step run once
         self.step(i)
     self.best = np.full(len(self.batches), np.inf)
     self.faults = self.timed = 0
     self.user = self.sys = 0.0
     self.instances = orders.get(run.stage.order).instances(c)
-
-  def _keys(self):
-    return [
-        tuple((k, v.shape, str(v.dtype))
-              for k, v in sorted(b.items()))
-        for b in self.batches
-    ]
 
   def step(self, i: int) -> dict:
     """Runs batch i's step (updating the state); its outputs, ready."""

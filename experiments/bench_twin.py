@@ -126,16 +126,6 @@ def busy_threads(fn) -> tuple[float, int]:
   return result, sum((t1[t] - t0.get(t, 0)) / hz > 0.1 * wall for t in t1)
 
 
-def _flops_per_s(fn, n: int, reps: int) -> float:
-  """2 n^3 / the best time of `reps` calls of fn (an n^3 matmul)."""
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
-
-
 def matmul_peaks(n: int = 2048, reps: int = 5) -> dict[str, tuple[float, int]]:
   """{'jnp.dot' | 'torch.mm': (best fp32 FLOP/s of an n x n x n product,
   threads busy while it ran)}, each warmed (compiled) first."""
@@ -146,10 +136,10 @@ def matmul_peaks(n: int = 2048, reps: int = 5) -> dict[str, tuple[float, int]]:
   torch.mm(t, t)
   return {
       "jnp.dot":
-          busy_threads(
-              lambda: _flops_per_s(lambda: dot(a, a).block_until_ready(), n, reps)),
+          busy_threads(lambda: bench_train.best_flops(
+              lambda: dot(a, a).block_until_ready(), n, reps)),
       "torch.mm":
-          busy_threads(lambda: _flops_per_s(lambda: torch.mm(t, t), n, reps)),
+          busy_threads(lambda: bench_train.best_flops(lambda: torch.mm(t, t), n, reps)),
   }
 
 

@@ -26,7 +26,8 @@ Two algorithms, the same function:
           (`layers.Linear`): adapt's last layer (W2, b2) and the label
           embedding (W_l, b_l) into their slices k of 'seq_proj', x @ (W k) +
           b k, and the gap table projected by its slice (32 rows) before it
-          is gathered at the B x L slots.
+          is gathered at the B x L slots; the query-only last block's key
+          and value maps folded into its query (`attention.FOLD_QUERIES`).
 
 Only the model knobs of experiments/configs/{demo,movielens}.py are
 implemented (`SUPPORTED`); `build` raises ValueError for any other.
@@ -196,6 +197,8 @@ class Attention(nn.Module):
   fastest eager kernel here, ~3x the explicit ops fwd + bwd at these shapes):
   the JAX softmax of the masked logits times the mask, for every query with
   a valid key (the encoders' candidate token is valid for every query).
+  With `fold` and few queries, the key and value maps are folded into the
+  queries instead (`attention.MultiHeadAttention`, FOLD_QUERIES).
   """
 
   def __init__(self, width: int, heads: int):

@@ -2,12 +2,12 @@
 Fig. 5): `--mode=buckets` on a finished pipeline workdir.
 
 For each test instance, its available length is the number of its user's
-strictly earlier instances (`history.history_end`: an instance with the
+strictly earlier instances (`Dataset.earlier_count`: an instance with the
 request's own timestamp does not count), before the downstream's cap at
 model.hist_len. Instances are bucketed by config.buckets.edges (e.g. 0, 1,
 16, 64, 256 -> "0", "1-15", "16-63", "64-255", ">=256"; and "all"). Per
-bucket, task
-and downstream model of config.pipeline.models: the rows and users, the AUC
+bucket, task and downstream model of config.pipeline.models: the rows and
+users, the AUC
 of base and of the model on the same rows, and their difference with a
 paired 95% interval from a Poisson bootstrap over users (every resample
 weights all of a user's instances by one Poisson(1) draw, the same draw
@@ -36,7 +36,6 @@ from iat_jax import metrics as metrics_lib
 from iat_jax import pipeline
 from iat_jax import stages
 from iat_jax import workdir as workdir_lib
-from iat_jax.data import dataset as dataset_lib
 from iat_jax.data import orders
 from iat_jax.data import sources
 from iat_jax.sweeps import report
@@ -56,11 +55,6 @@ def bucket_names(edges: Sequence[int]) -> list[str]:
     else:
       names.append(f"{lo}-{hi - 1}")
   return names
-
-
-def available_lengths(ds: dataset_lib.Dataset, rows: np.ndarray) -> np.ndarray:
-  """int64 [n]: each row's user's instances strictly before it in time."""
-  return np.asarray(ds["hist_end"][rows]) - ds.user_start(rows)
 
 
 def paired_dauc(labels: np.ndarray, base: np.ndarray, model: np.ndarray,
@@ -104,14 +98,14 @@ def table(labels: np.ndarray, base: np.ndarray, model: np.ndarray, lengths: np.n
 
 
 def _test_predictions(config, workdir: str, ds, model: stages.PipelineModel) -> dict:
-  """{'ins_id', 'labels', 'probs'} of `model`'s best params on the test
-  split, sorted by ins_id."""
+  """{'ins_id', 'row', 'labels', 'probs'} of `model`'s best params on the
+  test split, sorted by dataset row."""
   cfg = pipeline.stage_config(config, model)
   table_ = pipeline.open_store(model.stage, cfg, workdir, ds)
   st, _, params = train_lib.load_best(model.stage, cfg, workdir, model.name, ds, table_)
   data = orders.batches(cfg, ds, model.stage.order, "test", train=False, table=table_)
   res = predict.predict(st.eval_step, params, data, st.mesh)
-  order = np.argsort(res["ins_id"], kind="stable")
+  order = np.argsort(res["row"])
   return {k: v[order] for k, v in res.items()}
 
 
@@ -156,12 +150,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   edges = [int(e) for e in config.buckets.edges]
   models = [m for m in pipeline.steps(config) if orders.get(m.stage.order).reads_store]
   base = _test_predictions(config, workdir, ds, stages.PIPELINE["base"])
-  test = ds.split_rows("test")
-  ids = np.asarray(ds["ins_id"])[test]
-  order = np.argsort(ids, kind="stable")
-  rows = test[order][np.searchsorted(ids[order], base["ins_id"])]
-  lengths = available_lengths(ds, rows)
-  users = np.asarray(ds["user_index"])[rows]
+  lengths = ds.earlier_count(base["row"])
+  users = np.asarray(ds["user_index"])[base["row"]]
   result = {
       "dataset": ds.schema.dataset,
       "edges": edges,
@@ -171,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   for model in models:
     pred = _test_predictions(config, workdir, ds, model)
-    if not np.array_equal(pred["ins_id"], base["ins_id"]):
+    if not np.array_equal(pred["row"], base["row"]):
       raise ValueError(f"{model.name} and base were evaluated on different test rows")
     result["models"][model.name] = {
         task:

@@ -25,7 +25,7 @@ class BucketsTest(absltest.TestCase):
     rows = np.arange(ds.num_rows)
     uid, ts = np.asarray(ds["uid"]), np.asarray(ds["ts"])
     want = [int(((uid == uid[r]) & (ts < ts[r])).sum()) for r in rows]
-    np.testing.assert_array_equal(buckets.available_lengths(ds, rows), want)
+    np.testing.assert_array_equal(ds.earlier_count(rows), want)
     tied = [r for r in rows if ((uid == uid[r]) & (ts == ts[r])).sum() > 1]
     self.assertNotEmpty(tied)  # rows whose same-time rows must not count
 

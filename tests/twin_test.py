@@ -98,7 +98,8 @@ class TwinTest(parameterized.TestCase):
       cls.runs[stage] = run
       cls.host_state[stage] = jax.device_get(run.state)
       # A real batch; downstream: deduplicated, whatever its U (with 8
-      # devices a shard has B / 8 x L = 16 slots, past DENSE_ABOVE of them).
+      # devices a shard has B / 8 x L = 16 slots, which the ladder's U, >=
+      # distinct rows + 1, can exceed: dense past DENSE_ABOVE of them).
       with mock.patch.object(input_pipeline, "DENSE_ABOVE", float("inf")):
         cls.batch[stage] = run.train_data[0]
     # The same history dense ('hist_insemb' [B, L, d]), as the pipeline gives

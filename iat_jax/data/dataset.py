@@ -298,6 +298,12 @@ class Dataset:
     """First row of each row's user: int64 [...] -> int64 [...]."""
     return self["user_offsets"][self["user_index"][rows]]
 
+  def earlier_count(self, rows: np.ndarray) -> np.ndarray:
+    """How many of its user's instances are strictly earlier in time than
+    each row (the rows [user start, hist_end); same-timestamp rows do not
+    count): int64 [...] -> int64 [...]."""
+    return np.asarray(self["hist_end"]).take(rows) - self.user_start(rows)
+
   def split_rows(self, split: str) -> np.ndarray:
     """Rows of one split in time order (ts, ins_id): int64 [n_split]."""
     k = schema_lib.SPLITS.index(split)

@@ -112,8 +112,7 @@ def tie_group(ds: dataset_lib.Dataset, rows: np.ndarray,
   """int32 [...]: the within-user index of the first row of each row's (user,
   ts) run (-1 where masked): equal exactly for one user's same-timestamp rows,
   the key of the SIT's strictly-earlier mask (`attention.tie_mask`)."""
-  group = np.asarray(ds["hist_end"]).take(rows) - ds.user_start(rows)
-  return np.where(mask, group, -1).astype(np.int32)
+  return np.where(mask, ds.earlier_count(rows), -1).astype(np.int32)
 
 
 def read_rows(ds: dataset_lib.Dataset, rows: np.ndarray, mask: np.ndarray) -> dict:
@@ -227,8 +226,13 @@ def unique_rows(distinct: int) -> int:
   at least 16), so padding is under 1/8 of U while a run compiles at most 8
   shapes per doubling of its distinct counts (`LookupInsEmb`)."""
   n = int(distinct) + 1
-  step = 1 << max((n - 1).bit_length() - 4, 0)
+  step = _ladder_step(n)
   return max(16, -(-n // step) * step)
+
+
+def _ladder_step(n: int) -> int:
+  """The spacing of `unique_rows`' ladder in the octave (2^(e-1), 2^e] of n."""
+  return 1 << max((n - 1).bit_length() - 4, 0)
 
 
 def fit_unique(batch: dict, u: int, dense_above: float | None = None) -> dict:
@@ -269,7 +273,7 @@ def compact_shapes(shapes: dict, groups: int) -> dict:
   most = int(DENSE_ABOVE * (b // groups * l))
   u = unique_rows(most - 1)  # the ladder's next size >= most; one step down if above
   if u > most:
-    u = max(16, u - (1 << max((u - 1).bit_length() - 4, 0)))
+    u = max(16, u - _ladder_step(u))
   shapes["hist_insemb_unique"] = type(full)((groups, u, d), full.dtype)
   shapes["hist_index"] = type(full)((b, l), np.int32)
   return shapes

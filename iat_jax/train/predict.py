@@ -70,14 +70,15 @@ def predict(eval_step, params, data, mesh, keys=("probs",)) -> dict[str, np.ndar
   evaluation chunks, which count in the chunk that evaluates them).
 
   Returns:
-    {'labels': [n, tasks], 'ins_id': [n], <keys>: [n, ...]} on every process.
+    {'labels': [n, tasks], 'ins_id': [n], 'row': [n] (dataset rows), <keys>:
+    [n, ...]} on every process.
   """
-  out: dict[str, list] = {k: [] for k in ("labels", "ins_id", *keys)}
+  out: dict[str, list] = {k: [] for k in ("labels", "ins_id", "row", *keys)}
   for batch in input_pipeline.iterate(data):
     res = eval_step(params, steps.to_device(batch, mesh))
     mask = host_gather(batch["mask"], mesh)
     for k in keys:
       out[k].append(device_gather(res[k])[mask])
-    for k in ("labels", "ins_id"):
+    for k in ("labels", "ins_id", "row"):
       out[k].append(host_gather(batch[k], mesh)[mask])
   return {k: np.concatenate(v) for k, v in out.items()}

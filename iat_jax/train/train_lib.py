@@ -61,11 +61,12 @@ class PerShape:
     self.first = self._get(state, sample)
 
   @staticmethod
-  def _key(batch) -> tuple:
+  def shape_key(batch) -> tuple:
+    """The batch's shape signature (one compiled step per signature)."""
     return tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
 
   def _get(self, state, batch):
-    key = self._key(batch)
+    key = self.shape_key(batch)
     if key not in self._compiled:
       self._compiled[key] = self._jitted.lower(state, batch).compile()
     return self._compiled[key]
