@@ -28,6 +28,7 @@ from iat_jax.store import database
 from iat_jax.store import insemb_table
 from iat_jax.store import memory_table
 from iat_jax.store import rows
+from iat_jax.store import segments
 from iat_jax.store import tables
 from tests import store_fixtures as sf
 
@@ -185,7 +186,8 @@ class InsEmbTableTest(parameterized.TestCase):
     seg = table.metadata["shards"][0][0]["name"]
     kv = database.open_kv(path)
     kv.write(f"{seg}/00000000", b"short").result()
-    with self.assertRaisesRegex(errors.StoreError, "corrupt or truncated"):
+    with self.assertRaisesRegex(
+        errors.StoreError, rf"{path}: block 00000000 of segment {seg}: .*truncated"):
       _BACKEND.open(path).verify()
     kv.write(f"{seg}/index", None).result()
     with self.assertRaisesRegex(errors.StoreError, "index of segment.*missing"):
@@ -198,6 +200,43 @@ class InsEmbTableTest(parameterized.TestCase):
     with self.assertRaises(errors.StoreError):
       _BACKEND.open(path)
 
+  def test_a_flipped_bit_in_a_block_fails_its_read_naming_it(self):
+    keys, values = sf.data(5_000, 8, seed=5)
+    sf.write(self.dir, keys, values, block_rows=64)
+    seg = _BACKEND.open(self.dir).metadata["shards"][0][0]
+    kv = database.open_kv(self.dir)
+    fences = segments.read_index(kv, seg["name"], seg["blocks"]).fences
+    seg = seg["name"]
+    blob = bytearray(kv.read(f"{seg}/00000001").result().value)
+    blob[len(blob) // 2] ^= 0x10  # one bit of one value: same length
+    kv.write(f"{seg}/00000001", bytes(blob)).result()
+    fresh = _BACKEND.open(self.dir)
+    shard = keys >> np.uint64(64 - 6)  # 2**6 shards by default
+    in_block = keys[(shard == 0) & (keys >= fences[1])]  # block 1 is shard 0's last
+    others = keys[shard == 5][:100]
+    _, found = fresh.lookup(others)
+    self.assertTrue(found.all())  # the damage is confined to its block
+    where = rf"{self.dir}: block 00000001 of segment {seg}: CRC-32 mismatch"
+    with self.assertRaisesRegex(errors.StoreError, where):
+      fresh.lookup(in_block)
+    with self.assertRaisesRegex(errors.StoreError, where):
+      _BACKEND.open(self.dir).verify()  # found beforehand, without a lookup
+
+  def test_counters_count_misses_and_block_reads(self):
+    keys, values = sf.data(5_000, 8, seed=5)
+    sf.write(self.dir, keys, values, block_rows=64)
+    table = _BACKEND.open(self.dir)
+    absent = keys[:10] ^ np.uint64(1)
+    absent = absent[~np.isin(absent, keys)]
+    _, found = table.lookup(np.concatenate([keys[:100], absent]))
+    self.assertEqual(found.sum(), 100)
+    c = table.counters()
+    self.assertEqual((c["keys"], c["missed"]), (100 + len(absent), len(absent)))
+    self.assertGreater(c["blocks_read"], 0)
+    self.assertEqual(c["rows_read"], 64 * c["blocks_read"])
+    table.lookup(keys[:100])  # the same blocks, now cached
+    self.assertEqual(table.counters()["blocks_read"], c["blocks_read"])
+
   def test_verify_detects_corruption(self):
     keys, values = sf.data(5_000, 8, seed=5)
     sf.write(self.dir, keys, values)
@@ -209,7 +248,7 @@ class InsEmbTableTest(parameterized.TestCase):
       byte = f.read(1)
       f.seek(os.path.getsize(data) // 2)
       f.write(bytes([byte[0] ^ 0xFF]))
-    with self.assertRaisesRegex(errors.StoreError, "checksum"):
+    with self.assertRaisesRegex(errors.StoreError, "CRC-32 mismatch"):
       _BACKEND.open(self.dir).verify()
 
   def test_pinned_versions_and_pickled_readers(self):

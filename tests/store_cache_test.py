@@ -23,7 +23,7 @@ def _source(n_blocks: int) -> segments.Source:
   b.add(keys, values, None)
   seg = b.finish()
   batch.flush()
-  return segments.Source(kv, seg)
+  return segments.Source(kv, seg, "memory://")
 
 
 class BlockCacheTest(absltest.TestCase):
@@ -64,15 +64,46 @@ class BlockCacheTest(absltest.TestCase):
     np.testing.assert_array_equal(cached, [0, 1, 2, 3, *range(8, 20)])
     self.assertLessEqual(cache.memory_bytes(), 2048)
 
-  def test_fills_read_a_bounded_number_of_blocks_at_a_time(self):
+  def test_fills_keep_a_bounded_number_of_reads_in_flight(self):
     cache = cache_lib.BlockCache(_FMT, 2048)
-    seg = cache.register(_source(30))
-    with mock.patch.object(segments, "read_blocks", wraps=segments.read_blocks) as read:
-      cache.fill([(seg, np.arange(10))])
-    sizes = [len(c.args[2]) for c in read.call_args_list]
-    self.assertEqual(sum(sizes), 10)
-    self.assertEqual(max(sizes), cache.read_blocks)
-    self.assertLess(cache.read_blocks, 10)
+    segs = [cache.register(_source(30)) for _ in range(2)]
+    with mock.patch.object(segments, "stream_blocks",
+                           wraps=segments.stream_blocks) as stream:
+      cache.advance()
+      cache.fill([(segs[0], np.arange(3)), (segs[1], np.arange(5, 8))])
+    (items, _, window), _ = stream.call_args
+    self.assertEqual(window, cache.read_blocks)  # one stream across both segments
+    self.assertLess(cache.read_blocks, 6)
+    self.assertEqual([(s.seg["name"], b) for s, b in items],
+                     [("seg", b) for b in (0, 1, 2, 5, 6, 7)])
+    for seg, blocks in ((segs[0], range(3)), (segs[1], range(5, 8))):
+      for b in blocks:  # key i -> [i, -i], block b holds keys 10 * (4b + 1..4)
+        slot = seg.slot_of[b]
+        want = np.arange(4 * b + 1, 4 * b + 5) * 10
+        np.testing.assert_array_equal(cache.keys[slot], want)
+        np.testing.assert_array_equal(cache.vals[4 * slot:4 * slot + 4, 1], -want)
+
+  def test_stream_reads_ahead_at_most_a_window(self):
+
+    class CountingKv:  # the real memory kvstore, counting the reads issued
+
+      def __init__(self, kv):
+        self.kv, self.issued = kv, 0
+
+      def read(self, key):
+        self.issued += 1
+        return self.kv.read(key)
+
+    src = _source(30)
+    src.load()  # the index read is not a block read
+    src.kv = CountingKv(src.kv)
+    ahead = []
+    for i, (k, _, _) in enumerate(
+        segments.stream_blocks([(src, b) for b in range(20)], _FMT, 4)):
+      ahead.append(src.kv.issued - (i + 1))
+      np.testing.assert_array_equal(k, np.arange(4 * i + 1, 4 * i + 5) * 10)
+    self.assertEqual(len(ahead), 20)
+    self.assertEqual(max(ahead), 4)  # read ahead, but never more than the window
 
   def test_memo_entries_are_valid_until_their_slot_is_refilled(self):
     cache = cache_lib.BlockCache(_FMT, 2048)

@@ -11,8 +11,10 @@ import time
 from absl.testing import absltest
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from iat_jax import errors
+from iat_jax.store import database
 from iat_jax.store import export
 from iat_jax.store import reader
 from tests import store_fixtures as sf
@@ -56,6 +58,69 @@ def _child(path: str, process_index: int, process_count: int, phase: str):
       str(process_index),
       str(process_count), phase
   ])
+
+
+def staged(path: str) -> list:
+  """The keys left under the staging/ of the table at `path` (any URL)."""
+  return ts.KvStore.open(database.base_spec(path, "staging")).result().list().result()
+
+
+def killed_export_resumes(test: absltest.TestCase, path: str, scratch: str) -> None:
+  """Kills the test export into `path` (a directory or a URL) at random
+  points, twice, then lets it finish: the old version stays readable by
+  number throughout, the newest is always the old or the complete one, and
+  the table is the one a clean write makes (in local `scratch`)."""
+  old_keys, old_values = sf.data(10_000, _EXPORT_DIM, seed=8)
+  old_gen = sf.write(path, old_keys, old_values, step=1)
+  rng = np.random.default_rng(9)
+
+  def read_old():  # the old version by number; the newest: old or complete
+    idx = rng.integers(0, len(old_keys), 2_000)
+    got, found = reader.Table(path, old_gen).lookup(old_keys[idx])
+    test.assertTrue(found.all())
+    np.testing.assert_array_equal(got, old_values[idx])
+    newest = reader.Table(path).metadata
+    test.assertIn((newest["source_step"], newest["num_rows"]), [(1, len(old_keys)),
+                                                                (3, _EXPORT_ROWS)])
+
+  kills, staging = 0, database.staging("e1", 0)
+  for attempt in range(3):  # kill at random points, then let it finish
+    child = _child(path, 0, 1, "all")
+    try:
+      if attempt < 2:
+        deadline = time.time() + 60
+        while database.latest_generation(path, staging) is None:
+          test.assertLess(time.time(), deadline, "the child never started")
+          time.sleep(0.01)
+        until = time.time() + rng.uniform(0.1, 1.0)
+        while time.time() < until and child.poll() is None:
+          read_old()
+        if child.poll() is None:
+          os.kill(child.pid, signal.SIGKILL)
+          kills += 1
+      child.wait(timeout=120)
+    finally:
+      child.kill()
+      child.wait()
+    if attempt < 2 and child.returncode == -signal.SIGKILL:
+      read_old()
+      reader.Table(path).verify()
+  test.assertEqual(child.returncode, 0)
+  test.assertGreater(kills, 0)
+  done = reader.Table(path)
+  done.verify()
+  test.assertEqual(done.metadata["source_step"], 3)
+  test.assertEqual(staged(path), [])  # removed
+  keys, values = sf.data(_EXPORT_ROWS, _EXPORT_DIM, seed=7)
+  clean = os.path.join(scratch, "clean")
+  sf.write(clean, keys, values, dtype="int8")
+  fresh = reader.Table(clean)
+  test.assertEqual(done.metadata["checksum"], fresh.metadata["checksum"])
+  test.assertEqual(done.metadata["num_rows"], _EXPORT_ROWS)
+  idx = rng.integers(0, _EXPORT_ROWS, 50_000)
+  np.testing.assert_array_equal(done.lookup(keys[idx])[0], fresh.lookup(keys[idx])[0])
+  old = reader.Table(path, old_gen)  # the previous version is kept
+  np.testing.assert_array_equal(old.lookup(old_keys)[0], old_values)
 
 
 class ExportTest(absltest.TestCase):
@@ -122,59 +187,7 @@ class ExportTest(absltest.TestCase):
 
   @pytest.mark.slow
   def test_killed_export_resumes_to_identical_table(self):
-    path = os.path.join(self.dir, "table")
-    old_keys, old_values = sf.data(10_000, _EXPORT_DIM, seed=8)
-    old_gen = sf.write(path, old_keys, old_values, step=1)
-    rng = np.random.default_rng(9)
-
-    def read_old():  # the old version by number; the newest: old or complete
-      idx = rng.integers(0, len(old_keys), 2_000)
-      got, found = reader.Table(path, old_gen).lookup(old_keys[idx])
-      self.assertTrue(found.all())
-      np.testing.assert_array_equal(got, old_values[idx])
-      newest = reader.Table(path).metadata
-      self.assertIn((newest["source_step"], newest["num_rows"]), [(1, len(old_keys)),
-                                                                  (3, _EXPORT_ROWS)])
-
-    kills, staging = 0, os.path.join(path, "staging", "e1", "p0")
-    for attempt in range(3):  # kill at random points, then let it finish
-      child = _child(path, 0, 1, "all")
-      try:
-        if attempt < 2:
-          deadline = time.time() + 60
-          while not os.path.exists(os.path.join(staging, "manifest.ocdbt")):
-            self.assertLess(time.time(), deadline, "the child never started")
-            time.sleep(0.01)
-          until = time.time() + rng.uniform(0.1, 1.0)
-          while time.time() < until and child.poll() is None:
-            read_old()
-          if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            kills += 1
-        child.wait(timeout=120)
-      finally:
-        child.kill()
-        child.wait()
-      if attempt < 2 and child.returncode == -signal.SIGKILL:
-        read_old()
-        reader.Table(path).verify()
-    self.assertEqual(child.returncode, 0)
-    self.assertGreater(kills, 0)
-    done = reader.Table(path)
-    done.verify()
-    self.assertEqual(done.metadata["source_step"], 3)
-    staged = glob.glob(os.path.join(path, "staging", "**"), recursive=True)
-    self.assertEqual([f for f in staged if os.path.isfile(f)], [])  # removed
-    keys, values = sf.data(_EXPORT_ROWS, _EXPORT_DIM, seed=7)
-    clean = os.path.join(self.dir, "clean")
-    sf.write(clean, keys, values, dtype="int8")
-    fresh = reader.Table(clean)
-    self.assertEqual(done.metadata["checksum"], fresh.metadata["checksum"])
-    self.assertEqual(done.metadata["num_rows"], _EXPORT_ROWS)
-    idx = rng.integers(0, _EXPORT_ROWS, 50_000)
-    np.testing.assert_array_equal(done.lookup(keys[idx])[0], fresh.lookup(keys[idx])[0])
-    old = reader.Table(path, old_gen)  # the previous version is kept
-    np.testing.assert_array_equal(old.lookup(old_keys)[0], old_values)
+    killed_export_resumes(self, os.path.join(self.dir, "table"), self.dir)
 
   @pytest.mark.slow
   def test_two_process_export_equals_one_process(self):

@@ -58,7 +58,7 @@ class BlockCache:
     keys, count, vals, scales: the slab (see the module docstring); count is
       int64 [slots], the rows of each slot's block.
     capacity_slots: slots allocated (at most `capacity()` are used).
-    read_blocks: blocks a fill reads at a time (at least one).
+    read_blocks: block reads a fill keeps in flight (at least one).
   """
 
   def __init__(self, fmt: rows.Format, cache_bytes: int):
@@ -87,6 +87,7 @@ class BlockCache:
     self._memo_gen = np.zeros(1 << self._memo_bits, np.uint64)
     self._segs: list[Segment] = []
     self.reserved = 0  # bytes of the budget held by the registered indexes
+    self.blocks_read = 0  # by every fill so far
     self.tick = 0
 
   def register(self, source: segments.Source) -> Segment:
@@ -122,10 +123,12 @@ class BlockCache:
   def fill(self, wanted: list[tuple[Segment, np.ndarray]]) -> None:
     """Reads the blocks [(segment, block ids)] into free or least recently
     used slots (never ones the current pass touched, if it can be helped),
-    at most `read_blocks` at a time; updates each segment's slot_of."""
+    with at most `read_blocks` reads in flight across all the segments,
+    each block placed as it arrives; updates each segment's slot_of."""
     n = sum(len(b) for _, b in wanted)
     if not n:
       return
+    self.blocks_read += n
     owner = self._owner
     live = np.flatnonzero(owner >= 0)
     need = len(live) + n - self.capacity()  # slots to free first
@@ -136,32 +139,29 @@ class BlockCache:
         sel = victims[owner[victims] == sid]
         self._segs[sid].slot_of[self._block[sel]] = -1
       owner[victims] = -1
-    free = np.flatnonzero(owner < 0)[:n]
-    i = 0
-    for seg, blocks in wanted:
-      for lo in range(0, len(blocks), self.read_blocks):  # bounded bytes in flight
-        part = blocks[lo:lo + self.read_blocks].tolist()
-        self._place(seg, part, segments.read_blocks(seg.source, self.fmt, part),
-                    free[i:i + len(part)].tolist())
-        i += len(part)
+    free = np.flatnonzero(owner < 0)[:n].tolist()
+    items = [(seg, b) for seg, blocks in wanted for b in blocks.tolist()]
+    got = segments.stream_blocks([(seg.source, b) for seg, b in items], self.fmt,
+                                 self.read_blocks)
+    for (seg, blk), block, slot in zip(items, got, free):
+      self._place(seg, blk, block, slot)
 
-  def _place(self, seg: Segment, blocks: list[int], got: list[tuple],
-             slots: list[int]) -> None:
-    """Copies decoded blocks of a segment into the given free slots."""
+  def _place(self, seg: Segment, blk: int, block: tuple, slot: int) -> None:
+    """Copies a decoded block (keys, stored, scales) of a segment into a free slot."""
     b_rows = self.fmt.block_rows
-    for blk, (k, v, s), slot in zip(blocks, got, slots):
-      r = len(k)
-      self.keys[slot, :r] = k
-      self.keys[slot, r:] = _PAD
-      self.count[slot] = r
-      self.vals[slot * b_rows:slot * b_rows + r] = v
-      if s is not None:
-        self.scales[slot * b_rows:slot * b_rows + r] = s
-      self._used[slot] = self.tick
-      self._gen[slot] += 1
-      self._owner[slot] = seg.id
-      self._block[slot] = blk
-      seg.slot_of[blk] = slot
+    k, v, s = block
+    r = len(k)
+    self.keys[slot, :r] = k
+    self.keys[slot, r:] = _PAD
+    self.count[slot] = r
+    self.vals[slot * b_rows:slot * b_rows + r] = v
+    if s is not None:
+      self.scales[slot * b_rows:slot * b_rows + r] = s
+    self._used[slot] = self.tick
+    self._gen[slot] += 1
+    self._owner[slot] = seg.id
+    self._block[slot] = blk
+    seg.slot_of[blk] = slot
 
   def generation(self, pos: np.ndarray) -> np.ndarray:
     """Flat slab positions [n] -> uint64 [n] the generation of their slots

@@ -28,7 +28,7 @@ from iat_jax import errors
 from iat_jax.store import backend
 from iat_jax.store import rows
 
-FORMAT = "iat-insemb-ocdbt/1"
+FORMAT = "iat-insemb-ocdbt/2"  # /2: a CRC-32 ends every block
 TS_CACHE_BYTES = 32 << 20  # TensorStore's own cache (OCDBT B+tree nodes)
 # A table reader's TensorStore cache: 1/TS_CACHE_SHARE of its cache_bytes, at
 # most TS_CACHE_BYTES (so the many small readers of a continuous run's period
@@ -44,11 +44,37 @@ def ts_cache_bytes(cache_bytes: int) -> int:
 def base_spec(path: str, sub: str = "") -> dict | str:
   """Base kvstore spec of the table at `path` (a directory or a URL)."""
   if "://" in path:
-    return path.rstrip("/") + "/" + (sub + "/" if sub else "")
+    url = path.rstrip("/") + "/" + (sub + "/" if sub else "")
+    return s3_spec(url) if url.startswith("s3://") else url
   return {
       "driver": "file",
       "path": os.path.join(os.path.abspath(path), sub).rstrip("/") + "/"
   }
+
+
+def s3_spec(url: str) -> dict | str:
+  """The kvstore of an s3://bucket/prefix/ URL, at the endpoint and region
+  the AWS environment names.
+
+  TensorStore's s3 driver reads only the credentials from the environment
+  (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE,
+  ~/.aws/credentials, then the instance's metadata service); it takes an S3
+  endpoint other than AWS's, and the region, only from the spec. Here they
+  come from AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL) and AWS_REGION (or
+  AWS_DEFAULT_REGION), as in the AWS CLI; with neither set, the URL itself
+  (AWS, the bucket's region looked up).
+  """
+  endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+  region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+  if not endpoint and not region:
+    return url
+  bucket, _, prefix = url[len("s3://"):].partition("/")
+  spec = {"driver": "s3", "bucket": bucket, "path": prefix}
+  if endpoint:
+    spec["endpoint"] = endpoint.rstrip("/")
+  if region:
+    spec["aws_region"] = region
+  return spec
 
 
 def open_kv(path: str,

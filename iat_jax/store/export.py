@@ -198,7 +198,7 @@ def _slice_runs(path: str, export_id: str, p: int, per_shard: list | None,
   for c in range(final["chunks"]):
     done = segments.read_json(kv, f"c{c:06d}/done", f"chunk {c} of process {p}")
     for s, seg in done["runs"].items():
-      per_shard[int(s)].append(segments.Source(kv, seg))
+      per_shard[int(s)].append(segments.Source(kv, seg, path))
   return cfg, per_shard
 
 

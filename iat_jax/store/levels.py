@@ -77,9 +77,9 @@ class Levels:
     self._shift = np.uint64(64 - meta["shard_bits"])
     # Per shard, its segments newest first; registered with the cache once
     # the shard is loaded.
-    self._sources = [
-        [segments.Source(kv, s) for s in reversed(shard)] for shard in meta["shards"]
-    ]
+    self._sources = [[segments.Source(kv, s, path)
+                      for s in reversed(shard)]
+                     for shard in meta["shards"]]
     self._segs: list[list[cache_lib.Segment]] = [[] for _ in self._sources]
     self._loaded = np.zeros(len(self._sources), bool)
     self._levels: list[_Level] = []

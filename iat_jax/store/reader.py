@@ -71,6 +71,7 @@ class Table:
     self.format = database.layout_format(meta)
     self._levels = levels_lib.Levels(path, self._kv, meta)
     self._cache: cache_lib.BlockCache | None = None  # made by the first lookup
+    self._keys = self._missed = 0
     self._lock = threading.Lock()
 
   def __getstate__(self):  # TensorStore handles are re-opened in workers
@@ -97,7 +98,7 @@ class Table:
     """
     total, n = (0, 0), 0
     for shard in self.metadata["shards"]:  # oldest first: the newest wins
-      sources = [segments.Source(self._kv, s) for s in shard]
+      sources = [segments.Source(self._kv, s, self.path) for s in shard]
       for keys, stored, scales, _ in segments.merged(sources, self.format):
         total = rows.add_checksums(total, rows.row_checksum(keys, stored, scales))
         n += len(keys)
@@ -117,7 +118,7 @@ class Table:
     """Bytes of the database's files (all kept versions; local tables), or
     the bytes of this version's segments for URLs."""
     if "://" in self.path:
-      return sum(s["rows"] * self.format.row_bytes + 12 * s["blocks"]
+      return sum(s["rows"] * self.format.row_bytes + 16 * s["blocks"]
                  for shard in self.metadata["shards"]
                  for s in shard)
     total = 0
@@ -126,6 +127,18 @@ class Table:
         dirs[:] = [x for x in dirs if x != "staging"]
       total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
     return total
+
+  def counters(self) -> dict[str, int]:
+    """What this reader did so far: keys looked up, keys missed (absent from
+    the version: zeros, found=False), blocks read from storage and their
+    rows."""
+    blocks = 0 if self._cache is None else self._cache.blocks_read
+    return {
+        "keys": self._keys,
+        "missed": self._missed,
+        "blocks_read": blocks,
+        "rows_read": blocks * self.format.block_rows
+    }
 
   def memory_bytes(self) -> int:
     """The reader's own accounting: cached blocks + loaded segment indexes +
@@ -187,10 +200,12 @@ class Table:
   def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint64 keys [n] (any shape, order, repeats) -> (float32 [n, d], bool [n]).
 
-    Missing keys give zero rows and found=False.
+    Missing keys give zero rows and found=False, and count in `counters`.
     """
     keys = np.asarray(keys).astype(np.uint64, copy=False).reshape(-1)
     if not len(self) or not len(keys):
+      self._keys += len(keys)
+      self._missed += len(keys)
       return np.zeros((len(keys), self.dim), np.float32), np.zeros(len(keys), bool)
     out = np.empty((len(keys), self.dim), np.float32)
 
@@ -217,6 +232,8 @@ class Table:
 
     with self._lock:
       found = self._gather(keys, emit)
+      self._keys += len(keys)
+      self._missed += int(len(keys) - found.sum())
     out[~found] = 0
     return out, found
 

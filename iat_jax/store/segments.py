@@ -7,7 +7,8 @@ blocks: docs/store.md). It is stored as
                         row counts uint32 [blocks]
   <name>/<block:08x>    one block of up to `block_rows` rows, sorted by key:
                         keys uint64 [r] | scales float32 [r] (int8 only) |
-                        values [r, d] in the stored dtype
+                        values [r, d] in the stored dtype | CRC-32 of all
+                        that (uint32), checked on every read
 
 Segments are written once and never modified; a table version names the
 segments it is made of. This module holds the block codec, the segment
@@ -18,9 +19,12 @@ blocks and an 18 MB index; a merge streams it in pieces of ~2.6e5 rows.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import json
 from typing import Iterator, Sequence
+import zlib
 
 import numpy as np
 import tensorstore as ts
@@ -29,6 +33,7 @@ from iat_jax import errors
 from iat_jax.store import rows
 
 _TXN_BYTES = 64 << 20  # blocks per OCDBT commit while a segment is written
+_MERGE_WINDOW = 64  # block reads in flight while a merge reads a piece
 
 
 def encode_block(keys: np.ndarray, stored: np.ndarray,
@@ -37,24 +42,33 @@ def encode_block(keys: np.ndarray, stored: np.ndarray,
   if scales is not None:
     parts.append(np.ascontiguousarray(scales, np.float32).tobytes())
   parts.append(np.ascontiguousarray(stored).tobytes())
-  return b"".join(parts)
+  payload = b"".join(parts)
+  return payload + zlib.crc32(payload).to_bytes(4, "little")
 
 
 def decode_block(blob: bytes, fmt: rows.Format, r: int,
                  where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-  """Block bytes -> (keys [r], stored [r, d], scales [r] or None)."""
-  if len(blob) != r * fmt.row_bytes:
-    raise errors.StoreError(f"InsEmb store: block {where} has {len(blob)} bytes, "
-                            f"expected {r} rows x {fmt.row_bytes} B (corrupt or "
-                            f"truncated)")
+  """Block bytes -> (keys [r], stored [r, d], scales [r] or None).
+
+  Raises:
+    errors.StoreError: the block is not r rows long or its CRC-32 does not
+      match (a flipped bit anywhere in it); `where` names it.
+  """
+  size = r * fmt.row_bytes
+  if len(blob) != size + 4:
+    raise errors.StoreError(f"{where}: {len(blob)} bytes, expected {r} rows x "
+                            f"{fmt.row_bytes} B + a 4 B CRC (truncated or corrupt)")
   buf = np.frombuffer(blob, np.uint8)
+  if zlib.crc32(buf[:size]) != int.from_bytes(blob[size:], "little"):
+    raise errors.StoreError(f"{where}: CRC-32 mismatch (corrupt); re-export the "
+                            f"table, or restore it from a copy")
   keys = buf[:8 * r].view(np.uint64)
   off = 8 * r
   scales = None
   if fmt.has_scales:
     scales = buf[off:off + 4 * r].view(np.float32)
     off += 4 * r
-  stored = buf[off:].view(fmt.numpy_dtype).reshape(r, fmt.d)
+  stored = buf[off:size].view(fmt.numpy_dtype).reshape(r, fmt.d)
   return keys, stored, scales
 
 
@@ -188,9 +202,17 @@ class SegmentBuilder:
 
 @dataclasses.dataclass
 class Source:
-  """A segment to read: the kvstore holding it and its metadata entry."""
+  """A segment to read: the kvstore holding it and its metadata entry.
+
+  Attributes:
+    kv: the table's OCDBT database, at the version being read.
+    seg: the segment's metadata entry ({"name", "rows", "blocks"}).
+    table: the table's path, for error messages.
+    index: its block index once loaded.
+  """
   kv: ts.KvStore
   seg: dict
+  table: str
   index: Index | None = None
 
   def load(self) -> Index:
@@ -198,23 +220,43 @@ class Source:
       self.index = read_index(self.kv, self.seg["name"], self.seg["blocks"])
     return self.index
 
+  def where(self, block: int) -> str:
+    """Names a block for errors: table, segment and block."""
+    return f"InsEmb store {self.table}: block {block:08x} of segment {self.seg['name']}"
 
-def read_blocks(src: Source, fmt: rows.Format, blocks: Sequence[int]) -> list[tuple]:
-  """Reads (keys, stored, scales) of the given blocks of a segment, concurrently."""
-  idx = src.load()
-  name = src.seg["name"]
-  futures = [src.kv.read(f"{name}/{b:08x}") for b in blocks]
-  out = []
-  for b, f in zip(blocks, futures):
+
+def stream_blocks(
+    items: Sequence[tuple[Source, int]], fmt: rows.Format,
+    window: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+  """Reads blocks [(segment, block id)] of any segments with at most `window`
+  reads in flight; yields (keys [r], stored [r, d], scales [r] or None) of each
+  in the given order. TensorStore serves the reads concurrently on its own
+  threads while the caller decodes and places the earlier ones, so a batch
+  of blocks costs about one read latency per `window` blocks, not one each;
+  the bytes read but not yet consumed stay under `window` blocks.
+
+  Raises:
+    errors.StoreError: a block is missing, unreadable, or not the size its
+      segment index says (naming the table, segment and block).
+  """
+  pending: collections.deque = collections.deque()
+  it = iter(items)
+
+  def issue() -> None:
+    for src, b in itertools.islice(it, window - len(pending)):
+      pending.append((src, b, src.kv.read(f"{src.seg['name']}/{b:08x}")))
+
+  issue()
+  while pending:
+    src, b, future = pending.popleft()
+    issue()
     try:
-      r = f.result()
+      r = future.result()
     except ValueError as e:
-      raise errors.StoreError(
-          f"InsEmb store: cannot read block {name}/{b:08x} ({e})") from e
+      raise errors.StoreError(f"{src.where(b)}: cannot be read ({e})") from e
     if r.state != "value":
-      raise errors.StoreError(f"InsEmb store: block {name}/{b:08x} is missing")
-    out.append(decode_block(r.value, fmt, int(idx.counts[b]), f"{name}/{b:08x}"))
-  return out
+      raise errors.StoreError(f"{src.where(b)}: missing")
+    yield decode_block(r.value, fmt, int(src.load().counts[b]), src.where(b))
 
 
 def merged(
@@ -239,20 +281,23 @@ def merged(
   step = max(1, piece_rows // fmt.block_rows)
   cuts = [None] + [int(c) for c in np.unique(every[step::step])] + [None]
   for lo, hi in zip(cuts[:-1], cuts[1:]):
-    parts = []
+    items, ranks = [], []
     for rank, (src, f) in enumerate(zip(sources, fences)):
       first = 0 if lo is None else max(
           int(np.searchsorted(f, np.uint64(lo), "right")) - 1, 0)
       last = len(f) if hi is None else int(np.searchsorted(f, np.uint64(hi), "left"))
-      for k, v, s in read_blocks(src, fmt, range(first, last)):
-        keep = np.ones(len(k), bool)
-        if lo is not None:
-          keep &= k >= np.uint64(lo)
-        if hi is not None:
-          keep &= k < np.uint64(hi)
-        if keep.any():
-          parts.append((k[keep], v[keep], None if s is None else s[keep],
-                        np.full(int(keep.sum()), rank, np.int32)))
+      items += [(src, b) for b in range(first, last)]
+      ranks += [rank] * (last - first)
+    parts = []
+    for rank, (k, v, s) in zip(ranks, stream_blocks(items, fmt, _MERGE_WINDOW)):
+      keep = np.ones(len(k), bool)
+      if lo is not None:
+        keep &= k >= np.uint64(lo)
+      if hi is not None:
+        keep &= k < np.uint64(hi)
+      if keep.any():
+        parts.append((k[keep], v[keep], None if s is None else s[keep],
+                      np.full(int(keep.sum()), rank, np.int32)))
     if not parts:
       continue
     keys = np.concatenate([p[0] for p in parts])

@@ -136,7 +136,7 @@ def upsert(table: reader.Table,
   touched = _add_segments(batch, keys, stored, scales, meta, tag)
   drop = []
   for s in touched:  # merges, each read back: flushed one by one
-    meta["shards"][s], dropped = _compact(batch, s, meta["shards"][s], fmt, tag)
+    meta["shards"][s], dropped = _compact(path, batch, s, meta["shards"][s], fmt, tag)
     drop += dropped
   gen = database.commit(path, kv, meta, table.meta_generation, drop)
   return reader.Table(path, gen, cache_bytes=table.cache_bytes)
@@ -158,8 +158,8 @@ def _add_segments(batch: segments.Batch, keys: np.ndarray, stored: np.ndarray,
   return touched
 
 
-def _compact(batch: segments.Batch, shard: int, segs: list[dict], fmt: rows.Format,
-             tag: str) -> tuple[list[dict], list[str]]:
+def _compact(path: str, batch: segments.Batch, shard: int, segs: list[dict],
+             fmt: rows.Format, tag: str) -> tuple[list[dict], list[str]]:
   """Merges the newest two segments of a shard while the older is at most
   _GROWTH times the newer (or there are more than _MAX_SEGMENTS); -> (its
   segments, the key prefixes of the merged-away ones)."""
@@ -170,7 +170,7 @@ def _compact(batch: segments.Batch, shard: int, segs: list[dict], fmt: rows.Form
     merged = segments.SegmentBuilder(batch, database.segment_name(shard, f"{tag}m{n}"),
                                      fmt)
     for k, v, sc, _ in segments.merged(
-        [segments.Source(batch.kv, x) for x in segs[-2:]], fmt):
+        [segments.Source(batch.kv, x, path) for x in segs[-2:]], fmt):
       merged.add(k, v, sc)
     drop += [x["name"] + "/" for x in segs[-2:]]
     segs = segs[:-2] + [merged.finish()]
