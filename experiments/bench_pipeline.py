@@ -15,8 +15,11 @@ r"""Benchmark: dataset preprocessing and Grain input-pipeline throughput.
      hist+emb/uniq, hist+store/uniq  the same, the InsEmbs deduplicated
                    (`LookupInsEmb(compact=True)`, as single-process training
                    reads them): distinct rows [U, d] + an index [B, L]
+     hist+store/uniq/user  the same from a store keyed by user
+                   (--config.store.placement=user, the default; the stores
+                   above are keyed by InsID); readers hold --cache_bytes
 3. The ceiling: numpy reading the columns `read_rows` gathers (features,
-   labels, ins_id, ts) sequentially through the memmaps, in blocks, with a
+   labels, ins_id, uid, ts) sequentially through the memmaps, in blocks, with a
    warm page cache, as instances/s; each pipeline's ratio to it.
 The process runs with `iat_jax.allocator`'s malloc settings, as training
 does. A pipeline below --target instances/s is profiled with cProfile on a few
@@ -50,6 +53,7 @@ from iat_jax.data import movielens
 from iat_jax.data import synthetic
 from iat_jax.store import insemb_table
 from iat_jax.store import memory_table
+from iat_jax.store import tables
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,10 +72,14 @@ _PROFILE = flags.DEFINE_integer("profile_batches", 20,
 _DATASETS = flags.DEFINE_list("datasets", ["movielens", "synthetic"],
                               "Datasets to build and benchmark.")
 _PIPES = flags.DEFINE_list("pipelines", None, "Pipelines to time (default: all).")
+_CACHE = flags.DEFINE_integer("cache_bytes", 1 << 30,
+                              "Budget of each on-disk store's reader.")
 _DIR = flags.DEFINE_string("tmp_dir", None,
                            "Parent of the temporary directory (default: TMPDIR).")
 
 _BATCH, _WINDOW, _USERS, _T, _L, _D = 512, 4096, 32, 64, 64, 64
+# Store placements; the pipelines reading the "user" one end in "/user".
+_PLACED = ("insid", "user")
 
 
 def _load() -> str:
@@ -115,7 +123,7 @@ def _sequential_read(ds: dataset_lib.Dataset, names, block: int = 65_536) -> flo
 
 
 def _ceiling(ds: dataset_lib.Dataset) -> float:
-  names = ds.feature_columns() + ("labels", "ins_id", "ts")
+  names = ds.feature_columns() + ("labels", "ins_id", "uid", "ts")
   nbytes = sum(ds[n].nbytes for n in names)
   first = _sequential_read(ds, names)  # pages mostly cached since the build
   warm = min(_sequential_read(ds, names) for _ in range(3))
@@ -131,14 +139,18 @@ def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
   keys = np.asarray(ds["ins_id"])
   values = np.random.default_rng(0).standard_normal((len(keys), _D), np.float32)
   table = memory_table.MemoryTable(keys, values)
-  store = os.path.join(tmp, f"store-{ds.schema.dataset}")
-  if not _PIPES.value or any("store" in p for p in _PIPES.value):
-    insemb_table.write(store,
-                       keys,
-                       values,
-                       source="bench",
-                       source_step=0,
-                       source_config=None)
+  # The on-disk store keyed by InsID, and by user (--config.store.placement).
+  stores = {p: os.path.join(tmp, f"store-{ds.schema.dataset}-{p}") for p in _PLACED}
+  for p, path in stores.items():
+    if not _PIPES.value or any(
+        "store" in k and (k.endswith("/user") == (p == "user")) for k in _PIPES.value):
+      insemb_table.write(path,
+                         tables.store_keys(p, keys, ds["uid"]),
+                         values,
+                         source="bench",
+                         source_step=0,
+                         source_config=None)
+  store = lambda p: insemb_table.Table(stores[p], cache_bytes=_CACHE.value)
   epochs = 1000  # never runs out within the budget
   # The downstream history pipeline over the train split; variants add a table.
   history = functools.partial(input_pipeline.temporal,
@@ -160,12 +172,14 @@ def _pipelines(ds: dataset_lib.Dataset, tmp: str) -> dict:
       "history+emb":
           lambda: history(table=table),
       "history+store":
-          lambda: history(table=insemb_table.Table(store)),
+          lambda: history(table=store("insid")),
       # As training reads them (one batch shard): distinct InsEmbs + an index.
       "hist+emb/uniq":
           lambda: history(table=table, compact=True),
       "hist+store/uniq":
-          lambda: history(table=insemb_table.Table(store), compact=True),
+          lambda: history(table=store("insid"), compact=True),
+      "hist+store/uniq/user":
+          lambda: history(table=store("user"), compact=True, placement="user"),
   }
   return {k: v for k, v in pipes.items() if not _PIPES.value or k in _PIPES.value}
 

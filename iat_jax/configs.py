@@ -195,6 +195,10 @@ def base_config() -> ml_collections.ConfigDict:
   # reader holds (16 B per block).
   c.store.shard_bits = store_backend.DEFAULT_SHARD_BITS
   c.store.block_rows = store_backend.DEFAULT_BLOCK_ROWS
+  # How rows are keyed (iat_jax.store.placement): "user" places one user's
+  # instances side by side (the downstream reads a user's history as a few
+  # blocks), "insid" by the InsID hash alone (they scatter over the table).
+  c.store.placement = "user"
   # Memory budget of each reader of a table (its block cache and the segment
   # indexes it loaded): per process, and per input worker process.
   c.store.cache_bytes = store_backend.DEFAULT_CACHE_BYTES

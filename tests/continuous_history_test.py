@@ -20,6 +20,7 @@ from iat_jax.store import partitions
 from iat_jax.store import tables
 from iat_jax.store import user_index
 from tests import data_fixtures
+from tests import store_fixtures as sf
 
 _NONE = -(1 << 62)
 
@@ -198,7 +199,7 @@ class AssembleTest(absltest.TestCase):
     index, slots = _index(ds), 0
     for p, rows, uid, tl in _walk(ds, per, index):
       table.begin(p)
-      table.put(ds["ins_id"][rows], value(ds["ins_id"][rows]))
+      table.put(sf.ds_keys(ds, rows), value(ds["ins_id"][rows]))
       table.end()
       data = batches.period_batches(config,
                                     ds,

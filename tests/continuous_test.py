@@ -23,6 +23,7 @@ from iat_jax.store import tables
 from iat_jax.store import user_index
 from tests import cli_fixtures
 from tests import model_fixtures
+from tests import store_fixtures as sf
 
 # 11 periods of 3 days; retention keeps 2 before the current one; the three
 # kinds of continuous model.
@@ -177,7 +178,7 @@ class ContinuousTest(absltest.TestCase):
     config = model_fixtures.tiny_config()
     config.data.cache_dir = cli_fixtures.DATA
     ds = dataset.Dataset(sources.dataset_path(config, work))
-    keys = np.asarray(ds["ins_id"])[periods.of_dataset(ds, "3d").rows(8)]
+    keys = sf.ds_keys(ds, periods.of_dataset(ds, "3d").rows(8))
     want = tables.open_table(config, os.path.join(pipeline, "stores", "source_user"))
     got = tables.open_table(
         config,

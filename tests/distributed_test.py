@@ -18,6 +18,7 @@ from iat_jax.data import sources
 from iat_jax.store import insemb_table
 from tests import cli_fixtures as cli
 from tests import model_fixtures as mf
+from tests import store_fixtures as sf
 
 pytestmark = pytest.mark.slow  # subprocess / end-to-end runs
 
@@ -82,7 +83,7 @@ class TwoProcessTest(absltest.TestCase):
     self.assertEqual(len(tables[1]), len(tables[0]))  # no row exported twice
     config = mf.tiny_config()
     config.data.cache_dir = cli.DATA
-    keys = np.asarray(dataset.Dataset(sources.dataset_path(config, one))["ins_id"])
+    keys = sf.ds_keys(dataset.Dataset(sources.dataset_path(config, one)))
     (va, fa), (vb, fb) = (t.lookup(keys) for t in tables)
     self.assertTrue(fa.all() and fb.all())
     np.testing.assert_allclose(vb, va, atol=1e-5)
@@ -165,7 +166,7 @@ class TwoProcessTest(absltest.TestCase):
     streamed = np.concatenate([ds.split_rows(s) for s in ("valid", "test")])
     for table, rows in ((os.path.join("stores", "source_stream"), slice(None)),
                         (os.path.join("source_stream", "preds"), streamed)):
-      keys = np.asarray(ds["ins_id"])[rows]
+      keys = sf.ds_keys(ds, rows)
       (va, fa), (vb, fb) = (insemb_table.Table(os.path.join(w, table)).lookup(keys)
                             for w in (single, multi))
       self.assertTrue(fa.all() and fb.all(), table)

@@ -24,6 +24,7 @@ from iat_jax.train import trainers
 from tests import cli_fixtures as cli
 from tests import data_fixtures
 from tests import model_fixtures as mf
+from tests import store_fixtures as sf
 
 
 @pytest.mark.slow
@@ -48,7 +49,7 @@ class ExportTest(absltest.TestCase):
     self.assertEqual(self.path, os.path.join(self.workdir, "stores", "source_temporal"))
     table = tables.open_checked(self.config, self.workdir, "source_temporal",
                                 self.ds.schema.fingerprint)
-    ins = np.asarray(self.ds["ins_id"])
+    ins = sf.ds_keys(self.ds)
     self.assertLen(table, len(ins))
     self.assertEqual(table.dim, self.config.model.insemb_dim)
     self.assertEqual(table.metadata["source"], "source_temporal")
@@ -91,7 +92,7 @@ class ExportTest(absltest.TestCase):
     cfg = pipeline.stage_config(self.config, model)
     table = pipeline.open_store(model.stage, cfg, self.workdir, self.ds)
     self.assertEqual((table.path, table.metadata["source"]), (other, "source_b"))
-    keys = np.asarray(self.ds["ins_id"])
+    keys = sf.ds_keys(self.ds)
     np.testing.assert_array_equal(
         table.lookup(keys)[0],
         tables.open_table(self.config, self.path).lookup(keys)[0])

@@ -12,6 +12,7 @@ import numpy as np
 from iat_jax.data import batching
 from iat_jax.data import input_pipeline as ip
 from iat_jax.store import memory_table
+from iat_jax.store import tables
 from tests import data_fixtures
 
 
@@ -231,9 +232,10 @@ class PipelineTest(parameterized.TestCase):
           ip.iterate(ip.temporal(self.ds, "train", 16, part=batching.ProcessSlice(0,
                                                                                   3))))
 
-  def test_lookup_adds_insembs_in_one_call(self):
+  @parameterized.parameters("user", "insid")
+  def test_lookup_adds_insembs_in_one_call(self, placement):
     ds = self.ds
-    keys = np.asarray(ds["ins_id"])
+    keys = tables.store_keys(placement, ds["ins_id"], ds["uid"])
     values = np.random.default_rng(0).normal(size=(len(keys), 4)).astype(np.float32)
     drop = keys[::3]  # a third of the instances have no InsEmb
 
@@ -246,17 +248,21 @@ class PipelineTest(parameterized.TestCase):
 
     keep = ~np.isin(keys, drop)
     table = CountingTable(keys[keep], values[keep])
-    batches = _batches(ip.temporal(ds, "test", 8, history_len=5, table=table))
+    batches = _batches(
+        ip.temporal(ds, "test", 8, history_len=5, table=table, placement=placement))
     self.assertEqual(CountingTable.calls, len(batches))
-    missing = 0
+    missing = hits = 0
     for b in batches:
       for i, j in zip(*np.nonzero(b["hist_mask"])):
         row = b["hist_row"][i, j]
         np.testing.assert_array_equal(b["hist_insemb"][i, j], values[row])
       self.assertTrue((b["hist_insemb"][~b["hist_mask"]] == 0).all())
-      self.assertTrue(np.isin(b["hist_ins_id"][b["hist_mask"]], drop).sum() == 0)
+      hist_keys = tables.store_keys(placement, b["hist_ins_id"], b["uid"][:, None])
+      self.assertTrue(np.isin(hist_keys[b["hist_mask"]], drop).sum() == 0)
       missing += int(b["hist_missing"])
+      hits += int(b["hist_mask"].sum())
     self.assertGreater(missing, 0)
+    self.assertGreater(hits, missing)  # a third was dropped: most are found
 
   def test_worker_processes_give_the_same_batches(self):
     a = _batches(_pipeline(self.ds, "history"))

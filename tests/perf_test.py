@@ -222,7 +222,8 @@ class PipelineTest(absltest.TestCase):
     batch = {
         "hist_mask": mask,
         "hist_ins_id": ids,
-        "hist_row": np.where(mask, rows, -1)
+        "hist_row": np.where(mask, rows, -1),
+        "uid": np.arange(len(mask))
     }
     want = _lookup_reference(table, dict(batch))
     got = input_pipeline.LookupInsEmb(table).map(dict(batch))

@@ -21,6 +21,7 @@ from iat_jax.store import tables
 from tests import cli_fixtures as cli
 from tests import data_fixtures
 from tests import model_fixtures as mf
+from tests import store_fixtures as sf
 
 
 def _names(models):
@@ -125,7 +126,7 @@ class OpenStoreTest(absltest.TestCase):
     cls.config = mf.tiny_config()
     cls.config.stage = "downstream"
     cls.config.store.source = "source_temporal"
-    cls.keys = np.asarray(cls.ds["ins_id"])
+    cls.keys = sf.ds_keys(cls.ds)
     cls.values = np.random.default_rng(0).normal(
         size=(len(cls.keys), cls.config.model.insemb_dim)).astype(np.float32)
     cls.path = tables.path(cls.config, cls.workdir, "source_temporal")
@@ -181,7 +182,8 @@ class OpenStoreTest(absltest.TestCase):
   def test_store_of_another_dataset(self):
     other = types.SimpleNamespace(
         schema=dataclasses.replace(self.ds.schema, fingerprint="another"))
-    with self.assertRaisesRegex(errors.StoreError, "exported from dataset 'tiny'"):
+    with self.assertRaisesRegex(errors.StoreError,
+                                "exported from dataset / placement 'tiny/user'"):
       pipeline.open_store(stages.get(self.config.stage), self.config, self.workdir,
                           other)
 

@@ -130,6 +130,7 @@ class DedupedShardedTest(absltest.TestCase):
     compact = {k: v for k, v in dense.items() if k != "hist_insemb"}
     compact["hist_ins_id"] = np.where(mask, keys[which], 0)
     compact["hist_row"] = which
+    compact["uid"] = np.zeros(8, np.int64)
     mesh = sharding.make_mesh((4, 2))
     groups = sharding.local_batch_shards(mesh)
     self.assertEqual(groups, 4)

@@ -2,10 +2,19 @@
 
 import numpy as np
 
+from iat_jax import configs
+from iat_jax.store import tables
 from iat_jax.store import writer
 
 # int8 error bound slack: float32 rounding of the scale arithmetic.
 INT8_SLACK = 1 + 2.0**-15
+
+
+def ds_keys(ds, rows=slice(None)) -> np.ndarray:
+  """The store keys (default --config.store.placement) of a dataset's rows."""
+  return tables.store_keys(configs.base_config().store.placement,
+                           np.asarray(ds["ins_id"])[rows],
+                           np.asarray(ds["uid"])[rows])
 
 
 def data(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

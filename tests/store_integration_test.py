@@ -23,6 +23,7 @@ from iat_jax.store import tables
 from iat_jax.store import writer
 from tests import cli_fixtures as cli
 from tests import model_fixtures as mf
+from tests import store_fixtures as sf
 
 _STAGE = "--config.stage=source_temporal"
 # Small chunks and batches: an export of the tiny dataset is ~60 chunks. At 32
@@ -94,7 +95,7 @@ class ExportTest(absltest.TestCase):
 
   def test_exports_every_instance_and_is_a_noop_when_done(self):
     self.assertEqual(self.ref_sum[0], self.ds.num_rows)
-    _, found = reader.Table(_store(self.ref)).lookup(np.asarray(self.ds["ins_id"]))
+    _, found = reader.Table(_store(self.ref)).lookup(sf.ds_keys(self.ds))
     self.assertTrue(found.all())
     gen = reader.Table(_store(self.ref)).version
     out = cli.run_main(self.ref, "export", *_EXPORT)
@@ -112,7 +113,7 @@ class ExportTest(absltest.TestCase):
     ref = reader.Table(_store(self.ref))
     self.assertEqual((ref.metadata["block_rows"], ref.metadata["shard_bits"]),
                      (tables.DEFAULT_BLOCK_ROWS, tables.DEFAULT_SHARD_BITS))
-    keys = np.asarray(self.ds["ins_id"])
+    keys = sf.ds_keys(self.ds)
     np.testing.assert_array_equal(table.lookup(keys)[0], ref.lookup(keys)[0])
 
   def test_readers_keep_to_the_cache_flag(self):
@@ -120,7 +121,7 @@ class ExportTest(absltest.TestCase):
     config.store.cache_bytes = 1 << 16
     small = tables.open_checked(config, self.ref, "source_temporal",
                                 self.ds.schema.fingerprint)
-    keys = np.asarray(self.ds["ins_id"])
+    keys = sf.ds_keys(self.ds)
     values, found = small.lookup(keys)
     self.assertTrue(found.all())
     self.assertLessEqual(small.memory_bytes(), 1 << 16)

@@ -62,7 +62,9 @@ class RegistryTest(absltest.TestCase):
     self.workdir = self.create_tempdir().full_path
     self.config = _config("dummy")
     tables.validate_config(self.config)
-    self.keys, self.values = sf.data(300, _D, seed=1)
+    self.ins_id, self.values = sf.data(300, _D, seed=1)
+    self.uid = np.arange(300) % 7  # 7 users
+    self.keys = tables.store_keys(self.config.store.placement, self.ins_id, self.uid)
     self.path = tables.path(self.config, self.workdir, "source_temporal")
     tables.publish(self.config,
                    self.path,
@@ -95,8 +97,11 @@ class RegistryTest(absltest.TestCase):
     copy = tables.path(config, self.workdir, "source_stream")
     where = dict(source="source_stream", step=3, fingerprint="f")
     self.assertFalse(tables.holds_export(config, copy, **where))
-    tables.publish_copy(config, table, keys, copy, **where)
+    tables.publish_copy(config, table, self.ins_id, self.uid, copy, **where)
     self.assertTrue(tables.holds_export(config, copy, **where))
+    got, found = tables.open_table(config, copy).lookup(keys)
+    self.assertTrue(found.all())
+    np.testing.assert_array_equal(got, values)
     w = tables.export_writer(config,
                              self.path,
                              source="source_temporal",
@@ -120,6 +125,42 @@ class RegistryTest(absltest.TestCase):
                      ["export", "open", "publish", "upsert"])
 
 
+class PlacementTest(absltest.TestCase):
+
+  def test_user_placement_keeps_a_users_rows_adjacent_and_distinct(self):
+    ins_id, _ = sf.data(20_000, 1, seed=2)
+    uid = np.random.default_rng(0).integers(0, 50, len(ins_id))
+    keys = tables.store_keys("user", ins_id, uid)
+    self.assertEqual(len(np.unique(keys)), len(keys))  # no two rows share a key
+    np.testing.assert_array_equal(tables.store_keys("insid", ins_id, uid), ins_id)
+    order = np.argsort(keys)
+    runs = 1 + np.count_nonzero(np.diff(uid[order]))
+    self.assertEqual(runs, 50)  # sorted by key, each user's rows are one run
+    hashed_runs = 1 + np.count_nonzero(np.diff(uid[np.argsort(ins_id)]))
+    self.assertGreater(hashed_runs, 10_000)  # by InsID they scatter
+    self.assertEqual(
+        tables.store_keys("user", np.zeros(3, np.uint64), uid[:3]).tolist(),
+        [0, 0, 0])  # no instance stays no instance
+    shards = keys >> np.uint64(64 - 6)
+    for u in range(50):  # one user, one shard
+      self.assertEqual(len(np.unique(shards[uid == u])), 1)
+
+  def test_a_table_keyed_another_way_is_refused(self):
+    workdir = self.create_tempdir().full_path
+    user, insid = _config("memory"), _config("memory", placement="insid")
+    keys, values = sf.data(10, _D, seed=1)
+    tables.publish(user,
+                   tables.path(user, workdir, "s"),
+                   keys,
+                   values,
+                   source="s",
+                   step=1,
+                   fingerprint="f")
+    tables.open_checked(user, workdir, "s", "f")
+    with self.assertRaisesRegex(errors.StoreError, r"placement.*'f/user'.*'f'"):
+      tables.open_checked(insid, workdir, "s", "f")
+
+
 class ValidateConfigTest(absltest.TestCase):
 
   def test_names_the_flag(self):
@@ -133,6 +174,7 @@ class ValidateConfigTest(absltest.TestCase):
         (dict(block_rows=48), "block_rows", "48 must be a power of two >= 2"),
         (dict(block_rows=1), "block_rows", "1 must be a power of two >= 2"),
         (dict(cache_bytes=0), "cache_bytes", "must be > 0, got 0"),
+        (dict(placement="uid"), "placement", "'uid' is not one of ('user', 'insid')"),
     ):
       with self.assertRaises(errors.ConfigError) as e:
         tables.validate_config(_config(**store))

@@ -10,6 +10,7 @@ import pytest
 from iat_jax import configs
 from iat_jax.data import dataset
 from iat_jax.store import reader
+from iat_jax.store import tables
 from iat_jax.train import two_pass_lib
 from tests import cli_fixtures as cli
 
@@ -26,8 +27,8 @@ class TwoPassTest(absltest.TestCase):
     keep = two_pass_lib.keeper(ds)
     self.assertEqual(set(np.unique(keep)), {0, 1})  # both passes keep some users
     train = np.asarray(ds["split"]) == 0
-    ins = np.asarray(ds["ins_id"])
     config = configs.base_config()
+    ins = tables.store_keys(config.store.placement, ds["ins_id"], ds["uid"])
     config.model.insemb_dim, config.stage = 4, "source_user"
     config.store.cache_bytes = 5 << 20
     passes = [

@@ -31,17 +31,22 @@ from iat_jax.data import history
 from iat_jax.data import input_pipeline
 from iat_jax.data import periods as periods_lib
 from iat_jax.store import partitions as partitions_lib
+from iat_jax.store import tables
 
 KINDS = ("instances", "stream", "history")
 HOST = ("past_ts", "past_period")
 
 
 def _insembs(table: partitions_lib.Partitions, periods: periods_lib.Periods,
-             ins_id: np.ndarray, ts: np.ndarray, mask: np.ndarray,
+             ins_id: np.ndarray, uid: np.ndarray, ts: np.ndarray, mask: np.ndarray,
              what: str) -> np.ndarray:
-  """float32 [..., d]: the stored InsEmbs of the masked slots (zeros elsewhere)."""
+  """float32 [..., d]: the stored InsEmbs of the masked slots (zeros elsewhere)
+  of InsIDs ins_id [..., n] of users uid [..., 1] (each row's own user)."""
   out = np.zeros(mask.shape + (table.d,), np.float32)
-  keys, where = np.unique(ins_id[mask], return_inverse=True)
+  users = np.broadcast_to(uid, mask.shape)[mask]
+  keys, where = np.unique(tables.store_keys(table.config.store.placement, ins_id[mask],
+                                            users),
+                          return_inverse=True)
   if len(keys):
     first = np.zeros(len(keys), np.int64)
     first[where] = np.arange(len(where))
@@ -94,7 +99,8 @@ class Assemble(grain.transforms.Map):
       batch["hist_gap"] = history.gap_bucket(ts, hist["hist_ts"], hist["hist_mask"],
                                              self.gap_buckets)
       batch["hist_insemb"] = _insembs(self.table, self.periods, hist["hist_ins_id"],
-                                      hist["hist_ts"], hist["hist_mask"], "history")
+                                      uid[:, None], hist["hist_ts"], hist["hist_mask"],
+                                      "history")
     return batch
 
 
@@ -125,7 +131,8 @@ def fill_past(batch: dict, table: partitions_lib.Partitions,
               periods: periods_lib.Periods) -> dict:
   """A stream batch with past_insemb [b, K, d] looked up now."""
   batch["past_insemb"] = _insembs(table, periods, batch["past_ins_id"],
-                                  batch["past_ts"], batch["past_mask"], "past")
+                                  batch["uid"][:, None], batch["past_ts"],
+                                  batch["past_mask"], "past")
   return batch
 
 

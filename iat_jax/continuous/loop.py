@@ -78,6 +78,7 @@ from iat_jax.continuous import warm_start
 from iat_jax.data import input_pipeline
 from iat_jax.data import periods as periods_lib
 from iat_jax.store import partitions as partitions_lib
+from iat_jax.store import tables
 from iat_jax.store import user_index
 from iat_jax.train import predict
 from iat_jax.train import steps
@@ -346,7 +347,9 @@ class Run:
       probs[i * b:i * b + int(mask.sum())] = predict.device_gather(aux["probs"])[mask]
       if table is not None:
         table.put(
-            predict.host_gather(batch["ins_id"], lr.mesh)[mask],
+            tables.store_keys(self.config.store.placement,
+                              predict.host_gather(batch["ins_id"], lr.mesh)[mask],
+                              predict.host_gather(batch["uid"], lr.mesh)[mask]),
             predict.device_gather(aux["insemb"])[mask])
       progress(lr.model.name, p, loss)
     return probs

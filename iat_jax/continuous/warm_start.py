@@ -65,14 +65,15 @@ def from_batch(st, workdir: str) -> int:
   ins_id = np.asarray(st.ds["ins_id"])
   for p in range(batch):
     rows = st.periods.rows(p)
+    keys = tables.store_keys(st.config.store.placement, ins_id[rows], st.uid[rows])
     for n, table in st.tables.items():
-      values, found = stores[n].lookup(ins_id[rows])
+      values, found = stores[n].lookup(keys)
       if not found.all():
         raise errors.ConfigError(
             flag, f"{stores[n].path} lacks {int((~found).sum())} "
             f"InsEmbs of period {p}")
       table.begin(p)
-      table.put(ins_id[rows], values)
+      table.put(keys, values)
       table.end()
     nan = {f"{m}/{t}": float("nan") for m in ("auc", "logloss") for t in st.tasks}
     row = report.period_row(p, int(st.periods.start[p]), len(rows), True,

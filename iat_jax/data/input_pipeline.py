@@ -39,7 +39,7 @@ Batch keys (leading dims [b] or [b_users, T], b = this process's blocks of B):
     (`tie_group`), user chunks token_mask, stream past_tie_group; with history:
     hist_mask, hist_labels, hist_label_known, hist_gap
     (+ hist_insemb, or hist_insemb_unique and hist_index, after `LookupInsEmb`);
-  host-only (`HOST_KEYS`): row, ins_id, ts, hist_row, hist_ins_id, hist_ts,
+  host-only (`HOST_KEYS`): row, ins_id, uid, ts, hist_row, hist_ins_id, hist_ts,
     past_row, past_ins_id, hist_missing, hist_unique.
 """
 
@@ -54,8 +54,8 @@ from iat_jax.data import history
 from iat_jax.data import user_history
 from iat_jax.store import tables
 
-HOST_KEYS = ("row", "ins_id", "ts", "hist_row", "hist_ins_id", "hist_ts", "past_row",
-             "past_ins_id", "hist_missing", "hist_unique")
+HOST_KEYS = ("row", "ins_id", "uid", "ts", "hist_row", "hist_ins_id", "hist_ts",
+             "past_row", "past_ins_id", "hist_missing", "hist_unique")
 
 # A deduplicated history goes dense (hist_insemb [B, L, d]) when its U
 # would exceed this share of a batch shard's B / G x L slots: past it the
@@ -117,7 +117,7 @@ def tie_group(ds: dataset_lib.Dataset, rows: np.ndarray,
 
 def read_rows(ds: dataset_lib.Dataset, rows: np.ndarray, mask: np.ndarray) -> dict:
   """Gathers model inputs and host keys at `rows` [...]; masked slots zeroed."""
-  names = ds.feature_columns() + ("labels", "ins_id", "ts")
+  names = ds.feature_columns() + ("labels", "ins_id", "uid", "ts")
   out = {n: history.gather(ds[n], rows, mask) for n in names}
   out["row"] = np.where(mask, rows, -1)
   out["mask"] = mask
@@ -179,11 +179,13 @@ class LookupInsEmb(grain.transforms.Map):
                table: tables.Lookup,
                compact: bool = False,
                groups: int = 1,
-               dense_above: float | None = None):
+               dense_above: float | None = None,
+               placement: str = "insid"):
     self.table = table
     self.compact = compact
     self.groups = groups
     self.dense_above = dense_above
+    self.placement = placement
 
   def map(self, batch: dict) -> dict:
     mask = batch["hist_mask"]
@@ -194,7 +196,10 @@ class LookupInsEmb(grain.transforms.Map):
                                      self.groups if self.compact else 1)
     n, flat = int(counts.sum()), mask.reshape(-1)
     keys = np.zeros(n, np.uint64)
-    keys[index.reshape(-1)[flat]] = batch["hist_ins_id"].reshape(-1)[flat]
+    uid = np.broadcast_to(batch["uid"][..., None], mask.shape)  # a history's user
+    keys[index.reshape(-1)[flat]] = tables.store_keys(self.placement,
+                                                      batch["hist_ins_id"][mask],
+                                                      uid[mask])
     values, found = self.table.lookup(keys)
     d = values.shape[1:]
     if self.compact:
@@ -350,13 +355,14 @@ def _assemble(batches: grain.MapDataset,
               num_gap_buckets: int,
               table: tables.Lookup | None,
               compact: bool = False,
-              groups: int = 1) -> grain.MapDataset:
+              groups: int = 1,
+              placement: str = "insid") -> grain.MapDataset:
   """`batches` (global item-id batches [B]) -> `read` -> history -> InsEmbs."""
   data = batches.map(read)
   if history_len is not None:
     data = data.map(AddHistory(ds, history_len, num_gap_buckets))
     if table is not None:
-      data = data.map(LookupInsEmb(table, compact, groups))
+      data = data.map(LookupInsEmb(table, compact, groups, placement=placement))
   return data
 
 
@@ -394,7 +400,8 @@ def temporal(ds: dataset_lib.Dataset,
              num_gap_buckets: int = 16,
              table: tables.Lookup | None = None,
              compact: bool = False,
-             groups: int = 1) -> grain.MapDataset:
+             groups: int = 1,
+             placement: str = "insid") -> grain.MapDataset:
   """Time-ordered batches of one split.
 
   Args:
@@ -410,6 +417,7 @@ def temporal(ds: dataset_lib.Dataset,
     table: if set (with history_len), adds hist_insemb (`LookupInsEmb`).
     compact: distinct InsEmbs + an index instead (`LookupInsEmb`), per
       each of `groups` blocks of the local batch.
+    placement: how `table` keys its rows (--config.store.placement).
 
   Returns:
     A Grain MapDataset (one element per global batch, len = batches x epochs)
@@ -421,7 +429,7 @@ def temporal(ds: dataset_lib.Dataset,
       lambda e: batching.window_shuffle(rows, shuffle_window, seed, e))
   read = ReadInstances(ds, part)
   return _assemble(grain.MapDataset.source(source), read, ds, history_len,
-                   num_gap_buckets, table, compact, groups)
+                   num_gap_buckets, table, compact, groups, placement)
 
 
 CHUNK_ORDERS = ("shuffle", "users", "reversed")

@@ -152,6 +152,7 @@ def _history(config: Config, ds, split: str, ctx: Context, *,
                    history_len=config.model.hist_len,
                    num_gap_buckets=config.model.num_gap_buckets,
                    table=ctx.table,
+                   placement=config.store.placement,
                    compact=True,
                    groups=sharding.local_batch_shards(_mesh(config)))
 

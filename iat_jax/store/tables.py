@@ -29,6 +29,7 @@ from iat_jax import errors
 from iat_jax.store import backend as backend_lib
 from iat_jax.store import insemb_table
 from iat_jax.store import memory_table
+from iat_jax.store import placement
 from iat_jax.store import rows
 
 DTYPES = tuple(rows.DTYPES)
@@ -61,6 +62,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if store.cache_bytes <= 0:
     raise errors.ConfigError("store.cache_bytes",
                              f"must be > 0, got {store.cache_bytes}")
+  if store.placement not in placement.PLACEMENTS:
+    raise errors.ConfigError(
+        "store.placement", f"{store.placement!r} is not one of {placement.PLACEMENTS}")
+
+
+def store_keys(how: str, ins_id: np.ndarray, uid: np.ndarray) -> np.ndarray:
+  """The keys (uint64, ins_id's shape) under which tables placed `how`
+  (--config.store.placement, see `placement`) hold the instances with InsIDs
+  ins_id of users uid (int64, broadcast to ins_id's shape); InsID 0 stays 0.
+  Every lookup, put and export of an instance's InsEmb goes through it."""
+  return placement.keys(how, ins_id, uid)
+
+
+def key_space(config: ml_collections.ConfigDict, fingerprint: str) -> str:
+  """What a table's keys are: the dataset (its fingerprint) and, unless
+  "insid", the placement; recorded as the table's "dataset" and checked when
+  a run opens it, so a table keyed another way is refused, not read as all
+  missing."""
+  p = config.store.placement
+  return fingerprint if p == "insid" else f"{fingerprint}/{p}"
 
 
 def get_backend(name: str) -> Backend:
@@ -113,19 +134,24 @@ def open_checked(config: ml_collections.ConfigDict, workdir: str, source: str,
         f"indexes of {table.path} take {index:,} B once every shard is read, "
         f"more than half the reader's budget (the rest caches blocks); pass at "
         f"least --config.store.cache_bytes={2 * index}")
-  check(table, d=config.model.insemb_dim, source=source, dataset=fingerprint)
+  check(table,
+        d=config.model.insemb_dim,
+        source=source,
+        dataset=key_space(config, fingerprint))
   return table
 
 
 def check(table: Table, *, d: int, source: str, dataset: str | None = None) -> None:
   """Raises errors.StoreError unless the table has width d, came from `source`
-  and (if given) was exported from the dataset with fingerprint `dataset`."""
+  and (if given) holds the key space `dataset` (`key_space`: the dataset's
+  fingerprint and the placement)."""
   m = table.metadata
   if dataset is not None and m.get("dataset") != dataset:
     raise errors.StoreError(
-        f"InsEmb store {table.path} was exported from dataset "
-        f"{m.get('dataset')!r}, not the one this run reads ({dataset!r}): its "
-        f"InsIDs would all be missing; re-export it (--mode=export)")
+        f"InsEmb store {table.path} was exported from dataset / placement "
+        f"{m.get('dataset')!r}, not the one this run reads ({dataset!r}, "
+        f"--config.store.placement): its keys would all be missing; re-export "
+        f"it (--mode=export)")
   if m["d"] != d or m["source"] != source:
     raise errors.StoreError(
         f"InsEmb store {table.path} holds d={m['d']} from {m['source']!r}, but "
@@ -177,7 +203,8 @@ def publish(config: ml_collections.ConfigDict, table_path: str, keys: np.ndarray
                                                    source_step=step,
                                                    source_config=config.model,
                                                    dtype=config.store.dtype,
-                                                   dataset=fingerprint,
+                                                   dataset=key_space(
+                                                       config, fingerprint),
                                                    **layout(config))
 
 
@@ -191,11 +218,12 @@ def export_id(config: ml_collections.ConfigDict, source: str, step: int,
   rerun of a killed export finds its staging and resumes it (and a rerun with
   another --config.store.dtype or `layout` starts its own)."""
   tag = hashlib.sha256(
-      json.dumps(
-          [fingerprint, config.store.dtype,
-           int(d),
-           int(process_count),
-           layout(config)]).encode()).hexdigest()[:12]
+      json.dumps([
+          key_space(config, fingerprint), config.store.dtype,
+          int(d),
+          int(process_count),
+          layout(config)
+      ]).encode()).hexdigest()[:12]
   return f"{source}-s{int(step)}-p{int(process_count)}-{tag}"
 
 
@@ -239,7 +267,7 @@ class Export:
                process_index: int | None = None,
                process_count: int | None = None):
     self.path, self.source, self.step = table_path, source, int(step)
-    self.fingerprint, self.source_config = fingerprint, config.model
+    self.key_space, self.source_config = key_space(config, fingerprint), config.model
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     d = config.model.insemb_dim
@@ -290,28 +318,31 @@ def finish_export(export: Export) -> None:
     export.slice.publish(source=export.source,
                          source_step=export.step,
                          source_config=export.source_config,
-                         dataset=export.fingerprint)
+                         dataset=export.key_space)
   _barrier(f"export-{export.id}-published")
 
 
-def publish_copy(config: ml_collections.ConfigDict, src: Table, keys: np.ndarray,
-                 table_path: str, *, source: str, step: int, fingerprint: str) -> None:
-  """Publishes the rows of `keys` [N] found in `src` at `table_path` as
-  `source` at `step`. Call it on every process: each copies its contiguous
-  slice of `keys`, streamed in export chunks (see `Export`)."""
+def publish_copy(config: ml_collections.ConfigDict, src: Table, ins_id: np.ndarray,
+                 uid: np.ndarray, table_path: str, *, source: str, step: int,
+                 fingerprint: str) -> None:
+  """Publishes the rows of the instances ins_id [N] of users uid [N] (a
+  dataset's columns, read a chunk at a time) found in `src` at `table_path`
+  as `source` at `step`. Call it on every process: each copies its contiguous
+  slice of the instances, streamed in export chunks (see `Export`)."""
   w = export_writer(config,
                     table_path,
                     source=source,
                     step=step,
                     fingerprint=fingerprint)
-  lo, hi = (
-      len(keys) * i // w.process_count for i in (w.process_index, w.process_index + 1))
-  keys = keys[lo:hi]
+  lo, hi = (len(ins_id) * i // w.process_count
+            for i in (w.process_index, w.process_index + 1))
   chunk = config.store.export_chunk_rows
-  start = min(w.done_rows, len(keys))  # every key found: rows = key positions
+  start = min(w.done_rows, hi - lo)  # every key found: rows = key positions
   w.skip(start)
-  for lo in range(start, len(keys), chunk):
-    part = np.asarray(keys[lo:lo + chunk])
+  for at in range(lo + start, hi, chunk):
+    end = min(at + chunk, hi)
+    part = store_keys(config.store.placement, np.asarray(ins_id[at:end]),
+                      np.asarray(uid[at:end]))
     values, found = src.lookup(part)
     if not found.all():
       raise errors.StoreError(f"{src.path}: {int((~found).sum())} of the InsIDs to "
@@ -372,7 +403,7 @@ class Upserts:
                                                 source_step=0,
                                                 source_config=source_config,
                                                 dtype=dtype,
-                                                dataset=fingerprint)
+                                                dataset=key_space(config, fingerprint))
     return cls(config, table_path, **kw)
 
   def put(self,

@@ -44,7 +44,7 @@ class StoredInsEmbs(Protocol):
   """InsEmbs stored while training, for train instances."""
 
   def lookup(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """float32 [n, d] of the instances with InsIDs keys [n] at dataset rows [n]."""
+    """float32 [n, d] of the instances with store keys [n] at dataset rows [n]."""
 
 
 def export(stage: stages.Stage,
@@ -94,7 +94,9 @@ def export(stage: stages.Stage,
     for _ in todo:
       batch = next(it)
       mask = _exported(batch, st.mesh)
-      keys = np.asarray(batch["ins_id"]).reshape(-1)[mask]
+      keys = tables.store_keys(config.store.placement,
+                               np.asarray(batch["ins_id"]).reshape(-1)[mask],
+                               np.asarray(batch["uid"]).reshape(-1)[mask])
       if stored is not None and split == "train":
         values = stored.lookup(keys, np.asarray(batch["row"]).reshape(-1)[mask])
       else:

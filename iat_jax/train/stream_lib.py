@@ -97,6 +97,7 @@ class _Shared:
                table_path: str,
                flush_rows: int = 1 << 16):
     self.path, self.flush_rows, self._config = table_path, flush_rows, config
+    self.placement = config.store.placement  # its keys: `tables.store_keys`
     self._reopen()
 
   def _reopen(self) -> None:
@@ -154,7 +155,8 @@ def _open_store(config, workdir: str, name: str, ds: dataset_lib.Dataset,
       logging.info("stream: copying %s into %s", init_path, path)
       tables.publish_copy(config,
                           init,
-                          np.asarray(ds["ins_id"]),
+                          ds["ins_id"],
+                          ds["uid"],
                           path,
                           source=name,
                           step=step,
@@ -319,7 +321,9 @@ class _WriteBack:
 
   def __call__(self, step: int, state, batch, aux) -> None:
     mask = predict.host_gather(batch["mask"], self.mesh)
-    keys = predict.host_gather(batch["ins_id"], self.mesh)[mask]
+    keys = tables.store_keys(self.store.placement,
+                             predict.host_gather(batch["ins_id"], self.mesh)[mask],
+                             predict.host_gather(batch["uid"], self.mesh)[mask])
     for out, key in ((self.store, "insemb"), (self.preds, "probs")):
       out.put(keys, predict.device_gather(aux[key])[mask], step)
     if self.staleness is not None and step % self.log_every == 0:
@@ -334,8 +338,9 @@ class _WriteBack:
 def _results(config, ds: dataset_lib.Dataset, preds: _Shared | tables.Table) -> dict:
   """{'valid', 'test'}: the progressive metrics of the streamed splits."""
   return {
-      split: _progressive(ds, preds, split) if split in config.stream.splits else {}
-      for split in ("valid", "test")
+      split:
+          _progressive(config, ds, preds, split)
+          if split in config.stream.splits else {} for split in ("valid", "test")
   }
 
 
@@ -385,7 +390,9 @@ def export_stream(stage: stages.Stage, config: ml_collections.ConfigDict, workdi
 
 def _past_insembs(store: _Shared, batch) -> np.ndarray:
   """float32 [b, K, d]: the stored InsEmbs of the visible past (zeros elsewhere)."""
-  keys, mask = batch["past_ins_id"], batch["past_mask"]
+  mask = batch["past_mask"]
+  keys = tables.store_keys(store.placement, batch["past_ins_id"],
+                           batch["uid"][:, None])  # the past of the row's user
   values, found = store.lookup(keys.reshape(-1))
   missing = mask.reshape(-1) & ~found
   if missing.any():
@@ -395,11 +402,14 @@ def _past_insembs(store: _Shared, batch) -> np.ndarray:
   return values.reshape(keys.shape + (-1,))
 
 
-def _progressive(ds: dataset_lib.Dataset, preds: _Shared | tables.Table,
+def _progressive(config, ds: dataset_lib.Dataset, preds: _Shared | tables.Table,
                  split: str) -> dict[str, float]:
   """Metrics of the predictions made before each instance's own step."""
   rows = np.sort(ds.split_rows(split))
-  probs, found = preds.lookup(np.asarray(ds["ins_id"])[rows])
+  probs, found = preds.lookup(
+      tables.store_keys(config.store.placement,
+                        np.asarray(ds["ins_id"])[rows],
+                        np.asarray(ds["uid"])[rows]))
   if not found.all():
     raise errors.StoreError(f"{preds.path}: {int((~found).sum())} {split} "
                             f"instances have no stream prediction")

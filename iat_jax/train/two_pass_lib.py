@@ -43,7 +43,8 @@ def keeper(ds: dataset_lib.Dataset) -> np.ndarray:
 
 
 def pass_table(config, workdir: str, name: str, pass_name: str, ds) -> tables.Upserts:
-  """The InsEmbs one pass stored (only the rows it keeps), keyed by InsID."""
+  """The InsEmbs one pass stored (only the rows it keeps), by store key
+  (`tables.store_keys`)."""
   return tables.Upserts.open_or_create(config,
                                        os.path.join(workdir, name, pass_name,
                                                     "insembs"),
@@ -100,7 +101,10 @@ def train(stage: stages.Stage, config: ml_collections.ConfigDict, workdir: str,
       del step, state
       rows = batch["row"]
       mine = batch["mask"] & (keep[np.maximum(rows, 0)] == k)
-      table.put(batch["ins_id"][mine], np.asarray(aux["insemb"])[mine])
+      table.put(
+          tables.store_keys(config.store.placement, batch["ins_id"][mine],
+                            batch["uid"][mine]),
+          np.asarray(aux["insemb"])[mine])
 
     sub = os.path.join(name, pass_name)
     if not workdir_lib.is_complete(workdir_lib.stage_dir(workdir, sub)):
@@ -127,7 +131,7 @@ class PassTables:
     self.tables = [pass_table(config, workdir, name, p, ds).table for p, _ in PASSES]
 
   def lookup(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """float32 [n, d] of train instances with InsIDs keys [n] at dataset rows [n].
+    """float32 [n, d] of train instances with store keys [n] at dataset rows [n].
 
     Raises:
       errors.StoreError: the keeping pass did not store some of them.
