@@ -352,11 +352,11 @@ def publish_copy(config: ml_collections.ConfigDict, src: Table, ins_id: np.ndarr
 
 
 # ---------------------------------------------------------------------------
-# Tables written while training (streaming, two-pass): upserts keyed by InsID.
+# Tables written while training (streaming, two-pass): upserts by store key.
 
 
 class Upserts:
-  """A table that a training loop adds rows to, keyed by InsID.
+  """A table that a training loop adds rows to, by store key (`store_keys`).
 
   `put` buffers rows in memory; `flush` upserts the buffer as one new version
   (`Backend.upsert`): call it before every checkpoint, so what a checkpoint

@@ -13,17 +13,18 @@ training) in timestamp order, batches mixing users. For each instance:
   2. run the SIT over [current, past...] (stop-gradient on the past), predict
      from position 0 and take one optimizer step -- the predictions, made
      before the step, are the stream's progressive evaluation;
-  3. write the new InsEmb back keyed by InsID (and the prediction), so later
+  3. write the new InsEmb back by store key (and the prediction), so later
      batches see it.
 
 The stage's store is the one of the model it runs as, tables.path(config,
 workdir, name) (`source_stream` in the pipeline): a fresh stream (no
-checkpoint yet) publishes a copy of `init_from`'s exported table there once (every process copies its slice, in
-export chunks), then every step's new InsEmbs are upserted into it keyed by
-InsID (`_Shared` over `tables.Upserts`: buffered in memory, read through the
+checkpoint yet) publishes a copy of `init_from`'s exported table there once
+(every process copies its slice, in export chunks), then every step's new
+InsEmbs are upserted into it by store key (`tables.store_keys`: InsID and
+user; `_Shared` over `tables.Upserts`: buffered in memory, read through the
 buffer, flushed as one new version before every checkpoint and whenever the
 buffer holds `flush_rows` rows). The progressive predictions go the same way
-into a small side table <stage dir>/preds keyed by InsID (they are metrics,
+into a small side table <stage dir>/preds, by store key (they are metrics,
 not InsEmbs). A batch never reads rows of its own or later batches, and what a
 checkpoint refers to is durable, so a run killed anywhere and resumed
 rewrites exactly what the uninterrupted run wrote (rows a killed run flushed

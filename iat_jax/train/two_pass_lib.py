@@ -6,7 +6,7 @@ first get theirs from a barely trained model. Two passes fix that: pass
 half of the users; pass "reversed" visits them in descending order and keeps
 those of the other half, which it visits late. Every train instance gets
 exactly one InsEmb, each written by the pass in which its user came late
-(`keeper`). Each pass upserts the InsEmbs it keeps, keyed by InsID, into its
+(`keeper`). Each pass upserts the InsEmbs it keeps, by store key, into its
 own table <workdir>/<name>/<pass>/insembs (`tables.Upserts`, read within
 --config.store.cache_bytes; flushed before every checkpoint, so a resumed
 pass rewrites identical rows). `export`
